@@ -1,0 +1,129 @@
+"""The safetensors container: a header check that names what is wrong, hashes, and atomic writes.
+
+The safetensors library validates files too, but its messages ("MetadataIncompleteBuffer") do not tell a
+user what to fix, and we want every malformed file to fail the same clear way before any tensor is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class FileProblem(ValueError):
+    """A file that cannot be read as it is; the message says what is wrong with it."""
+
+
+def read_header(f, size: int) -> tuple[dict, dict, int]:
+    """Parses and checks the header of an open safetensors file of `size` bytes.
+    Returns (tensor entries, metadata, offset of the data section)."""
+    if size < 8:
+        raise FileProblem(f"the file is {size} bytes long, too short to be safetensors (truncated or empty)")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        raise FileProblem(f"the header claims {n} bytes but the file has only {size - 8} after the length "
+                          "field (truncated, or not a safetensors file)")
+    if n > MAX_HEADER:
+        raise FileProblem(f"the header claims {n} bytes, more than any LoRA needs; not a safetensors file")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileProblem(f"the header is not valid JSON ({e}); not a safetensors file, or damaged") from None
+    if not isinstance(header, dict):
+        raise FileProblem("the header is not a JSON object; not a safetensors file")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileProblem("the __metadata__ block must map names to strings")
+    data_len = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise FileProblem(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise FileProblem(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise FileProblem(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise FileProblem(f"tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_SIZES[dtype]:
+            raise FileProblem(f"tensor {name!r}: {dtype} {shape} needs {numel * DTYPE_SIZES[dtype]} bytes but its "
+                              f"offsets span {end - begin}")
+        if begin < 0 or end > data_len:
+            raise FileProblem(f"tensor {name!r}: its bytes [{begin}, {end}) lie outside the data section "
+                              f"({data_len} bytes); the file is truncated or its header is wrong")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FileProblem(f"tensors {n0!r} and {n1!r} overlap in the file; its header is wrong")
+    return header, metadata, 8 + n
+
+
+def load(path: str) -> tuple[dict, dict]:
+    """Reads a safetensors file after checking its header. Returns (tensors, metadata)."""
+    from safetensors.torch import load as st_load
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        read_header(f, size)
+        f.seek(0)
+        data = f.read()
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # the library's own checks, beyond ours
+        raise FileProblem(f"safetensors could not read it: {e}") from None
+    _, metadata, _ = read_header(io.BytesIO(data), size)
+    return tensors, metadata
+
+
+def file_hashes(path: str) -> dict:
+    """sha256 of the whole file, and the 'addnet' hash the webui shows: sha256 of the bytes after the header."""
+    whole, body = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        whole.update(head)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = f.read(n)
+        whole.update(header)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            whole.update(chunk)
+            body.update(chunk)
+    return {"sha256": whole.hexdigest(), "addnet_hash": body.hexdigest()}
+
+
+def addnet_hashes(data: bytes) -> tuple[str, str]:
+    """(addnet hash, legacy addnet hash) of serialized safetensors bytes, as kohya pre-computes them into
+    sshs_model_hash / sshs_legacy_hash: sha256 after the header, and sha256 of 64 KiB at offset 1 MiB (8 hex)."""
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def atomic_write(path: str, data: bytes, overwrite: bool = False) -> None:
+    """Writes `data` to a temporary file beside `path`, then renames it into place: a crash never leaves a
+    half-written file under the real name, and an existing file stays unless `overwrite`."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

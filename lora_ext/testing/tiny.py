@@ -1,0 +1,287 @@
+"""Tiny but real Stable Diffusion models in the webui's own module layout.
+
+No weights can be downloaded here, so tests and the demo build models from configs: the ldm UNet the webui
+runs (package stable-diffusion-sdkit), transformers' CLIPTextModel (SD1, SDXL's first encoder) and
+open_clip's text tower (SD2, SDXL's second encoder), and an ldm VAE. The shapes keep the real models'
+structure (levels, which levels have attention, 2 res blocks per level) so that every module path of a tiny
+model is also a path of the full-size one; only widths and depths shrink.
+
+`build(arch)` returns a `TinySD` that looks to our code the way `modules.shared.sd_model` looks in the webui:
+`.model.diffusion_model`, `.cond_stage_model.wrapped...` (SD1/SD2) or `.conditioner.embedders[i].wrapped`
+(SDXL), `.first_stage_model`, `.alphas_cumprod`, `.parameterization`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import gzip
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+VOCAB = 49408
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    arch: str                       # 'sd1' | 'sd2' | 'sdxl'
+    model_channels: int = 32
+    channel_mult: tuple = (1, 2, 4, 4)
+    depths: tuple = (1, 1, 1, 0)    # transformer depth per level, 0 = no attention at that level
+    mid_depth: int = 1
+    linear_proj: bool = False       # SD2/SDXL use Linear proj_in/proj_out
+    te: tuple = (("hf", 32, 2),)    # (kind, width, layers) per text encoder
+    parameterization: str = "eps"
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = {
+    "sd1": TinySpec("sd1"),
+    "sd2": TinySpec("sd2", linear_proj=True, te=(("openclip", 32, 3),), parameterization="v"),
+    # SDXL: no attention on the first level and deeper transformers further down (real: 0, 2, 10; mid 10)
+    "sdxl": TinySpec("sdxl", channel_mult=(1, 2, 4), depths=(0, 2, 3), mid_depth=3, linear_proj=True,
+                     te=(("hf", 32, 2), ("openclip", 64, 3))),
+}
+
+
+def _rerandomise(module: nn.Module, generator: torch.Generator) -> None:
+    # ldm zero-initialises output layers (zero_module); a tiny model with those zeros predicts 0 everywhere.
+    for p in module.parameters():
+        if p.ndim >= 1 and torch.count_nonzero(p) == 0:
+            p.data.normal_(0.0, 0.02, generator=generator)
+
+
+def _set_depth(spatial_transformer: nn.Module, depth: int) -> None:
+    blocks = spatial_transformer.transformer_blocks
+    while len(blocks) < depth:
+        blocks.append(copy.deepcopy(blocks[0]))
+    if depth > 1:
+        # this ldm version indexes a per-block context list; sgm (SDXL's code) accepts one tensor for all blocks
+        spatial_transformer.__class__ = _sgm_transformer_class(type(spatial_transformer))
+
+
+_SGM_CLASSES: dict = {}
+
+
+def _sgm_transformer_class(base: type) -> type:
+    if base not in _SGM_CLASSES:
+        def forward(self, x, context=None):
+            if not isinstance(context, list):
+                context = [context] * len(self.transformer_blocks)
+            return base.forward(self, x, context)
+        _SGM_CLASSES[base] = type(base.__name__, (base,), {"forward": forward})
+    return _SGM_CLASSES[base]
+
+
+def build_unet(spec: TinySpec, context_dim: int, generator: torch.Generator) -> nn.Module:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    attention_resolutions = [2 ** i for i, d in enumerate(spec.depths) if d > 0]
+    kw = dict(num_heads=2) if not spec.linear_proj else dict(num_head_channels=16)
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=spec.model_channels,
+        attention_resolutions=attention_resolutions, num_res_blocks=2, channel_mult=list(spec.channel_mult),
+        use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
+        use_linear_in_transformer=spec.linear_proj, legacy=False, **kw,
+    )
+    # per-level depth (SDXL): the ldm class takes one depth, so deepen the levels that need more
+    for block in list(unet.input_blocks) + list(unet.output_blocks):
+        for layer in block:
+            if hasattr(layer, "transformer_blocks"):
+                level = _level_of(unet, layer, spec)
+                _set_depth(layer, spec.depths[level])
+    _set_depth(unet.middle_block[1], spec.mid_depth)
+    _rerandomise(unet, generator)
+    return unet
+
+
+def _level_of(unet: nn.Module, layer: nn.Module, spec: TinySpec) -> int:
+    # the level of a transformer is the one whose channel count it has (channel_mult is non-decreasing and
+    # the first level with that width is the one that introduced it)
+    width = layer.norm.num_channels
+    for level, mult in enumerate(spec.channel_mult):
+        if spec.model_channels * mult == width and spec.depths[level] > 0:
+            return level
+    raise AssertionError(f"no level of width {width}")
+
+
+class HFTextEncoderHolder(nn.Module):
+    """What the webui's FrozenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.transformer`, `.tokenizer`."""
+
+    def __init__(self, width: int, layers: int, generator: torch.Generator):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * 2,
+                             num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+                             projection_dim=width)
+        self.transformer = CLIPTextModel(cfg)
+        _shift_embeddings(self.transformer.text_model.embeddings.token_embedding.weight, generator)
+        self.tokenizer = clip_tokenizer()
+
+
+class OpenClipHolder(nn.Module):
+    """What the webui's FrozenOpenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.model`, an open_clip CLIP
+    whose visual tower was deleted (as ldm's FrozenOpenCLIPEmbedder does)."""
+
+    def __init__(self, width: int, layers: int, generator: torch.Generator):
+        super().__init__()
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        model = CLIP(embed_dim=width, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
+                     text_cfg=CLIPTextCfg(width=width, heads=2, layers=layers, vocab_size=VOCAB))
+        del model.visual
+        self.model = model
+        _shift_embeddings(self.model.token_embedding.weight, generator)
+
+
+def _shift_embeddings(weight: torch.Tensor, generator: torch.Generator) -> None:
+    # a mean-zero text-encoder output hits a 0/0 in the webui's emphasis step; give the embeddings an offset
+    with torch.no_grad():
+        weight.add_(torch.rand(weight.shape[1], generator=generator) * 0.1 + 0.05)
+
+
+class TextEncoderSlot(nn.Module):
+    """The webui's hijack wraps each ldm text encoder in an object whose original is `.wrapped`."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+class Conditioner(nn.Module):
+    def __init__(self, embedders):
+        super().__init__()
+        self.embedders = nn.ModuleList(embedders)
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class TinyVAE(nn.Module):
+    """The ldm AutoencoderKL layout (`encoder`, `decoder`, `quant_conv`, `post_quant_conv`) without its
+    pytorch-lightning base class."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+        dd = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+                  ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+        self.encoder = Encoder(**dd)
+        self.decoder = Decoder(**dd)
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        _rerandomise(self, generator)
+
+    def encode(self, x):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class TinySD(nn.Module):
+    """The attributes of the webui's loaded model that extensions use."""
+
+    def __init__(self, spec: TinySpec, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.spec = spec
+        encoders = [HFTextEncoderHolder(w, n, g) if kind == "hf" else OpenClipHolder(w, n, g)
+                    for kind, w, n in spec.te]
+        context_dim = sum(w for _, w, _ in spec.te)
+        self.model = DiffusionWrapper(build_unet(spec, context_dim, g))
+        if spec.arch == "sdxl":
+            self.conditioner = Conditioner([TextEncoderSlot(e) for e in encoders])
+        else:
+            self.cond_stage_model = TextEncoderSlot(encoders[0])
+        self.first_stage_model = TinyVAE(g)
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float())
+        self.parameterization = spec.parameterization
+        self.is_sdxl = spec.arch == "sdxl"
+        self.is_sd2 = spec.arch == "sd2"
+        self.is_sd1 = spec.arch == "sd1"
+        self.eval()
+
+    def checkpoint_state_dict(self) -> dict:
+        """The state dict as a webui single-file checkpoint holds it (no `.wrapped.` in the keys)."""
+        return {k.replace(".wrapped.", "."): v for k, v in self.state_dict().items()}
+
+
+def build(arch: str = "sd1", seed: int = 0) -> TinySD:
+    if arch not in SPECS:
+        raise ValueError(f"unknown architecture {arch!r}; one of {sorted(SPECS)}")
+    # ldm prints a line per attention layer it makes; keep stdout for our own output (JSON, reports)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return TinySD(SPECS[arch], seed)
+
+
+def ldm_config(spec: TinySpec) -> dict:
+    """An ldm-style config (as the .yaml beside a webui checkpoint holds it) for a tiny model."""
+    context_dim = sum(w for _, w, _ in spec.te)
+    unet = dict(in_channels=4, out_channels=4, model_channels=spec.model_channels,
+                attention_resolutions=[2 ** i for i, d in enumerate(spec.depths) if d > 0], num_res_blocks=2,
+                channel_mult=list(spec.channel_mult), context_dim=context_dim,
+                use_linear_in_transformer=spec.linear_proj, use_spatial_transformer=True, legacy=False,
+                transformer_depth=list(spec.depths) if spec.arch == "sdxl" else 1)
+    if spec.linear_proj:
+        unet["num_head_channels"] = 16
+    else:
+        unet["num_heads"] = 2
+    key = "network_config" if spec.arch == "sdxl" else "unet_config"
+    return {"model": {"params": {
+        key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+        "parameterization": spec.parameterization,
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 2, 2], "ch": 32, "z_channels": 4}}},
+    }}}
+
+
+_TOKENIZER_CACHE: dict = {}
+
+
+def clip_tokenizer():
+    """The CLIP BPE tokenizer (49408 tokens) as transformers' CLIPTokenizer, built from the BPE merges file
+    that open-clip-torch ships (the same merges OpenAI's vocab.json/merges.txt are made of)."""
+    if "hf" in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE["hf"]
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe_path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tempfile.mkdtemp(prefix="lora_ext_tok_")
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    _TOKENIZER_CACHE["hf"] = tok
+    return tok
+
+
+def _bytes_to_unicode() -> dict:
+    # GPT-2/CLIP byte <-> printable-character table (a published constant of the BPE scheme)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

@@ -1,0 +1,44 @@
+"""modules.processing: the parameters of one generation (`p`) that extensions read and write."""
+
+
+class StableDiffusionProcessing:
+    def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=-1, steps=20, cfg_scale=7.0,
+                 width=512, height=512, batch_size=1, n_iter=1, sampler_name="Euler a", override_settings=None,
+                 script_args=None, **kwargs):
+        self.sd_model = sd_model
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.seed, self.steps, self.cfg_scale = seed, steps, cfg_scale
+        self.width, self.height, self.batch_size, self.n_iter = width, height, batch_size, n_iter
+        self.sampler_name = sampler_name
+        self.override_settings = override_settings or {}
+        self.script_args = script_args or []
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.all_prompts = [prompt] * batch_size * n_iter
+        self.all_negative_prompts = [negative_prompt] * batch_size * n_iter
+        self.all_seeds = [seed] * batch_size * n_iter
+        self.all_subseeds = [-1] * batch_size * n_iter
+        self.scripts = None
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+    def add_comment(self, text):
+        self.comments[text] = 1
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    pass
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    def __init__(self, init_images=None, denoising_strength=0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.init_images = init_images or []
+        self.denoising_strength = denoising_strength
+
+
+class Processed:
+    def __init__(self, p, images_list, seed=-1, info="", infotexts=None, comments=""):
+        self.images, self.seed, self.info, self.comments = images_list, seed, info, comments
+        self.infotexts = infotexts or [info]
+        self.extra_generation_params = p.extra_generation_params

@@ -1,0 +1,75 @@
+"""scripts/ against our double of the webui's `modules`: the extension loads, registers its tab and panel,
+builds its UI, and pays nothing heavy at start-up; install.py follows the webui's convention."""
+import os
+import runpy
+import subprocess
+import sys
+import types
+
+import gradio as gr
+
+from conftest import ROOT
+
+
+def test_scripts_register_tab_and_panel():
+    from modules import script_callbacks, scripts
+
+    script_callbacks.clear_callbacks()
+    added = scripts.load_scripts_from(ROOT)
+    assert [d.script_class.__name__ for d in added] == ["AdditionalNetworks"]
+
+    tabs = script_callbacks.ui_tabs_callback()
+    assert len(tabs) == 1
+    block, title, elem_id = tabs[0]
+    assert isinstance(block, gr.Blocks) and title == "LoRA" and elem_id == "lora_ext"
+
+    for is_img2img in (False, True):
+        with gr.Blocks():
+            script = scripts.create_alwayson_script(added[0], is_img2img)
+        assert script is not None and script.alwayson
+        assert script.name == "additional networks"     # what API callers put in alwayson_scripts
+        assert isinstance(script.controls, list)
+
+
+def test_loading_the_extension_imports_no_heavy_package():
+    code = (
+        "import sys; sys.path[:0] = [%r, %r]\n"
+        "from modules import scripts\n"
+        "scripts.load_scripts_from(%r)\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'safetensors.torch', 'open_clip') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    ) % (ROOT, os.path.join(ROOT, "tests", "host"), ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+def _run_install(installed):
+    calls = []
+    launch = types.ModuleType("launch")
+    launch.is_installed = lambda name: name in installed
+    launch.run_pip = lambda args, desc=None: (calls.append(args), installed.add(args.split()[-1]))
+    sys.modules["launch"] = launch
+    try:
+        runpy.run_path(os.path.join(ROOT, "install.py"), run_name="__main__")
+    finally:
+        del sys.modules["launch"]
+    return calls
+
+
+def test_install_installs_only_what_is_missing_and_never_torch():
+    installed = set()
+    first = _run_install(installed)
+    assert first and all("torch" not in c for c in first)
+    assert _run_install(installed) == []          # a second run installs nothing
+    assert _run_install({"safetensors", "tomli"}) == []
+
+
+def test_inspect_handler_reports_a_message_never_a_traceback(tmp_path):
+    from lora_ext.ui.inspect_tab import inspect_file
+
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00")
+    report, message = inspect_file(str(tmp_path), "broken.safetensors")
+    assert report is None and "Cannot read it" in message and "too short" in message
+    report, message = inspect_file(str(tmp_path), "../outside.safetensors")
+    assert report is None and "outside the models folder" in message
