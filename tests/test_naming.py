@@ -152,3 +152,25 @@ def test_both_unet_styles_and_diffusers_paths_find_the_same_target():
     assert t.kohya == "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"
     assert t.alias == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
     assert xl.find("lora_te2_text_model_encoder_layers_31_self_attn_v_proj").qkv == 2
+
+
+def test_tiny_checkpoint_on_disk_rebuilds_from_its_yaml(tmp_path, any_arch):
+    """A tiny model written as a webui checkpoint + same-named ldm .yaml: the yaml's UNet config builds a
+    UNet that takes the checkpoint's weights strictly, and the keys follow the webui's layout."""
+    import yaml
+    from safetensors.torch import load_file
+
+    model = tiny_model(any_arch)
+    path = str(tmp_path / f"tiny-{any_arch}.safetensors")
+    yaml_path = tiny.save_checkpoint(model, path)
+    assert yaml_path == str(tmp_path / f"tiny-{any_arch}.yaml")
+    sd = load_file(path)
+    cfg = yaml.safe_load(open(yaml_path))["model"]["params"]
+    unet = tiny.unet_from_config(cfg.get("unet_config", cfg.get("network_config"))["params"])
+    prefix = "model.diffusion_model."
+    unet.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+    te_prefix = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model.transformer.",
+                 "sdxl": "conditioner.embedders.1.model.transformer."}[any_arch]
+    assert any(k.startswith(te_prefix) for k in sd) and any(k.startswith("first_stage_model.encoder.") for k in sd)
+    assert not any(".wrapped." in k for k in sd) and "alphas_cumprod" in sd
+    assert cfg["parameterization"] == model.parameterization

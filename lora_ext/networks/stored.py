@@ -106,8 +106,10 @@ class StoredModule:
         return main is not None and main.ndim == 4 and main.shape[2] * main.shape[3] > 1
 
     def delta(self, shape) -> torch.Tensor:
-        """The weight change at weight 1 (alpha/rank applied), in fp32, reshaped to the target `shape`."""
-        p = {k: v.float() for k, v in self.parts.items()}
+        """The weight change at weight 1 (alpha/rank applied), in fp32 (fp64 for fp64 parts: never narrower
+        than fp32, so fp16/bf16 files lose nothing more in the product), reshaped to the target `shape`."""
+        wide = torch.float64 if any(v.dtype == torch.float64 for v in self.parts.values()) else torch.float32
+        p = {k: v.to(wide) for k, v in self.parts.items()}
         shape = tuple(shape)
         if self.network == "lora":
             d = fn.lora_weight_delta(p["lora_up.weight"], p["lora_down.weight"], self.scale, p.get("lora_mid.weight"))

@@ -78,36 +78,32 @@ def _sgm_transformer_class(base: type) -> type:
     return _SGM_CLASSES[base]
 
 
-def build_unet(spec: TinySpec, context_dim: int, generator: torch.Generator) -> nn.Module:
+def unet_from_config(params: dict) -> nn.Module:
+    """An ldm UNetModel from the `params` of an ldm/sgm UNet config. This ldm version takes one transformer
+    depth; sgm's per-level depths (a list, SDXL) are built by deepening the levels of a depth-1 model."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    attention_resolutions = [2 ** i for i, d in enumerate(spec.depths) if d > 0]
-    kw = dict(num_heads=2) if not spec.linear_proj else dict(num_head_channels=16)
-    unet = UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=spec.model_channels,
-        attention_resolutions=attention_resolutions, num_res_blocks=2, channel_mult=list(spec.channel_mult),
-        use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
-        use_linear_in_transformer=spec.linear_proj, legacy=False, **kw,
-    )
-    # per-level depth (SDXL): the ldm class takes one depth, so deepen the levels that need more
+    params = dict(params)
+    depth = params.pop("transformer_depth", 1)
+    mid_depth = params.pop("transformer_depth_middle", None)
+    if not isinstance(depth, list):
+        return UNetModel(**params, transformer_depth=depth)
+    unet = UNetModel(**params, transformer_depth=1)
+    widths = [params["model_channels"] * m for m in params["channel_mult"]]
     for block in list(unet.input_blocks) + list(unet.output_blocks):
         for layer in block:
             if hasattr(layer, "transformer_blocks"):
-                level = _level_of(unet, layer, spec)
-                _set_depth(layer, spec.depths[level])
-    _set_depth(unet.middle_block[1], spec.mid_depth)
-    _rerandomise(unet, generator)
+                # a transformer's level is the first one of its width with attention (widths never shrink)
+                width = layer.norm.num_channels
+                _set_depth(layer, next(d for w, d in zip(widths, depth) if w == width and d > 0))
+    _set_depth(unet.middle_block[1], mid_depth or depth[-1])
     return unet
 
 
-def _level_of(unet: nn.Module, layer: nn.Module, spec: TinySpec) -> int:
-    # the level of a transformer is the one whose channel count it has (channel_mult is non-decreasing and
-    # the first level with that width is the one that introduced it)
-    width = layer.norm.num_channels
-    for level, mult in enumerate(spec.channel_mult):
-        if spec.model_channels * mult == width and spec.depths[level] > 0:
-            return level
-    raise AssertionError(f"no level of width {width}")
+def build_unet(spec: TinySpec, generator: torch.Generator) -> nn.Module:
+    unet = unet_from_config(_unet_params(spec))
+    _rerandomise(unet, generator)
+    return unet
 
 
 class HFTextEncoderHolder(nn.Module):
@@ -166,6 +162,10 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = unet
 
 
+VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
 class TinyVAE(nn.Module):
     """The ldm AutoencoderKL layout (`encoder`, `decoder`, `quant_conv`, `post_quant_conv`) without its
     pytorch-lightning base class."""
@@ -174,10 +174,8 @@ class TinyVAE(nn.Module):
         super().__init__()
         from ldm.modules.diffusionmodules.model import Decoder, Encoder
 
-        dd = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
-                  ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-        self.encoder = Encoder(**dd)
-        self.decoder = Decoder(**dd)
+        self.encoder = Encoder(**VAE_DDCONFIG)
+        self.decoder = Decoder(**VAE_DDCONFIG)
         self.quant_conv = nn.Conv2d(8, 8, 1)
         self.post_quant_conv = nn.Conv2d(4, 4, 1)
         _rerandomise(self, generator)
@@ -200,8 +198,7 @@ class TinySD(nn.Module):
         self.spec = spec
         encoders = [HFTextEncoderHolder(w, n, g) if kind == "hf" else OpenClipHolder(w, n, g)
                     for kind, w, n in spec.te]
-        context_dim = sum(w for _, w, _ in spec.te)
-        self.model = DiffusionWrapper(build_unet(spec, context_dim, g))
+        self.model = DiffusionWrapper(build_unet(spec, g))
         if spec.arch == "sdxl":
             self.conditioner = Conditioner([TextEncoderSlot(e) for e in encoders])
         else:
@@ -228,24 +225,51 @@ def build(arch: str = "sd1", seed: int = 0) -> TinySD:
         return TinySD(SPECS[arch], seed)
 
 
-def ldm_config(spec: TinySpec) -> dict:
-    """An ldm-style config (as the .yaml beside a webui checkpoint holds it) for a tiny model."""
-    context_dim = sum(w for _, w, _ in spec.te)
-    unet = dict(in_channels=4, out_channels=4, model_channels=spec.model_channels,
+def _unet_params(spec: TinySpec) -> dict:
+    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=spec.model_channels,
                 attention_resolutions=[2 ** i for i, d in enumerate(spec.depths) if d > 0], num_res_blocks=2,
-                channel_mult=list(spec.channel_mult), context_dim=context_dim,
+                channel_mult=list(spec.channel_mult), context_dim=sum(w for _, w, _ in spec.te),
                 use_linear_in_transformer=spec.linear_proj, use_spatial_transformer=True, legacy=False,
                 transformer_depth=list(spec.depths) if spec.arch == "sdxl" else 1)
     if spec.linear_proj:
         unet["num_head_channels"] = 16
     else:
         unet["num_heads"] = 2
-    key = "network_config" if spec.arch == "sdxl" else "unet_config"
-    return {"model": {"params": {
-        key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-        "parameterization": spec.parameterization,
-        "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 2, 2], "ch": 32, "z_channels": 4}}},
-    }}}
+    if spec.arch == "sdxl":
+        unet["transformer_depth_middle"] = spec.mid_depth
+    return unet
+
+
+def ldm_config(spec: TinySpec) -> dict:
+    """The ldm-style config (as the .yaml beside a webui checkpoint holds it) of a tiny model. It describes
+    the UNet and the VAE; text encoder sizes are read off the checkpoint's keys, as for real models."""
+    unet = _unet_params(spec)
+    unet_key = "network_config" if spec.arch == "sdxl" else "unet_config"
+    encoder = {"sd1": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+               "sd2": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+               "sdxl": "sgm.modules.GeneralConditioner"}[spec.arch]
+    return {"model": {
+        "target": "sgm.models.diffusion.DiffusionEngine" if spec.arch == "sdxl" else "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "parameterization": spec.parameterization,
+            unet_key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "cond_stage_config": {"target": encoder},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                "embed_dim": 4, "ddconfig": dict(VAE_DDCONFIG)}},
+        }}}
+
+
+def save_checkpoint(model: TinySD, path: str) -> str:
+    """Writes the model as a webui single-file checkpoint (safetensors, webui key layout) with a same-named
+    ldm .yaml beside it, the webui's convention for checkpoints of non-standard shape. Returns the yaml path."""
+    import yaml
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.checkpoint_state_dict().items()}, path)
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    with open(yaml_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(ldm_config(model.spec), f, sort_keys=False)
+    return yaml_path
 
 
 _TOKENIZER_CACHE: dict = {}
