@@ -139,6 +139,11 @@ def _expected(model, targets, style, rank=3, alpha=1.5, seed=0):
     return tensors, expected
 
 
+def _write_and_read(tmp_path, tensors, arch_name="sd1"):
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    return files.read(str(tmp_path / "x.safetensors"), _arch(arch_name))
+
+
 def _check(lora, model, expected):
     assert set(lora.modules) == set(expected)
     for name, exp in expected.items():
@@ -151,8 +156,7 @@ def _check(lora, model, expected):
 def test_safetensors_readers_round_trip(tmp_path, style, arch_name):
     model = tiny_model(arch_name)
     tensors, expected = _expected(model, _pick(arch_name), style)
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    lora = files.read(str(tmp_path / "x.safetensors"), _arch(arch_name))
+    lora = _write_and_read(tmp_path, tensors, arch_name)
     assert lora.format == {"kohya_sgm": "kohya", "peft_alpha": "peft", "diffusers_old": "diffusers"}.get(style, style)
     assert lora.unmatched == []
     _check(lora, model, expected)
@@ -162,8 +166,7 @@ def test_peft_saved_from_a_bare_unet(tmp_path):
     model = tiny_model("sd1")
     targets = [t for t in _pick("sd1") if t.is_unet]
     tensors, expected = _expected(model, targets, "peft_bare")
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    _check(files.read(str(tmp_path / "x.safetensors"), _arch("sd1")), model, expected)
+    _check(_write_and_read(tmp_path, tensors), model, expected)
 
 
 def test_diffusers_attention_processor_keys(tmp_path):
@@ -180,8 +183,7 @@ def test_diffusers_attention_processor_keys(tmp_path):
         down, up = _lora_parts(w.shape[0], w.shape[1], 2, g)
         tensors.update({f"{key}.down.weight": down, f"{key}.up.weight": up})
         expected[name] = up @ down
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    lora = files.read(str(tmp_path / "x.safetensors"), _arch("sd1"))
+    lora = _write_and_read(tmp_path, tensors)
     assert lora.format == "diffusers"
     _check(lora, model, expected)
 
@@ -190,8 +192,7 @@ def test_locon_conv_modules_round_trip(tmp_path):
     model = tiny_model("sd1")
     targets = [t for t in naming.targets(_arch("sd1")) if t.kind == naming.CONV][:5]
     tensors, expected = _expected(model, targets, "kohya")
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    lora = files.read(str(tmp_path / "x.safetensors"), _arch("sd1"))
+    lora = _write_and_read(tmp_path, tensors)
     assert lora.network == "locon"
     _check(lora, model, expected)
 
@@ -230,8 +231,7 @@ def test_loha_and_lokr_round_trip(tmp_path):
                     f"{t_kr.kohya}.alpha": torch.tensor(3.0)})
     w2 = w2a @ w2b
     expected[t_kr.kohya] = torch.stack([torch.cat([w1[i, j] * w2 for j in range(f_in)], 1) for i in range(f_out)]).reshape(w.shape) * 1.5
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    lora = files.read(str(tmp_path / "x.safetensors"), _arch("sd1"))
+    lora = _write_and_read(tmp_path, tensors)
     assert {m.network for m in lora.modules.values()} == {"loha", "lokr"}
     _check(lora, model, expected)
 
