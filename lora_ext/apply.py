@@ -1,0 +1,256 @@
+"""The on-the-fly engine: weighted LoRA deltas onto a host's loaded model, and exact restore.
+
+`Engine.apply(host, requests)` makes every matched layer compute W0 + sum_i w_i * scale_i * delta_i, where
+W0 is the layer's weight before any network. Two modes:
+- merge (default): the sum is written into the weights, so sampling costs nothing extra. W0 is kept (on the
+  CPU) for every touched weight, and a weight is only rewritten when what it should hold changed (a weight,
+  a file on disk, the set of LoRAs touching it). Each write starts from W0, so a state always produces the
+  same bits whatever came before, and restoring is a plain copy of W0: bit-exact, no arithmetic.
+- bypass: forward hooks add w * up(down(x)) to the layer's output; no weight changes. Used where merging
+  cannot serve (asked for, or a layer whose weight must not change). nn.MultiheadAttention layers (open_clip
+  text encoders) cannot be hooked this way and are merged; the report says so.
+State is kept per model object, so a second model kept in memory is restored when it is next used; after the
+webui reloads weights into a model, `forget(model)` drops the state without writing.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import files
+from .cache import LoraCache
+from .hosts import builtin_lora
+
+MERGE, BYPASS = "merge", "bypass"
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    unet: float = 1.0
+    te: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class Report:
+    applied: list = field(default_factory=list)     # {"name", "modules", "mode"} per LoRA in use
+    warnings: list = field(default_factory=list)
+    written: int = 0                                 # weights rewritten by this call
+    restored: int = 0                                # weights given back their original
+    seconds: float = 0.0
+
+
+@dataclass
+class _Contribution:
+    source: tuple          # (path, stamp) of the file: a changed file is a changed contribution
+    name: str              # kohya module name
+    module: object         # StoredModule
+    weight: float
+    rows: slice | None
+
+    @property
+    def signature(self):
+        return (self.source, self.name, self.weight)
+
+
+@dataclass
+class _Merged:
+    bound: object
+    original: torch.Tensor          # W0, on the CPU
+    signature: tuple = ()
+
+
+@dataclass
+class _Hooked:
+    handle: object
+    contributions: list
+
+
+class _ModelState:
+    def __init__(self):
+        self.merged: dict = {}      # (id(layer), param name) -> _Merged
+        self.hooked: dict = {}      # id(layer) -> _Hooked
+
+
+def _fits(bound, module) -> bool:
+    out_in = module.out_in()
+    if out_in is None:
+        return True
+    shape = bound.shape
+    return (shape[0], shape[1]) == out_in
+
+
+class Engine:
+    def __init__(self, cache: LoraCache | None = None, mode: str = MERGE):
+        self.cache = cache or LoraCache()
+        self.mode = mode
+        self._states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    # --- public -------------------------------------------------------------------------------------------
+
+    def apply(self, host, requests, mode: str | None = None) -> Report:
+        started = time.perf_counter()
+        mode = mode or self.mode
+        report = Report()
+        wanted = self._plan(host, requests, report)
+        state = self._states.setdefault(host.model, _ModelState())
+        merge_wanted, hook_wanted = {}, {}
+        for key, (bound, contributions) in wanted.items():
+            # an nn.MultiheadAttention computes with its in_proj and out_proj weights directly, calling no
+            # submodule: no hook could see those layers, so they are merged
+            bypassable = mode == BYPASS and bound.target.qkv is None and bound.owner is None
+            (hook_wanted if bypassable else merge_wanted)[key] = (bound, contributions)
+        if mode == BYPASS and len(hook_wanted) < len(wanted):
+            report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
+        self._sync_merged(state, merge_wanted, report)
+        self._sync_hooks(state, hook_wanted)
+        for item in report.applied:
+            item["mode"] = mode
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def restore(self, host) -> Report:
+        """Gives every weight of the host's model its original back and removes our hooks."""
+        return self.apply(host, [])
+
+    def forget(self, model) -> None:
+        """The model's weights were replaced (a checkpoint was loaded into it): drop our copies without
+        writing them back, and remove our hooks."""
+        state = self._states.pop(model, None)
+        if state is not None:
+            for hooked in state.hooked.values():
+                hooked.handle.remove()
+
+    def active(self, model) -> bool:
+        state = self._states.get(model)
+        return bool(state and (state.merged or state.hooked))
+
+    # --- planning -----------------------------------------------------------------------------------------
+
+    def _plan(self, host, requests, report) -> dict:
+        """{(layer id, param name): (bound, [contributions])} of what the model should compute."""
+        targets = host.lora_targets()
+        wanted: dict = {}
+        for req in requests:
+            name = req.name or req.path
+            if req.unet == 0 and req.te == 0:
+                continue
+            try:
+                lora, stamp = self.cache.get(req.path, host.arch)
+            except files.LoraFileError as e:
+                report.warnings.append(f"{name}: skipped: {e.problem}")
+                continue
+            missing = [n for n in lora.modules if n not in targets]
+            misfit = [n for n in lora.modules if n in targets and not _fits(targets[n], lora.modules[n])]
+            if misfit or len(missing) * 2 > len(lora.modules):
+                why = (f"{len(misfit)} layers have other sizes than the model's (e.g. {misfit[0]})" if misfit
+                       else f"{len(missing)} of its {len(lora.modules)} layers are not in the model")
+                report.warnings.append(f"{name}: skipped: it does not fit the loaded model: {why}")
+                continue
+            if missing:
+                report.warnings.append(f"{name}: {len(missing)} layers not in the model were left out")
+            used = 0
+            for module_name, module in lora.modules.items():
+                bound = targets.get(module_name)
+                weight = req.unet if bound is None or bound.target.is_unet else req.te
+                if bound is None or weight == 0:
+                    continue
+                key = (id(bound.module), bound.param_name)
+                wanted.setdefault(key, (bound, []))[1].append(
+                    _Contribution((req.path, stamp), module_name, module, float(weight), bound.rows))
+                used += 1
+            report.applied.append({"name": name, "modules": used})
+        return wanted
+
+    # --- merge mode ---------------------------------------------------------------------------------------
+
+    def _sync_merged(self, state, wanted, report) -> None:
+        for key in [k for k in state.merged if k not in wanted]:
+            entry = state.merged.pop(key)
+            self._write(entry, [])
+            report.restored += 1
+        for key, (bound, contributions) in wanted.items():
+            signature = tuple(c.signature for c in contributions)
+            entry = state.merged.get(key)
+            if entry is not None and entry.signature == signature:
+                continue
+            if entry is None:
+                pristine = builtin_lora.backup_of(bound)
+                source = pristine if pristine is not None else bound.param
+                entry = state.merged[key] = _Merged(bound, source.detach().to("cpu", copy=True))
+            self._write(entry, contributions)
+            entry.signature = signature
+            report.written += 1
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(entry: _Merged, contributions) -> None:
+        param = entry.bound.param
+        original = entry.original.to(param.device, non_blocking=True)
+        if not contributions:
+            param.copy_(original)
+        elif _fast_path(param, contributions):
+            # fp32, plain LoRAs over the whole weight: W = W0 + sum w*s*up@down in place, no temporaries
+            out = param.view(param.shape[0], -1)
+            for i, c in enumerate(contributions):
+                up = c.module.parts["lora_up.weight"].to(param.device, torch.float32)
+                down = c.module.parts["lora_down.weight"].to(param.device, torch.float32)
+                up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+                if i == 0:
+                    torch.addmm(original.view(param.shape[0], -1), up, down, alpha=c.weight * c.module.scale, out=out)
+                else:
+                    out.addmm_(up, down, alpha=c.weight * c.module.scale)
+        else:
+            # other dtypes and network types: the delta in fp32, added, then cast once
+            acc = original.to(torch.float32, copy=True)
+            for c in contributions:
+                view = acc[c.rows] if c.rows is not None else acc
+                view.add_(c.module.delta(view.shape).to(acc.device), alpha=c.weight)
+            param.copy_(acc)
+        builtin_lora.hand_over(entry.bound, param)
+
+    # --- bypass mode --------------------------------------------------------------------------------------
+
+    def _sync_hooks(self, state, wanted) -> None:
+        by_layer = {}
+        for bound, contributions in wanted.values():
+            by_layer[id(bound.module)] = (bound, contributions)
+        for layer_id in [k for k in state.hooked if k not in by_layer]:
+            state.hooked.pop(layer_id).handle.remove()
+        for layer_id, (bound, contributions) in by_layer.items():
+            hooked = state.hooked.get(layer_id)
+            if hooked is None:
+                hooked = _Hooked(None, [])
+                hooked.handle = bound.module.register_forward_hook(_bypass_hook(hooked))
+                state.hooked[layer_id] = hooked
+            hooked.contributions[:] = contributions      # the hook reads this list: a weight change is free
+
+
+def _fast_path(param, contributions) -> bool:
+    return (param.dtype == torch.float32 and all(c.rows is None and c.module.network == "lora"
+                                                 and "lora_mid.weight" not in c.module.parts for c in contributions))
+
+
+def _bypass_hook(hooked: _Hooked):
+    from .networks import functional as fn
+
+    def hook(layer, args, output):
+        x = args[0]
+        conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+                if isinstance(layer, torch.nn.Conv2d) else None)
+        for c in hooked.contributions:
+            p = c.module.parts
+            if c.module.network == "lora" and "lora_mid.weight" not in p:
+                up = p["lora_up.weight"].to(x.device, x.dtype)
+                down = p["lora_down.weight"].to(x.device, x.dtype)
+                output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
+            else:
+                delta = c.module.delta(layer.weight.shape).to(x.device, x.dtype) * c.weight
+                output = output + (torch.nn.functional.conv2d(x, delta, **conv) if conv is not None
+                                   else torch.nn.functional.linear(x, delta))
+        return output
+    return hook

@@ -1,0 +1,55 @@
+"""What every host adapter hands the engines: its targets bound to the live layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .. import naming
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A LoRA target bound to the layer that holds its weight. For an open_clip q/k/v target the layer is the
+    nn.MultiheadAttention and the weight a row block of its in_proj_weight; for an out_proj inside one,
+    `owner` is that MultiheadAttention (it computes with out_proj's weight directly)."""
+    target: naming.Target
+    module: nn.Module
+    owner: nn.Module | None = None
+
+    @property
+    def param_name(self) -> str:
+        return "in_proj_weight" if self.target.qkv is not None else "weight"
+
+    @property
+    def param(self):
+        return getattr(self.module, self.param_name)
+
+    @property
+    def rows(self) -> slice | None:
+        if self.target.qkv is None:
+            return None
+        n = self.param.shape[0] // 3
+        return slice(self.target.qkv * n, (self.target.qkv + 1) * n)
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of this target's weight (for q/k/v: its row block)."""
+        shape = tuple(self.param.shape)
+        return (shape[0] // 3,) + shape[1:] if self.target.qkv is not None else shape
+
+
+def bind(root: nn.Module, targets) -> dict:
+    """{kohya name: Bound} for the targets that exist under `root` (module paths are relative to it)."""
+    bound = {}
+    for t in targets:
+        try:
+            module = root.get_submodule(t.webui)
+        except AttributeError:
+            continue
+        owner = None
+        if t.webui.endswith(".out_proj"):
+            parent = root.get_submodule(t.webui.rsplit(".", 1)[0])
+            owner = parent if isinstance(parent, nn.MultiheadAttention) else None
+        bound[t.kohya] = Bound(t, module, owner)
+    return bound

@@ -1,0 +1,42 @@
+"""Living beside the webui's built-in Lora extension, which patches the same layers.
+
+The built-in keeps, on each layer it touched, a CPU copy of the weight from before its own networks
+(`network_weights_backup`; a (in_proj, out_proj) pair on a MultiheadAttention) and the names it applied
+(`network_current_names`). Whenever the names it wants differ from those, it copies its backup back and adds
+its networks. So:
+- the weight before *any* network is its backup when it has one, else the live weight;
+- when we change a weight, its backup must become our new weight and its names be cleared, so that on the
+  next forward it re-adds its networks on top of ours instead of restoring a stale copy over them.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Bound
+
+
+def _slot(bound: Bound):
+    """(layer that holds the backup, index into its backup pair or None)."""
+    if bound.owner is not None:
+        return bound.owner, 1
+    if isinstance(bound.module, nn.MultiheadAttention):
+        return bound.module, 0
+    return bound.module, None
+
+
+def backup_of(bound: Bound):
+    layer, index = _slot(bound)
+    backup = getattr(layer, "network_weights_backup", None)
+    if backup is None:
+        return None
+    return backup[index] if index is not None else backup
+
+
+def hand_over(bound: Bound, weight) -> None:
+    """Tell the built-in that `weight` is now the layer's weight before its networks."""
+    layer, _ = _slot(bound)
+    backup = backup_of(bound)
+    if backup is not None:
+        backup.copy_(weight)
+    if getattr(layer, "network_current_names", ()) != ():
+        layer.network_current_names = ()
