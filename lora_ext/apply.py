@@ -179,6 +179,7 @@ class Engine:
             if entry is not None and entry.signature == signature:
                 continue
             if entry is None:
+                # the weight before any network: the built-in's backup when it holds one, else the live weight
                 pristine = builtin_lora.backup_of(bound)
                 source = pristine if pristine is not None else bound.param
                 entry = state.merged[key] = _Merged(bound, source.detach().to("cpu", copy=True))

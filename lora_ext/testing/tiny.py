@@ -19,7 +19,7 @@ import gzip
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,7 +37,9 @@ class TinySpec:
     linear_proj: bool = False       # SD2/SDXL use Linear proj_in/proj_out
     te: tuple = (("hf", 32, 2),)    # (kind, width, layers) per text encoder
     parameterization: str = "eps"
-    extra: dict = field(default_factory=dict)
+    unet_heads: int = 2             # attention heads (SD1), or channels per head is 16 (SD2/SDXL tiny)
+    te_heads: int = 2
+    te_mlp: int = 2                 # text encoder MLP width / hidden width
 
 
 SPECS = {
@@ -46,6 +48,8 @@ SPECS = {
     # SDXL: no attention on the first level and deeper transformers further down (real: 0, 2, 10; mid 10)
     "sdxl": TinySpec("sdxl", channel_mult=(1, 2, 4), depths=(0, 2, 3), mid_depth=3, linear_proj=True,
                      te=(("hf", 32, 2), ("openclip", 64, 3))),
+    # the real SD1.5 shapes (860M UNet + 123M text encoder parameters), random weights, for benchmarks
+    "sd1-full": TinySpec("sd1", model_channels=320, te=(("hf", 768, 12),), unet_heads=8, te_heads=12, te_mlp=4),
 }
 
 
@@ -109,12 +113,12 @@ def build_unet(spec: TinySpec, generator: torch.Generator) -> nn.Module:
 class HFTextEncoderHolder(nn.Module):
     """What the webui's FrozenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.transformer`, `.tokenizer`."""
 
-    def __init__(self, width: int, layers: int, generator: torch.Generator):
+    def __init__(self, width: int, layers: int, generator: torch.Generator, heads: int = 2, mlp: int = 2):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * 2,
-                             num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
+        cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * mlp,
+                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
                              projection_dim=width)
         self.transformer = CLIPTextModel(cfg)
         _shift_embeddings(self.transformer.text_model.embeddings.token_embedding.weight, generator)
@@ -196,8 +200,8 @@ class TinySD(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.spec = spec
-        encoders = [HFTextEncoderHolder(w, n, g) if kind == "hf" else OpenClipHolder(w, n, g)
-                    for kind, w, n in spec.te]
+        encoders = [HFTextEncoderHolder(w, n, g, spec.te_heads, spec.te_mlp) if kind == "hf"
+                    else OpenClipHolder(w, n, g) for kind, w, n in spec.te]
         self.model = DiffusionWrapper(build_unet(spec, g))
         if spec.arch == "sdxl":
             self.conditioner = Conditioner([TextEncoderSlot(e) for e in encoders])
@@ -218,6 +222,7 @@ class TinySD(nn.Module):
 
 
 def build(arch: str = "sd1", seed: int = 0) -> TinySD:
+    """A model of one of SPECS ('sd1', 'sd2', 'sdxl' tiny; 'sd1-full' the real SD1.5 shapes)."""
     if arch not in SPECS:
         raise ValueError(f"unknown architecture {arch!r}; one of {sorted(SPECS)}")
     # ldm prints a line per attention layer it makes; keep stdout for our own output (JSON, reports)
@@ -234,7 +239,7 @@ def _unet_params(spec: TinySpec) -> dict:
     if spec.linear_proj:
         unet["num_head_channels"] = 16
     else:
-        unet["num_heads"] = 2
+        unet["num_heads"] = spec.unet_heads
     if spec.arch == "sdxl":
         unet["transformer_depth_middle"] = spec.mid_depth
     return unet
