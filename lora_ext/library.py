@@ -36,3 +36,81 @@ def list_loras(folder: str) -> list[str]:
             if n.lower().endswith(LORA_EXT) and not n.startswith("."):
                 found.append(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/"))
     return sorted(found, key=str.lower)
+
+
+class LoraLibrary:
+    """The LoRA files of one or more folders (the webui's models/Lora first, then extra folders), by the names
+    the dropdowns show: paths relative to their folder, '/'-separated. A name in two folders is the first's.
+
+    `hash_fn(path, name)`, if given, returns a file's addnet hash from the host's own cache (the webui keeps
+    one), so files are not hashed again; without it, hashes are computed once per file version."""
+
+    def __init__(self, folders_fn, hash_fn=None):
+        self.folders_fn = folders_fn
+        self.hash_fn = hash_fn
+        self._hashes: dict = {}
+
+    def _index(self) -> dict:
+        index = {}
+        for folder in self.folders_fn():
+            for name in list_loras(folder):
+                index.setdefault(name, folder)
+        return index
+
+    def names(self) -> list[str]:
+        return sorted(self._index(), key=str.lower)
+
+    def path(self, name: str) -> str:
+        folder = self._index().get(name)
+        if folder is None:
+            raise FileNotFoundError(f"{name} is not in the LoRA folders")
+        return resolve(folder, name)
+
+    def short_hash(self, name: str) -> str | None:
+        """The first 12 hex of the file's addnet hash (what the webui shows and infotext records)."""
+        try:
+            path = self.path(name)
+        except (FileNotFoundError, UnsafeName):
+            return None
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = self._hash(path, name)
+        h = self._hashes[key]
+        return h[:12] if h else None
+
+    def _hash(self, path: str, name: str) -> str | None:
+        from .safetensors_io import FileProblem, file_hashes, read_header
+
+        if path.endswith(SAFETENSORS_EXT):
+            try:
+                with open(path, "rb") as f:
+                    _, metadata, _ = read_header(f, os.path.getsize(path))
+                if metadata.get("sshs_model_hash"):
+                    return metadata["sshs_model_hash"]
+            except FileProblem:
+                return None
+        if self.hash_fn is not None:
+            h = self.hash_fn(path, name)
+            if h:
+                return h
+        hashes = file_hashes(path)
+        return hashes["addnet_hash"] if path.endswith(SAFETENSORS_EXT) else hashes["sha256"]
+
+    def find(self, label: str, short_hash: str | None = None) -> str | None:
+        """The name for an infotext label (a path without extension, or a bare file name) and hash: the name
+        first, then a file of another name with that hash."""
+        names = self.names()
+        stem = lambda n: n.rsplit(".", 1)[0]  # noqa: E731
+        for n in names:
+            if n == label or stem(n) == label:
+                if not short_hash or (self.short_hash(n) or "").startswith(short_hash.lower()):
+                    return n
+        base = label.rsplit("/", 1)[-1]
+        same_base = [n for n in names if stem(n).rsplit("/", 1)[-1] == base]
+        if short_hash:
+            for n in same_base + [n for n in names if n not in same_base]:
+                if (self.short_hash(n) or "").startswith(short_hash.lower()):
+                    return n
+            return None
+        return same_base[0] if same_base else None

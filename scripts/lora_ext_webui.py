@@ -1,21 +1,129 @@
-"""Webui glue: registers the LoRA tab, the Additional Networks panel and settings. No logic beyond wiring;
-everything here calls lora_ext, which never imports the webui's modules itself."""
+"""Webui glue: registers the LoRA tab, the Additional Networks panel, settings, X/Y/Z axes and API routes.
+No logic beyond wiring: everything here calls lora_ext, which never imports the webui's modules itself."""
 import os
 
+import gradio as gr
 from modules import script_callbacks, scripts, shared
 
+from lora_ext import slots as slotlib
+from lora_ext.library import LoraLibrary
 from lora_ext.ui import panel, tab
 
-
-def lora_folder() -> str:
-    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join("models", "Lora")
-
-
-def on_ui_tabs():
-    return [(tab.build_tab(lora_folder), "LoRA", "lora_ext")]
+SECTION = ("lora_ext", "LoRA (lora_ext)")
+DEFAULTS = {"lora_ext_slots": 5, "lora_ext_extra_dirs": "", "lora_ext_cache_mb": 1024, "lora_ext_mode": "merge"}
 
 
-script_callbacks.on_ui_tabs(on_ui_tabs)
+def opt(key):
+    """A setting, or its default before the settings are registered."""
+    try:
+        return getattr(shared.opts, key)
+    except AttributeError:
+        return DEFAULTS[key]
+
+
+def lora_folders():
+    main = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join("models", "Lora")
+    extra = [d.strip() for d in str(opt("lora_ext_extra_dirs") or "").split(",") if d.strip()]
+    return [main] + extra
+
+
+def webui_hash(path, name):
+    """The webui's own hash cache (hashing hundreds of files at start-up is what made the old extension slow)."""
+    try:
+        from modules import hashes
+        return hashes.sha256_from_cache(path, f"lora/{name}", use_addnet_hash=path.endswith(".safetensors"))
+    except Exception:
+        return None
+
+
+LIBRARY = LoraLibrary(lora_folders, webui_hash)
+
+
+class Runtime:
+    """Created on first use, so that the webui's start-up does not import torch-side code for us."""
+    _instance = None
+    _hosts = {}
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None:
+            from lora_ext.panel_runtime import PanelRuntime
+            cls._instance = PanelRuntime(LIBRARY, int(opt("lora_ext_cache_mb")) << 20)
+        return cls._instance
+
+    @classmethod
+    def host(cls, sd_model):
+        from lora_ext.hosts.webui import WebuiHost
+        host = cls._hosts.get(id(sd_model))
+        if host is None or host.model is not sd_model:
+            host = cls._hosts[id(sd_model)] = WebuiHost(sd_model)
+        return host
+
+
+def info_line(name):
+    return Runtime.get().info_line(name)
+
+
+def on_ui_settings():
+    opts = [
+        ("lora_ext_slots", shared.OptionInfo(DEFAULTS["lora_ext_slots"], "Additional Networks: number of slots (needs a UI reload)",
+                                             gr.Slider, {"minimum": 1, "maximum": 20, "step": 1}, section=SECTION)),
+        ("lora_ext_extra_dirs", shared.OptionInfo("", "Extra LoRA folders, comma-separated", section=SECTION)),
+        ("lora_ext_cache_mb", shared.OptionInfo(1024, "LoRA files kept in memory (MB)", gr.Number, section=SECTION)),
+        ("lora_ext_mode", shared.OptionInfo("merge", "How LoRAs are applied: merge into the weights (no cost per "
+                                            "step) or add in the forward pass (bypass)", gr.Radio,
+                                            {"choices": ["merge", "bypass"]}, section=SECTION)),
+    ]
+    for key, info in opts:
+        shared.opts.add_option(key, info)
+
+
+def on_model_loaded(sd_model):
+    # the webui loaded weights into this model: our copies of its old weights are stale
+    if Runtime._instance is not None:
+        Runtime._instance.forget(sd_model)
+
+
+def on_script_unloaded():
+    if Runtime._instance is not None and shared.sd_model is not None:
+        Runtime._instance.restore(Runtime.host(shared.sd_model))
+
+
+def on_app_started(demo, app):
+    from lora_ext.api import add_routes
+    add_routes(app, LIBRARY, info_line)
+
+
+def on_before_ui():
+    """X/Y/Z plot axes for each slot's model and weights (the xyz_grid script is loaded by then)."""
+    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return
+
+    def setter(index, field, extra=None):
+        def apply(p, x, xs):
+            overrides = dict(getattr(p, "lora_ext_overrides", {}))
+            overrides[index] = {**overrides.get(index, {}), field: x, **(extra or {})}
+            p.lora_ext_overrides = overrides
+        return apply
+
+    for i in range(int(opt("lora_ext_slots"))):
+        n = i + 1
+        xyz.axis_options += [
+            xyz.AxisOption(f"[AddNet] Model {n}", str, setter(i, "model", {"enabled": True}),
+                           choices=lambda: [slotlib.NONE] + LIBRARY.names()),
+            xyz.AxisOption(f"[AddNet] Weight {n}", float, setter(i, "weight", {"separate": False})),
+            xyz.AxisOption(f"[AddNet] UNet Weight {n}", float, setter(i, "unet", {"separate": True})),
+            xyz.AxisOption(f"[AddNet] TEnc Weight {n}", float, setter(i, "te", {"separate": True})),
+        ]
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_model_loaded(on_model_loaded)
+script_callbacks.on_script_unloaded(on_script_unloaded)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_before_ui(on_before_ui)
+script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(lambda: lora_folders()[0]), "LoRA", "lora_ext")])
 
 
 class AdditionalNetworks(scripts.Script):
@@ -26,4 +134,22 @@ class AdditionalNetworks(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        return panel.build_panel(is_img2img)
+        ui = panel.build_panel(is_img2img, int(opt("lora_ext_slots")), LIBRARY.names, info_line, LIBRARY.find)
+        self.infotext_fields = ui.infotext_fields
+        self.paste_field_names = ui.paste_field_names
+        return ui.states
+
+    def process(self, p, *slot_args):
+        try:
+            slots = [slotlib.Slot.from_any(a) for a in slot_args]
+        except ValueError as e:
+            message = f"Additional Networks: {e}"
+            print(message)
+            p.comments[message] = 1
+            return
+        slots = slotlib.with_overrides(slots, getattr(p, "lora_ext_overrides", {}))
+        outcome = Runtime.get().run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
+        p.extra_generation_params.update(outcome.infotext)
+        for message in outcome.messages:
+            print(message)
+            p.comments[message] = 1

@@ -124,6 +124,10 @@ class HFTextEncoderHolder(nn.Module):
         _shift_embeddings(self.transformer.text_model.embeddings.token_embedding.weight, generator)
         self.tokenizer = clip_tokenizer()
 
+    def encode(self, prompts: list) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return self.transformer(ids.to(self.transformer.device)).last_hidden_state
+
 
 class OpenClipHolder(nn.Module):
     """What the webui's FrozenOpenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.model`, an open_clip CLIP
@@ -138,6 +142,15 @@ class OpenClipHolder(nn.Module):
         del model.visual
         self.model = model
         _shift_embeddings(self.model.token_embedding.weight, generator)
+
+    def encode(self, prompts: list) -> torch.Tensor:
+        import open_clip
+
+        m = self.model
+        ids = open_clip.tokenize(prompts).to(m.token_embedding.weight.device)
+        x = m.token_embedding(ids) + m.positional_embedding
+        x = m.transformer(x.permute(1, 0, 2), attn_mask=m.attn_mask).permute(1, 0, 2)
+        return m.ln_final(x)
 
 
 def _shift_embeddings(weight: torch.Tensor, generator: torch.Generator) -> None:
@@ -215,6 +228,13 @@ class TinySD(nn.Module):
         self.is_sd2 = spec.arch == "sd2"
         self.is_sd1 = spec.arch == "sd1"
         self.eval()
+
+    def text_holders(self) -> list:
+        return [e.wrapped for e in self.conditioner.embedders] if self.is_sdxl else [self.cond_stage_model.wrapped]
+
+    def get_learned_conditioning(self, prompts: list) -> torch.Tensor:
+        """Per-token text conditioning [batch, 77, context dim] (SDXL: both encoders side by side)."""
+        return torch.cat([h.encode(prompts) for h in self.text_holders()], dim=-1)
 
     def checkpoint_state_dict(self) -> dict:
         """The state dict as a webui single-file checkpoint holds it (no `.wrapped.` in the keys)."""

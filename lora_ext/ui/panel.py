@@ -1,14 +1,74 @@
-"""The "Additional Networks" panel of txt2img/img2img."""
+"""The "Additional Networks" panel of txt2img/img2img.
+
+Each slot's visible controls feed one gr.State holding that slot's dict (slots.Slot), and those states are the
+script's arguments: the webui hands them to process() as they are, and API callers pass the same dicts by
+field name. The visible controls are what infotext pastes into."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import gradio as gr
+
+from .. import slots as slotlib
 
 TITLE = "Additional Networks"
 
 
-def build_panel(is_img2img: bool) -> list:
-    """Adds the panel to the current gradio context; returns the components whose values reach the script."""
+@dataclass
+class PanelUI:
+    states: list = field(default_factory=list)            # script arguments, one per slot
+    infotext_fields: list = field(default_factory=list)   # (component, infotext key or callable)
+    paste_field_names: list = field(default_factory=list)
+    dropdowns: list = field(default_factory=list)
+
+
+def _slot_of(params: dict, index: int, count: int, find) -> slotlib.Slot:
+    return slotlib.from_infotext(params, count, find)[index]
+
+
+def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelUI:
+    """Adds the panel to the current gradio context. `names_fn()` lists the LoRA names, `info_fn(name)` gives
+    a line about one, `find(name, hash)` resolves a pasted infotext label."""
     tab = "img2img" if is_img2img else "txt2img"
+    ui = PanelUI()
+    choices = lambda: [slotlib.NONE] + names_fn()  # noqa: E731
     with gr.Accordion(TITLE, open=False, elem_id=f"lora_ext_{tab}_panel"):
-        gr.Markdown("Weighted LoRA slots are not available yet in this version.", elem_id=f"lora_ext_{tab}_note")
-    return []
+        refresh = gr.Button("Refresh models", size="sm", elem_id=f"lora_ext_{tab}_refresh")
+        for i in range(count):
+            eid = f"lora_ext_{tab}_slot{i + 1}"
+            with gr.Group(elem_id=eid):
+                with gr.Row():
+                    enabled = gr.Checkbox(label=f"Enable {i + 1}", value=False, elem_id=f"{eid}_enabled")
+                    model = gr.Dropdown(label=f"Model {i + 1}", choices=choices(), value=slotlib.NONE,
+                                        elem_id=f"{eid}_model")
+                with gr.Row():
+                    weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"{eid}_weight")
+                    separate = gr.Checkbox(label="Separate UNet / text encoder", value=False, elem_id=f"{eid}_separate")
+                    unet = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight", visible=False, elem_id=f"{eid}_unet")
+                    te = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder weight", visible=False, elem_id=f"{eid}_te")
+                info = gr.Markdown(elem_id=f"{eid}_info")
+                module = gr.Textbox(value="LoRA", visible=False, elem_id=f"{eid}_module")
+                state = gr.State(slotlib.Slot().to_dict())
+            controls = [enabled, model, weight, separate, unet, te]
+            for c in controls:
+                c.change(lambda *v: slotlib.Slot(*v).to_dict(), inputs=controls, outputs=[state], show_progress=False)
+            separate.change(lambda s, w, u, t: (gr.update(visible=not s), gr.update(visible=s, value=w if s else u),
+                                                 gr.update(visible=s, value=w if s else t)),
+                            inputs=[separate, weight, unet, te], outputs=[weight, unet, te], show_progress=False)
+            model.change(info_fn, inputs=[model], outputs=[info], show_progress=False)
+            n = i + 1
+            ui.states.append(state)
+            ui.dropdowns.append(model)
+            ui.infotext_fields += [
+                (module, f"AddNet Module {n}"),
+                (enabled, lambda d, i=i: _slot_of(d, i, count, find).enabled),
+                (model, lambda d, i=i: _slot_of(d, i, count, find).model),
+                (weight, lambda d, i=i: _slot_of(d, i, count, find).weight),
+                (separate, lambda d, i=i: _slot_of(d, i, count, find).separate),
+                (unet, f"AddNet Weight A {n}"),
+                (te, f"AddNet Weight B {n}"),
+            ]
+            ui.paste_field_names += [f"AddNet Module {n}", f"AddNet Model {n}", f"AddNet Weight A {n}",
+                                     f"AddNet Weight B {n}"]
+        refresh.click(lambda: [gr.update(choices=choices())] * count, outputs=ui.dropdowns, show_progress=False)
+    return ui

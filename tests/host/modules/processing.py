@@ -42,3 +42,33 @@ class Processed:
         self.images, self.seed, self.info, self.comments = images_list, seed, info, comments
         self.infotexts = infotexts or [info]
         self.extra_generation_params = p.extra_generation_params
+
+
+def process_images(p):
+    """A generation as the webui runs it, around a tiny deterministic sampler: script hooks, sampling with
+    the loaded model's UNet on its text conditioning, VAE decode, infotext."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modules import infotext_utils, shared
+
+    model = p.sd_model or shared.sd_model
+    if p.scripts is not None:
+        p.scripts.before_process(p)
+        p.scripts.process(p)
+    with torch.no_grad():
+        cond = model.get_learned_conditioning([p.prompt])
+        g = torch.Generator().manual_seed(int(p.seed))
+        latent = torch.randn(1, 4, p.height // 8, p.width // 8, generator=g)
+        for t in torch.linspace(900, 100, p.steps).long():
+            eps = model.model.diffusion_model(latent, t[None], context=cond)
+            latent = latent - eps / p.steps
+        image = model.first_stage_model.decode(latent)[0]
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    info = infotext_utils.create_infotext(p)
+    processed = Processed(p, [Image.fromarray(np.ascontiguousarray(pixels))], p.seed, info,
+                          comments="\n".join(p.comments))
+    if p.scripts is not None:
+        p.scripts.postprocess(p, processed)
+    return processed

@@ -77,12 +77,13 @@ def basedir():
     return current_basedir
 
 
-def load_scripts_from(extension_dir):
-    """Imports every .py in <extension>/scripts as the webui does: the extension folder on sys.path while
-    loading, Script subclasses registered. Returns the ScriptClassData added."""
+def load_scripts_from(extension_dir, folder=None):
+    """Imports every .py in <extension>/scripts as the webui does (module named after the file, like
+    'xyz_grid.py'): the extension folder on sys.path while loading, Script subclasses registered.
+    Returns the ScriptClassData added."""
     global current_basedir
     added = []
-    folder = os.path.join(extension_dir, "scripts")
+    folder = folder or os.path.join(extension_dir, "scripts")
     for filename in sorted(os.listdir(folder)):
         if not filename.endswith(".py"):
             continue
@@ -91,7 +92,7 @@ def load_scripts_from(extension_dir):
         sys.path = [extension_dir] + sys.path
         current_basedir = extension_dir
         try:
-            spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+            spec = importlib.util.spec_from_file_location(os.path.basename(path), path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         finally:
@@ -119,3 +120,58 @@ def create_alwayson_script(data, is_img2img):
 
 
 __all__ = ["Script", "AlwaysVisible", "basedir", "script_callbacks"]
+
+
+class ScriptRunner:
+    """The always-on part of the webui's ScriptRunner: builds each script's UI, gives it its slice of the
+    flat script_args (args_from/args_to), collects infotext fields, and calls the per-generation hooks."""
+
+    def __init__(self):
+        self.alwayson_scripts = []
+        self.inputs = [None]            # the webui reserves index 0 for the selectable-script dropdown
+        self.infotext_fields = []
+        self.paste_field_names = []
+
+    def initialize(self, is_img2img):
+        for data in scripts_data:
+            script = data.script_class()
+            script.filename = data.path
+            script.is_txt2img, script.is_img2img = not is_img2img, is_img2img
+            if script.show(is_img2img) is not AlwaysVisible:
+                continue
+            script.alwayson = True
+            script.args_from = len(self.inputs)
+            script.controls = script.ui(is_img2img) or []
+            script.name = script.title().lower()
+            self.inputs += script.controls
+            script.args_to = len(self.inputs)
+            self.infotext_fields += script.infotext_fields or []
+            self.paste_field_names += script.paste_field_names or []
+            self.alwayson_scripts.append(script)
+        return self
+
+    def default_args(self):
+        return [None] + [getattr(c, "value", None) for c in self.inputs[1:]]
+
+    def args_for_api(self, alwayson: dict):
+        """script_args for an API request: defaults, with each named script's `args` placed at its slice."""
+        args = self.default_args()
+        for script in self.alwayson_scripts:
+            given = alwayson.get(script.name, {}).get("args")
+            if given:
+                args[script.args_from:script.args_from + len(given)] = given
+        return args
+
+    def _call(self, name, p, *extra):
+        for script in self.alwayson_scripts:
+            getattr(script, name)(p, *extra, *p.script_args[script.args_from:script.args_to])
+
+    def before_process(self, p):
+        self._call("before_process", p)
+
+    def process(self, p):
+        self._call("process", p)
+
+    def postprocess(self, p, processed):
+        for script in self.alwayson_scripts:
+            script.postprocess(p, processed, *p.script_args[script.args_from:script.args_to])

@@ -1,0 +1,83 @@
+"""What the Additional Networks panel does around a generation, without the webui: slots -> engine requests
+-> the model changed (or given back) -> infotext fields and messages. The webui script calls this."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import slots as slotlib
+from .apply import Engine, Request
+from .cache import LoraCache
+from .library import LoraLibrary, UnsafeName
+
+
+@dataclass
+class Outcome:
+    infotext: dict = field(default_factory=dict)    # fields for p.extra_generation_params
+    messages: list = field(default_factory=list)    # warnings for the console and the generation's comments
+    report: object = None
+
+
+class PanelRuntime:
+    def __init__(self, library: LoraLibrary, cache_bytes: int = 1 << 30, mode: str = "merge"):
+        self.library = library
+        self.engine = Engine(LoraCache(cache_bytes), mode)
+
+    def run(self, host, slots: list, mode: str | None = None) -> Outcome:
+        """Makes the host's model compute what the active slots ask for (and nothing else)."""
+        outcome = Outcome()
+        requests, applied_slots = [], {}
+        for i, slot in enumerate(slots):
+            if not slot.active:
+                continue
+            try:
+                path = self.library.path(slot.model)
+            except (FileNotFoundError, UnsafeName) as e:
+                outcome.messages.append(f"Additional Networks: slot {i + 1}: {e}")
+                continue
+            unet, te = slot.weights
+            requests.append(Request(path, unet, te, name=slot.model))
+            applied_slots[slot.model] = i
+        report = self.engine.apply(host, requests, mode)
+        outcome.report = report
+        outcome.messages += [f"Additional Networks: {w}" for w in report.warnings]
+        used = {item["name"] for item in report.applied}
+        kept = [s if s.active and s.model in used else slotlib.Slot() for s in slots]
+        outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash)
+        skipped = [w for w in report.warnings if ": skipped: " in w]
+        if skipped:
+            outcome.infotext["AddNet Warning"] = "; ".join(skipped)
+        return outcome
+
+    def restore(self, host) -> None:
+        self.engine.restore(host)
+
+    def forget(self, model) -> None:
+        self.engine.forget(model)
+
+    def info_line(self, name: str) -> str:
+        """One line about a file for the panel: architecture, network, rank/alpha, hash, training figures."""
+        if not name or name == slotlib.NONE:
+            return ""
+        from .files import LoraFileError
+
+        try:
+            lora, _ = self.engine.cache.get(self.library.path(name), None)
+        except (LoraFileError, FileNotFoundError, UnsafeName) as e:
+            return f"cannot read it: {e}"
+        parts = [lora.arch.name.upper(), lora.network]
+        kinds = lora.by_kind()
+        for kind, label in (("linear", "rank"), ("conv", "conv rank")):
+            if kinds.get(kind):
+                parts.append(f"{label} {kinds[kind]['rank']} (alpha {kinds[kind]['alpha']:g})")
+        if "linear" in kinds and kinds["linear"] is None:
+            parts.append("ranks vary")
+        h = self.library.short_hash(name)
+        if h:
+            parts.append(f"hash {h}")
+        md = lora.metadata
+        if md.get("ss_resolution"):
+            parts.append(f"trained at {md['ss_resolution']}")
+        steps = md.get("ss_max_train_steps") or md.get("ss_steps")
+        if steps:
+            parts.append(f"{steps} steps")
+        return " · ".join(parts)

@@ -1,0 +1,116 @@
+"""One slot of the Additional Networks panel: the single source of truth for the UI, the API's named
+arguments, the X/Y/Z axes and the infotext.
+
+Infotext uses the additional-networks extension's field names, so images made with it paste into ours:
+`AddNet Enabled`, `AddNet Module N` (LoRA), `AddNet Model N` (`name(hash)`), `AddNet Weight A N` (UNet),
+`AddNet Weight B N` (text encoder); its older single `AddNet Weight N` is read too.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+NONE = "None"
+_NAME_HASH = re.compile(r"^(?P<name>.*?)\s*\((?P<hash>[0-9a-fA-F]{6,64})\)$")
+
+
+@dataclass
+class Slot:
+    enabled: bool = False
+    model: str = NONE           # a name from the models list ('sub/name.safetensors'), or 'None'
+    weight: float = 1.0         # the linked weight, used for both parts unless `separate`
+    separate: bool = False
+    unet: float = 1.0
+    te: float = 1.0
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(UNet weight, text-encoder weight) in effect."""
+        return (self.unet, self.te) if self.separate else (self.weight, self.weight)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.model) and self.model != NONE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_any(cls, value) -> "Slot":
+        """A slot from what arrives as a script argument: a Slot, a dict of named fields (API callers; the
+        aliases unet_weight/te_weight/text_encoder_weight are accepted), or None for an unused slot."""
+        if isinstance(value, Slot):
+            return value
+        if value is None:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValueError(f"a slot is given as a dict of {', '.join(f.name for f in fields(cls))}, not {value!r}")
+        aliases = {"unet_weight": "unet", "te_weight": "te", "text_encoder_weight": "te", "name": "model"}
+        data = {aliases.get(k, k): v for k, v in value.items()}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown slot fields: {', '.join(sorted(unknown))}")
+        slot = cls(**data)
+        if ("unet" in data or "te" in data) and "separate" not in data and "weight" not in data:
+            slot.separate = True        # named part weights mean the parts were meant
+        slot.enabled, slot.separate = bool(slot.enabled), bool(slot.separate)
+        slot.weight, slot.unet, slot.te = float(slot.weight), float(slot.unet), float(slot.te)
+        slot.model = str(slot.model or NONE)
+        return slot
+
+
+def with_overrides(slots: list, overrides: dict) -> list:
+    """Slots with per-slot field overrides applied (X/Y/Z axes: {slot index: {field: value}})."""
+    out = []
+    for i, slot in enumerate(slots):
+        change = overrides.get(i)
+        if change:
+            slot = Slot.from_any({**slot.to_dict(), **change})
+            if "weight" in change and not slot.separate:
+                slot.unet = slot.te = slot.weight
+        out.append(slot)
+    return out
+
+
+def display_name(model: str) -> str:
+    """The name written into infotext: the path without its extension (as the old extension wrote it)."""
+    return model.rsplit(".", 1)[0] if "." in model.rsplit("/", 1)[-1] else model
+
+
+def to_infotext(slots: list, short_hash) -> dict:
+    """AddNet fields for the active slots, numbered by slot. `short_hash(model)` gives 12 hex or None."""
+    params = {}
+    for i, slot in enumerate(slots, 1):
+        if not slot.active:
+            continue
+        h = short_hash(slot.model)
+        unet, te = slot.weights
+        params[f"AddNet Module {i}"] = "LoRA"
+        params[f"AddNet Model {i}"] = f"{display_name(slot.model)}({h})" if h else display_name(slot.model)
+        params[f"AddNet Weight A {i}"] = _fmt(unet)
+        params[f"AddNet Weight B {i}"] = _fmt(te)
+    if params:
+        params = {"AddNet Enabled": "True", **params}
+    return params
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def from_infotext(params: dict, count: int, find) -> list:
+    """Slots from pasted infotext parameters. `find(name, hash)` returns a models-list name or None."""
+    slots = []
+    for i in range(1, count + 1):
+        label = params.get(f"AddNet Model {i}")
+        if label is None or params.get(f"AddNet Module {i}", "LoRA") != "LoRA" or str(label) == NONE:
+            slots.append(Slot())
+            continue
+        m = _NAME_HASH.match(str(label))
+        name, h = (m["name"], m["hash"]) if m else (str(label), None)
+        model = find(name, h) or NONE
+        legacy = params.get(f"AddNet Weight {i}", "1")
+        unet = float(params.get(f"AddNet Weight A {i}", legacy))
+        te = float(params.get(f"AddNet Weight B {i}", legacy))
+        slots.append(Slot(enabled=model != NONE, model=model, weight=unet, separate=unet != te, unet=unet, te=te))
+    return slots
