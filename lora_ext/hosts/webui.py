@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from .. import naming
+from . import text_encoding
 from .base import bind
 
 
@@ -31,3 +32,51 @@ class WebuiHost:
     def lora_targets(self) -> dict:
         """{kohya name: Bound} for every target of the loaded model."""
         return self._bound
+
+    # --- what training and sampling need ----------------------------------------------------------------
+
+    @property
+    def unet(self):
+        return self.model.model.diffusion_model
+
+    @property
+    def vae(self):
+        return self.model.first_stage_model
+
+    def text_holders(self) -> list:
+        m = self.model
+        return [e.wrapped for e in m.conditioner.embedders] if getattr(m, "is_sdxl", False) else [m.cond_stage_model.wrapped]
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.model, "scale_factor", 0.13025 if self.arch.name == "sdxl" else 0.18215))
+
+    def count_tokens(self, text: str) -> int:
+        return len(text_encoding.tokenize(self.text_holders()[0], [text])[0])
+
+    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75):
+        """Per-token conditioning [batch, 77 * chunks, dim]: each prompt cut or padded to `max_tokens`
+        (75, 150, 225), split in 75-token chunks, each encoded with its own start/end tokens and the results
+        joined, as the webui does at generation time. SDXL: both encoders side by side."""
+        return text_encoding.encode(self.text_holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
+
+    def encode_images(self, pixels, generator=None):
+        """Latents (scaled) of images in [-1, 1]; a sample of the VAE's distribution drawn with `generator`."""
+        import torch
+
+        vae = self.vae
+        p = next(vae.parameters())
+        dist = vae.encode(pixels.to(p.device, p.dtype))
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device, dist.mean.dtype)
+        return (dist.mean + dist.std * noise) * self.latent_scale
+
+    def decode_latents(self, latents):
+        p = next(self.vae.parameters())
+        return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
+
+    def predict(self, noisy, timesteps, cond):
+        if hasattr(self.unet, "label_emb"):
+            raise NotImplementedError("training SDXL on the webui's model needs its size conditioning (ADM "
+                                      "vector), which lora_ext does not build yet")
+        p = next(self.unet.parameters())
+        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=cond.to(p.device, p.dtype))

@@ -1,0 +1,69 @@
+"""Prompt encoding for training and sampling, as the webui does it at generation time: tokens in 75-token
+chunks, each chunk wrapped in start/end tokens (padded with end tokens for CLIP, zeros for open_clip),
+encoded, and joined. clip_skip n takes the n-th layer from the end (1 = last); for transformers' CLIP the
+final layer norm is applied to it, as the webui does. open_clip text models (SD2) stop one block before the
+end, as ldm's FrozenOpenCLIPEmbedder ('penultimate') does, and clip_skip goes further back from there."""
+from __future__ import annotations
+
+import torch
+
+START, END = 49406, 49407
+
+
+def tokenize(holder, prompts: list) -> list:
+    """Token ids of each prompt without start/end tokens."""
+    if hasattr(holder, "tokenizer"):
+        return holder.tokenizer(prompts, add_special_tokens=False, truncation=False).input_ids
+    from open_clip.tokenizer import _tokenizer
+    return [_tokenizer.encode(p) for p in prompts]
+
+
+def chunked_ids(holder, prompts: list, max_tokens: int) -> torch.Tensor:
+    """[batch * chunks, 77] ids: each prompt cut to `max_tokens`, padded with end tokens, split in chunks
+    of 75, each wrapped as [start] + chunk + [end]; open_clip rows hold zeros after their first end token."""
+    chunks = max_tokens // 75
+    zero_after_end = not hasattr(holder, "tokenizer")
+    rows = []
+    for ids in tokenize(holder, prompts):
+        ids = list(ids[:75 * chunks])
+        ids += [END] * (75 * chunks - len(ids))
+        for c in range(chunks):
+            row = [START] + ids[75 * c:75 * (c + 1)] + [END]
+            if zero_after_end:
+                first = row.index(END)
+                row = row[:first + 1] + [0] * (len(row) - first - 1)
+            rows.append(row)
+    return torch.tensor(rows)
+
+
+def _hf(holder, ids, clip_skip, final_norm=True):
+    t = holder.transformer
+    out = t(ids.to(t.device), output_hidden_states=clip_skip > 1)
+    if clip_skip <= 1:
+        return out.last_hidden_state
+    h = out.hidden_states[-clip_skip]
+    return t.text_model.final_layer_norm(h) if final_norm else h
+
+
+def _openclip(holder, ids, clip_skip, final_norm=True):
+    m = holder.model
+    x = m.token_embedding(ids.to(m.token_embedding.weight.device)) + m.positional_embedding
+    x = x.permute(1, 0, 2)
+    blocks = m.transformer.resblocks
+    for block in list(blocks)[:len(blocks) - clip_skip]:
+        x = block(x, attn_mask=m.attn_mask)
+    x = x.permute(1, 0, 2)
+    return m.ln_final(x) if final_norm else x
+
+
+def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: bool = False) -> torch.Tensor:
+    outs = []
+    for holder in holders:
+        ids = chunked_ids(holder, prompts, max_tokens)
+        if hasattr(holder, "transformer"):
+            # SDXL's first encoder gives its penultimate layer without the final norm
+            h = _hf(holder, ids, clip_skip + 1 if sdxl else clip_skip, final_norm=not sdxl)
+        else:
+            h = _openclip(holder, ids, clip_skip, final_norm=not sdxl)
+        outs.append(h.reshape(len(prompts), -1, h.shape[-1]))
+    return torch.cat(outs, dim=-1)

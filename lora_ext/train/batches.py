@@ -1,0 +1,134 @@
+"""From a scanned dataset to batches: which images, in which order, at which size, with which caption, as
+pixels or cached latents. Everything random here is derived from (seed, epoch, position), so an epoch is the
+same whether a run goes straight through it or resumes in its middle."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .dataset import Item, assign_bucket, crop_box, load_image, process_caption
+
+
+@dataclass(frozen=True)
+class Sample:
+    item: Item
+    bucket: tuple
+    seed: int           # this sample's augmentation seed
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little"))
+
+
+def epoch_plan(items_train, items_reg, buckets, resolution: int, batch_size: int, seed: int, epoch: int) -> list:
+    """Batches (lists of Sample) of one epoch. Each train image appears `repeats` times; regularization
+    images, if any, fill as many places again (cycled, each weighted by its repeats). A batch holds images
+    of one bucket; the batch order is shuffled."""
+    entries = [i for i in items_train for _ in range(i.repeats)]
+    if items_reg:
+        pool = [i for i in items_reg for _ in range(i.repeats)]
+        entries += [pool[k % len(pool)] for k in range(len(entries))]
+    rng = _rng("order", seed, epoch)
+    rng.shuffle(entries)
+    by_bucket: dict = {}
+    for pos, item in enumerate(entries):
+        bucket = assign_bucket(item.size, buckets) if buckets else (resolution, resolution)
+        by_bucket.setdefault(bucket, []).append(Sample(item, bucket, rng.getrandbits(62) ^ pos))
+    batches = [samples[k:k + batch_size] for _, samples in sorted(by_bucket.items())
+               for k in range(0, len(samples), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = False
+    random_crop: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+
+
+def caption_of(sample: Sample, aug: Augment) -> str:
+    return process_caption(sample.item.caption, _rng("caption", sample.seed), aug.shuffle_caption, aug.keep_tokens,
+                           aug.caption_dropout_rate)
+
+
+def flipped(sample: Sample, aug: Augment) -> bool:
+    return aug.flip and _rng("flip", sample.seed).random() < 0.5
+
+
+def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tensor:
+    """The sample's image as a [3, h, w] tensor in [-1, 1], resized to cover its bucket and cropped."""
+    import numpy as np
+    from PIL import Image
+
+    image, _ = load_image(sample.item.path)
+    rng = _rng("crop", sample.seed) if aug.random_crop else None
+    resized, box = crop_box(image.size, sample.bucket, rng)
+    image = image.resize(resized, Image.LANCZOS).crop(box)
+    if flipped(sample, aug) if flip is None else flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+class LatentCache:
+    """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
+    .lora_ext.pt`) or in a cache folder. A disk entry records the image's mtime and size; a changed image or
+    another bucket (resolution) is encoded again. Only valid without random crops."""
+
+    def __init__(self, encode, to_disk: bool = False, folder: str | None = None):
+        self.encode = encode            # pixels [b, 3, h, w] -> latents
+        self.to_disk, self.folder = to_disk, folder
+        self.memory: dict = {}
+        self.encoded = 0
+
+    def _file(self, item: Item, bucket, flip) -> str:
+        name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lora_ext.pt"
+        if self.folder:
+            digest = hashlib.sha256(os.path.abspath(item.path).encode()).hexdigest()[:16]
+            return os.path.join(self.folder, f"{digest}-{name}")
+        return os.path.join(os.path.dirname(item.path), name)
+
+    def get(self, sample: Sample, aug: Augment, flip: bool) -> torch.Tensor:
+        item = sample.item
+        st = os.stat(item.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        key = (item.path, sample.bucket, flip)
+        hit = self.memory.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        latent = self._load(item, sample.bucket, flip, stamp) if self.to_disk else None
+        if latent is None:
+            with torch.no_grad():
+                latent = self.encode(pixels(sample, aug, flip)[None])[0].float().cpu()
+            self.encoded += 1
+            if self.to_disk:
+                self._save(item, sample.bucket, flip, stamp, latent)
+        self.memory[key] = (stamp, latent)
+        return latent
+
+    def _load(self, item, bucket, flip, stamp):
+        path = self._file(item, bucket, flip)
+        if not os.path.exists(path):
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+        return data["latent"] if tuple(data.get("stamp", ())) == stamp else None
+
+    def _save(self, item, bucket, flip, stamp, latent) -> None:
+        from ..safetensors_io import atomic_write
+        import io
+
+        path = self._file(item, bucket, flip)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({"stamp": list(stamp), "latent": latent}, buf)
+        atomic_write(path, buf.getvalue(), overwrite=True)

@@ -1,0 +1,320 @@
+"""The training loop, host-agnostic: it asks the host for targets, text conditioning, latents and
+predictions, and never which host it runs on. Progress leaves as events; the loop knows no subscriber.
+
+Read top to bottom: prepare data -> attach the LoRA -> (resume) -> for each optimizer step: noise, predict,
+loss, step -> save. Cancelling stops at the next step, saves the LoRA and a state to resume from."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import files
+from . import batches, dataset, optim
+from .config import TrainConfig
+from .network import TrainableNetwork
+from .schedules import lr_factor
+from .session import HostSession
+
+
+@dataclass
+class Event:
+    kind: str                   # 'message' | 'cache' | 'step' | 'sample' | 'save' | 'done' | 'cancelled'
+    step: int = 0
+    total: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    it_s: float | None = None
+    eta_s: float | None = None
+    paths: list = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass
+class Result:
+    lora_path: str | None
+    state_path: str | None
+    steps: int
+    cancelled: bool
+    losses: list
+    report: dict
+    messages: list
+
+
+def prepare_data(host, cfg: TrainConfig):
+    """(scan, buckets, report). Raises DatasetError when there is nothing to train on."""
+    scan = dataset.scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
+    res = max(cfg.size)
+    buckets = (dataset.make_buckets(res, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+               if cfg.enable_bucket else None)
+    report = dataset.report(scan, res, buckets, cfg.max_token_length, host.count_tokens)
+    return scan, buckets, report
+
+
+def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
+    emit = on_event or (lambda e: None)
+    stop = should_stop or (lambda: False)
+    messages: list = []
+    cfg.validate()
+    scan, buckets, report = prepare_data(host, cfg)
+    aug = batches.Augment(cfg.flip_aug, cfg.random_crop, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate)
+    plan = lambda epoch: batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),  # noqa: E731
+                                            cfg.train_batch_size, cfg.seed, epoch)
+    per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
+    epochs = math.ceil(total / per_epoch)
+
+    unet_lr, te_lr = cfg.lrs()
+    args = cfg.net_args
+    device = next(host.unet.parameters()).device
+    amp = optim.autocast_dtype(cfg.mixed_precision, device, messages)
+    for m in messages:
+        emit(Event("message", text=m))
+
+    network = TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
+                               int(args["conv_dim"]) if "conv_dim" in args else None,
+                               float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
+                               float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
+                               train_unet=unet_lr > 0, train_te=te_lr > 0).to(device)
+    blocks = list(host.unet.input_blocks) + [host.unet.middle_block] + list(host.unet.output_blocks)
+    with HostSession(host.model, blocks if cfg.gradient_checkpointing else ()):
+        network.attach()
+        try:
+            return _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr, te_lr, amp,
+                        report, messages, emit, stop)
+        finally:
+            network.detach()
+
+
+def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr, te_lr, amp, report, messages,
+         emit, stop) -> Result:
+    groups = [g for g in ({"params": network.unet_parameters(), "lr": unet_lr},
+                          {"params": network.te_parameters(), "lr": te_lr}) if g["params"] and g["lr"] > 0]
+    if not groups:
+        raise ValueError("nothing to train: both the UNet and the text encoder learning rates are 0")
+    optimizer = optim.make_optimizer(cfg.optimizer_type, groups, cfg.optimizer_args, messages)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    train_te = te_lr > 0 and bool(network.te_parameters())
+    noise_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    step, epoch0, batch0, losses = 0, 0, 0, []
+    if cfg.network_weights:
+        network.load_stored(files.read(cfg.network_weights, host.arch).modules)
+    if cfg.resume:
+        step, epoch0, batch0, losses = _load_state(cfg.resume, network, optimizer, noise_gen)
+        emit(Event("message", text=f"resumed at step {step} (epoch {epoch0 + 1})"))
+
+    cache = _latent_cache(host, cfg, scan, plan, aug, emit) if cfg.cache_latents else None
+    vae_device = next(host.vae.parameters()).device
+    if cache is not None and not cfg.flip_aug:
+        host.vae.to("cpu")      # not needed again this run; HostSession puts it back
+    ac = host.alphas_cumprod.detach().float()
+    out_path = os.path.join(cfg.output_dir, f"{cfg.output_name}.safetensors")
+    started, done_at_start = time.perf_counter(), step
+    cancelled = False
+    micro = 0
+    epoch = epoch0
+    for epoch in range(epoch0, epochs):
+        batches_of_epoch = plan(epoch)
+        for b, batch in enumerate(batches_of_epoch):
+            if epoch == epoch0 and b < batch0:
+                continue
+            if step >= total:
+                break
+            if stop():
+                cancelled = True
+                break
+            loss = _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te)
+            (loss / cfg.gradient_accumulation_steps).backward()
+            micro += 1
+            if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
+                continue
+            factor = lr_factor(cfg.lr_scheduler, step, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
+                               cfg.lr_scheduler_power)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * factor
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            elapsed = time.perf_counter() - started
+            rate = (step - done_at_start) / elapsed if elapsed > 0 else None
+            emit(Event("step", step, total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
+                       base_lrs[0] * factor, rate, (total - step) / rate if rate else None))
+            batch0 = b + 1
+            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                _samples(host, cfg, network, step, epoch, emit)
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+                _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"step{step:06d}"), emit)
+        if cancelled:
+            break
+        batch0 = 0
+        last = step >= total
+        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
+            _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"{epoch + 1:06d}"), emit)
+        if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last):
+            _samples(host, cfg, network, step, epoch, emit)
+        if last:
+            break
+
+    host.vae.to(vae_device)
+    lora_path = _save(host, cfg, network, report, step, epoch, out_path, emit)
+    state_path = None
+    if cancelled or cfg.save_state:
+        next_epoch, next_batch = (epoch, batch0) if cancelled else (epochs, 0)
+        state_path = _save_state(cfg, network, optimizer, noise_gen, step, next_epoch, next_batch, losses)
+    emit(Event("cancelled" if cancelled else "done", step, total, epoch + 1, paths=[lora_path] + ([state_path] if state_path else [])))
+    return Result(lora_path, state_path, step, cancelled, losses, report, messages)
+
+
+def _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te):
+    """The denoising loss of one batch: add noise at random timesteps, predict, compare (MSE, per sample,
+    optionally min-SNR weighted, regularization images weighted by prior_loss_weight)."""
+    device = next(host.unet.parameters()).device
+    flips = [batches.flipped(s, aug) for s in batch]
+    if cache is not None:
+        latents = torch.stack([cache.get(s, aug, f) for s, f in zip(batch, flips)])
+    else:
+        with torch.no_grad():
+            px = torch.stack([batches.pixels(s, aug) for s in batch])
+            latents = host.encode_images(px, noise_gen).float()
+    latents = latents.to(device)
+    captions = [batches.caption_of(s, aug) for s in batch]
+    with torch.set_grad_enabled(train_te), _autocast(device, amp):
+        cond = host.encode_prompts(captions, cfg.clip_skip, cfg.max_token_length)
+    noise = torch.randn(latents.shape, generator=noise_gen).to(device)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
+    t = torch.randint(0, len(ac), (latents.shape[0],), generator=noise_gen)
+    a = ac[t].to(device).view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = noise if host.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    with _autocast(device, amp):
+        pred = host.predict(noisy, t.to(device), cond)
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        snr = (a / (1 - a)).view(-1)
+        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+        per_sample = per_sample * (clipped / snr if host.prediction == "eps" else clipped / (snr + 1))
+    weights = torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0 for s in batch], device=device)
+    return (per_sample * weights).mean()
+
+
+def _autocast(device, dtype):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _latent_cache(host, cfg, scan, plan, aug, emit):
+    cache = batches.LatentCache(lambda px: host.encode_images(px, torch.Generator().manual_seed(cfg.seed)),
+                                to_disk=cfg.cache_latents_to_disk)
+    seen = {}
+    for batch in plan(0):
+        for s in batch:
+            seen[(s.item.path, s.bucket)] = s
+    todo = [(s, f) for s in seen.values() for f in ((False, True) if cfg.flip_aug else (False,))]
+    for k, (s, f) in enumerate(todo):
+        cache.get(s, aug, f)
+        emit(Event("cache", k + 1, len(todo), text=s.item.path))
+    return cache
+
+
+def _numbered(path: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{suffix}{ext}"
+
+
+def _save(host, cfg, network, report, step, epoch, path, emit) -> str:
+    meta = metadata(host, cfg, report, step, epoch)
+    files.write_kohya(path, files.kohya_tensors(network.stored(optim.save_dtype(cfg.save_precision))), meta,
+                      overwrite=True)
+    emit(Event("save", step, paths=[path]))
+    return path
+
+
+def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dict:
+    args = cfg.net_args
+    network = "locon" if "conv_dim" in args else "lora"
+    extra = dict(conv_dim=args.get("conv_dim"), conv_alpha=args.get("conv_alpha", 1.0)) if network == "locon" else {}
+    w, h = cfg.size
+    return files.network_metadata(
+        network, cfg.network_dim, cfg.network_alpha, host.arch, **extra,
+        ss_output_name=cfg.output_name, ss_learning_rate=cfg.learning_rate, ss_unet_lr=cfg.lrs()[0],
+        ss_text_encoder_lr=cfg.lrs()[1], ss_num_train_images=report["train_images"],
+        ss_num_reg_images=report["reg_images"], ss_num_epochs=epoch + 1, ss_steps=step,
+        ss_max_train_steps=cfg.max_train_steps or None, ss_lr_warmup_steps=cfg.lr_warmup_steps,
+        ss_lr_scheduler=cfg.lr_scheduler, ss_optimizer=cfg.optimizer_type, ss_mixed_precision=cfg.mixed_precision,
+        ss_gradient_checkpointing=cfg.gradient_checkpointing, ss_gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        ss_clip_skip=cfg.clip_skip, ss_max_token_length=cfg.max_token_length, ss_cache_latents=cfg.cache_latents,
+        ss_seed=cfg.seed, ss_noise_offset=cfg.noise_offset or None, ss_min_snr_gamma=cfg.min_snr_gamma or None,
+        ss_network_dropout=cfg.network_dropout or None, ss_resolution=f"({w}, {h})",
+        ss_batch_size_per_device=cfg.train_batch_size, ss_enable_bucket=cfg.enable_bucket,
+        ss_flip_aug=cfg.flip_aug, ss_random_crop=cfg.random_crop, ss_shuffle_caption=cfg.shuffle_caption,
+        ss_keep_tokens=cfg.keep_tokens, ss_caption_dropout_rate=cfg.caption_dropout_rate,
+        ss_prior_loss_weight=cfg.prior_loss_weight, ss_training_comment=cfg.training_comment or None,
+        ss_tag_frequency=json.dumps(report["tag_frequency"]),
+        ss_dataset_dirs=json.dumps({os.path.basename(c["folder"]): {"n_repeats": c["repeats"], "img_count": c["images"]}
+                                    for c in report["concepts"] if not c["regularization"]}),
+        ss_reg_dataset_dirs=json.dumps({os.path.basename(c["folder"]): {"n_repeats": c["repeats"], "img_count": c["images"]}
+                                        for c in report["concepts"] if c["regularization"]}),
+        ss_training_started_at=None, ss_session_id=random.randint(0, 2 ** 31))
+
+
+def _samples(host, cfg, network, step, epoch, emit) -> None:
+    from .sampling import sample_image
+
+    network.eval()          # no LoRA dropout in previews
+    paths = []
+    folder = os.path.join(cfg.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    for i, prompt in enumerate(cfg.sample_prompts):
+        image = sample_image(host, prompt, cfg.seed + i, cfg.sample_steps, size=cfg.size, clip_skip=cfg.clip_skip,
+                             max_tokens=cfg.max_token_length)
+        path = os.path.join(folder, f"{cfg.output_name}_e{epoch + 1:04d}_s{step:06d}_{i:02d}.png")
+        image.save(path)
+        paths.append(path)
+    network.train()
+    if paths:
+        emit(Event("sample", step, epoch=epoch + 1, paths=paths))
+
+
+# --- resumable state ---------------------------------------------------------------------------------------
+
+def _save_state(cfg, network, optimizer, noise_gen, step, epoch, batch, losses) -> str:
+    import io
+
+    from ..safetensors_io import atomic_write
+
+    state = {"step": step, "epoch": epoch, "batch": batch, "losses": losses,
+             "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "noise_rng": noise_gen.get_state(),
+             "torch_rng": torch.get_rng_state()}
+    path = os.path.join(cfg.output_dir, f"{cfg.output_name}-state.pt")
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue(), overwrite=True)
+    return path
+
+
+def _load_state(path, network, optimizer, noise_gen):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"resume: {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"resume: {path} is not a lora_ext training state ({type(e).__name__})") from None
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    noise_gen.set_state(state["noise_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["epoch"], state["batch"], list(state["losses"])

@@ -1,0 +1,57 @@
+"""Everything a training run changes on the host's model, recorded first and put back afterwards, however
+the run ends (finished, cancelled, out of memory, any exception): requires_grad, train/eval mode, device and
+dtype of every parameter, ldm's own checkpointing flags, our gradient-checkpointing wrappers. The weights
+themselves are never written by training (the LoRA lives in hooks), and the caller checks that."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_LDM_FLAGS = ("checkpoint", "use_checkpoint")
+
+
+class HostSession:
+    def __init__(self, root: nn.Module, blocks_for_checkpointing=()):
+        self.root = root
+        self.blocks = list(blocks_for_checkpointing)
+
+    def __enter__(self):
+        self.requires_grad = {id(p): p.requires_grad for p in self.root.parameters()}
+        self.training = {id(m): m.training for m in self.root.modules()}
+        self.placement = {id(p): (p.device, p.dtype) for p in self.root.parameters()}
+        self.flags = [(m, f, getattr(m, f)) for m in self.root.modules() for f in _LDM_FLAGS
+                      if isinstance(getattr(m, f, None), bool)]
+        self.root.requires_grad_(False)
+        # ldm's checkpoint() recomputes with only the block's own parameters: a LoRA hooked inside such a
+        # block would get no gradient. Ours (below) is torch's non-reentrant checkpoint, which sees them.
+        for m, f, _ in self.flags:
+            setattr(m, f, False)
+        for block in self.blocks:
+            block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            if "forward" in block.__dict__:
+                del block.forward
+        for m, f, v in self.flags:
+            setattr(m, f, v)
+        params = {id(p): p for p in self.root.parameters()}
+        for pid, p in params.items():
+            device, dtype = self.placement[pid]
+            if p.device != device or p.dtype != dtype:
+                p.data = p.data.to(device, dtype)
+            p.requires_grad_(self.requires_grad[pid])
+            p.grad = None
+        for m in self.root.modules():
+            m.training = self.training[id(m)]
+        return False
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
