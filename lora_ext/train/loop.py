@@ -78,6 +78,7 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     for m in messages:
         emit(Event("message", text=m))
 
+    torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
     network = TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
                                int(args["conv_dim"]) if "conv_dim" in args else None,
                                float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
@@ -103,7 +104,6 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_te = te_lr > 0 and bool(network.te_parameters())
     noise_gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     step, epoch0, batch0, losses = 0, 0, 0, []
     if cfg.network_weights:
         network.load_stored(files.read(cfg.network_weights, host.arch).modules)

@@ -78,15 +78,19 @@ class TrainableNetwork(nn.Module):
                 self._handles.append(bound.module.register_forward_hook(
                     lambda layer, args, out, lora=lora: out + lora(args[0]).to(out.dtype)))
         for (layer, pname), parts in mha_parts.items():
+            order = list(layer._parameters)
             parametrize.register_parametrization(layer, pname, _AddDelta(parts), unsafe=True)
-            self._parametrized.append((layer, pname))
+            self._parametrized.append((layer, pname, order))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for layer, pname in self._parametrized:
+        for layer, pname, order in self._parametrized:
             parametrize.remove_parametrizations(layer, pname, leave_parametrized=False)
+            # removal registers the parameter again, last: give the layer its parameter order back
+            params = layer._parameters
+            layer._parameters = {k: params[k] for k in order if k in params} | params
         self._parametrized.clear()
 
     def stored(self, dtype=None) -> dict:

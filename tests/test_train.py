@@ -1,0 +1,230 @@
+"""The training engine on the tiny webui-layout models."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from lora_ext import files
+from lora_ext.hosts import text_encoding
+from lora_ext.hosts.webui import WebuiHost
+from lora_ext.testing import sample_data
+from lora_ext.train.config import TrainConfig
+from lora_ext.train.loop import train
+from lora_ext.train.schedules import SCHEDULERS, lr_factor
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return sample_data.make_sample_dataset(str(tmp_path_factory.mktemp("data")), size=64, per_concept=3)
+
+
+def _cfg(data, out, **kw):
+    base = dict(train_data_dir=data["train"], output_dir=str(out), output_name="t", resolution="64",
+                train_batch_size=2, max_train_steps=6, network_dim=4, network_alpha=2, learning_rate=1e-3,
+                lr_scheduler="constant", mixed_precision="no", save_precision="fp32", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _model_state(model):
+    """Everything a run must give back: weights, requires_grad, modes, classes, hooks, parametrizations."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()],
+            [(n, m.training, type(m), len(m._forward_hooks), len(m._forward_pre_hooks), m.__dict__.get("forward"))
+             for n, m in model.named_modules()])
+
+
+def _assert_same(model, before):
+    weights, params, modules = before
+    after_w, after_p, after_m = _model_state(model)
+    assert after_p == params and after_m == modules
+    assert all(torch.equal(after_w[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedules_follow_diffusers(name):
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(name, opt, num_warmup_steps=10, num_training_steps=100,
+                          **({"num_cycles": 3} if name == "cosine_with_restarts" else {}),
+                          **({"power": 2.0} if name == "polynomial" else {}))
+    for step in range(100):
+        ours = lr_factor(name, step, 100, warmup=0 if name == "constant" else 10, cycles=3, power=2.0)
+        assert ours == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9), (name, step)
+        opt.step()
+        sched.step()
+
+
+def test_clip_skip_and_long_prompts_encode_like_transformers():
+    model = tiny_model("sd1")
+    host = WebuiHost(model)
+    holder = host.text_holders()[0]
+    te = holder.transformer
+    words = "a photo of a red cat, " * 15
+    ids = holder.tokenizer(words, add_special_tokens=False).input_ids
+    assert 75 < len(ids) < 150
+    with torch.no_grad():
+        c150 = host.encode_prompts([words], clip_skip=2, max_tokens=150)
+        c225 = host.encode_prompts([words], clip_skip=1, max_tokens=225)
+        first = torch.tensor([[49406] + ids[:75] + [49407]])
+        second = torch.tensor([[49406] + ids[75:] + [49407] * (76 - len(ids[75:]))])
+        out = te(torch.cat([first, second]), output_hidden_states=True)
+        want = te.text_model.final_layer_norm(out.hidden_states[-2])
+    assert c150.shape == (1, 154, 32) and c225.shape == (1, 231, 32)
+    torch.testing.assert_close(c150[0, :77], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c150[0, 77:], want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c225[0, :77], out.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+    rows = text_encoding.chunked_ids(holder, ["a cat"], 75)
+    assert rows.shape == (1, 77) and rows[0, 0] == 49406 and (rows[0, 3:] == 49407).all()
+    sd2 = WebuiHost(tiny_model("sd2"))
+    rows = text_encoding.chunked_ids(sd2.text_holders()[0], ["a cat"], 75)
+    assert rows[0, 3] == 49407 and (rows[0, 4:] == 0).all()        # open_clip pads with zeros
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_a_normal_run_leaves_the_model_as_it_was(data, tmp_path, arch):
+    model = tiny_model(arch)
+    before = _model_state(model)
+    result = train(WebuiHost(model), _cfg(data, tmp_path, network_args=["conv_dim=2"], gradient_checkpointing=True,
+                                          cache_latents=True))
+    _assert_same(model, before)
+    lora = files.read(result.lora_path, WebuiHost(model).arch)
+    assert lora.network == "locon" and lora.counts()["te"] > 0 and result.steps == 6
+    assert any(not torch.equal(m.parts["lora_up.weight"], torch.zeros_like(m.parts["lora_up.weight"]))
+               for m in lora.modules.values())
+    assert lora.metadata["ss_network_dim"] == "4" and lora.metadata["ss_steps"] == "6"
+
+
+def test_an_exception_at_step_k_leaves_the_model_as_it_was(data, tmp_path):
+    model = tiny_model("sd1")
+    host = WebuiHost(model)
+    before = _model_state(model)
+    calls = {"n": 0}
+    real = host.predict
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(*a, **k)
+
+    host.predict = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        train(host, _cfg(data, tmp_path))
+    _assert_same(model, before)
+
+
+def test_cancel_saves_and_resume_continues_the_same_run(data, tmp_path):
+    model = tiny_model("sd1")
+    before = _model_state(model)
+    cfg = dict(max_train_steps=8, lr_scheduler="cosine", lr_warmup_steps=2, network_dropout=0.1)
+    straight = train(WebuiHost(model), _cfg(data, tmp_path / "a", **cfg))
+    steps = {"n": 0}
+
+    def stop_after_3():
+        return steps["n"] >= 3
+
+    cancelled = train(WebuiHost(model), _cfg(data, tmp_path / "b", **cfg),
+                      on_event=lambda e: steps.__setitem__("n", e.step) if e.kind == "step" else None,
+                      should_stop=stop_after_3)
+    assert cancelled.cancelled and cancelled.steps == 3 and os.path.exists(cancelled.lora_path)
+    _assert_same(model, before)
+    resumed = train(WebuiHost(model), _cfg(data, tmp_path / "b", resume=cancelled.state_path, **cfg))
+    assert resumed.steps == 8 and not resumed.cancelled
+    assert resumed.losses == pytest.approx(straight.losses, abs=1e-6)
+    a = files.read(straight.lora_path).modules
+    b = files.read(resumed.lora_path).modules
+    for name in a:
+        for part in a[name].parts:
+            torch.testing.assert_close(b[name].parts[part], a[name].parts[part], rtol=0, atol=1e-6)
+    _assert_same(model, before)
+
+
+def test_training_lowers_the_loss_on_fixed_noise(data, tmp_path):
+    """Loss on fixed (image, noise, timestep) triples before and after a short fixed-seed run."""
+    from lora_ext.apply import Engine, Request
+    from lora_ext.train import batches, dataset
+
+    model = copy.deepcopy(tiny_model("sd1"))
+    host = WebuiHost(model)
+    scan = dataset.scan(data["train"])
+    samples = [s for b in batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0) for s in b][:6]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lat = torch.cat([host.encode_images(batches.pixels(s, batches.Augment())[None], g) for s in samples])
+        cond = host.encode_prompts([s.item.caption for s in samples])
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(100, 900, (len(samples),), generator=g)
+        a = host.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+
+    def fixed_loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(host.predict(noisy, t, cond), noise))
+
+    before = fixed_loss()
+    result = train(host, _cfg(data, tmp_path, max_train_steps=60, learning_rate=5e-3, network_dim=8, network_alpha=8,
+                              cache_latents=True))
+    engine = Engine()
+    engine.apply(host, [Request(result.lora_path)])
+    after = fixed_loss()
+    engine.restore(host)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_one_steps_lora_gradient_matches_a_plain_merged_implementation(data):
+    """The gradient of the loss with respect to every LoRA weight, computed through our hooks, equals the one
+    autograd gives for the same loss written with merged weights W + up @ down * scale (torch.func)."""
+    from torch.func import functional_call
+
+    from lora_ext.train.network import TrainableNetwork
+
+    model = copy.deepcopy(tiny_model("sd1")).requires_grad_(False)
+    host = WebuiHost(model)
+    net = TrainableNetwork(host.lora_targets(), 4, 2.0, conv_dim=2, conv_alpha=1.0)
+    torch.manual_seed(0)
+    for lora in net.loras.values():
+        nn.init.normal_(lora.lora_up.weight, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    ids_prompts = ["red circle", "blue square"]
+    target = torch.randn(2, 4, 8, 8, generator=g)
+
+    def loss_with_hooks():
+        cond = host.encode_prompts(ids_prompts)
+        return torch.nn.functional.mse_loss(host.predict(x, t, cond), target)
+
+    net.attach()
+    try:
+        loss_with_hooks().backward()
+    finally:
+        net.detach()
+    ours = {n: (l.lora_up.weight.grad.clone(), l.lora_down.weight.grad.clone()) for n, l in net.loras.items()}
+
+    ups = {n: l.lora_up.weight.detach().clone().requires_grad_() for n, l in net.loras.items()}
+    downs = {n: l.lora_down.weight.detach().clone().requires_grad_() for n, l in net.loras.items()}
+    merged = {}
+    for n, lora in net.loras.items():
+        layer_path = net.bound[n].target.webui
+        w = model.get_submodule(layer_path).weight
+        up, down = ups[n].reshape(ups[n].shape[0], -1), downs[n].reshape(downs[n].shape[0], -1)
+        merged[layer_path + ".weight"] = w + (up @ down).reshape(w.shape) * lora.scale
+    # the text encoder and the UNet, each called with the merged weights of its layers
+    te_weights = {k.removeprefix("cond_stage_model.wrapped.transformer."): v for k, v in merged.items()
+                  if k.startswith("cond_stage_model.wrapped.transformer.")}
+    unet_weights = {k.removeprefix("model.diffusion_model."): v for k, v in merged.items()
+                    if k.startswith("model.diffusion_model.")}
+    holder = host.text_holders()[0]
+    ids = text_encoding.chunked_ids(holder, ids_prompts, 75)
+    cond = functional_call(holder.transformer, te_weights, args=(ids,), strict=False).last_hidden_state
+    pred = functional_call(host.unet, unet_weights, args=(x, t), kwargs={"context": cond}, strict=False)
+    torch.nn.functional.mse_loss(pred, target).backward()
+    assert len(ours) == 290         # every target of the tiny SD1 model, convs included
+    for n, (g_up, g_down) in ours.items():
+        torch.testing.assert_close(g_up, ups[n].grad, rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(g_down, downs[n].grad, rtol=1e-4, atol=1e-7, msg=n)
