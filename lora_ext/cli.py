@@ -30,6 +30,52 @@ def _arch_of(name: str):
     raise UsageError(f"--model {name!r}: give sd1, sd2, sdxl, or tiny-sd1/tiny-sd2/tiny-sdxl")
 
 
+def _train_values(args, extra: list) -> dict:
+    """Options from the TOML file (if any), then the flags given (kohya's names), as one dict."""
+    from .train import config
+
+    values = {}
+    if args.config_file:
+        values.update(config.load_toml_dict(args.config_file))
+    unknown = [a[2:].split("=")[0] for a in extra if a.startswith("--")]
+    if unknown or [a for a in extra if not a.startswith("--")]:
+        config.from_dict({u: None for u in unknown} or {"?": None}, "command line")     # raises, naming them
+    for name, value in vars(args).items():
+        if name in config.field_names() and value is not None:
+            values[name] = value
+    return values
+
+
+def cmd_train(args, extra) -> int:
+    from .hosts.checkpoint import CheckpointError, load_checkpoint
+    from .hosts.webui import WebuiHost
+    from .train import config
+    from .train.dataset import DatasetError
+    from .train.loop import train
+    from .train.progress import TensorBoardLog, TqdmProgress, fan_out
+
+    try:
+        cfg = config.from_dict(_train_values(args, extra), "options")
+        name = cfg.pretrained_model_name_or_path
+        if not name:
+            raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint)")
+        if name.startswith("tiny-"):
+            from .testing import tiny
+            model = tiny.build(name.removeprefix("tiny-"))
+        else:
+            model = load_checkpoint(name)
+        subscribers = [TqdmProgress()]
+        if cfg.logging_dir:
+            subscribers.append(TensorBoardLog(cfg.logging_dir))
+        result = train(WebuiHost(model), cfg, on_event=fan_out(*subscribers))
+    except (config.ConfigError, CheckpointError, DatasetError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({"lora": result.lora_path, "state": result.state_path, "steps": result.steps,
+                      "cancelled": result.cancelled, "final_loss": result.losses[-1] if result.losses else None,
+                      "messages": result.messages}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -46,14 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--model", help="architecture the file is for: sd1, sd2, sdxl (default: detected)")
     i.set_defaults(func=cmd_inspect)
+    t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
+    t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
+    from .train.config import TrainConfig
+    import dataclasses
+    for f in dataclasses.fields(TrainConfig):
+        default = TrainConfig.__dataclass_fields__[f.name].default
+        if isinstance(default, bool):
+            t.add_argument(f"--{f.name}", action="store_true", default=None)
+        elif f.name in ("network_args", "optimizer_args", "sample_prompts"):
+            t.add_argument(f"--{f.name}", nargs="*", default=None)
+        else:
+            t.add_argument(f"--{f.name}", default=None)
+    t.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv=None) -> int:
     from .files import LoraFileError
 
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     try:
+        if args.func is cmd_train:
+            return cmd_train(args, extra)
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except (UsageError, LoraFileError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

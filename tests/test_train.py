@@ -1,5 +1,6 @@
 """The training engine on the tiny webui-layout models."""
 import copy
+import json
 import os
 
 import pytest
@@ -228,3 +229,56 @@ def test_one_steps_lora_gradient_matches_a_plain_merged_implementation(data):
     for n, (g_up, g_down) in ours.items():
         torch.testing.assert_close(g_up, ups[n].grad, rtol=1e-4, atol=1e-7, msg=n)
         torch.testing.assert_close(g_down, downs[n].grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def _cli(*args, cwd):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "lora_ext", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_trains_from_a_kohya_style_toml_on_a_checkpoint(data, tmp_path):
+    from lora_ext.testing import tiny
+
+    tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
+    (tmp_path / "cfg.toml").write_text(f'''
+[model_arguments]
+pretrained_model_name_or_path = "tiny.safetensors"
+[dataset_arguments]
+train_data_dir = "{data['train']}"
+resolution = "64,64"
+train_batch_size = 2
+cache_latents = true
+[training_arguments]
+max_train_steps = 3
+mixed_precision = "bf16"
+[network_arguments]
+network_dim = 4
+network_alpha = 1
+network_args = ["conv_dim=2", "conv_alpha=1"]
+''')
+    out = _cli("train", "--config", "cfg.toml", "--output_dir", "D", "--output_name", "N", "--learning_rate", "2e-4",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["lora"] == os.path.join("D", "N.safetensors") and summary["steps"] == 3
+    assert any("training in fp32 on the cpu" in m for m in summary["messages"])
+    meta = files.read(str(tmp_path / "D" / "N.safetensors")).metadata
+    assert meta["ss_learning_rate"] == "0.0002" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
+
+
+def test_cli_names_what_it_does_not_support(tmp_path):
+    out = _cli("train", "--pretrained_model_name_or_path", "x.safetensors", "--fp8_base", "--bogus_option", "1",
+               cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "kohya options lora_ext does not support: fp8_base" in out.stderr and "unknown options: bogus_option" in out.stderr
+    (tmp_path / "bad.toml").write_text("max_token_length = 100\ntrain_data_dir = 'nowhere'\n")
+    out = _cli("train", "--config", "bad.toml", cwd=tmp_path)
+    assert out.returncode == 2 and "max_token_length must be 75, 150 or 225" in out.stderr
+    (tmp_path / "ok.toml").write_text("train_data_dir = 'nowhere'\npretrained_model_name_or_path = 'missing.ckpt'\n")
+    out = _cli("train", "--config", "ok.toml", cwd=tmp_path)
+    assert out.returncode == 2 and "missing.ckpt: no such checkpoint file" in out.stderr

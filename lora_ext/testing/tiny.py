@@ -133,12 +133,12 @@ class OpenClipHolder(nn.Module):
     """What the webui's FrozenOpenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.model`, an open_clip CLIP
     whose visual tower was deleted (as ldm's FrozenOpenCLIPEmbedder does)."""
 
-    def __init__(self, width: int, layers: int, generator: torch.Generator):
+    def __init__(self, width: int, layers: int, generator: torch.Generator, heads: int = 2):
         super().__init__()
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
         model = CLIP(embed_dim=width, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
-                     text_cfg=CLIPTextCfg(width=width, heads=2, layers=layers, vocab_size=VOCAB))
+                     text_cfg=CLIPTextCfg(width=width, heads=heads, layers=layers, vocab_size=VOCAB))
         del model.visual
         self.model = model
         _shift_embeddings(self.model.token_embedding.weight, generator)
@@ -187,14 +187,16 @@ class TinyVAE(nn.Module):
     """The ldm AutoencoderKL layout (`encoder`, `decoder`, `quant_conv`, `post_quant_conv`) without its
     pytorch-lightning base class."""
 
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, ddconfig: dict | None = None):
         super().__init__()
         from ldm.modules.diffusionmodules.model import Decoder, Encoder
 
-        self.encoder = Encoder(**VAE_DDCONFIG)
-        self.decoder = Decoder(**VAE_DDCONFIG)
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        ddconfig = ddconfig or VAE_DDCONFIG
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        z = ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
         _rerandomise(self, generator)
 
     def encode(self, x):
@@ -209,21 +211,27 @@ class TinyVAE(nn.Module):
 class TinySD(nn.Module):
     """The attributes of the webui's loaded model that extensions use."""
 
-    def __init__(self, spec: TinySpec, seed: int = 0):
+    def __init__(self, spec: TinySpec, seed: int = 0, parts: tuple | None = None):
+        """`parts`: (unet, text encoder holders, vae) already built (a checkpoint being loaded); else built
+        from `spec` with random weights."""
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.spec = spec
-        encoders = [HFTextEncoderHolder(w, n, g, spec.te_heads, spec.te_mlp) if kind == "hf"
-                    else OpenClipHolder(w, n, g) for kind, w, n in spec.te]
-        self.model = DiffusionWrapper(build_unet(spec, g))
+        if parts is None:
+            encoders = [HFTextEncoderHolder(w, n, g, spec.te_heads, spec.te_mlp) if kind == "hf"
+                        else OpenClipHolder(w, n, g) for kind, w, n in spec.te]
+            parts = (build_unet(spec, g), encoders, TinyVAE(g))
+        unet, encoders, vae = parts
+        self.model = DiffusionWrapper(unet)
         if spec.arch == "sdxl":
             self.conditioner = Conditioner([TextEncoderSlot(e) for e in encoders])
         else:
             self.cond_stage_model = TextEncoderSlot(encoders[0])
-        self.first_stage_model = TinyVAE(g)
+        self.first_stage_model = vae
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
         self.register_buffer("alphas_cumprod", torch.cumprod(1.0 - betas, 0).float())
         self.parameterization = spec.parameterization
+        self.scale_factor = 0.13025 if spec.arch == "sdxl" else 0.18215
         self.is_sdxl = spec.arch == "sdxl"
         self.is_sd2 = spec.arch == "sd2"
         self.is_sd1 = spec.arch == "sd1"
@@ -245,8 +253,11 @@ def build(arch: str = "sd1", seed: int = 0) -> TinySD:
     """A model of one of SPECS ('sd1', 'sd2', 'sdxl' tiny; 'sd1-full' the real SD1.5 shapes)."""
     if arch not in SPECS:
         raise ValueError(f"unknown architecture {arch!r}; one of {sorted(SPECS)}")
-    # ldm prints a line per attention layer it makes; keep stdout for our own output (JSON, reports)
-    with contextlib.redirect_stdout(io.StringIO()):
+    # ldm prints a line per attention layer it makes; keep stdout for our own output (JSON, reports).
+    # Layers initialise from the global RNG: seed it (in a fork, leaving the caller's RNG as it was) so
+    # that the same seed gives the same model in every process.
+    with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng():
+        torch.manual_seed(seed)
         return TinySD(SPECS[arch], seed)
 
 
@@ -273,12 +284,15 @@ def ldm_config(spec: TinySpec) -> dict:
     encoder = {"sd1": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
                "sd2": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                "sdxl": "sgm.modules.GeneralConditioner"}[spec.arch]
+    # text encoder sizes are read off a checkpoint's keys, but not the number of attention heads: real CLIP
+    # models have one head per 64 channels, tiny ones not, so their head count is written here
+    heads = [spec.te_heads if kind == "hf" else 2 for kind, _, _ in spec.te]
     return {"model": {
         "target": "sgm.models.diffusion.DiffusionEngine" if spec.arch == "sdxl" else "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
             "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "parameterization": spec.parameterization,
             unet_key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-            "cond_stage_config": {"target": encoder},
+            "cond_stage_config": {"target": encoder, "params": {"lora_ext_heads": heads}},
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
                 "embed_dim": 4, "ddconfig": dict(VAE_DDCONFIG)}},
         }}}

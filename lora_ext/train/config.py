@@ -197,7 +197,15 @@ def _coerce(f: dataclasses.Field, v, source):
     return v
 
 
+def field_names() -> set:
+    return {f.name for f in fields(TrainConfig)}
+
+
 def load_toml(path: str) -> TrainConfig:
+    return from_dict(load_toml_dict(path), path)
+
+
+def load_toml_dict(path: str) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:       # Python 3.10 (the webui's): install.py provides tomli
@@ -209,7 +217,7 @@ def load_toml(path: str) -> TrainConfig:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return from_dict(data, path)
+    return data
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -1,0 +1,112 @@
+"""Loading a single-file checkpoint (the webui's key layout) for headless work, as the webui would hold it.
+
+The architecture comes from the keys (`cond_stage_model.transformer.` SD1, `cond_stage_model.model.` SD2,
+`conditioner.` SDXL). Shapes come from a same-named ldm .yaml beside the file when there is one (the webui's
+convention for checkpoints of other shapes), else the standard SD1/SD2 configs; text encoder sizes are read
+off the keys. Pickled checkpoints load with weights_only=True."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+
+import torch
+
+from ..testing import tiny
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+_SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
+                legacy=False)
+STANDARD_UNET = {
+    "sd1": dict(_SD_UNET, num_heads=8, context_dim=768),
+    "sd2": dict(_SD_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+}
+STANDARD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+
+
+def read_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read safely ({type(e).__name__}); use a .safetensors copy") from None
+    return sd.get("state_dict", sd)
+
+
+def _arch_of(sd: dict, path: str) -> str:
+    if any(k.startswith("conditioner.") for k in sd):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        return "sd1"
+    raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint in the webui's layout (no text encoder keys)")
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def _text_encoder(sd: dict, prefix: str, heads_hint, generator):
+    if any(k.startswith(prefix + "transformer.") for k in sd):
+        p = prefix + "transformer.text_model."
+        width = sd[p + "embeddings.token_embedding.weight"].shape[1]
+        layers = _count(sd, re.escape(p) + r"encoder\.layers\.(\d+)\.")
+        mlp = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0] // width
+        return tiny.HFTextEncoderHolder(width, layers, generator, heads_hint or width // 64, mlp)
+    p = prefix + "model."
+    width = sd[p + "token_embedding.weight"].shape[1]
+    layers = _count(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
+    return tiny.OpenClipHolder(width, layers, generator, heads_hint or width // 64)
+
+
+def load_checkpoint(path: str):
+    """A model with the webui's layout (see lora_ext.testing.tiny.TinySD) holding the checkpoint's weights."""
+    import yaml
+
+    sd = read_state_dict(path)
+    arch = _arch_of(sd, path)
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    params = {}
+    if os.path.isfile(yaml_path):
+        with open(yaml_path, encoding="utf-8") as f:
+            params = (yaml.safe_load(f) or {}).get("model", {}).get("params", {})
+    elif arch == "sdxl":
+        raise CheckpointError(f"{path}: SDXL checkpoints need their .yaml beside them for headless use")
+    unet_cfg = (params.get("unet_config") or params.get("network_config") or {}).get("params") or STANDARD_UNET[arch]
+    vae_cfg = params.get("first_stage_config", {}).get("params", {}).get("ddconfig") or STANDARD_VAE
+    vae_cfg = {**STANDARD_VAE, **vae_cfg}
+    heads = (params.get("cond_stage_config") or {}).get("params", {}).get("lora_ext_heads") or []
+    parameterization = params.get("parameterization") or ("v" if arch == "sd2" else "eps")
+    g = torch.Generator().manual_seed(0)
+    prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
+    encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None, g) for i, p in enumerate(prefixes)]
+    with contextlib.redirect_stdout(io.StringIO()):     # ldm prints a line per layer it builds
+        unet = tiny.unet_from_config(unet_cfg)
+        vae = tiny.TinyVAE(g, vae_cfg)
+    spec = tiny.TinySpec(arch, parameterization=parameterization)
+    model = tiny.TinySD(spec, parts=(unet, encoders, vae))
+    # checkpoint keys lack the `.wrapped.` of the webui's text encoder holders
+    by_ckpt_key = {k.replace(".wrapped.", "."): k for k in model.state_dict()}
+    missing = [k for k in by_ckpt_key if k not in sd and k != "alphas_cumprod"]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weights of a {arch.upper()} model are missing "
+                              f"(e.g. {missing[0]}); is a .yaml with its shapes needed beside it?")
+    state = {model_key: sd[ckpt_key] for ckpt_key, model_key in by_ckpt_key.items() if ckpt_key in sd}
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the shapes of its config ({str(e).splitlines()[1:2]})") from None
+    return model
