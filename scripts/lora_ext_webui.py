@@ -60,6 +60,17 @@ class Runtime:
         return host
 
 
+def train_in_webui(cfg, on_event=None):
+    """Training on the loaded model (the tab and the API call this): the panel's LoRAs are given back first."""
+    from lora_ext.hosts.webui import train_as_webui_job
+
+    def give_back(host):
+        if Runtime._instance is not None:
+            Runtime._instance.restore(host)
+
+    return train_as_webui_job(cfg, on_event, before=give_back)
+
+
 def info_line(name):
     return Runtime.get().info_line(name)
 

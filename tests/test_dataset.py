@@ -150,3 +150,31 @@ def test_report(tmp_path):
     assert rep["buckets"] == {"64x64": 2}      # 64 px at most 64x64 area: the only bucket
     rep = dataset.report(scan, 64, None, 75, count_tokens=lambda t: 100)
     assert any("more than the max token length" in w for w in rep["warnings"])
+
+
+def test_latent_disk_cache_is_reused_until_the_image_or_bucket_changes(tmp_path):
+    import torch
+
+    _img(str(tmp_path / "1_x" / "a.png"), size=(64, 64))
+    scan = dataset.scan(str(tmp_path))
+    calls = []
+
+    def encode(px):
+        calls.append(px.shape)
+        return px[:, :, ::8, ::8].mean(1, keepdim=True).repeat(1, 4, 1, 1)
+
+    aug = batches.Augment()
+    s64 = batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0)[0][0]
+    first = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)
+    again = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)     # a new run: read from disk
+    assert len(calls) == 1 and torch.equal(first, again)
+    s128 = batches.epoch_plan(scan.train_items, [], None, 128, 1, 0, 0)[0][0]
+    batches.LatentCache(encode, to_disk=True).get(s128, aug, False)          # another resolution
+    assert len(calls) == 2 and calls[-1][-1] == 128
+    _img(str(tmp_path / "1_x" / "a.png"), size=(64, 64), color=(0, 200, 0))
+    os.utime(tmp_path / "1_x" / "a.png", ns=(0, os.stat(tmp_path / "1_x" / "a.png").st_mtime_ns + 10 ** 9))
+    changed = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)
+    assert len(calls) == 3 and not torch.equal(changed, first)
+    folder = tmp_path / "cache"
+    batches.LatentCache(encode, to_disk=True, folder=str(folder)).get(s64, aug, False)
+    assert len(list(folder.iterdir())) == 1

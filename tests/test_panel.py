@@ -228,3 +228,32 @@ def test_a_checkpoint_loaded_into_the_model_is_not_overwritten(webui):
     assert all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
     model.load_state_dict(webui["snap"])
     script_callbacks.model_loaded_callback(model)
+
+
+def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
+    from modules import call_queue, scripts, shared
+
+    from lora_ext.testing import sample_data
+    from lora_ext.train.config import TrainConfig
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    module = next(d.module for d in scripts.scripts_data if d.script_class.__name__ == "AdditionalNetworks")
+    _generate(webui, [Slot(True, "a.safetensors", 1.0)])            # the panel's LoRA is merged now
+    assert not _bit_exact(webui)
+    seen = []
+
+    def on_event(e):
+        if e.kind == "step":
+            seen.append((call_queue.queue_lock.locked(), shared.state.job, shared.state.sampling_step,
+                         shared.state.textinfo, _bit_exact(webui)))
+            if e.step == 3:
+                shared.state.interrupt()
+    cfg = TrainConfig(train_data_dir=data["train"], output_dir=str(tmp_path / "out"), output_name="job",
+                      resolution="64", train_batch_size=2, max_train_steps=10, network_dim=4, mixed_precision="no")
+    result = module.train_in_webui(cfg, on_event)
+    assert result.cancelled and result.steps == 3 and os.path.exists(result.lora_path)
+    assert [s[:3] for s in seen] == [(True, "lora_ext training", k) for k in (1, 2, 3)]
+    assert "step 3/10" in seen[-1][3]
+    assert all(s[4] for s in seen)          # trained on the checkpoint's own weights, the panel's LoRA given back
+    assert shared.state.job == "" and not call_queue.queue_lock.locked()
+    assert _bit_exact(webui)

@@ -80,3 +80,31 @@ class WebuiHost:
                                       "vector), which lora_ext does not build yet")
         p = next(self.unet.parameters())
         return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=cond.to(p.device, p.dtype))
+
+
+def train_as_webui_job(cfg, on_event=None, before=None):
+    """Trains on the webui's loaded model in place, as one of its jobs: behind the lock that serialises
+    generation (so the two never overlap), with the webui's progress state (job, step counter, text) and
+    its Interrupt button as the cancel. `before(host)` runs first, under the lock (the panel gives its
+    merged LoRAs back there, so training starts from the checkpoint's own weights)."""
+    from modules import call_queue, shared
+
+    from ..train.loop import train
+
+    with call_queue.queue_lock:
+        host = WebuiHost(shared.sd_model)
+        if before is not None:
+            before(host)
+        shared.state.begin(job="lora_ext training")
+        shared.state.job_count = 1
+        try:
+            def relay(event):
+                if event.kind == "step":
+                    shared.state.sampling_steps = event.total
+                    shared.state.sampling_step = event.step
+                    shared.state.textinfo = f"LoRA training: step {event.step}/{event.total}, loss {event.avg_loss:.4f}"
+                if on_event is not None:
+                    on_event(event)
+            return train(host, cfg, relay, should_stop=lambda: shared.state.interrupted)
+        finally:
+            shared.state.end()

@@ -88,6 +88,10 @@ class LatentCache:
         self.memory: dict = {}
         self.encoded = 0
 
+    def keys(self) -> set:
+        """(image path, bucket) of the latents held."""
+        return {(path, bucket) for path, bucket, _ in self.memory}
+
     def _file(self, item: Item, bucket, flip) -> str:
         name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lora_ext.pt"
         if self.folder:

@@ -24,7 +24,7 @@ from .session import HostSession
 
 @dataclass
 class Event:
-    kind: str                   # 'message' | 'cache' | 'step' | 'sample' | 'save' | 'done' | 'cancelled'
+    kind: str                   # 'message' | 'step' | 'sample' | 'save' | 'done' | 'cancelled'
     step: int = 0
     total: int = 0
     epoch: int = 0
@@ -111,10 +111,12 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
         step, epoch0, batch0, losses = _load_state(cfg.resume, network, optimizer, noise_gen)
         emit(Event("message", text=f"resumed at step {step} (epoch {epoch0 + 1})"))
 
-    cache = _latent_cache(host, cfg, scan, plan, aug, emit) if cfg.cache_latents else None
+    # latents are cached the first time a batch needs them, so the first step comes after one encode, not
+    # after the whole dataset's; once all are cached (without flips) the VAE leaves the device
+    cache = (batches.LatentCache(lambda px: host.encode_images(px, torch.Generator().manual_seed(cfg.seed)),
+                                 to_disk=cfg.cache_latents_to_disk) if cfg.cache_latents else None)
+    needed = {(s.item.path, s.bucket) for batch in plan(0) for s in batch}
     vae_device = next(host.vae.parameters()).device
-    if cache is not None and not cfg.flip_aug:
-        host.vae.to("cpu")      # not needed again this run; HostSession puts it back
     ac = host.alphas_cumprod.detach().float()
     out_path = os.path.join(cfg.output_dir, f"{cfg.output_name}.safetensors")
     started, done_at_start = time.perf_counter(), step
@@ -132,6 +134,8 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
                 cancelled = True
                 break
             loss = _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te)
+            if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
+                host.vae.to("cpu")      # not needed again this run; HostSession puts it back
             (loss / cfg.gradient_accumulation_steps).backward()
             micro += 1
             if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
@@ -213,20 +217,6 @@ def _autocast(device, dtype):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _latent_cache(host, cfg, scan, plan, aug, emit):
-    cache = batches.LatentCache(lambda px: host.encode_images(px, torch.Generator().manual_seed(cfg.seed)),
-                                to_disk=cfg.cache_latents_to_disk)
-    seen = {}
-    for batch in plan(0):
-        for s in batch:
-            seen[(s.item.path, s.bucket)] = s
-    todo = [(s, f) for s in seen.values() for f in ((False, True) if cfg.flip_aug else (False,))]
-    for k, (s, f) in enumerate(todo):
-        cache.get(s, aug, f)
-        emit(Event("cache", k + 1, len(todo), text=s.item.path))
-    return cache
 
 
 def _numbered(path: str, suffix: str) -> str:

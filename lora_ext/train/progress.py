@@ -12,9 +12,6 @@ class TqdmProgress:
 
         if event.kind == "message":
             tqdm.write(event.text)
-        elif event.kind == "cache":
-            if event.step == 1:
-                tqdm.write(f"caching {event.total} latents")
         elif event.kind == "step":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.step - 1, desc="training", unit="step")
