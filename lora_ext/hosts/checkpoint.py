@@ -27,8 +27,7 @@ STANDARD_UNET = {
     "sd1": dict(_SD_UNET, num_heads=8, context_dim=768),
     "sd2": dict(_SD_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
 }
-STANDARD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
-                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+STANDARD_VAE = tiny.FULL_VAE_DDCONFIG
 
 
 def read_state_dict(path: str) -> dict:

@@ -60,14 +60,18 @@ class WebuiHost:
         joined, as the webui does at generation time. SDXL: both encoders side by side."""
         return text_encoding.encode(self.text_holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
 
-    def encode_images(self, pixels, generator=None):
-        """Latents (scaled) of images in [-1, 1]; a sample of the VAE's distribution drawn with `generator`."""
+    def encode_images(self, pixels, seeds=None):
+        """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
+        that image's seed (the distribution's mean without seeds)."""
         import torch
 
         vae = self.vae
         p = next(vae.parameters())
         dist = vae.encode(pixels.to(p.device, p.dtype))
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device, dist.mean.dtype)
+        if seeds is None:
+            return dist.mean * self.latent_scale
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds]).to(dist.mean.device, dist.mean.dtype)
         return (dist.mean + dist.std * noise) * self.latent_scale
 
     def decode_latents(self, latents):

@@ -40,6 +40,7 @@ class TinySpec:
     unet_heads: int = 2             # attention heads (SD1), or channels per head is 16 (SD2/SDXL tiny)
     te_heads: int = 2
     te_mlp: int = 2                 # text encoder MLP width / hidden width
+    full_vae: bool = False          # the real SD VAE shape instead of a tiny one
 
 
 SPECS = {
@@ -49,7 +50,8 @@ SPECS = {
     "sdxl": TinySpec("sdxl", channel_mult=(1, 2, 4), depths=(0, 2, 3), mid_depth=3, linear_proj=True,
                      te=(("hf", 32, 2), ("openclip", 64, 3))),
     # the real SD1.5 shapes (860M UNet + 123M text encoder parameters), random weights, for benchmarks
-    "sd1-full": TinySpec("sd1", model_channels=320, te=(("hf", 768, 12),), unet_heads=8, te_heads=12, te_mlp=4),
+    "sd1-full": TinySpec("sd1", model_channels=320, te=(("hf", 768, 12),), unet_heads=8, te_heads=12, te_mlp=4,
+                         full_vae=True),
 }
 
 
@@ -181,6 +183,8 @@ class DiffusionWrapper(nn.Module):
 
 VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
                     ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+FULL_VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                         ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
 class TinyVAE(nn.Module):
@@ -220,7 +224,7 @@ class TinySD(nn.Module):
         if parts is None:
             encoders = [HFTextEncoderHolder(w, n, g, spec.te_heads, spec.te_mlp) if kind == "hf"
                         else OpenClipHolder(w, n, g) for kind, w, n in spec.te]
-            parts = (build_unet(spec, g), encoders, TinyVAE(g))
+            parts = (build_unet(spec, g), encoders, TinyVAE(g, FULL_VAE_DDCONFIG if spec.full_vae else None))
         unet, encoders, vae = parts
         self.model = DiffusionWrapper(unet)
         if spec.arch == "sdxl":

@@ -17,6 +17,7 @@ import torch
 from .. import files
 from . import batches, dataset, optim
 from .config import TrainConfig
+from .distributed import Dist
 from .network import TrainableNetwork
 from .schedules import lr_factor
 from .session import HostSession
@@ -65,8 +66,10 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     cfg.validate()
     scan, buckets, report = prepare_data(host, cfg)
     aug = batches.Augment(cfg.flip_aug, cfg.random_crop, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate)
+    dist = Dist.from_env()
+    # batches are global: each of the processes takes train_batch_size samples of each
     plan = lambda epoch: batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),  # noqa: E731
-                                            cfg.train_batch_size, cfg.seed, epoch)
+                                            cfg.train_batch_size * dist.world, cfg.seed, epoch)
     per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
     total = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
     epochs = math.ceil(total / per_epoch)
@@ -89,13 +92,13 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
         network.attach()
         try:
             return _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr, te_lr, amp,
-                        report, messages, emit, stop)
+                        report, messages, emit if dist.main else (lambda e: None), stop, dist)
         finally:
             network.detach()
 
 
 def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr, te_lr, amp, report, messages,
-         emit, stop) -> Result:
+         emit, stop, dist) -> Result:
     groups = [g for g in ({"params": network.unet_parameters(), "lr": unet_lr},
                           {"params": network.te_parameters(), "lr": te_lr}) if g["params"] and g["lr"] > 0]
     if not groups:
@@ -103,17 +106,16 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     optimizer = optim.make_optimizer(cfg.optimizer_type, groups, cfg.optimizer_args, messages)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_te = te_lr > 0 and bool(network.te_parameters())
-    noise_gen = torch.Generator().manual_seed(cfg.seed)
     step, epoch0, batch0, losses = 0, 0, 0, []
     if cfg.network_weights:
         network.load_stored(files.read(cfg.network_weights, host.arch).modules)
     if cfg.resume:
-        step, epoch0, batch0, losses = _load_state(cfg.resume, network, optimizer, noise_gen)
+        step, epoch0, batch0, losses = _load_state(cfg.resume, network, optimizer)
         emit(Event("message", text=f"resumed at step {step} (epoch {epoch0 + 1})"))
 
     # latents are cached the first time a batch needs them, so the first step comes after one encode, not
     # after the whole dataset's; once all are cached (without flips) the VAE leaves the device
-    cache = (batches.LatentCache(lambda px: host.encode_images(px, torch.Generator().manual_seed(cfg.seed)),
+    cache = (batches.LatentCache(lambda px: host.encode_images(px, [cfg.seed] * len(px)),
                                  to_disk=cfg.cache_latents_to_disk) if cfg.cache_latents else None)
     needed = {(s.item.path, s.bucket) for batch in plan(0) for s in batch}
     vae_device = next(host.vae.parameters()).device
@@ -130,13 +132,16 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
                 continue
             if step >= total:
                 break
-            if stop():
+            if dist.any(stop()):
                 cancelled = True
                 break
-            loss = _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te)
+            local = dist.local(batch, cfg.train_batch_size)
+            loss_sum = _loss_sum(host, cfg, local, aug, cache, ac, amp, train_te) if local else None
+            if loss_sum is not None:
+                (loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
+            loss = dist.sum(float(loss_sum) if loss_sum is not None else 0.0) / len(batch)
             if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
                 host.vae.to("cpu")      # not needed again this run; HostSession puts it back
-            (loss / cfg.gradient_accumulation_steps).backward()
             micro += 1
             if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
                 continue
@@ -144,45 +149,53 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
                                cfg.lr_scheduler_power)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
+            trained = [p for g in optimizer.param_groups for p in g["params"]]
+            dist.sum_grads(trained)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses.append(loss.item())
+            losses.append(loss)
             elapsed = time.perf_counter() - started
             rate = (step - done_at_start) / elapsed if elapsed > 0 else None
             emit(Event("step", step, total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
                        base_lrs[0] * factor, rate, (total - step) / rate if rate else None))
             batch0 = b + 1
-            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and dist.main:
                 _samples(host, cfg, network, step, epoch, emit)
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total and dist.main:
                 _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"step{step:06d}"), emit)
         if cancelled:
             break
         batch0 = 0
         last = step >= total
-        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
+        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last and dist.main:
             _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"{epoch + 1:06d}"), emit)
-        if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last):
+        if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and dist.main:
             _samples(host, cfg, network, step, epoch, emit)
         if last:
             break
 
     host.vae.to(vae_device)
-    lora_path = _save(host, cfg, network, report, step, epoch, out_path, emit)
+    lora_path = _save(host, cfg, network, report, step, epoch, out_path, emit) if dist.main else None
     state_path = None
-    if cancelled or cfg.save_state:
+    if (cancelled or cfg.save_state) and dist.main:
         next_epoch, next_batch = (epoch, batch0) if cancelled else (epochs, 0)
-        state_path = _save_state(cfg, network, optimizer, noise_gen, step, next_epoch, next_batch, losses)
+        state_path = _save_state(cfg, network, optimizer, step, next_epoch, next_batch, losses)
     emit(Event("cancelled" if cancelled else "done", step, total, epoch + 1, paths=[lora_path] + ([state_path] if state_path else [])))
     return Result(lora_path, state_path, step, cancelled, losses, report, messages)
 
 
-def _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te):
-    """The denoising loss of one batch: add noise at random timesteps, predict, compare (MSE, per sample,
-    optionally min-SNR weighted, regularization images weighted by prior_loss_weight)."""
+def _sample_rng(sample, salt: int) -> torch.Generator:
+    # every random draw of a sample comes from its own seed (set by the epoch plan): the same whichever
+    # process takes it, and whether the run was resumed or not
+    return torch.Generator().manual_seed((sample.seed ^ salt) & (2 ** 62 - 1))
+
+
+def _loss_sum(host, cfg, batch, aug, cache, ac, amp, train_te):
+    """The summed denoising loss of the samples: noise added at a random timestep, predicted, compared (MSE
+    per sample, optionally min-SNR weighted, regularization images weighted by prior_loss_weight)."""
     device = next(host.unet.parameters()).device
     flips = [batches.flipped(s, aug) for s in batch]
     if cache is not None:
@@ -190,15 +203,20 @@ def _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te):
     else:
         with torch.no_grad():
             px = torch.stack([batches.pixels(s, aug) for s in batch])
-            latents = host.encode_images(px, noise_gen).float()
+            latents = host.encode_images(px, [s.seed ^ 0x5EED for s in batch]).float()
     latents = latents.to(device)
     captions = [batches.caption_of(s, aug) for s in batch]
     with torch.set_grad_enabled(train_te), _autocast(device, amp):
         cond = host.encode_prompts(captions, cfg.clip_skip, cfg.max_token_length)
-    noise = torch.randn(latents.shape, generator=noise_gen).to(device)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
-    t = torch.randint(0, len(ac), (latents.shape[0],), generator=noise_gen)
+    noise, t = [], []
+    for s in batch:
+        g = _sample_rng(s, 0x0015E)
+        n = torch.randn(latents.shape[1:], generator=g)
+        if cfg.noise_offset:
+            n = n + cfg.noise_offset * torch.randn(latents.shape[1:2] + (1, 1), generator=g)
+        noise.append(n)
+        t.append(torch.randint(0, len(ac), (1,), generator=g))
+    noise, t = torch.stack(noise).to(device), torch.cat(t)
     a = ac[t].to(device).view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if host.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -210,7 +228,7 @@ def _loss(host, cfg, batch, aug, cache, noise_gen, ac, amp, train_te):
         clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
         per_sample = per_sample * (clipped / snr if host.prediction == "eps" else clipped / (snr + 1))
     weights = torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0 for s in batch], device=device)
-    return (per_sample * weights).mean()
+    return (per_sample * weights).sum()
 
 
 def _autocast(device, dtype):
@@ -280,15 +298,14 @@ def _samples(host, cfg, network, step, epoch, emit) -> None:
 
 # --- resumable state ---------------------------------------------------------------------------------------
 
-def _save_state(cfg, network, optimizer, noise_gen, step, epoch, batch, losses) -> str:
+def _save_state(cfg, network, optimizer, step, epoch, batch, losses) -> str:
     import io
 
     from ..safetensors_io import atomic_write
 
     state = {"step": step, "epoch": epoch, "batch": batch, "losses": losses,
              "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "noise_rng": noise_gen.get_state(),
-             "torch_rng": torch.get_rng_state()}
+             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
     path = os.path.join(cfg.output_dir, f"{cfg.output_name}-state.pt")
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -296,7 +313,7 @@ def _save_state(cfg, network, optimizer, noise_gen, step, epoch, batch, losses) 
     return path
 
 
-def _load_state(path, network, optimizer, noise_gen):
+def _load_state(path, network, optimizer):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -305,6 +322,5 @@ def _load_state(path, network, optimizer, noise_gen):
         raise ValueError(f"resume: {path} is not a lora_ext training state ({type(e).__name__})") from None
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
-    noise_gen.set_state(state["noise_rng"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["epoch"], state["batch"], list(state["losses"])

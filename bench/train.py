@@ -1,0 +1,95 @@
+"""Benchmark of training on a full-size SD1.5-shaped model with random weights (built locally) at 256 px on the
+CPU: kohya's reference job (batch 1, rank 16, alpha 8, text encoder trained, AdamW fp32), with and without
+gradient checkpointing and latent caching. Each configuration runs in its own process, so that its peak memory
+is its own. Prints JSON: median seconds per step (steps after the first), seconds from the call to the first
+step (the model already loaded, as in the webui), peak RSS; ratios between configurations of this run, and
+the reference figures the issue gives for kohya's sd-scripts on the same job (not measured here).
+
+    .venv/bin/python bench/train.py [--steps 5] [--images 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+KOHYA_REFERENCE = {"step_s_with_checkpointing": 7.0, "step_s_without": 5.1, "peak_rss_gb": 7.3,
+                   "launch_to_first_step_s": 58.0}
+CONFIGS = {"gc_cache": (True, True), "gc_nocache": (True, False), "nogc_cache": (False, True),
+           "nogc_nocache": (False, False)}
+
+
+def one(name: str, steps: int, images: int) -> dict:
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.testing import sample_data, tiny
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+
+    gc_on, cache = CONFIGS[name]
+    t0 = time.perf_counter()
+    host = WebuiHost(tiny.build("sd1-full"))
+    build_s = time.perf_counter() - t0
+    folder = tempfile.mkdtemp(prefix="lora_ext_bench_train_")
+    data = sample_data.make_sample_dataset(folder, size=256, per_concept=images // 2)
+    cfg = TrainConfig(train_data_dir=data["train"], output_dir=os.path.join(folder, "out"), resolution="256",
+                      train_batch_size=1, max_train_steps=steps, network_dim=16, network_alpha=8,
+                      learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=5e-5, optimizer_type="AdamW",
+                      mixed_precision="no", save_precision="fp16", gradient_checkpointing=gc_on, cache_latents=cache,
+                      lr_scheduler="constant")
+    stamps = []
+    start = time.perf_counter()
+    train(host, cfg, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
+    step_times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"config": name, "gradient_checkpointing": gc_on, "cache_latents": cache, "build_s": round(build_s, 1),
+            "first_step_s": stamps[0] - start, "median_step_s": statistics.median(step_times),
+            "step_s": step_times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.steps, args.images)))
+        return
+    results = {}
+    for name in CONFIGS:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+                              "--images", str(args.images)], capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    r = results
+    summary = {
+        "job": "SD1.5-shaped random weights, 256 px, batch 1, rank 16 alpha 8, text encoder trained, AdamW fp32, CPU",
+        "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+        "results": results,
+        "ratios_in_this_run": {
+            "step_gc_over_nogc": r["gc_cache"]["median_step_s"] / r["nogc_cache"]["median_step_s"],
+            "rss_gc_over_nogc": r["gc_cache"]["peak_rss_gb"] / r["nogc_cache"]["peak_rss_gb"],
+            "step_cache_over_nocache": r["gc_cache"]["median_step_s"] / r["gc_nocache"]["median_step_s"],
+        },
+        "kohya_reference_not_measured_here": KOHYA_REFERENCE,
+        "speedup_vs_reference": {
+            "with_checkpointing": KOHYA_REFERENCE["step_s_with_checkpointing"] / r["gc_cache"]["median_step_s"],
+            "without": KOHYA_REFERENCE["step_s_without"] / r["nogc_cache"]["median_step_s"],
+        },
+        "memory_vs_reference": {k: r[k]["peak_rss_gb"] / KOHYA_REFERENCE["peak_rss_gb"] for k in ("gc_cache", "nogc_cache")},
+        "first_step_vs_reference_launch": r["gc_cache"]["first_step_s"] / KOHYA_REFERENCE["launch_to_first_step_s"],
+    }
+    print(json.dumps(summary, indent=2, default=lambda v: round(v, 3)))
+
+
+if __name__ == "__main__":
+    main()
