@@ -325,3 +325,21 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path):
     assert float((b - a).norm() / a.norm()) < 3e-5      # measured: 2.8e-6
     # ... while a run that really differs (one process, batch 1) is far away
     assert float((c - a).norm() / a.norm()) > 1e-2
+
+
+def test_sdpa_attention_computes_what_ldms_does():
+    from lora_ext.hosts.ldm_attention import sdpa_patches
+    from lora_ext.train.session import HostSession
+
+    model = tiny_model("sd2")
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([3, 500])
+    with torch.no_grad():
+        plain = unet(x, t, context=ctx)
+        patches = sdpa_patches(unet)
+        assert len(patches) == 2 * 16        # attn1 + attn2 of each of the 16 transformers
+        with HostSession(model, patches=patches):
+            fast = unet(x, t, context=ctx)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m, _ in patches)

@@ -16,6 +16,7 @@ import torch
 
 from .. import files
 from . import batches, dataset, optim
+from ..hosts.ldm_attention import sdpa_patches
 from .config import TrainConfig
 from .distributed import Dist
 from .network import TrainableNetwork
@@ -88,7 +89,10 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
                                float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
                                train_unet=unet_lr > 0, train_te=te_lr > 0).to(device)
     blocks = list(host.unet.input_blocks) + [host.unet.middle_block] + list(host.unet.output_blocks)
-    with HostSession(host.model, blocks if cfg.gradient_checkpointing else ()):
+    patches = sdpa_patches(host.unet)
+    if cfg.xformers and patches:
+        messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
+    with HostSession(host.model, blocks if cfg.gradient_checkpointing else (), patches):
         network.attach()
         try:
             return _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr, te_lr, amp,

@@ -14,9 +14,13 @@ _LDM_FLAGS = ("checkpoint", "use_checkpoint")
 
 
 class HostSession:
-    def __init__(self, root: nn.Module, blocks_for_checkpointing=()):
+    """`blocks_for_checkpointing`: modules whose forward runs under torch's checkpoint for the session;
+    `patches`: (module, forward) pairs installed for the session (e.g. faster attention)."""
+
+    def __init__(self, root: nn.Module, blocks_for_checkpointing=(), patches=()):
         self.root = root
         self.blocks = list(blocks_for_checkpointing)
+        self.patches = list(patches)
 
     def __enter__(self):
         self.requires_grad = {id(p): p.requires_grad for p in self.root.parameters()}
@@ -29,14 +33,15 @@ class HostSession:
         # block would get no gradient. Ours (below) is torch's non-reentrant checkpoint, which sees them.
         for m, f, _ in self.flags:
             setattr(m, f, False)
+        for module, forward in self.patches:
+            module.forward = forward
         for block in self.blocks:
             block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
         return self
 
     def __exit__(self, *exc):
-        for block in self.blocks:
-            if "forward" in block.__dict__:
-                del block.forward
+        for module in self.blocks + [m for m, _ in self.patches]:
+            module.__dict__.pop("forward", None)
         for m, f, v in self.flags:
             setattr(m, f, v)
         params = {id(p): p for p in self.root.parameters()}
