@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -58,17 +59,21 @@ def cmd_train(args, extra) -> int:
         cfg = config.from_dict(_train_values(args, extra), "options")
         name = cfg.pretrained_model_name_or_path
         if not name:
-            raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint)")
+            raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
+                             "diffusers folder)")
         if name.startswith("tiny-"):
             from .testing import tiny
-            model = tiny.build(name.removeprefix("tiny-"))
+            host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
+        elif os.path.isdir(name):
+            from .hosts.diffusers_host import DiffusersHost
+            host = DiffusersHost(name)
         else:
-            model = load_checkpoint(name)
+            host = WebuiHost(load_checkpoint(name))
         subscribers = [TqdmProgress()]
         if cfg.logging_dir:
             subscribers.append(TensorBoardLog(cfg.logging_dir))
-        result = train(WebuiHost(model), cfg, on_event=fan_out(*subscribers))
-    except (config.ConfigError, CheckpointError, DatasetError, ValueError) as e:
+        result = train(host, cfg, on_event=fan_out(*subscribers))
+    except (config.ConfigError, CheckpointError, DatasetError, ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     print(json.dumps({"lora": result.lora_path, "state": result.state_path, "steps": result.steps,
                       "cancelled": result.cancelled, "final_loss": result.losses[-1] if result.losses else None,

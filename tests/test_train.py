@@ -343,3 +343,47 @@ def test_sdpa_attention_computes_what_ldms_does():
             fast = unet(x, t, context=ctx)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert all("forward" not in m.__dict__ for m, _ in patches)
+
+
+def _diffusers_folder(folder, model):
+    """A diffusers model folder holding the tiny SD1 model's UNet and text encoder (converted with diffusers'
+    own single-file functions) and a small VAE."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    from lora_ext.testing import tiny
+
+    ckpt = model.checkpoint_state_dict()
+    config = create_unet_diffusers_config_from_ldm(tiny.ldm_config(model.spec), ckpt)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    model.cond_stage_model.wrapped.transformer.save_pretrained(os.path.join(folder, "text_encoder"))
+    tiny.clip_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
+                  norm_num_groups=32).save_pretrained(os.path.join(folder, "vae"))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        os.path.join(folder, "scheduler"))
+    return folder
+
+
+def test_training_on_a_diffusers_folder_writes_a_lora_the_webui_model_takes(data, tmp_path):
+    from lora_ext.apply import Engine, Request
+
+    model = tiny_model("sd1")
+    folder = _diffusers_folder(str(tmp_path / "diffusers"), model)
+    out = _cli("train", "--pretrained_model_name_or_path", folder, "--train_data_dir", data["train"],
+               "--resolution", "64", "--max_train_steps", "3", "--network_dim", "4", "--network_args", "conv_dim=2",
+               "--output_dir", "o", "--output_name", "d", "--mixed_precision", "no", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    path = str(tmp_path / "o" / "d.safetensors")
+    lora = files.read(path)
+    webui_targets = WebuiHost(model).lora_targets()
+    assert lora.arch.name == "sd1" and set(lora.modules) == set(webui_targets)     # every layer, same names
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    engine, host = Engine(), WebuiHost(model)
+    report = engine.apply(host, [Request(path)])
+    assert report.warnings == [] and report.applied[0]["modules"] == len(webui_targets)
+    engine.restore(host)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())

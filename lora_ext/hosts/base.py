@@ -39,17 +39,30 @@ class Bound:
         return (shape[0] // 3,) + shape[1:] if self.target.qkv is not None else shape
 
 
-def bind(root: nn.Module, targets) -> dict:
-    """{kohya name: Bound} for the targets that exist under `root` (module paths are relative to it)."""
+def sample_latents(mean, std, seeds, scale: float):
+    """Latents from a VAE's distribution: one sample per image, drawn with that image's seed (the mean
+    without seeds), times the latent scale."""
+    import torch
+
+    if seeds is None:
+        return mean * scale
+    noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return (mean + std * noise.to(mean.device, mean.dtype)) * scale
+
+
+def bind(root: nn.Module, targets, path_of=lambda t: t.webui) -> dict:
+    """{kohya name: Bound} for the targets that exist under `root`; `path_of(target)` is the module path
+    relative to it (the webui path by default; diffusers hosts give the diffusers path)."""
     bound = {}
     for t in targets:
+        path = path_of(t)
         try:
-            module = root.get_submodule(t.webui)
+            module = root.get_submodule(path)
         except AttributeError:
             continue
         owner = None
-        if t.webui.endswith(".out_proj"):
-            parent = root.get_submodule(t.webui.rsplit(".", 1)[0])
+        if path.endswith(".out_proj"):
+            parent = root.get_submodule(path.rsplit(".", 1)[0])
             owner = parent if isinstance(parent, nn.MultiheadAttention) else None
         bound[t.kohya] = Bound(t, module, owner)
     return bound

@@ -6,7 +6,7 @@ from functools import cached_property
 
 from .. import naming
 from . import text_encoding
-from .base import bind
+from .base import bind, sample_latents
 
 
 class WebuiHost:
@@ -51,6 +51,11 @@ class WebuiHost:
     def latent_scale(self) -> float:
         return float(getattr(self.model, "scale_factor", 0.13025 if self.arch.name == "sdxl" else 0.18215))
 
+    def checkpoint_blocks(self) -> list:
+        """The UNet blocks gradient checkpointing wraps."""
+        unet = self.unet
+        return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+
     def count_tokens(self, text: str) -> int:
         return len(text_encoding.tokenize(self.text_holders()[0], [text])[0])
 
@@ -63,16 +68,9 @@ class WebuiHost:
     def encode_images(self, pixels, seeds=None):
         """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
         that image's seed (the distribution's mean without seeds)."""
-        import torch
-
-        vae = self.vae
-        p = next(vae.parameters())
-        dist = vae.encode(pixels.to(p.device, p.dtype))
-        if seeds is None:
-            return dist.mean * self.latent_scale
-        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s)))
-                             for s in seeds]).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * noise) * self.latent_scale
+        p = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.to(p.device, p.dtype))
+        return sample_latents(dist.mean, dist.std, seeds, self.latent_scale)
 
     def decode_latents(self, latents):
         p = next(self.vae.parameters())

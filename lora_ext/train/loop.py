@@ -88,7 +88,7 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
                                float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
                                float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
                                train_unet=unet_lr > 0, train_te=te_lr > 0).to(device)
-    blocks = list(host.unet.input_blocks) + [host.unet.middle_block] + list(host.unet.output_blocks)
+    blocks = host.checkpoint_blocks()
     patches = sdpa_patches(host.unet)
     if cfg.xformers and patches:
         messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
