@@ -387,3 +387,19 @@ def test_training_on_a_diffusers_folder_writes_a_lora_the_webui_model_takes(data
     assert report.warnings == [] and report.applied[0]["modules"] == len(webui_targets)
     engine.restore(host)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_gradient_accumulation_counts_optimizer_steps(data, tmp_path):
+    """With accumulation 3, an epoch of N batches makes ceil(N / 3) optimizer steps, and the schedule runs over
+    optimizer steps."""
+    from lora_ext.train import batches, dataset
+
+    scan = dataset.scan(data["train"])
+    n_batches = len(batches.epoch_plan(scan.train_items, [], None, 64, 2, 7, 0))
+    lrs = []
+    result = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path, max_train_steps=0, max_train_epochs=1,
+                                                      gradient_accumulation_steps=3, lr_scheduler="linear"),
+                   on_event=lambda e: lrs.append(e.lr) if e.kind == "step" else None)
+    steps = -(-n_batches // 3)
+    assert result.steps == steps and len(lrs) == steps
+    assert lrs == pytest.approx([1e-3 * (steps - k) / steps for k in range(steps)])

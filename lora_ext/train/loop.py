@@ -108,6 +108,8 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     if not groups:
         raise ValueError("nothing to train: both the UNet and the text encoder learning rates are 0")
     optimizer = optim.make_optimizer(cfg.optimizer_type, groups, cfg.optimizer_args, messages)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_te = te_lr > 0 and bool(network.te_parameters())
     step, epoch0, batch0, losses = 0, 0, 0, []
@@ -142,7 +144,7 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
             local = dist.local(batch, cfg.train_batch_size)
             loss_sum = _loss_sum(host, cfg, local, aug, cache, ac, amp, train_te) if local else None
             if loss_sum is not None:
-                (loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
+                scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
             loss = dist.sum(float(loss_sum) if loss_sum is not None else 0.0) / len(batch)
             if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
                 host.vae.to("cpu")      # not needed again this run; HostSession puts it back
@@ -155,9 +157,11 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
                 g["lr"] = base * factor
             trained = [p for g in optimizer.param_groups for p in g["params"]]
             dist.sum_grads(trained)
+            scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss)
