@@ -14,5 +14,5 @@ def missing():
     return [(name, req) for name, req in NEEDED if not launch.is_installed(name)]
 
 
-for name, req in missing():
+for _, req in missing():
     launch.run_pip(f"install {req}", f"{req} for lora_ext")

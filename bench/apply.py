@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_ext import files, naming  # noqa: E402
+from lora_ext import files  # noqa: E402
 from lora_ext.apply import Engine, Request  # noqa: E402
 from lora_ext.demo import make_random_lora  # noqa: E402
 from lora_ext.hosts.webui import WebuiHost  # noqa: E402

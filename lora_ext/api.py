@@ -18,8 +18,8 @@ def add_routes(app, library, info_line) -> None:
         try:
             report = describe(library.path(name))
         except (FileNotFoundError, UnsafeName) as e:
-            raise HTTPException(status_code=404, detail=str(e))
+            raise HTTPException(status_code=404, detail=str(e)) from None
         except LoraFileError as e:
-            raise HTTPException(status_code=422, detail=str(e))
+            raise HTTPException(status_code=422, detail=str(e)) from None
         report["file"] = name       # no server paths in answers
         return report

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import files, naming
+from . import naming
 from .networks.lora import LoRAModule
 
 

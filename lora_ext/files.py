@@ -91,9 +91,9 @@ def _load_pickle(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise FileProblem("it holds pickled objects other than tensors, which are never loaded (they could run "
-                          f"code); convert it to safetensors with the tool that made it ({str(e).splitlines()[0]})")
+                          f"code); convert it to safetensors with the tool that made it ({str(e).splitlines()[0]})") from None
     except Exception as e:
-        raise FileProblem(f"it is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise FileProblem(f"it is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def load_container(path: str) -> tuple[object, dict, str]:

@@ -25,7 +25,7 @@ class PanelRuntime:
     def run(self, host, slots: list, mode: str | None = None) -> Outcome:
         """Makes the host's model compute what the active slots ask for (and nothing else)."""
         outcome = Outcome()
-        requests, applied_slots = [], {}
+        requests = []
         for i, slot in enumerate(slots):
             if not slot.active:
                 continue
@@ -36,7 +36,6 @@ class PanelRuntime:
                 continue
             unet, te = slot.weights
             requests.append(Request(path, unet, te, name=slot.model))
-            applied_slots[slot.model] = i
         report = self.engine.apply(host, requests, mode)
         outcome.report = report
         outcome.messages += [f"Additional Networks: {w}" for w in report.warnings]

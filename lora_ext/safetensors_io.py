@@ -64,7 +64,7 @@ def read_header(f, size: int) -> tuple[dict, dict, int]:
                               f"({data_len} bytes); the file is truncated or its header is wrong")
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise FileProblem(f"tensors {n0!r} and {n1!r} overlap in the file; its header is wrong")
     return header, metadata, 8 + n

@@ -42,7 +42,7 @@ LIBRARY = LoraLibrary(lora_folders, webui_hash)
 class Runtime:
     """Created on first use, so that the webui's start-up does not import torch-side code for us."""
     _instance = None
-    _hosts = {}
+    _host = None        # the adapter of the model in use; only that one, so an unloaded model can go
 
     @classmethod
     def get(cls):
@@ -54,10 +54,9 @@ class Runtime:
     @classmethod
     def host(cls, sd_model):
         from lora_ext.hosts.webui import WebuiHost
-        host = cls._hosts.get(id(sd_model))
-        if host is None or host.model is not sd_model:
-            host = cls._hosts[id(sd_model)] = WebuiHost(sd_model)
-        return host
+        if cls._host is None or cls._host.model is not sd_model:
+            cls._host = WebuiHost(sd_model)
+        return cls._host
 
 
 def train_in_webui(cfg, on_event=None):

@@ -204,7 +204,7 @@ def report(result: Scan, resolution: int, buckets: list | None, max_token_length
                          "share_of_train": share})
     hist = Counter(assign_bucket(i.size, buckets) if buckets else (resolution, resolution) for i in result.items)
     tag_frequency = {}
-    for name, folder, repeats, is_reg, *_ in result.concepts:
+    for name, folder, _, is_reg, *_ in result.concepts:
         freq = Counter(t.strip() for i in result.items if i.concept == name and i.is_reg == is_reg
                        for t in i.caption.split(",") if t.strip())
         tag_frequency[os.path.basename(folder)] = dict(freq)

@@ -22,8 +22,16 @@ class PanelUI:
     dropdowns: list = field(default_factory=list)
 
 
-def _slot_of(params: dict, index: int, count: int, find) -> slotlib.Slot:
-    return slotlib.from_infotext(params, count, find)[index]
+def _slots_reader(count: int, find):
+    """slot i of pasted parameters; the slots are worked out once per paste, not once per field."""
+    last = {}
+
+    def slot_of(params: dict, index: int) -> slotlib.Slot:
+        key = tuple(sorted((k, str(v)) for k, v in params.items() if k.startswith("AddNet")))
+        if last.get("key") != key:
+            last["key"], last["slots"] = key, slotlib.from_infotext(params, count, find)
+        return last["slots"][index]
+    return slot_of
 
 
 def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelUI:
@@ -31,6 +39,7 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
     a line about one, `find(name, hash)` resolves a pasted infotext label."""
     tab = "img2img" if is_img2img else "txt2img"
     ui = PanelUI()
+    slot_of = _slots_reader(count, find)
     choices = lambda: [slotlib.NONE] + names_fn()  # noqa: E731
     with gr.Accordion(TITLE, open=False, elem_id=f"lora_ext_{tab}_panel"):
         refresh = gr.Button("Refresh models", size="sm", elem_id=f"lora_ext_{tab}_refresh")
@@ -61,10 +70,10 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
             ui.dropdowns.append(model)
             ui.infotext_fields += [
                 (module, f"AddNet Module {n}"),
-                (enabled, lambda d, i=i: _slot_of(d, i, count, find).enabled),
-                (model, lambda d, i=i: _slot_of(d, i, count, find).model),
-                (weight, lambda d, i=i: _slot_of(d, i, count, find).weight),
-                (separate, lambda d, i=i: _slot_of(d, i, count, find).separate),
+                (enabled, lambda d, i=i: slot_of(d, i).enabled),
+                (model, lambda d, i=i: slot_of(d, i).model),
+                (weight, lambda d, i=i: slot_of(d, i).weight),
+                (separate, lambda d, i=i: slot_of(d, i).separate),
                 (unet, f"AddNet Weight A {n}"),
                 (te, f"AddNet Weight B {n}"),
             ]
