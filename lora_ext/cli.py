@@ -81,6 +81,35 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def parse_lora_arg(text: str) -> tuple:
+    """FILE[:RATIO[:TE_RATIO]] -> (file, unet ratio, te ratio). Read from the right, so that paths with
+    colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one."""
+    parts = text.split(":")
+    ratios = []
+    while len(parts) > 1 and len(ratios) < 2:
+        try:
+            ratios.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    unet = ratios[0] if ratios else 1.0
+    return path, unet, ratios[1] if len(ratios) > 1 else unet
+
+
+def cmd_merge(args) -> int:
+    from .merge import Item, MergeError, merge_checkpoint
+
+    items = [Item(*parse_lora_arg(s)) for s in args.lora]
+    precision = None if args.precision == "keep" else args.precision
+    try:
+        report = merge_checkpoint(args.model, items, args.out, precision, args.overwrite)
+    except MergeError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -97,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--model", help="architecture the file is for: sd1, sd2, sdxl (default: detected)")
     i.set_defaults(func=cmd_inspect)
+    m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (streaming), written as a new file")
+    m.add_argument("--model", required=True, help="base checkpoint (.safetensors, or .ckpt read safely)")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO[:TE_RATIO]]",
+                   help="a LoRA and its UNet / text-encoder ratios (default 1); repeat for more")
+    m.add_argument("--out", required=True, help="the new checkpoint (.safetensors, or .ckpt)")
+    m.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "keep"])
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=cmd_merge)
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
     from .train.config import TrainConfig

@@ -70,10 +70,6 @@ class LoraFile:
         return out
 
     def hashes(self) -> dict:
-        if self.container != "safetensors":
-            import hashlib
-            with open(self.path, "rb") as f:
-                return {"sha256": hashlib.sha256(f.read()).hexdigest(), "addnet_hash": None}
         return file_hashes(self.path)
 
 

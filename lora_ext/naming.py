@@ -201,31 +201,47 @@ class NameIndex:
 
 
 def arch_from_model(sd_model) -> Arch:
-    """The Arch of a loaded webui-layout model (tiny or full-size), read off its modules."""
-    unet = sd_model.model.diffusion_model
-    mults, depths, nrb = [], [], None
-    level_blocks = 0
-    for block in list(unet.input_blocks)[1:]:
-        first = block[0]
-        if hasattr(first, "op"):            # Downsample closes a level
+    """The Arch of a loaded webui-layout model (tiny or full-size), read off its weights' names and shapes."""
+    return arch_from_state_dict({k.replace(".wrapped.", "."): tuple(v.shape) for k, v in sd_model.state_dict().items()})
+
+
+def arch_from_state_dict(shapes: dict) -> Arch:
+    """The Arch of a checkpoint in the webui's key layout, from {key: shape} alone (no tensor data needed)."""
+    import re
+
+    unet = "model.diffusion_model."
+
+    def indices(pattern):
+        rx = re.compile(pattern)
+        return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+
+    def depth(prefix):
+        return len(indices(re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
+
+    model_channels = shapes[unet + "input_blocks.0.0.weight"][0]
+    mults, depths, nrb, level_blocks = [], [], None, 0
+    for i in indices(re.escape(unet) + r"input_blocks\.(\d+)\.")[1:]:
+        if f"{unet}input_blocks.{i}.0.op.weight" in shapes:        # a Downsample closes a level
             nrb = nrb or level_blocks
             level_blocks = 0
             continue
         if level_blocks == 0:
-            mults.append(first.out_channels // unet.model_channels)
-            depths.append(len(block[1].transformer_blocks) if len(block) > 1 else 0)
+            mults.append(shapes[f"{unet}input_blocks.{i}.0.out_layers.3.weight"][0] // model_channels)
+            depths.append(depth(f"{unet}input_blocks.{i}.1."))
         level_blocks += 1
     nrb = nrb or level_blocks
-    mid = unet.middle_block[1]
-    mid_depth = len(mid.transformer_blocks) if hasattr(mid, "transformer_blocks") else 0
-    linear = any(type(getattr(m, "proj_in", None)).__name__ == "Linear" for m in unet.modules())
-    holders = ([e.wrapped for e in sd_model.conditioner.embedders] if getattr(sd_model, "is_sdxl", False)
-               else [sd_model.cond_stage_model.wrapped])
+    proj = next((v for k, v in shapes.items() if k.startswith(unet) and k.endswith(".proj_in.weight")), None)
+    if any(k.startswith("conditioner.") for k in shapes):
+        holders = ["conditioner.embedders.0.", "conditioner.embedders.1."]
+    else:
+        holders = ["cond_stage_model."]
     tes = []
     for h in holders:
-        if hasattr(h, "transformer"):
-            tes.append(TextEncoderShape("hf", h.transformer.config.num_hidden_layers))
+        hf = indices(re.escape(h) + r"transformer\.text_model\.encoder\.layers\.(\d+)\.")
+        if hf:
+            tes.append(TextEncoderShape("hf", len(hf)))
         else:
-            tes.append(TextEncoderShape("openclip", len(h.model.transformer.resblocks)))
+            tes.append(TextEncoderShape("openclip", len(indices(re.escape(h) + r"model\.transformer\.resblocks\.(\d+)\."))))
     name = "sdxl" if len(tes) > 1 else ("sd2" if tes[0].kind == "openclip" else "sd1")
-    return Arch(name, tuple(mults), tuple(depths), mid_depth, linear, tuple(tes), nrb)
+    return Arch(name, tuple(mults), tuple(depths), depth(f"{unet}middle_block.1."), proj is not None and len(proj) == 2,
+                tuple(tes), nrb)

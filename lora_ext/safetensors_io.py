@@ -88,18 +88,22 @@ def load(path: str) -> tuple[dict, dict]:
 
 
 def file_hashes(path: str) -> dict:
-    """sha256 of the whole file, and the 'addnet' hash the webui shows: sha256 of the bytes after the header."""
+    """sha256 of the whole file, and for safetensors the 'addnet' hash the webui shows: sha256 of the bytes
+    after the header (None for other files)."""
     whole, body = hashlib.sha256(), hashlib.sha256()
+    is_st = path.endswith(".safetensors")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(8) if is_st else b""
         whole.update(head)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n > os.path.getsize(path):
+            is_st, n = False, 0
         header = f.read(n)
         whole.update(header)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             whole.update(chunk)
             body.update(chunk)
-    return {"sha256": whole.hexdigest(), "addnet_hash": body.hexdigest()}
+    return {"sha256": whole.hexdigest(), "addnet_hash": body.hexdigest() if is_st else None}
 
 
 def addnet_hashes(data: bytes) -> tuple[str, str]:
@@ -109,9 +113,10 @@ def addnet_hashes(data: bytes) -> tuple[str, str]:
     return hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
-def atomic_write(path: str, data: bytes, overwrite: bool = False) -> None:
-    """Writes `data` to a temporary file beside `path`, then renames it into place: a crash never leaves a
-    half-written file under the real name, and an existing file stays unless `overwrite`."""
+def atomic_write(path: str, data, overwrite: bool = False) -> None:
+    """Writes `data` (bytes, or a function that writes into a binary file) to a temporary file beside `path`,
+    then renames it into place: a crash never leaves a half-written file under the real name, and an existing
+    file stays unless `overwrite`."""
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     folder = os.path.dirname(os.path.abspath(path))
@@ -119,7 +124,10 @@ def atomic_write(path: str, data: bytes, overwrite: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -127,3 +135,37 @@ def atomic_write(path: str, data: bytes, overwrite: bool = False) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def write_streaming(path: str, entries: list, produce, metadata: dict, overwrite: bool = False) -> None:
+    """A safetensors file written one tensor at a time: `entries` is [(name, dtype code, shape)] in file
+    order, `produce(name)` returns that tensor (contiguous, on the CPU) when its turn comes. Only one
+    tensor is held at a time; the header is known up front from the shapes."""
+    import torch
+
+    header, offset = {}, 0
+    for name, code, shape in entries:
+        n = DTYPE_SIZES[code]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)       # the data section starts 8-byte aligned, as safetensors writes it
+
+    def write(f):
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, code, shape in entries:
+            t = produce(name)
+            if str(t.dtype).removeprefix("torch.") != TORCH_DTYPES[code] or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, the header says {code} {tuple(shape)}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write, overwrite=overwrite)

@@ -1,0 +1,151 @@
+"""LoRAs baked into a checkpoint, streaming: the base is read and the result written one tensor at a time,
+so the memory needed is about one tensor plus the LoRAs, not the whole model. Reads safetensors, or .ckpt
+with weights_only=True; writes safetensors (or .ckpt on request) to a temporary name, then renames it; never
+over an existing file unless asked. The base's metadata is kept, with a record of what was merged."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import files, naming
+from .safetensors_io import TORCH_DTYPES, FileProblem, atomic_write, file_hashes, read_header, write_streaming
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+class MergeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    unet: float = 1.0
+    te: float = 1.0
+
+
+class _Base:
+    """The base checkpoint, tensor by tensor, in file order."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise MergeError(f"{path}: no such checkpoint")
+        self.path = path
+        if path.endswith(".safetensors"):
+            try:
+                with open(path, "rb") as f:
+                    self.header, self.metadata, self.data_start = read_header(f, os.path.getsize(path))
+            except FileProblem as e:
+                raise MergeError(f"{path}: {e}") from None
+            order = sorted(self.header, key=lambda k: self.header[k]["data_offsets"][0])
+            self.entries = [(k, self.header[k]["dtype"], tuple(self.header[k]["shape"])) for k in order]
+            self.get = self._read
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise MergeError(f"{path}: cannot be read safely ({type(e).__name__}); only tensors are loaded "
+                                 "from .ckpt files") from None
+            sd = sd.get("state_dict", sd)
+            sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            self.metadata = {}
+            self.entries = [(k, _CODES[str(v.dtype).removeprefix("torch.")], tuple(v.shape)) for k, v in sd.items()]
+            self.get = sd.__getitem__
+
+    def _read(self, name: str) -> torch.Tensor:
+        # a plain read of one tensor's bytes: a memory map would keep every page it touched resident
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            raw = bytearray(f.read(end - begin))
+        dtype = getattr(torch, TORCH_DTYPES[entry["dtype"]])
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"]) if raw else \
+            torch.empty(entry["shape"], dtype=dtype)
+
+    @property
+    def shapes(self) -> dict:
+        return {k: shape for k, _, shape in self.entries}
+
+
+def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str | None = "fp16",
+                     overwrite: bool = False) -> dict:
+    started = time.perf_counter()
+    if precision is not None and precision not in PRECISIONS:
+        raise MergeError(f"precision {precision!r}: fp16, bf16 or fp32")
+    if not out_path.endswith((".safetensors", ".ckpt")):
+        raise MergeError(f"{out_path}: the merged checkpoint ends in .safetensors (or .ckpt)")
+    if os.path.exists(out_path) and not overwrite:
+        raise MergeError(f"{out_path} exists; choose another name or allow overwriting")
+    if os.path.abspath(out_path) == os.path.abspath(base_path):
+        raise MergeError("the output would replace the base checkpoint it is read from")
+    base = _Base(base_path)
+    try:
+        arch = naming.arch_from_state_dict(base.shapes)
+    except (KeyError, StopIteration, IndexError):
+        raise MergeError(f"{base_path}: not a Stable Diffusion checkpoint in the webui's layout") from None
+    plan, record = _plan(base, arch, items)
+    target_dtype = PRECISIONS.get(precision)
+
+    def produce(name):
+        t = base.get(name)
+        if name in plan:
+            acc = t.to(torch.float32, copy=True)
+            for module, ratio, rows in plan[name]:
+                view = acc[rows] if rows is not None else acc
+                view.add_(module.delta(view.shape), alpha=ratio)
+            t = acc
+        if target_dtype is not None and t.is_floating_point():
+            t = t.to(target_dtype)
+        return t.contiguous()
+
+    entries = [(k, _CODES[str(target_dtype).removeprefix("torch.")] if target_dtype is not None and
+                TORCH_DTYPES[code].startswith(("float", "bfloat")) else code, shape) for k, code, shape in base.entries]
+    metadata = {**base.metadata, "lora_ext_merged": json.dumps(record), "lora_ext_precision": precision or "kept"}
+    if out_path.endswith(".safetensors"):
+        write_streaming(out_path, entries, produce, metadata, overwrite)
+    else:
+        import io
+        buf = io.BytesIO()
+        torch.save({"state_dict": {k: produce(k) for k, _, _ in entries}}, buf)
+        atomic_write(out_path, buf.getvalue(), overwrite)
+    return {"out": out_path, "arch": arch.name, "tensors": len(entries), "merged_tensors": len(plan),
+            "loras": record, "seconds": time.perf_counter() - started, **file_hashes(out_path)}
+
+
+def _plan(base, arch, items):
+    """{checkpoint key: [(StoredModule, ratio, rows)]} and the record of what is merged."""
+    plan, record = {}, []
+    shapes = base.shapes
+    for item in items:
+        try:
+            lora = files.read(item.path, arch)
+        except files.LoraFileError as e:
+            raise MergeError(str(e)) from None
+        used = 0
+        for name, module in lora.modules.items():
+            t = lora.targets[name]
+            ratio = item.unet if t.is_unet else item.te
+            key = t.checkpoint_key
+            if key not in shapes:
+                raise MergeError(f"{item.path}: layer {name} is not in the checkpoint ({key})")
+            shape = shapes[key]
+            rows = None
+            if t.qkv is not None:
+                n = shape[0] // 3
+                rows, shape = slice(t.qkv * n, (t.qkv + 1) * n), (n,) + tuple(shape[1:])
+            out_in = module.out_in()
+            if out_in is not None and out_in != (shape[0], shape[1]):
+                raise MergeError(f"{item.path}: layer {name} is {out_in[0]}x{out_in[1]} in the LoRA, "
+                                 f"{shape[0]}x{shape[1]} in the checkpoint: it was made for another model")
+            if ratio:
+                plan.setdefault(key, []).append((module, float(ratio), rows))
+                used += 1
+        record.append({"file": os.path.basename(item.path), "unet": item.unet, "te": item.te, "modules": used,
+                       "sshs_model_hash": lora.metadata.get("sshs_model_hash")})
+    return plan, record
