@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,26 @@ sys.path.insert(0, ROOT)
 KOHYA_REFERENCE = {"seconds": 32.0, "peak_rss_gb": 9.4}
 
 
+def _status(field: str) -> int:
+    # VmHWM (peak) and VmRSS of this process's own address space: unlike ru_maxrss, they start afresh at
+    # exec, so the parent's size (it built a 2 GB checkpoint) does not leak into the child's figures
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def child(base: str, lora: str, out: str) -> None:
     import torch  # noqa: F401  (the start-up cost every process pays, measured before the merge)
 
     from lora_ext.merge import Item, merge_checkpoint
 
-    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start_rss = _status("VmHWM")
     t = time.perf_counter()
     report = merge_checkpoint(base, [Item(lora, 1.0, 1.0)], out, precision="fp16")
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak, "start_rss_bytes": start_rss,
                       "merged_tensors": report["merged_tensors"], "tensors": report["tensors"]}))
 

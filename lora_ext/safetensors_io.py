@@ -166,6 +166,6 @@ def write_streaming(path: str, entries: list, produce, metadata: dict, overwrite
             t = produce(name)
             if str(t.dtype).removeprefix("torch.") != TORCH_DTYPES[code] or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, the header says {code} {tuple(shape)}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)     # no copy
 
     atomic_write(path, write, overwrite=overwrite)
