@@ -110,6 +110,75 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _energy_summary(kept: dict) -> dict:
+    values = sorted(kept.values())
+    return {"modules": len(values), "min": values[0], "median": values[len(values) // 2], "mean": sum(values) / len(values)} \
+        if values else {"modules": 0}
+
+
+def _write_lora(path, modules, metadata, overwrite, dtype):
+    import torch
+
+    from . import files
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    files.write_kohya(path, files.kohya_tensors(modules, dtype), metadata, overwrite=overwrite)
+
+
+def cmd_resize(args) -> int:
+    from . import files, lowrank
+
+    if (args.rank is None) == (args.energy is None):
+        raise UsageError("give --rank R or --energy F (0 < F <= 1)")
+    lora = files.read(args.lora)
+    if any(m.network != "lora" for m in lora.modules.values()):
+        raise UsageError(f"{args.lora}: resizing LoHa/LoKr files is not supported (LoRA and LoCon are)")
+    modules, kept = lowrank.resize(lora.modules, args.rank, args.energy)
+    top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
+    meta = {**lora.metadata, "ss_network_dim": top, "ss_network_alpha": top,
+            "lora_ext_resized": json.dumps(_energy_summary(kept))}
+    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
+    print(json.dumps({"out": args.out, "kept_energy": _energy_summary(kept),
+                      "per_module": kept if args.verbose else None}, indent=2))
+    return 0
+
+
+def cmd_merge_loras(args) -> int:
+    from . import files, lowrank
+
+    loras, arch = [], None
+    for text in args.lora:
+        path, w, _ = parse_lora_arg(text)
+        lora = files.read(path, arch)
+        arch = arch or lora.arch
+        loras.append((lora.modules, w))
+    modules, kept = lowrank.merge_loras(loras, args.rank)
+    top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
+    meta = files.network_metadata("lora", top, top, arch,
+                                  lora_ext_merged_loras=json.dumps([os.path.basename(t) for t in args.lora]))
+    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
+    print(json.dumps({"out": args.out, "modules": len(modules), "kept_energy": _energy_summary(kept)}, indent=2))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from . import files
+    from .merge import MergeError, extract
+
+    try:
+        modules, kept, arch = extract(args.base, args.tuned, args.rank, args.conv_rank)
+    except MergeError as e:
+        raise UsageError(str(e)) from None
+    if not modules:
+        raise UsageError("the two checkpoints do not differ in any LoRA layer")
+    meta = files.network_metadata("locon" if args.conv_rank else "lora", args.rank, args.rank, arch,
+                                  **({"conv_dim": args.conv_rank, "conv_alpha": args.conv_rank} if args.conv_rank else {}),
+                                  lora_ext_extracted=json.dumps({"base": os.path.basename(args.base),
+                                                                 "tuned": os.path.basename(args.tuned)}))
+    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
+    print(json.dumps({"out": args.out, "kept_energy": _energy_summary(kept)}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -134,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "keep"])
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.set_defaults(func=cmd_merge)
+    r = sub.add_parser("resize", help="a LoRA at another rank (exact SVD of its low-rank delta)")
+    r.add_argument("lora")
+    r.add_argument("--rank", type=int)
+    r.add_argument("--energy", type=float, help="keep the fewest ranks holding this fraction of each module")
+    r.add_argument("--out", required=True)
+    r.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--verbose", action="store_true", help="kept energy per module")
+    r.set_defaults(func=cmd_resize)
+    ml = sub.add_parser("merge-loras", help="several LoRAs into one (ranks concatenated, or SVD to --rank)")
+    ml.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
+    ml.add_argument("--rank", type=int)
+    ml.add_argument("--out", required=True)
+    ml.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ml.add_argument("--overwrite", action="store_true")
+    ml.set_defaults(func=cmd_merge_loras)
+    x = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (randomized SVD)")
+    x.add_argument("--base", required=True)
+    x.add_argument("--tuned", required=True)
+    x.add_argument("--rank", type=int, default=32)
+    x.add_argument("--conv_rank", type=int)
+    x.add_argument("--out", required=True)
+    x.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_extract)
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
     from .train.config import TrainConfig
@@ -160,6 +254,6 @@ def main(argv=None) -> int:
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
-    except (UsageError, LoraFileError, FileExistsError) as e:
+    except (UsageError, LoraFileError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
