@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lora_ext import naming
+from lora_ext.hosts import ldm_layout
 from lora_ext.testing import tiny
 from conftest import tiny_model
 
@@ -166,7 +167,7 @@ def test_tiny_checkpoint_on_disk_rebuilds_from_its_yaml(tmp_path, any_arch):
     assert yaml_path == str(tmp_path / f"tiny-{any_arch}.yaml")
     sd = load_file(path)
     cfg = yaml.safe_load(open(yaml_path))["model"]["params"]
-    unet = tiny.unet_from_config(cfg.get("unet_config", cfg.get("network_config"))["params"])
+    unet = ldm_layout.unet_from_config(cfg.get("unet_config", cfg.get("network_config"))["params"])
     prefix = "model.diffusion_model."
     unet.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
     te_prefix = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model.transformer.",

@@ -359,7 +359,8 @@ def _diffusers_folder(folder, model):
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config))
     unet.save_pretrained(os.path.join(folder, "unet"))
     model.cond_stage_model.wrapped.transformer.save_pretrained(os.path.join(folder, "text_encoder"))
-    tiny.clip_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    from lora_ext.hosts import ldm_layout
+    ldm_layout.clip_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
     AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
                   up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
                   norm_num_groups=32).save_pretrained(os.path.join(folder, "vae"))

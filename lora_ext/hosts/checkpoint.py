@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..testing import tiny
+from . import ldm_layout
 
 
 class CheckpointError(ValueError):
@@ -27,7 +27,7 @@ STANDARD_UNET = {
     "sd1": dict(_SD_UNET, num_heads=8, context_dim=768),
     "sd2": dict(_SD_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
 }
-STANDARD_VAE = tiny.FULL_VAE_DDCONFIG
+STANDARD_VAE = ldm_layout.FULL_VAE_DDCONFIG
 
 
 def read_state_dict(path: str) -> dict:
@@ -58,21 +58,21 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
-def _text_encoder(sd: dict, prefix: str, heads_hint, generator):
+def _text_encoder(sd: dict, prefix: str, heads_hint):
     if any(k.startswith(prefix + "transformer.") for k in sd):
         p = prefix + "transformer.text_model."
         width = sd[p + "embeddings.token_embedding.weight"].shape[1]
         layers = _count(sd, re.escape(p) + r"encoder\.layers\.(\d+)\.")
         mlp = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0] // width
-        return tiny.HFTextEncoderHolder(width, layers, generator, heads_hint or width // 64, mlp)
+        return ldm_layout.HFTextEncoderHolder(width, layers, heads_hint or width // 64, mlp)
     p = prefix + "model."
     width = sd[p + "token_embedding.weight"].shape[1]
     layers = _count(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
-    return tiny.OpenClipHolder(width, layers, generator, heads_hint or width // 64)
+    return ldm_layout.OpenClipHolder(width, layers, heads_hint or width // 64)
 
 
 def load_checkpoint(path: str):
-    """A model with the webui's layout (see lora_ext.testing.tiny.TinySD) holding the checkpoint's weights."""
+    """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights."""
     import yaml
 
     sd = read_state_dict(path)
@@ -89,14 +89,12 @@ def load_checkpoint(path: str):
     vae_cfg = {**STANDARD_VAE, **vae_cfg}
     heads = (params.get("cond_stage_config") or {}).get("params", {}).get("lora_ext_heads") or []
     parameterization = params.get("parameterization") or ("v" if arch == "sd2" else "eps")
-    g = torch.Generator().manual_seed(0)
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
-    encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None, g) for i, p in enumerate(prefixes)]
+    encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]
     with contextlib.redirect_stdout(io.StringIO()):     # ldm prints a line per layer it builds
-        unet = tiny.unet_from_config(unet_cfg)
-        vae = tiny.TinyVAE(g, vae_cfg)
-    spec = tiny.TinySpec(arch, parameterization=parameterization)
-    model = tiny.TinySD(spec, parts=(unet, encoders, vae))
+        unet = ldm_layout.unet_from_config(unet_cfg)
+        vae = ldm_layout.LdmVAE(vae_cfg)
+    model = ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
     # checkpoint keys lack the `.wrapped.` of the webui's text encoder holders
     by_ckpt_key = {k.replace(".wrapped.", "."): k for k in model.state_dict()}
     missing = [k for k in by_ckpt_key if k not in sd and k != "alphas_cumprod"]
