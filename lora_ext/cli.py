@@ -179,6 +179,13 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui.app import serve
+
+    serve(args.folder, args.port, args.arch)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -195,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--model", help="architecture the file is for: sd1, sd2, sdxl (default: detected)")
     i.set_defaults(func=cmd_inspect)
+    u = sub.add_parser("ui", help="serve the LoRA tab by itself on 127.0.0.1, on a tiny model")
+    u.add_argument("--folder", default="lora_ext_ui", help="work folder (Lora/, Stable-diffusion/, presets/)")
+    u.add_argument("--port", type=int, default=7861)
+    u.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    u.set_defaults(func=cmd_ui)
     m = sub.add_parser("merge", help="bake LoRAs into a checkpoint (streaming), written as a new file")
     m.add_argument("--model", required=True, help="base checkpoint (.safetensors, or .ckpt read safely)")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:RATIO[:TE_RATIO]]",

@@ -59,7 +59,7 @@ class Runtime:
         return cls._host
 
 
-def train_in_webui(cfg, on_event=None):
+def train_in_webui(cfg, on_event=None, should_stop=None):
     """Training on the loaded model (the tab and the API call this): the panel's LoRAs are given back first."""
     from lora_ext.hosts.webui import train_as_webui_job
 
@@ -67,7 +67,24 @@ def train_in_webui(cfg, on_event=None):
         if Runtime._instance is not None:
             Runtime._instance.restore(host)
 
-    return train_as_webui_job(cfg, on_event, before=give_back)
+    return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop)
+
+
+def checkpoints_folder():
+    from modules import paths
+    return getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(paths.models_path, "Stable-diffusion")
+
+
+def tab_context():
+    from lora_ext.ui.tab import TabContext
+    from lora_ext.ui.training_session import TrainingSession
+
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    label = f"Training uses the checkpoint loaded in the webui: **{getattr(info, 'title', 'the loaded model')}** " \
+            "(switch it in the checkpoint list at the top first)."
+    return TabContext(lambda: lora_folders()[0], checkpoints_folder, LIBRARY, TrainingSession(train_in_webui),
+                      lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
+                      label)
 
 
 def info_line(name):
@@ -133,7 +150,7 @@ script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_script_unloaded(on_script_unloaded)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_before_ui(on_before_ui)
-script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(lambda: lora_folders()[0]), "LoRA", "lora_ext")])
+script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(tab_context()), "LoRA", "lora_ext")])
 
 
 class AdditionalNetworks(scripts.Script):

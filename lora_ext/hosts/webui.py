@@ -84,7 +84,7 @@ class WebuiHost:
         return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=cond.to(p.device, p.dtype))
 
 
-def train_as_webui_job(cfg, on_event=None, before=None):
+def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None):
     """Trains on the webui's loaded model in place, as one of its jobs: behind the lock that serialises
     generation (so the two never overlap), with the webui's progress state (job, step counter, text) and
     its Interrupt button as the cancel. `before(host)` runs first, under the lock (the panel gives its
@@ -107,6 +107,7 @@ def train_as_webui_job(cfg, on_event=None, before=None):
                     shared.state.textinfo = f"LoRA training: step {event.step}/{event.total}, loss {event.avg_loss:.4f}"
                 if on_event is not None:
                     on_event(event)
-            return train(host, cfg, relay, should_stop=lambda: shared.state.interrupted)
+            return train(host, cfg, relay,
+                         should_stop=lambda: shared.state.interrupted or bool(should_stop and should_stop()))
         finally:
             shared.state.end()

@@ -1,0 +1,97 @@
+"""The training form's fields: which TrainConfig option, in which group, with what label and advice. The form,
+its presets (the TOML the CLI reads) and its tooltips all come from this one list."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..train.schedules import SCHEDULERS
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str                   # the TrainConfig / kohya option
+    group: str
+    label: str
+    tip: str
+    kind: str = "text"          # text | number | int | bool | choice | lines
+    choices: tuple = ()
+
+
+F = Field
+FIELDS = (
+    F("pretrained_model_name_or_path", "Model & output", "Model",
+      "Standalone: a checkpoint file or diffusers folder. In the webui, the loaded checkpoint is used."),
+    F("output_dir", "Model & output", "Output folder", "Where the LoRA, its samples and its state go."),
+    F("output_name", "Model & output", "Output name", "The LoRA is written as <folder>/<name>.safetensors."),
+    F("train_data_dir", "Dataset", "Train folder", "Holds concept folders named N_name (N repeats)."),
+    F("reg_data_dir", "Dataset", "Regularization folder", "Optional; same folder rules. Doubles the steps."),
+    F("caption_extension", "Dataset", "Caption extension", "Captions are same-named files with this extension."),
+    F("resolution", "Dataset", "Resolution", "512 for SD1, 768 for SD2-768; 'w,h' for non-square."),
+    F("enable_bucket", "Dataset", "Aspect-ratio buckets", "Train at each image's own aspect ratio instead of square crops.", "bool"),
+    F("flip_aug", "Dataset", "Horizontal flip", "Not for asymmetric characters.", "bool"),
+    F("shuffle_caption", "Dataset", "Shuffle caption tags", "Shuffles comma-separated tags after the kept ones.", "bool"),
+    F("keep_tokens", "Dataset", "Keep first N tags", "Tags never shuffled (e.g. the trigger word).", "int"),
+    F("caption_dropout_rate", "Dataset", "Caption dropout", "Share of steps trained without caption.", "number"),
+    F("network_dim", "Network", "Network dim (rank)",
+      "128 is the guide's default; 32-64 is usually enough. Higher needs more VRAM.", "int"),
+    F("network_alpha", "Network", "Network alpha", "Scales the LoRA by alpha/dim; 1 or dim/2 are common.", "number"),
+    F("network_args", "Network", "Network args", "e.g. conv_dim=8 conv_alpha=4 for LoCon (one per line).", "lines"),
+    F("network_dropout", "Network", "Dropout", "Dropout on the LoRA branch (0 = none).", "number"),
+    F("train_batch_size", "Optimizer & schedule", "Batch size", "Raise the learning rate with the batch size.", "int"),
+    F("max_train_epochs", "Optimizer & schedule", "Epochs", "Start with 5-10 and compare the saved epochs.", "int"),
+    F("max_train_steps", "Optimizer & schedule", "Max steps", "0 = use the epochs.", "int"),
+    F("learning_rate", "Optimizer & schedule", "Learning rate", "1e-4 for SD1.x models.", "number"),
+    F("unet_lr", "Optimizer & schedule", "UNet learning rate", "Empty = the learning rate; 0 = UNet frozen.", "text"),
+    F("text_encoder_lr", "Optimizer & schedule", "Text encoder learning rate",
+      "Empty = the learning rate; some halve it (5e-5); 0 = text encoder frozen.", "text"),
+    F("lr_scheduler", "Optimizer & schedule", "Scheduler", "How the learning rate changes over the run.", "choice", SCHEDULERS),
+    F("lr_warmup_steps", "Optimizer & schedule", "Warm-up steps", "Steps rising from 0 to the learning rate.", "int"),
+    F("optimizer_type", "Optimizer & schedule", "Optimizer", "AdamW8bit saves memory on NVIDIA GPUs.", "choice",
+      ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")),
+    F("max_token_length", "Text", "Max token length",
+      "From your longest caption: up to 75 tokens 75, up to 150 150, else 225.", "choice", ("75", "150", "225")),
+    F("clip_skip", "Text", "Clip skip", "1 for SD-based models, 2 for NAI-based ones.", "int"),
+    F("mixed_precision", "Precision & memory", "Mixed precision", "bf16 if the card has it (RTX 30xx+), else fp16.",
+      "choice", ("fp16", "bf16", "no")),
+    F("save_precision", "Precision & memory", "Save precision", "fp16 files are half the size.", "choice",
+      ("fp16", "bf16", "fp32")),
+    F("gradient_checkpointing", "Precision & memory", "Gradient checkpointing", "Less memory, about 25% slower.", "bool"),
+    F("cache_latents", "Precision & memory", "Cache latents", "Encode each image once; faster, less VRAM.", "bool"),
+    F("sample_every_n_epochs", "Samples & saving", "Sample every N epochs", "Preview images (0 = none).", "int"),
+    F("sample_prompts", "Samples & saving", "Sample prompts", "One prompt per line.", "lines"),
+    F("save_every_n_epochs", "Samples & saving", "Save every N epochs", "Keep earlier epochs to compare (0 = last only).", "int"),
+    F("seed", "Advanced", "Seed", "The same seed and settings give the same LoRA.", "int"),
+    F("noise_offset", "Advanced", "Noise offset", "0.05-0.1 helps very dark or bright images.", "number"),
+    F("min_snr_gamma", "Advanced", "Min-SNR gamma", "5 is the paper's value; 0 = off.", "number"),
+    F("gradient_accumulation_steps", "Advanced", "Gradient accumulation", "Steps summed before each update.", "int"),
+)
+GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
+
+
+def values_to_options(values: list) -> dict:
+    """The form's values (in FIELDS order) as config options, blanks left out."""
+    out = {}
+    for field, value in zip(FIELDS, values):
+        if value is None or value == "":
+            continue
+        if field.kind == "lines":
+            value = [line.strip() for line in str(value).splitlines() if line.strip()]
+        elif field.name == "max_token_length":
+            value = int(value)
+        out[field.name] = value
+    return out
+
+
+def options_to_values(cfg) -> list:
+    """A config's options as the form's values."""
+    values = []
+    for field in FIELDS:
+        v = getattr(cfg, field.name)
+        if field.kind == "lines":
+            v = "\n".join(v)
+        elif field.name == "max_token_length":
+            v = str(v)
+        elif v is None:
+            v = ""
+        values.append(v)
+    return values

@@ -1,0 +1,165 @@
+"""The Train sub-tab: the form (from train_fields), presets, the dataset check, start / cancel / resume, and
+live progress (status line, loss plot, sample gallery)."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+
+import gradio as gr
+
+from . import train_fields as tf
+
+_PRESET = re.compile(r"^[\w\- .]{1,64}$")
+
+
+def form_to_config(values: list):
+    """(TrainConfig or None, message)."""
+    from ..train.config import ConfigError, from_dict
+
+    try:
+        return from_dict(tf.values_to_options(values), "form"), ""
+    except (ConfigError, ValueError) as e:
+        return None, f"**Check the form:** {e}"
+
+
+def check_dataset(host_fn, values: list):
+    """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not."""
+    from ..train.dataset import DatasetError
+    from ..train.loop import prepare_data
+
+    cfg, msg = form_to_config(values)
+    if cfg is None:
+        return None, msg
+    try:
+        _, _, report = prepare_data(host_fn(), cfg)
+    except DatasetError as e:
+        return None, f"**Dataset:** {e}"
+    per_epoch = -(-report["samples_per_epoch"] // cfg.train_batch_size)
+    steps = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
+    lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
+             f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}."]
+    lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
+              + (f", {c['share_of_train']:.0%} of each epoch" if c["share_of_train"] is not None else " (regularization)")
+              for c in report["concepts"]]
+    lines += [f"- skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
+    lines += [f"- warning: {w}" for w in report["warnings"]]
+    return report, "\n".join(lines)
+
+
+def preset_path(folder: str, name: str) -> str:
+    if not name or not _PRESET.match(name) or name.startswith("."):
+        raise ValueError(f"preset name {name!r}: letters, digits, spaces, '-', '_' and '.' only")
+    return os.path.join(folder, name + ".toml")
+
+
+def save_preset(folder: str, name: str, values: list) -> str:
+    from ..safetensors_io import atomic_write
+    from ..train.config import to_toml
+
+    cfg, msg = form_to_config(values)
+    if cfg is None:
+        return msg
+    try:
+        path = preset_path(folder, name)
+    except ValueError as e:
+        return f"**Preset:** {e}"
+    atomic_write(path, to_toml(cfg).encode("utf-8"), overwrite=True)
+    return f"Saved preset **{name}** ({path}); `python -m lora_ext train --config {path}` trains the same way."
+
+
+def load_preset(folder: str, name: str):
+    """(form values or None, message)."""
+    from ..train.config import ConfigError, load_toml
+
+    try:
+        cfg = load_toml(preset_path(folder, name))
+    except (ValueError, ConfigError) as e:
+        return None, f"**Preset:** {e}"
+    return tf.options_to_values(cfg), f"Loaded preset **{name}**."
+
+
+def list_presets(folder: str) -> list:
+    return sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".toml")) if os.path.isdir(folder) else []
+
+
+def progress(session):
+    """(status markdown, loss plot path or None, sample paths)."""
+    plot = None
+    if len(session.losses) >= 2:
+        from ..demo import loss_plot
+        plot = os.path.join(tempfile.gettempdir(), f"lora_ext_loss_{id(session)}.png")
+        loss_plot(session.losses, plot)
+    return session.status(), plot, list(session.samples)
+
+
+def build(session, host_fn, presets_folder: str, model_label: str = "") -> list:
+    """Adds the Train controls to the current gradio context; returns the progress outputs to poll."""
+    from ..train.config import TrainConfig
+
+    defaults = tf.options_to_values(TrainConfig())
+    inputs = []
+    if model_label:
+        gr.Markdown(model_label, elem_id="lora_ext_train_model")
+    with gr.Row():
+        preset = gr.Dropdown(label="Preset", choices=list_presets(presets_folder), allow_custom_value=True,
+                             elem_id="lora_ext_train_preset")
+        load_b = gr.Button("Load", elem_id="lora_ext_train_preset_load")
+        save_b = gr.Button("Save", elem_id="lora_ext_train_preset_save")
+    for group in tf.GROUPS:
+        with gr.Accordion(group, open=group in ("Model & output", "Dataset"), elem_id=f"lora_ext_train_{_slug(group)}"):
+            with gr.Row():
+                for field, value in zip(tf.FIELDS, defaults):
+                    if field.group == group:
+                        inputs.append(_component(field, value))
+    with gr.Row():
+        check_b = gr.Button("Check dataset", elem_id="lora_ext_train_check")
+        start_b = gr.Button("Train", variant="primary", elem_id="lora_ext_train_start")
+        cancel_b = gr.Button("Cancel", elem_id="lora_ext_train_cancel")
+    message = gr.Markdown(elem_id="lora_ext_train_message")
+    status = gr.Markdown(elem_id="lora_ext_train_status")
+    with gr.Row():
+        plot = gr.Image(label="Loss", type="filepath", interactive=False, elem_id="lora_ext_train_loss")
+        gallery = gr.Gallery(label="Samples", elem_id="lora_ext_train_samples")
+
+    def start(*values):
+        cfg, msg = form_to_config(list(values))
+        if cfg is None:
+            return msg
+        report, text = check_dataset(host_fn, list(values))
+        if report is None:
+            return text
+        return "Training started.\n\n" + text if session.start(cfg) else "A training run is already going."
+
+    check_b.click(lambda *v: check_dataset(host_fn, list(v))[1], inputs=inputs, outputs=[message])
+    start_b.click(start, inputs=inputs, outputs=[message])
+    cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
+    save_b.click(lambda n, *v: save_preset(presets_folder, n, list(v)), inputs=[preset] + inputs, outputs=[message])
+    load_b.click(lambda n: _loaded(load_preset(presets_folder, n), len(inputs)), inputs=[preset],
+                 outputs=inputs + [message])
+    gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(
+        lambda: progress(session), outputs=[status, plot, gallery])
+    return [status, plot, gallery]
+
+
+def _loaded(result, n):
+    values, message = result
+    return ([gr.update(value=v) for v in values] if values else [gr.update()] * n) + [message]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def _component(field, value):
+    eid = f"lora_ext_train_{field.name}"
+    kw = dict(label=field.label, info=field.tip, elem_id=eid)
+    if field.kind == "bool":
+        return gr.Checkbox(value=bool(value), **kw)
+    if field.kind == "choice":
+        return gr.Dropdown(choices=list(field.choices), value=value, **kw)
+    if field.kind in ("int", "number"):
+        return gr.Number(value=value, precision=0 if field.kind == "int" else None, **kw)
+    if field.kind == "lines":
+        return gr.Textbox(value=value, lines=2, **kw)
+    return gr.Textbox(value=value, **kw)

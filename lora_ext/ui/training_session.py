@@ -1,0 +1,67 @@
+"""A training run in the background for the UI: started from a config, cancelled by a button, read by a
+poll. `run(cfg, on_event, should_stop)` does the work (the webui's job, or the standalone trainer)."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class TrainingSession:
+    def __init__(self, run):
+        self.run = run
+        self._lock = threading.Lock()
+        self._thread = None
+        self._stop = False
+        self.events, self.losses, self.samples = [], [], []
+        self.result, self.error, self.started = None, None, None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, cfg) -> bool:
+        """False if a run is already going."""
+        with self._lock:
+            if self.running:
+                return False
+            self._stop = False
+            self.events, self.losses, self.samples = [], [], []
+            self.result, self.error, self.started = None, None, time.time()
+            self._thread = threading.Thread(target=self._work, args=(cfg,), daemon=True)
+            self._thread.start()
+            return True
+
+    def _work(self, cfg) -> None:
+        try:
+            self.result = self.run(cfg, self._on_event, lambda: self._stop)
+        except Exception as e:          # shown in the UI as a message, never a traceback
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _on_event(self, event) -> None:
+        self.events.append(event)
+        if event.kind == "step":
+            self.losses.append(event.loss)
+        elif event.kind == "sample":
+            self.samples.extend(event.paths)
+
+    def cancel(self) -> None:
+        self._stop = True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> str:
+        if self.error:
+            return f"**Stopped by an error:** {self.error}"
+        last = next((e for e in reversed(self.events) if e.kind == "step"), None)
+        if self.result is not None:
+            verb = "Cancelled" if self.result.cancelled else "Finished"
+            resume = f" Resume from `{self.result.state_path}`." if self.result.state_path else ""
+            return f"**{verb}** after {self.result.steps} steps: `{self.result.lora_path}`.{resume}"
+        if last is None:
+            return "Starting (reading the dataset, preparing the model)..." if self.running else "Idle."
+        eta = f", about {last.eta_s:.0f} s left" if last.eta_s else ""
+        rate = f", {last.it_s:.2f} it/s" if last.it_s else ""
+        return (f"Step {last.step}/{last.total} (epoch {last.epoch}): loss {last.loss:.4f}, average "
+                f"{last.avg_loss:.4f}, lr {last.lr:.2e}{rate}{eta}")
