@@ -116,6 +116,24 @@ def test_the_standalone_app_serves_the_tab_on_loopback(tmp_path):
     finally:
         block.close()
     assert "<html" in page.lower()
-    for elem in ("lora_ext_train_start", "lora_ext_train_network_dim", "lora_ext_merge_go", "lora_ext_inspect_file"):
+    for elem in ("lora_ext_train_start", "lora_ext_train_network_dim", "lora_ext_merge_go", "lora_ext_inspect_file",
+                 "lora_ext_concepts_table"):
         assert elem in config
     assert os.path.exists(tmp_path / "work" / "Stable-diffusion" / "tiny-sd1.safetensors")
+
+
+def test_concepts_tab_handlers(tmp_path):
+    from lora_ext.ui import concepts_tab
+
+    a = sample_data.make_sample_dataset(str(tmp_path / "d"), per_concept=3)
+    red = os.path.join(a["train"], "5_redcircle")
+    rows = [[red, 2, "red", ".txt", False], [os.path.join(a["reg"], "1_shape"), 1, "", ".txt", True]]
+    text = concepts_tab.summary(rows)
+    assert "**red** (2 repeats): 3 images, 2 captions, 100% of each epoch" in text and "regularization" in text
+    toml = concepts_tab.export_text(rows, "kohya")
+    back, msg = concepts_tab.import_text(toml, "kohya")
+    assert back == rows and "Imported 2" in msg
+    assert concepts_tab.import_text("{", "dreambooth")[0] is None
+    msg = concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy")
+    assert msg.startswith("Prepared 7 files") and os.path.isdir(tmp_path / "prepared" / "train" / "2_red")
+    assert concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy").startswith("**Cannot prepare:**")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from . import inspect_tab, merge_tab, train_tab
+from . import concepts_tab, inspect_tab, merge_tab, train_tab
 
 
 @dataclass
@@ -26,6 +26,8 @@ def build_tab(ctx) -> gr.Blocks:
                 with gr.Tab("Train", elem_id="lora_ext_tab_train"):
                     polled = train_tab.build(ctx.session, ctx.host_fn, ctx.presets_folder, ctx.model_label)
                 block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2)
+                with gr.Tab("Concepts", elem_id="lora_ext_tab_concepts"):
+                    concepts_tab.build()
             if ctx.ckpt_folder_fn is not None:
                 with gr.Tab("Merge", elem_id="lora_ext_tab_merge"):
                     merge_tab.build(ctx.ckpt_folder_fn, ctx.library)

@@ -1,0 +1,88 @@
+"""The Concepts sub-tab: a table of concepts (any number), their counts and shares, import/export of the
+dreambooth extension's JSON and kohya's dataset TOML, and preparing kohya's folder layout."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .. import concepts as cp
+
+HEADERS = ["folder", "repeats", "name (caption fallback)", "caption extension", "regularization"]
+
+
+def summary(rows) -> str:
+    """Per concept: images, captions found, share of each epoch."""
+    import os
+
+    try:
+        concepts = cp.from_rows(_rows(rows))
+    except cp.ConceptError as e:
+        return f"**Check the table:** {e}"
+    counted = []
+    for c in concepts:
+        if not os.path.isdir(c.folder):
+            counted.append((c, None, None))
+            continue
+        items = cp.images_with_captions(c.folder, c.caption_extension)
+        counted.append((c, len(items), sum(1 for _, cap in items if cap)))
+    total = sum(c.repeats * n for c, n, _ in counted if n and not c.is_reg)
+    lines = []
+    for c, n, caps in counted:
+        if n is None:
+            lines.append(f"- **{c.label}**: folder {c.folder} does not exist")
+            continue
+        share = "regularization" if c.is_reg else (f"{c.repeats * n / total:.0%} of each epoch" if total else "-")
+        lines.append(f"- **{c.label}** ({c.repeats} repeats): {n} images, {caps} captions, {share}")
+    return "\n".join(lines) or "No concepts yet: add a row with a folder."
+
+
+def import_text(text: str, kind: str):
+    """(table rows or None, message)."""
+    try:
+        concepts = cp.from_kohya_toml(text) if kind == "kohya" else cp.from_dreambooth_json(text)
+    except cp.ConceptError as e:
+        return None, f"**Cannot import:** {e}"
+    return cp.to_rows(concepts), f"Imported {len(concepts)} concepts."
+
+
+def export_text(rows, kind: str) -> str:
+    try:
+        concepts = cp.from_rows(_rows(rows))
+    except cp.ConceptError as e:
+        return f"# {e}"
+    return cp.to_kohya_toml(concepts) if kind == "kohya" else cp.to_dreambooth_json(concepts)
+
+
+def prepare(rows, dest: str, mode: str) -> str:
+    try:
+        out = cp.prepare(cp.from_rows(_rows(rows)), dest, mode)
+    except (cp.ConceptError, OSError) as e:
+        return f"**Cannot prepare:** {e}"
+    note = f" ({out['copied_instead_of_linked']} copied: links refused)" if out["copied_instead_of_linked"] else ""
+    reg = f", regularization folder `{out['reg']}`" if out["reg"] else ""
+    return f"Prepared {out['files']} files{note}: train folder `{out['train']}`{reg}. Put them in the Train form."
+
+
+def _rows(rows):
+    # gradio hands a DataFrame (pandas) or a list of lists
+    return rows.values.tolist() if hasattr(rows, "values") and hasattr(rows, "columns") else (rows or [])
+
+
+def build() -> None:
+    table = gr.Dataframe(headers=HEADERS, datatype=["str", "number", "str", "str", "bool"], row_count=(1, "dynamic"),
+                         col_count=(5, "fixed"), value=[["", 1, "", ".txt", False]], elem_id="lora_ext_concepts_table")
+    info = gr.Markdown(elem_id="lora_ext_concepts_summary")
+    table.change(summary, inputs=[table], outputs=[info])
+    with gr.Row():
+        kind = gr.Radio(["kohya", "dreambooth"], value="kohya", label="Format", elem_id="lora_ext_concepts_kind")
+        import_b = gr.Button("Import", elem_id="lora_ext_concepts_import")
+        export_b = gr.Button("Export", elem_id="lora_ext_concepts_export")
+    text = gr.Code(label="kohya dataset TOML / dreambooth concepts JSON", elem_id="lora_ext_concepts_text")
+    message = gr.Markdown(elem_id="lora_ext_concepts_message")
+    import_b.click(lambda t, k: (lambda r, m: (gr.update(value=r) if r else gr.update(), m))(*import_text(t, k)),
+                   inputs=[text, kind], outputs=[table, message])
+    export_b.click(export_text, inputs=[table, kind], outputs=[text])
+    with gr.Row():
+        dest = gr.Textbox(label="Prepare into (a new folder)", elem_id="lora_ext_concepts_dest")
+        mode = gr.Radio(["link", "copy"], value="link", label="How", elem_id="lora_ext_concepts_mode")
+        prep_b = gr.Button("Prepare folders", elem_id="lora_ext_concepts_prepare")
+    prep_b.click(prepare, inputs=[table, dest, mode], outputs=[message])
