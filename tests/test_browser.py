@@ -1,0 +1,100 @@
+"""End to end in headless Chromium (Debian's chromium, driven by Playwright): the standalone tab served on
+127.0.0.1; fill the training form, train on the sample dataset, watch progress and the loss plot, see the file,
+run a merge. Screenshots go to the test's output folder (and tests/output/ when LORA_EXT_SCREENSHOTS is set).
+`bash .ci/setup` installs chromium (as root) and playwright."""
+import importlib.util
+import os
+import shutil
+import socket
+
+import pytest
+
+from lora_ext.testing import sample_data
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("playwright") is None,
+                                reason="needs Debian's chromium and playwright: run `bash .ci/setup` as root")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _shot(page, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("LORA_EXT_SCREENSHOTS"):
+        os.makedirs(os.environ["LORA_EXT_SCREENSHOTS"], exist_ok=True)
+        shutil.copy(path, os.path.join(os.environ["LORA_EXT_SCREENSHOTS"], f"{name}.png"))
+
+
+def _md(page, eid):
+    # gradio 3.41 gives a Markdown's elem_id to its wrapper and to the text itself
+    return page.locator(f"div.prose#{eid}")
+
+
+def _fill(page, field, value):
+    box = page.locator(f"#lora_ext_train_{field} textarea, #lora_ext_train_{field} input").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_train_and_merge_in_a_real_browser(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from lora_ext.ui.app import make_app
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    block, ctx = make_app(str(tmp_path / "work"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    block.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                _drive(browser, port, ctx, data, tmp_path, expect)
+            finally:
+                browser.close()
+    finally:
+        # the tab's progress poll (every=2) is a queue job that never ends, and uvicorn's graceful shutdown
+        # would wait for it: let the test's server go at once
+        block.server.force_exit = True
+        block.close()
+    assert os.path.exists(os.path.join(ctx.ckpt_folder_fn(), "merged.safetensors"))
+
+
+def _drive(browser, port, ctx, data, tmp_path, expect):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+    expect(page.locator("#lora_ext_train_start")).to_be_visible(timeout=60_000)
+    for group in ("network", "optimizer_schedule", "samples_saving"):
+        page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+    _fill(page, "train_data_dir", data["train"])
+    _fill(page, "output_dir", ctx.lora_folder_fn())
+    _fill(page, "output_name", "browser")
+    _fill(page, "resolution", "64")
+    _fill(page, "network_dim", "4")
+    _fill(page, "train_batch_size", "2")
+    _fill(page, "max_train_steps", "6")
+    _fill(page, "sample_every_n_epochs", "1")
+    _fill(page, "sample_prompts", "red circle")
+    _shot(page, tmp_path, "1_form")
+    page.locator("#lora_ext_train_check").click()
+    expect(_md(page, "lora_ext_train_message")).to_contain_text("6 steps", timeout=60_000)
+    page.locator("#lora_ext_train_start").click()
+    expect(_md(page, "lora_ext_train_message")).to_contain_text("Training started", timeout=60_000)
+    expect(_md(page, "lora_ext_train_status")).to_contain_text("Step", timeout=120_000)
+    _shot(page, tmp_path, "2_training")
+    expect(_md(page, "lora_ext_train_status")).to_contain_text("Finished", timeout=180_000)
+    expect(page.locator("#lora_ext_train_loss img")).to_be_visible(timeout=30_000)
+    _shot(page, tmp_path, "3_finished")
+    assert os.path.exists(os.path.join(ctx.lora_folder_fn(), "browser.safetensors"))
+
+    page.locator(".tab-nav button", has_text="Merge").click()
+    page.locator("#lora_ext_merge_base input").click()
+    page.locator("ul.options li", has_text="tiny-sd1.safetensors").first.click()
+    page.locator("#lora_ext_merge_loras textarea").fill("browser.safetensors:0.8")
+    page.locator("#lora_ext_merge_out textarea").fill("merged")
+    page.locator("#lora_ext_merge_go").click()
+    expect(_md(page, "lora_ext_merge_message")).to_contain_text("Wrote merged.safetensors", timeout=120_000)
+    _shot(page, tmp_path, "4_merged")
