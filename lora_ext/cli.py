@@ -192,6 +192,13 @@ def cmd_demo(args) -> int:
     return run_demo(args.out)
 
 
+def _output_args(parser) -> None:
+    """The options every command that writes a LoRA file takes."""
+    parser.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_ext", description="Train, apply and merge LoRA networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,26 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("lora")
     r.add_argument("--rank", type=int)
     r.add_argument("--energy", type=float, help="keep the fewest ranks holding this fraction of each module")
-    r.add_argument("--out", required=True)
-    r.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
-    r.add_argument("--overwrite", action="store_true")
+    _output_args(r)
     r.add_argument("--verbose", action="store_true", help="kept energy per module")
     r.set_defaults(func=cmd_resize)
     ml = sub.add_parser("merge-loras", help="several LoRAs into one (ranks concatenated, or SVD to --rank)")
     ml.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]")
     ml.add_argument("--rank", type=int)
-    ml.add_argument("--out", required=True)
-    ml.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
-    ml.add_argument("--overwrite", action="store_true")
+    _output_args(ml)
     ml.set_defaults(func=cmd_merge_loras)
     x = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (randomized SVD)")
     x.add_argument("--base", required=True)
     x.add_argument("--tuned", required=True)
     x.add_argument("--rank", type=int, default=32)
     x.add_argument("--conv_rank", type=int)
-    x.add_argument("--out", required=True)
-    x.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
-    x.add_argument("--overwrite", action="store_true")
+    _output_args(x)
     x.set_defaults(func=cmd_extract)
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")

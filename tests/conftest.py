@@ -24,3 +24,21 @@ def tiny_model(arch: str):
 @pytest.fixture(params=["sd1", "sd2", "sdxl"])
 def any_arch(request):
     return request.param
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_app(folder):
+    """The standalone tab on a free loopback port: (gradio Blocks, TabContext, port)."""
+    from lora_ext.ui.app import make_app
+
+    block, ctx = make_app(str(folder))
+    port = free_port()
+    block.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    return block, ctx, port

@@ -5,10 +5,10 @@ run a merge. Screenshots go to the test's output folder (and tests/output/ when 
 import importlib.util
 import os
 import shutil
-import socket
 
 import pytest
 
+from conftest import serve_app
 from lora_ext.testing import sample_data
 
 CHROMIUM = shutil.which("chromium")
@@ -40,14 +40,8 @@ def _fill(page, field, value):
 def test_train_and_merge_in_a_real_browser(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from lora_ext.ui.app import make_app
-
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
-    block, ctx = make_app(str(tmp_path / "work"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    block.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    block, ctx, port = serve_app(tmp_path / "work")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)

@@ -300,17 +300,15 @@ def _ddp_worker(rank, world, port, cfg_kwargs):
 
 def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path):
     """Data-parallel over two CPU processes (gloo, loopback): batch 1 each equals one process with batch 2."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from conftest import free_port
 
     kwargs = dict(train_data_dir=data["train"], resolution="64", max_train_steps=4, network_dim=4, network_alpha=2,
                   learning_rate=1e-3, lr_scheduler="constant", mixed_precision="no", save_precision="fp32", seed=3,
                   output_name="t")
     one = train(WebuiHost(tiny_model("sd1")), TrainConfig(**kwargs, output_dir=str(tmp_path / "one"), train_batch_size=2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, dict(kwargs, output_dir=str(tmp_path / "two"), train_batch_size=1)),
              nprocs=2, join=True)
     assert not os.path.exists(tmp_path / "two" / "t-state.pt")

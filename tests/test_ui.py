@@ -1,12 +1,11 @@
 """The LoRA tab's handlers (form, presets, dataset check, training session, merge) and the standalone app."""
 import os
-import socket
 import time
 import urllib.request
 
 import pytest
 
-from conftest import tiny_model
+from conftest import serve_app, tiny_model
 from lora_ext import files
 from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
@@ -103,13 +102,7 @@ def test_merge_handler_keeps_names_in_their_folders(tmp_path):
 
 
 def test_the_standalone_app_serves_the_tab_on_loopback(tmp_path):
-    from lora_ext.ui.app import make_app
-
-    block, ctx = make_app(str(tmp_path / "work"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    block.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    block, ctx, port = serve_app(tmp_path / "work")
     try:
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         config = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30).read().decode()
