@@ -79,6 +79,12 @@ def test_a_training_session_runs_in_the_background_and_cancels(data, tmp_path):
     session.cancel()
     session.wait(60)
     assert session.status().startswith("**Cancelled**") and "Resume from" in session.status()
+    stopped_at = session.result.steps
+    cfg, msg = train_tab.form_to_config(_values(data, tmp_path / "c", max_train_steps=50, resume=session.result.state_path))
+    assert msg == "" and session.start(cfg)
+    session.wait(120)
+    assert session.status().startswith("**Finished** after 50 steps") and stopped_at < 50
+    assert any(e.kind == "message" and f"resumed at step {stopped_at}" in e.text for e in session.events)
     cfg, _ = train_tab.form_to_config(_values(data, tmp_path / "d", max_train_steps=50, optimizer_type="Nope"))
     session.start(cfg)
     session.wait(60)
