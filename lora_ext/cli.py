@@ -116,12 +116,10 @@ def _energy_summary(kept: dict) -> dict:
         if values else {"modules": 0}
 
 
-def _write_lora(path, modules, metadata, overwrite, dtype):
-    import torch
-
+def _write_lora(path, modules, metadata, overwrite, precision):
     from . import files
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    files.write_kohya(path, files.kohya_tensors(modules, dtype), metadata, overwrite=overwrite)
+    from .merge import PRECISIONS
+    files.write_kohya(path, files.kohya_tensors(modules, PRECISIONS[precision]), metadata, overwrite=overwrite)
 
 
 def cmd_resize(args) -> int:

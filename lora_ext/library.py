@@ -69,9 +69,11 @@ class LoraLibrary:
     def short_hash(self, name: str) -> str | None:
         """The first 12 hex of the file's addnet hash (what the webui shows and infotext records)."""
         try:
-            path = self.path(name)
+            return self._short_hash(self.path(name), name)
         except (FileNotFoundError, UnsafeName):
             return None
+
+    def _short_hash(self, path: str, name: str) -> str | None:
         st = os.stat(path)
         key = (path, st.st_mtime_ns, st.st_size)
         if key not in self._hashes:
@@ -100,17 +102,20 @@ class LoraLibrary:
     def find(self, label: str, short_hash: str | None = None) -> str | None:
         """The name for an infotext label (a path without extension, or a bare file name) and hash: the name
         first, then a file of another name with that hash."""
-        names = self.names()
-        stem = lambda n: n.rsplit(".", 1)[0]  # noqa: E731
+        from .slots import display_name     # how infotext labels are written
+
+        index = self._index()               # one walk of the folders for the whole search
+        names = sorted(index, key=str.lower)
+
+        def hash_matches(n):
+            return (self._short_hash(resolve(index[n], n), n) or "").startswith(short_hash.lower())
+
         for n in names:
-            if n == label or stem(n) == label:
-                if not short_hash or (self.short_hash(n) or "").startswith(short_hash.lower()):
+            if n == label or display_name(n) == label:
+                if not short_hash or hash_matches(n):
                     return n
         base = label.rsplit("/", 1)[-1]
-        same_base = [n for n in names if stem(n).rsplit("/", 1)[-1] == base]
+        same_base = [n for n in names if display_name(n).rsplit("/", 1)[-1] == base]
         if short_hash:
-            for n in same_base + [n for n in names if n not in same_base]:
-                if (self.short_hash(n) or "").startswith(short_hash.lower()):
-                    return n
-            return None
+            return next((n for n in same_base + [n for n in names if n not in same_base] if hash_matches(n)), None)
         return same_base[0] if same_base else None

@@ -84,12 +84,16 @@ def list_presets(folder: str) -> list:
 
 
 def progress(session):
-    """(status markdown, loss plot path or None, sample paths)."""
+    """(status markdown, loss plot path or None, sample paths). Polled every 2 s: the plot is drawn again only
+    when steps were added since it was last drawn."""
     plot = None
-    if len(session.losses) >= 2:
-        from ..demo import loss_plot
+    n = len(session.losses)
+    if n >= 2:
         plot = os.path.join(tempfile.gettempdir(), f"lora_ext_loss_{id(session)}.png")
-        loss_plot(session.losses, plot)
+        if session.plotted != n or not os.path.exists(plot):
+            from ..demo import loss_plot
+            loss_plot(session.losses[:n], plot)
+            session.plotted = n
     return session.status(), plot, list(session.samples)
 
 

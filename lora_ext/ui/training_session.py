@@ -14,6 +14,7 @@ class TrainingSession:
         self._stop = False
         self.events, self.losses, self.samples = [], [], []
         self.result, self.error, self.started = None, None, None
+        self.plotted = None         # how many losses the progress plot last showed (see train_tab.progress)
 
     @property
     def running(self) -> bool:
@@ -27,6 +28,7 @@ class TrainingSession:
             self._stop = False
             self.events, self.losses, self.samples = [], [], []
             self.result, self.error, self.started = None, None, time.time()
+            self.plotted = None
             self._thread = threading.Thread(target=self._work, args=(cfg,), daemon=True)
             self._thread.start()
             return True
