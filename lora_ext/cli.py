@@ -110,70 +110,34 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _energy_summary(kept: dict) -> dict:
-    values = sorted(kept.values())
-    return {"modules": len(values), "min": values[0], "median": values[len(values) // 2], "mean": sum(values) / len(values)} \
-        if values else {"modules": 0}
-
-
-def _write_lora(path, modules, metadata, overwrite, precision):
-    from . import files
-    from .merge import PRECISIONS
-    files.write_kohya(path, files.kohya_tensors(modules, PRECISIONS[precision]), metadata, overwrite=overwrite)
-
-
 def cmd_resize(args) -> int:
-    from . import files, lowrank
+    from .lora_tools import resize_file
 
     if (args.rank is None) == (args.energy is None):
         raise UsageError("give --rank R or --energy F (0 < F <= 1)")
-    lora = files.read(args.lora)
-    if any(m.network != "lora" for m in lora.modules.values()):
-        raise UsageError(f"{args.lora}: resizing LoHa/LoKr files is not supported (LoRA and LoCon are)")
-    modules, kept = lowrank.resize(lora.modules, args.rank, args.energy)
-    top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
-    meta = {**lora.metadata, "ss_network_dim": top, "ss_network_alpha": top,
-            "lora_ext_resized": json.dumps(_energy_summary(kept))}
-    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
-    print(json.dumps({"out": args.out, "kept_energy": _energy_summary(kept),
-                      "per_module": kept if args.verbose else None}, indent=2))
+    report = resize_file(args.lora, args.out, args.rank, args.energy, args.precision, args.overwrite)
+    if not args.verbose:
+        report["per_module"] = None
+    print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_merge_loras(args) -> int:
-    from . import files, lowrank
+    from .lora_tools import merge_lora_files
 
-    loras, arch = [], None
-    for text in args.lora:
-        path, w, _ = parse_lora_arg(text)
-        lora = files.read(path, arch)
-        arch = arch or lora.arch
-        loras.append((lora.modules, w))
-    modules, kept = lowrank.merge_loras(loras, args.rank)
-    top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
-    meta = files.network_metadata("lora", top, top, arch,
-                                  lora_ext_merged_loras=json.dumps([os.path.basename(t) for t in args.lora]))
-    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
-    print(json.dumps({"out": args.out, "modules": len(modules), "kept_energy": _energy_summary(kept)}, indent=2))
+    items = [parse_lora_arg(text)[:2] for text in args.lora]
+    report = merge_lora_files(items, args.out, args.rank, args.precision, args.overwrite)
+    report.pop("per_module")
+    print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_extract(args) -> int:
-    from . import files
-    from .merge import MergeError, extract
+    from .lora_tools import extract_file
 
-    try:
-        modules, kept, arch = extract(args.base, args.tuned, args.rank, args.conv_rank)
-    except MergeError as e:
-        raise UsageError(str(e)) from None
-    if not modules:
-        raise UsageError("the two checkpoints do not differ in any LoRA layer")
-    meta = files.network_metadata("locon" if args.conv_rank else "lora", args.rank, args.rank, arch,
-                                  **({"conv_dim": args.conv_rank, "conv_alpha": args.conv_rank} if args.conv_rank else {}),
-                                  lora_ext_extracted=json.dumps({"base": os.path.basename(args.base),
-                                                                 "tuned": os.path.basename(args.tuned)}))
-    _write_lora(args.out, modules, meta, args.overwrite, args.precision)
-    print(json.dumps({"out": args.out, "kept_energy": _energy_summary(kept)}, indent=2))
+    report = extract_file(args.base, args.tuned, args.out, args.rank, args.conv_rank, args.precision, args.overwrite)
+    report.pop("per_module")
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -163,6 +163,29 @@ def write_caption(image_path: str, text: str, caption_extension: str = ".txt") -
     return path
 
 
+def read_caption(caption_path: str | None) -> str:
+    if caption_path is None:
+        return ""
+    with open(caption_path, encoding="utf-8", errors="replace") as f:
+        return f.read().strip()
+
+
+def caption_missing(folder: str, caption_extension: str, caption_fn) -> dict:
+    """Writes a caption for each image of `folder` that has none, from `caption_fn(PIL image)`; existing
+    captions are never touched. {"written": [caption paths], "kept": n already captioned}."""
+    from PIL import Image
+
+    written, kept = [], 0
+    for image, caption in images_with_captions(folder, caption_extension):
+        if caption is not None:
+            kept += 1
+            continue
+        with Image.open(image) as im:
+            text = caption_fn(im.convert("RGB"))
+        written.append(write_caption(image, str(text), caption_extension))
+    return {"written": written, "kept": kept}
+
+
 def to_rows(concepts: list) -> list:
     return [[c.folder, c.repeats, c.name, c.caption_extension, c.is_reg] for c in concepts]
 

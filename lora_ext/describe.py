@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from . import files, naming
 
@@ -17,9 +18,12 @@ def _parse_metadata_value(value: str):
 
 
 def describe(path: str, arch: naming.Arch | None = None) -> dict:
-    lora = files.read(path, arch)
+    return describe_lora(files.read(path, arch))
+
+
+def describe_lora(lora: files.LoraFile) -> dict:
     return {
-        "file": path,
+        "file": lora.path,
         "format": lora.format,
         "container": lora.container,
         "arch": lora.arch.name,
@@ -32,3 +36,49 @@ def describe(path: str, arch: naming.Arch | None = None) -> dict:
         **lora.hashes(),
         "unmatched": lora.unmatched,
     }
+
+
+_BLOCK = re.compile(r"^lora_(unet)_(down_blocks_\d+|mid_block|up_blocks_\d+|input_blocks_\d+|middle_block|output_blocks_\d+)"
+                    r"|^lora_(te\d?)_.*?(?:layers|resblocks)_(\d+)_")
+_BULKY = ("ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets", "ss_reg_dataset_dirs")
+
+
+def block_of(name: str) -> str:
+    """The block a kohya module name belongs to: 'unet down_blocks_1', 'te layer 3', 'te2 layer 11'."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return name.removeprefix("lora_").split("_")[0]
+    if m.group(1):
+        return f"unet {m.group(2)}"
+    return f"{m.group(3)} layer {m.group(4)}"
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def block_rows(lora) -> list:
+    """[block, modules, rank, alpha] per block, in file order ('4-8' where a block's modules differ)."""
+    groups: dict = {}
+    for name, m in lora.modules.items():
+        groups.setdefault(block_of(name), []).append(m)
+    return [[b, len(ms), _span([m.rank for m in ms]), _span([m.alpha if m.alpha is not None else m.rank for m in ms])]
+            for b, ms in groups.items()]
+
+
+def setting_rows(metadata: dict) -> list:
+    """[setting, value] for the training settings in ss_* metadata (the bulky dataset records left out)."""
+    return [[k.removeprefix("ss_"), str(v)] for k, v in sorted(metadata.items())
+            if k.startswith("ss_") and k not in _BULKY]
+
+
+def tag_rows(metadata: dict) -> list:
+    """[tag, count, folder] from ss_tag_frequency, most frequent first."""
+    freq = _parse_metadata_value(metadata.get("ss_tag_frequency", "{}"))
+    rows = []
+    if isinstance(freq, dict):
+        for folder, tags in freq.items():
+            if isinstance(tags, dict):
+                rows += [[tag.strip(), int(n), folder] for tag, n in tags.items() if str(n).isdigit()]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))

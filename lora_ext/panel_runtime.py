@@ -47,6 +47,25 @@ class PanelRuntime:
             outcome.infotext["AddNet Warning"] = "; ".join(skipped)
         return outcome
 
+    def bake(self, host, items: list) -> Outcome:
+        """Merges LoRAs into the model's weights for good (until its checkpoint is loaded again): the panel's
+        own LoRAs are given back first, then these merged and our copies of the old weights dropped, so later
+        generations (with or without panel LoRAs) start from the baked weights. `items`: [(name, unet, te)]."""
+        outcome = Outcome()
+        requests = []
+        for name, unet, te in items:
+            try:
+                requests.append(Request(self.library.path(name), unet, te, name=name))
+            except (FileNotFoundError, UnsafeName) as e:
+                outcome.messages.append(str(e))
+        if outcome.messages:
+            return outcome
+        self.engine.restore(host)
+        outcome.report = self.engine.apply(host, requests, "merge")
+        self.engine.forget(host.model)
+        outcome.messages += outcome.report.warnings
+        return outcome
+
     def restore(self, host) -> None:
         self.engine.restore(host)
 

@@ -1,6 +1,7 @@
 """Webui glue: registers the LoRA tab, the Additional Networks panel, settings, X/Y/Z axes and API routes.
 No logic beyond wiring: everything here calls lora_ext, which never imports the webui's modules itself."""
 import os
+import sys
 
 import gradio as gr
 from modules import script_callbacks, scripts, shared
@@ -75,16 +76,69 @@ def checkpoints_folder():
     return getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(paths.models_path, "Stable-diffusion")
 
 
+def refresh_lists(kind, path):
+    """A file we wrote shows up in the webui's own lists: the checkpoint dropdown, the built-in Lora's cards."""
+    if kind == "checkpoint":
+        shared.refresh_checkpoints()
+        return
+    networks = sys.modules.get("networks")     # the built-in Lora extension's module, when it is loaded
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+
+
+def checkpoint_names():
+    from modules import sd_models
+    shared.refresh_checkpoints()
+    return sd_models.checkpoint_tiles()
+
+
+def switch_checkpoint(name):
+    """Loads another checkpoint the webui's own way (its setting; the webui reloads the weights)."""
+    from modules import sd_models
+    info = sd_models.get_closet_checkpoint_match(name)
+    if info is None:
+        return f"**No checkpoint {name!r}** in the webui's list; press Refresh."
+    shared.opts.set("sd_model_checkpoint", info.title)
+    return f"Loaded **{info.title}**."
+
+
+def model_label():
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return f"Training uses the checkpoint loaded in the webui: **{getattr(info, 'title', 'none loaded')}**."
+
+
+def interrogators():
+    """The webui's own captioners, when it has them: CLIP (BLIP + CLIP) and DeepBooru."""
+    import importlib.util
+    found = {}
+    if getattr(shared, "interrogator", None) is not None:
+        found["CLIP"] = lambda image: shared.interrogator.interrogate(image)
+    if importlib.util.find_spec("modules.deepbooru") is not None:
+        def deepbooru(image):
+            from modules import deepbooru as db
+            return db.model.tag(image)
+        found["DeepBooru"] = deepbooru
+    return found
+
+
+def bake(items):
+    from modules import call_queue
+    with call_queue.queue_lock:
+        return Runtime.get().bake(Runtime.host(shared.sd_model), items)
+
+
 def tab_context():
+    from modules import call_queue
+
     from lora_ext.ui.tab import TabContext
     from lora_ext.ui.training_session import TrainingSession
 
-    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    label = f"Training uses the checkpoint loaded in the webui: **{getattr(info, 'title', 'the loaded model')}** " \
-            "(switch it in the checkpoint list at the top first)."
-    return TabContext(lambda: lora_folders()[0], checkpoints_folder, LIBRARY, TrainingSession(train_in_webui),
+    return TabContext(lambda: lora_folders()[0], checkpoints_folder, LIBRARY,
+                      TrainingSession(train_in_webui, on_written=refresh_lists),
                       lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
-                      label)
+                      model_label_fn=model_label, lock=lambda: call_queue.queue_lock, checkpoints_fn=checkpoint_names,
+                      switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
+                      bake_fn=bake)
 
 
 def info_line(name):

@@ -84,11 +84,66 @@ def _drive(browser, port, ctx, data, tmp_path, expect):
     _shot(page, tmp_path, "3_finished")
     assert os.path.exists(os.path.join(ctx.lora_folder_fn(), "browser.safetensors"))
 
-    page.locator(".tab-nav button", has_text="Merge").click()
-    page.locator("#lora_ext_merge_base input").click()
-    page.locator("ul.options li", has_text="tiny-sd1.safetensors").first.click()
-    page.locator("#lora_ext_merge_loras textarea").fill("browser.safetensors:0.8")
+    _tab(page, "Merge")
+    page.locator("#lora_ext_merge_refresh").click()
+    _choose(page, "lora_ext_merge_base", "tiny-sd1.safetensors")
+    _choose(page, "lora_ext_merge_pick", "browser.safetensors")
+    page.locator("#lora_ext_merge_pick_unet input").fill("0.8")
+    page.locator("#lora_ext_merge_add").click()
+    expect(page.locator("#lora_ext_merge_loras textarea")).to_have_value("browser.safetensors:0.8:1")
     page.locator("#lora_ext_merge_out textarea").fill("merged")
     page.locator("#lora_ext_merge_go").click()
     expect(_md(page, "lora_ext_merge_message")).to_contain_text("Wrote merged.safetensors", timeout=120_000)
     _shot(page, tmp_path, "4_merged")
+
+    _tab(page, "Concepts")
+    page.locator("#lora_ext_captions .label-wrap").first.click()
+    red = os.path.join(data["train"], "5_redcircle")
+    page.locator("#lora_ext_captions_folder textarea").fill(red)
+    page.locator("#lora_ext_captions_show").click()
+    expect(_md(page, "lora_ext_captions_message")).to_contain_text("2 images, 1 without caption", timeout=30_000)
+    page.locator("#lora_ext_captions_gallery button.thumbnail-item").first.click()
+    first = sorted(n for n in os.listdir(red) if not n.endswith(".txt"))[0]
+    with open(os.path.join(red, os.path.splitext(first)[0] + ".txt")) as f:
+        expect(page.locator("#lora_ext_captions_text textarea")).to_have_value(f.read().strip(), timeout=30_000)
+    page.locator("#lora_ext_captions_text textarea").fill("edited in the browser")
+    page.locator("#lora_ext_captions_save").click()
+    expect(_md(page, "lora_ext_captions_message")).to_contain_text("Saved", timeout=30_000)
+    with open(os.path.join(red, os.path.splitext(first)[0] + ".txt")) as f:
+        assert f.read() == "edited in the browser"
+    _shot(page, tmp_path, "5_captions")
+
+    _tab(page, "Inspect")
+    page.locator("#lora_ext_inspect_refresh").click()
+    _choose(page, "lora_ext_inspect_file", "browser.safetensors")
+    expect(_md(page, "lora_ext_inspect_message")).to_contain_text("SD1 lora", timeout=30_000)
+    expect(page.locator("#lora_ext_inspect_blocks")).to_contain_text("unet", timeout=30_000)
+    expect(page.locator("#lora_ext_inspect_tags")).to_contain_text("circle", timeout=30_000)
+    _shot(page, tmp_path, "6_inspect")
+
+    # the webui's dark theme (its ?__theme=dark): our elements take the theme's colours, none of their own
+    page.goto(f"http://127.0.0.1:{port}/?__theme=dark", timeout=60_000)
+    expect(page.locator("#lora_ext_train_start")).to_be_visible(timeout=60_000)
+    assert page.evaluate("document.body.classList.contains('dark')")
+    colors = page.evaluate("""() => {
+        const box = getComputedStyle(document.querySelector('#lora_ext_train_model_output'));
+        const text = getComputedStyle(document.querySelector('#lora_ext_train_output_name label span'));
+        return [box.backgroundColor, text.color];
+    }""")
+    assert _luminance(colors[0]) < 0.3 and _luminance(colors[1]) > 0.6, colors
+    _shot(page, tmp_path, "7_dark")
+
+
+def _luminance(css_color: str) -> float:
+    r, g, b = (float(x) for x in css_color[css_color.index("(") + 1:].rstrip(")").split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+def _tab(page, name):
+    import re
+    page.locator(".tab-nav button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
+
+
+def _choose(page, eid, option):
+    page.locator(f"#{eid} input").click()
+    page.locator("ul.options li", has_text=option).first.click()

@@ -4,6 +4,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from conftest import serve_app, tiny_model
 from lora_ext import files
@@ -59,18 +60,22 @@ def test_dataset_check_reports_concepts_steps_and_problems(data, tmp_path):
     host = WebuiHost(tiny_model("sd1"))
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path))
     assert report is not None and "**4 steps**" in text and "redcircle: 2 images, 1 without caption" in text
+    assert "Estimated memory: about **" in text and "on cpu (weights" in text
+    assert "not while a run is going" in train_tab.check_dataset(lambda: host, _values(data, tmp_path), None, False)[1]
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path, train_data_dir=str(tmp_path / "no")))
     assert report is None and text.startswith("**Dataset:**")
 
 
 def test_a_training_session_runs_in_the_background_and_cancels(data, tmp_path):
     host = WebuiHost(tiny_model("sd1"))
-    session = TrainingSession(lambda cfg, ev, stop: train(host, cfg, ev, stop))
+    written = []
+    session = TrainingSession(lambda cfg, ev, stop: train(host, cfg, ev, stop), lambda kind, p: written.append((kind, p)))
     cfg, _ = train_tab.form_to_config(_values(data, tmp_path))
     assert session.start(cfg) and not session.start(cfg)          # one run at a time
     session.wait(120)
     status, plot, samples = train_tab.progress(session)
     assert status.startswith("**Finished** after 4 steps") and os.path.exists(plot) and samples
+    assert written == [("lora", session.result.lora_path)]         # the host refreshes its lists
     cfg, _ = train_tab.form_to_config(_values(data, tmp_path / "c", max_train_steps=50))
     session.start(cfg)
     deadline = time.time() + 60
@@ -136,3 +141,144 @@ def test_concepts_tab_handlers(tmp_path):
     msg = concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy")
     assert msg.startswith("Prepared 7 files") and os.path.isdir(tmp_path / "prepared" / "train" / "2_red")
     assert concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy").startswith("**Cannot prepare:**")
+
+
+def test_switching_the_checkpoint_of_the_standalone_model(tmp_path):
+    import types
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_ext.ui.app import StandaloneModel
+
+    host = WebuiHost(tiny.build("sd1"))
+    tiny.save_checkpoint(host.model, str(tmp_path / "a.safetensors"))
+    other = load_file(str(tmp_path / "a.safetensors"))
+    key = next(k for k in other if k.endswith("attn2.to_k.weight"))
+    other[key] = other[key] + 1
+    te_key = next(k for k in other if k.startswith("cond_stage_model.") and k.endswith("q_proj.weight"))
+    other[te_key] = other[te_key] * 2
+    save_file(other, str(tmp_path / "b.safetensors"))
+    tiny.save_checkpoint(tiny.build("sd2"), str(tmp_path / "sd2.safetensors"))
+    model = StandaloneModel(host, str(tmp_path), "a.safetensors")
+    assert model.switch("b.safetensors") == "Loaded **b.safetensors**." and "b.safetensors" in model.label()
+    assert torch.equal(host.model.state_dict()[key], other[key])
+    assert torch.equal(host.model.state_dict()[te_key.replace("cond_stage_model.", "cond_stage_model.wrapped.")], other[te_key])
+    msg = model.switch("sd2.safetensors")
+    assert "does not fit this SD1 model" in msg and model.current == "b.safetensors"
+    assert "outside" in model.switch("../x.safetensors")
+    ctx = types.SimpleNamespace(switch_fn=model.switch)
+    busy = types.SimpleNamespace(running=True)      # a session in the middle of a run
+    assert "Not now" in train_tab.switch_checkpoint(ctx, busy, "a.safetensors") and model.current == "b.safetensors"
+
+
+def test_caption_browser_and_interrogation(tmp_path):
+    from lora_ext.ui import concepts_tab
+
+    d = sample_data.make_sample_dataset(str(tmp_path / "d"), per_concept=3)
+    red = os.path.join(d["train"], "5_redcircle")
+    items, paths, msg = concepts_tab.browse(red, ".txt")
+    assert len(items) == len(paths) == 3 and msg == "3 images, 1 without caption."
+    missing = next(i for i, (_, cap) in enumerate(items) if cap == "(no caption)")
+    image, caption = concepts_tab.pick(paths, missing, ".txt")
+    assert image == paths[missing] and caption == ""
+    assert concepts_tab.save_caption(image, "  a red circle, flat  ", ".txt").startswith("Saved")
+    with open(os.path.splitext(image)[0] + ".txt") as f:
+        assert f.read() == "a red circle, flat"
+    assert concepts_tab.pick(paths, missing, ".txt")[1] == "a red circle, flat"
+    assert concepts_tab.save_caption(None, "x", ".txt").startswith("Pick an image")
+    assert concepts_tab.browse(str(tmp_path / "nope"), ".txt")[2].startswith("**No such folder")
+
+    before = {p: open(os.path.splitext(p)[0] + ".txt").read() for p in paths}
+    blue = os.path.join(d["train"], "3_bluesquare")
+    _, blue_paths, _ = concepts_tab.browse(blue, ".txt")
+    seen = []
+
+    def describe(img):
+        seen.append(img.size)
+        return "a blue square" if img.getpixel((img.width // 2, img.height // 2))[2] > 128 else "something"
+    msg = concepts_tab.caption_missing(blue, ".txt", "Test", {"Test": describe})
+    had = sum(1 for p in blue_paths if os.path.exists(os.path.splitext(p)[0] + ".txt")) - len(seen)
+    assert msg == f"Test: wrote {len(seen)} captions; {had} images already had one (left as they were)."
+    assert all(open(os.path.splitext(p)[0] + ".txt").read() for p in blue_paths)
+    assert concepts_tab.caption_missing(red, ".txt", "Test", {"Test": describe}).startswith("Test: wrote 0 captions")
+    assert before == {p: open(os.path.splitext(p)[0] + ".txt").read() for p in paths}
+    assert "No interrogator" in concepts_tab.caption_missing(red, ".txt", "CLIP", {})
+    broken = lambda img: 1 / 0  # noqa: E731
+    os.remove(os.path.splitext(paths[0])[0] + ".txt")
+    assert "ZeroDivisionError" in concepts_tab.caption_missing(red, ".txt", "Bad", {"Bad": broken})
+
+
+def _tool_folders(tmp_path):
+    ckpts, loras = tmp_path / "ckpts", tmp_path / "loras"
+    ckpts.mkdir(), loras.mkdir()
+    model = tiny_model("sd1")
+    tiny.save_checkpoint(model, str(ckpts / "base.safetensors"))
+    files.write_kohya(str(loras / "a.safetensors"), files.kohya_tensors(make_random_lora(model, rank=4, seed=1)),
+                      {"ss_output_name": "a"})
+    files.write_kohya(str(loras / "b.safetensors"), files.kohya_tensors(make_random_lora(model, rank=4, seed=2)), {})
+    return str(ckpts), str(loras), LoraLibrary(lambda: [str(loras)]), model
+
+
+def test_lora_tools_handlers(tmp_path):
+    ckpts, loras, lib, model = _tool_folders(tmp_path)
+    written = []
+    note = lambda kind, path: written.append((kind, os.path.basename(path)))  # noqa: E731
+    msg, rows = merge_tab.merge_loras(loras, lib, "a.safetensors:0.5\nb.safetensors", 0, "ab", "fp16", False, note)
+    assert msg.startswith("Wrote **ab.safetensors** at rank 8") and files.read(os.path.join(loras, "ab.safetensors")).by_kind()["linear"]["rank"] == 8
+    msg, rows = merge_tab.merge_loras(loras, lib, "a.safetensors\nb.safetensors", 3, "ab3", "fp16", False, note)
+    assert "at rank 3" in msg and rows and all(0 < r[1] <= 1 for r in rows) and rows == sorted(rows, key=lambda r: r[1])
+    assert "exists" in merge_tab.merge_loras(loras, lib, "a.safetensors", 0, "ab", "fp16", False)[0]
+    msg, rows = merge_tab.resize(loras, lib, "a.safetensors", "rank", 2, "a2", "fp16", False, note)
+    assert msg.startswith("Wrote **a2.safetensors** (largest rank 2)") and len(rows) == len(files.read(os.path.join(loras, "a.safetensors")).modules)
+    msg, _ = merge_tab.resize(loras, lib, "a.safetensors", "energy", 0.999, "a_e", "fp16", False, note)
+    assert "Kept energy" in msg
+    assert "outside" in merge_tab.resize(loras, lib, "a.safetensors", "rank", 2, "../a2", "fp16", False)[0]
+    assert "choose a LoRA" in merge_tab.resize(loras, lib, "", "rank", 2, "x", "fp16", False)[0]
+    assert "not in the LoRA folders" in merge_tab.resize(loras, lib, "zz.safetensors", "rank", 2, "x", "fp16", False)[0]
+    merge_tab.merge(ckpts, lib, "base.safetensors", "a.safetensors", "tuned", "fp32", False, note)
+    msg, rows = merge_tab.extract(ckpts, loras, "base.safetensors", "tuned.safetensors", 8, 0, "x", "fp16", False, note)
+    assert msg.startswith("Wrote **x.safetensors**") and rows and min(r[1] for r in rows) > 0.99
+    assert "do not differ" in merge_tab.extract(ckpts, loras, "base.safetensors", "base.safetensors", 8, 0, "y", "fp16", False)[0]
+    assert written == [("lora", "ab.safetensors"), ("lora", "ab3.safetensors"), ("lora", "a2.safetensors"),
+                       ("lora", "a_e.safetensors"), ("checkpoint", "tuned.safetensors"), ("lora", "x.safetensors")]
+    assert merge_tab.add_lora_line("a:1:1", "b.safetensors", 0.5, 1.0) == "a:1:1\nb.safetensors:0.5:1"
+    assert merge_tab.list_checkpoints(ckpts) == ["base.safetensors", "tuned.safetensors"]
+
+
+def test_bake_into_the_loaded_model(tmp_path):
+    from lora_ext.apply import Engine, Request
+    from lora_ext.panel_runtime import PanelRuntime
+    from lora_ext import slots as slotlib
+
+    _, loras, lib, _ = _tool_folders(tmp_path)
+    host = WebuiHost(tiny.build("sd1"))         # baking changes the model for good: not the shared one
+    expected_model = tiny.build("sd1")
+    Engine().apply(WebuiHost(expected_model), [Request(os.path.join(loras, "a.safetensors"), 0.7, 0.3)])
+    expected = {k: v.clone() for k, v in expected_model.state_dict().items()}
+    runtime = PanelRuntime(lib)
+    runtime.run(host, [slotlib.Slot(True, "b.safetensors")])       # a panel LoRA in place: given back first
+    msg = merge_tab.bake(lambda items: runtime.bake(host, items), "a.safetensors:0.7:0.3")
+    assert msg.startswith("Baked into the loaded model: a.safetensors") and "Load the checkpoint again" in msg
+    assert all(torch.equal(v, expected[k]) for k, v in host.model.state_dict().items())
+    runtime.run(host, [slotlib.Slot(True, "b.safetensors")])
+    runtime.run(host, [])                                           # the panel gives back the baked weights
+    assert all(torch.equal(v, expected[k]) for k, v in host.model.state_dict().items())
+    assert "not in the LoRA folders" in merge_tab.bake(lambda items: runtime.bake(host, items), "zz.safetensors")
+    assert "Add at least one LoRA" in merge_tab.bake(lambda items: runtime.bake(host, items), "")
+
+
+def test_inspect_tables(tmp_path):
+    from lora_ext.ui.inspect_tab import inspect_file
+
+    model = tiny_model("sd1")
+    meta = {"ss_learning_rate": "0.0001", "ss_tag_frequency": '{"5_red": {"red": 3, " circle": 5}, "3_blue": {"red": 1}}',
+            "ss_dataset_dirs": '{"5_red": {"n_repeats": 5}}'}
+    files.write_kohya(str(tmp_path / "a.safetensors"), files.kohya_tensors(make_random_lora(model, rank=4, alpha=2.0)), meta)
+    summary, blocks, settings, tags, report = inspect_file(str(tmp_path), "a.safetensors")
+    assert summary.startswith("**a.safetensors**: SD1 locon") and report["arch"] == "sd1"
+    names = [b[0] for b in blocks]
+    assert "te layer 0" in names and "unet down_blocks_1" in names and "unet mid_block" in names
+    assert sum(b[1] for b in blocks) == report["modules"]["unet"] + report["modules"]["te"]
+    assert all(b[3] == "2" for b in blocks if b[2] == "4")
+    assert ["learning_rate", "0.0001"] in settings and not any(s[0] in ("tag_frequency", "dataset_dirs") for s in settings)
+    assert tags == [["circle", 5, "5_red"], ["red", 3, "5_red"], ["red", 1, "3_blue"]]

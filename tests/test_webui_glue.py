@@ -69,7 +69,52 @@ def test_inspect_handler_reports_a_message_never_a_traceback(tmp_path):
     from lora_ext.ui.inspect_tab import inspect_file
 
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00")
-    report, message = inspect_file(str(tmp_path), "broken.safetensors")
-    assert report is None and "Cannot read it" in message and "too short" in message
-    report, message = inspect_file(str(tmp_path), "../outside.safetensors")
+    message, blocks, settings, tags, report = inspect_file(str(tmp_path), "broken.safetensors")
+    assert report is None and blocks == [] and "Cannot read it" in message and "too short" in message
+    message, *_, report = inspect_file(str(tmp_path), "../outside.safetensors")
     assert report is None and "outside the models folder" in message
+
+
+def test_tab_glue_switches_checkpoints_and_refreshes_the_webui_lists(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_ext.testing import tiny
+    from modules import call_queue, script_callbacks, scripts, sd_models, shared
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    model = tiny.build("sd1")
+    tiny.save_checkpoint(model, str(ckpts / "a.safetensors"))
+    b = load_file(str(ckpts / "a.safetensors"))
+    key = next(k for k in b if k.startswith("cond_stage_model.") and k.endswith("q_proj.weight"))
+    b[key] = b[key] + 1
+    save_file(b, str(ckpts / "b.safetensors"))
+    saved = (shared.cmd_opts.ckpt_dir, shared.sd_model, shared.interrogator, sys.modules.get("networks"))
+    shared.cmd_opts.ckpt_dir, shared.sd_model = str(ckpts), model
+    refreshed = []
+    sys.modules["networks"] = types.SimpleNamespace(list_available_networks=lambda: refreshed.append(1))
+    shared.interrogator = types.SimpleNamespace(interrogate=lambda image: "a photo")
+    try:
+        script_callbacks.clear_callbacks()
+        glue = scripts.load_scripts_from(ROOT)[0].module
+        ctx = glue.tab_context()
+        assert ctx.checkpoints_fn() == ["a.safetensors", "b.safetensors"] and ctx.lock() is call_queue.queue_lock
+        assert "none loaded" in ctx.model_label_fn()
+        assert ctx.switch_fn("b.safetensors") == "Loaded **b.safetensors**."
+        assert torch.equal(model.state_dict()[key.replace("cond_stage_model.", "cond_stage_model.wrapped.")], b[key])
+        assert "**b.safetensors**" in ctx.model_label_fn() and shared.opts.sd_model_checkpoint == "b.safetensors"
+        assert "No checkpoint 'zz'" in ctx.switch_fn("zz")
+        save_file(b, str(ckpts / "merged.safetensors"))
+        assert "merged.safetensors" not in sd_models.checkpoint_tiles()
+        ctx.on_written("checkpoint", str(ckpts / "merged.safetensors"))
+        assert "merged.safetensors" in sd_models.checkpoint_tiles()
+        ctx.on_written("lora", "x.safetensors")
+        ctx.session.on_written("lora", "y.safetensors")
+        assert refreshed == [1, 1]
+        assert list(ctx.interrogators) == ["CLIP"] and ctx.interrogators["CLIP"](None) == "a photo"
+    finally:
+        shared.cmd_opts.ckpt_dir, shared.sd_model, shared.interrogator, networks = saved
+        sys.modules.pop("networks")
+        if networks is not None:
+            sys.modules["networks"] = networks

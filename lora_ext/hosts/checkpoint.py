@@ -71,6 +71,12 @@ def _text_encoder(sd: dict, prefix: str, heads_hint):
     return ldm_layout.OpenClipHolder(width, layers, heads_hint or width // 64)
 
 
+def checkpoint_keys(model) -> dict:
+    """{checkpoint key: model key} for a webui-layout model: checkpoint files lack the `.wrapped.` of the
+    webui's text encoder holders."""
+    return {k.replace(".wrapped.", "."): k for k in model.state_dict()}
+
+
 def load_checkpoint(path: str):
     """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights."""
     import yaml
@@ -95,8 +101,7 @@ def load_checkpoint(path: str):
         unet = ldm_layout.unet_from_config(unet_cfg)
         vae = ldm_layout.LdmVAE(vae_cfg)
     model = ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
-    # checkpoint keys lack the `.wrapped.` of the webui's text encoder holders
-    by_ckpt_key = {k.replace(".wrapped.", "."): k for k in model.state_dict()}
+    by_ckpt_key = checkpoint_keys(model)
     missing = [k for k in by_ckpt_key if k not in sd and k != "alphas_cumprod"]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weights of a {arch.upper()} model are missing "

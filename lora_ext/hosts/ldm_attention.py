@@ -3,10 +3,13 @@ forward materialises every attention matrix (slow, and the largest memory of a t
 webui its hijack has already replaced that forward with the optimisation the user chose; then we leave it."""
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn.functional as F
 
 
-def _sdpa_forward(self, x, context=None, mask=None):
+def _sdpa_forward(self, x, context=None, mask=None, attention=F.scaled_dot_product_attention):
     if mask is not None:
         return type(self).forward(self, x, context, mask)
     h = self.heads
@@ -14,7 +17,7 @@ def _sdpa_forward(self, x, context=None, mask=None):
     q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
     b, n, _ = q.shape
     q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = attention(q, k, v)
     return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -27,3 +30,26 @@ def sdpa_patches(root) -> list:
                 and getattr(forward, "__module__", "") == "ldm.modules.attention"):
             patches.append((m, _sdpa_forward.__get__(m)))
     return patches
+
+
+class _FusedAttentionShapes(torch.autograd.Function):
+    """Shapes only (for memory estimates on meta tensors): what a fused attention kernel (flash or
+    memory-efficient SDPA, xformers) keeps for backward: q, k, v, the output and one float per query row,
+    never the attention matrix that the unfused path would save."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("shapes only: this attention is for memory estimates, not for training")
+
+
+def fused_attention_shape_patches(root) -> list:
+    """(module, forward) for every ldm/sgm CrossAttention under `root`, whatever forward the host installed
+    (the webui's hijack may use xformers, which meta tensors cannot run)."""
+    return [(m, functools.partial(_sdpa_forward, m, attention=_FusedAttentionShapes.apply))
+            for m in root.modules() if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q")]

@@ -19,7 +19,7 @@ from . import batches, dataset, optim
 from ..hosts.ldm_attention import sdpa_patches
 from .config import TrainConfig
 from .distributed import Dist
-from .network import TrainableNetwork
+from .network import network_for
 from .schedules import lr_factor
 from .session import HostSession
 
@@ -76,18 +76,13 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     epochs = math.ceil(total / per_epoch)
 
     unet_lr, te_lr = cfg.lrs()
-    args = cfg.net_args
     device = next(host.unet.parameters()).device
     amp = optim.autocast_dtype(cfg.mixed_precision, device, messages)
     for m in messages:
         emit(Event("message", text=m))
 
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
-    network = TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
-                               int(args["conv_dim"]) if "conv_dim" in args else None,
-                               float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
-                               float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
-                               train_unet=unet_lr > 0, train_te=te_lr > 0).to(device)
+    network = network_for(host, cfg, unet_lr, te_lr).to(device)
     blocks = host.checkpoint_blocks()
     patches = sdpa_patches(host.unet)
     if cfg.xformers and patches:

@@ -114,3 +114,13 @@ class TrainableNetwork(nn.Module):
                 lora.lora_down.weight.copy_(m.parts["lora_down.weight"].reshape(lora.lora_down.weight.shape))
                 lora.lora_up.weight.copy_(m.parts["lora_up.weight"].reshape(lora.lora_up.weight.shape))
         return missing
+
+
+def network_for(host, cfg, unet_lr: float, te_lr: float) -> TrainableNetwork:
+    """The network a run's options ask for (LoCon's conv_dim/conv_alpha and the dropouts in network_args)."""
+    args = cfg.net_args
+    return TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
+                            int(args["conv_dim"]) if "conv_dim" in args else None,
+                            float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
+                            float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
+                            train_unet=unet_lr > 0, train_te=te_lr > 0)

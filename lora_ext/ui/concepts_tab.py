@@ -1,5 +1,6 @@
 """The Concepts sub-tab: a table of concepts (any number), their counts and shares, import/export of the
-dreambooth extension's JSON and kohya's dataset TOML, and preparing kohya's folder layout."""
+dreambooth extension's JSON and kohya's dataset TOML, preparing kohya's folder layout, and a caption browser
+(edit a caption, or caption the images that have none with the host's interrogators)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -62,12 +63,87 @@ def prepare(rows, dest: str, mode: str) -> str:
     return f"Prepared {out['files']} files{note}: train folder `{out['train']}`{reg}. Put them in the Train form."
 
 
+def browse(folder: str, ext: str):
+    """(gallery items [(image, caption)], image paths, message) for a folder's images."""
+    import os
+
+    if not folder or not os.path.isdir(folder):
+        return [], [], f"**No such folder:** {folder!r}"
+    items = cp.images_with_captions(folder, ext or ".txt")
+    shown = [(image, cp.read_caption(cap) or "(no caption)") for image, cap in items]
+    missing = sum(1 for _, cap in items if cap is None)
+    return shown, [image for image, _ in items], f"{len(items)} images, {missing} without caption."
+
+
+def pick(paths: list, index: int, ext: str):
+    """(image path, its caption) for the gallery's selected index."""
+    import os
+
+    if not paths or index is None or not 0 <= index < len(paths):
+        return None, ""
+    cap = os.path.splitext(paths[index])[0] + (ext or ".txt")
+    return paths[index], cp.read_caption(cap if os.path.isfile(cap) else None)
+
+
+def save_caption(image: str | None, text: str, ext: str) -> str:
+    if not image:
+        return "Pick an image in the gallery first."
+    try:
+        path = cp.write_caption(image, text or "", ext or ".txt")
+    except OSError as e:
+        return f"**Cannot save:** {e}"
+    return f"Saved `{path}`."
+
+
+def caption_missing(folder: str, ext: str, name: str, interrogators: dict) -> str:
+    import os
+
+    fn = interrogators.get(name)
+    if fn is None:
+        return f"**No interrogator** {name!r}: choose one of {', '.join(interrogators) or 'none (the host has none)'}."
+    if not folder or not os.path.isdir(folder):
+        return f"**No such folder:** {folder!r}"
+    try:
+        out = cp.caption_missing(folder, ext or ".txt", fn)
+    except Exception as e:      # the host's interrogator failing (model download, memory) is a message
+        return f"**{name} failed:** {type(e).__name__}: {e}"
+    return f"{name}: wrote {len(out['written'])} captions; {out['kept']} images already had one (left as they were)."
+
+
 def _rows(rows):
     # gradio hands a DataFrame (pandas) or a list of lists
     return rows.values.tolist() if hasattr(rows, "values") and hasattr(rows, "columns") else (rows or [])
 
 
-def build() -> None:
+def _build_captions(interrogators: dict) -> None:
+    with gr.Row():
+        folder = gr.Textbox(label="Image folder", elem_id="lora_ext_captions_folder")
+        ext = gr.Textbox(label="Caption extension", value=".txt", elem_id="lora_ext_captions_ext")
+        show_b = gr.Button("Show images", elem_id="lora_ext_captions_show")
+    gallery = gr.Gallery(label="Images and captions", columns=6, height="auto", allow_preview=False,
+                         elem_id="lora_ext_captions_gallery")
+    paths, chosen = gr.State([]), gr.State(None)
+    with gr.Row():
+        caption = gr.Textbox(label="Caption of the chosen image", lines=2, elem_id="lora_ext_captions_text")
+        save_b = gr.Button("Save caption", elem_id="lora_ext_captions_save")
+    message = gr.Markdown(elem_id="lora_ext_captions_message")
+    show_b.click(browse, inputs=[folder, ext], outputs=[gallery, paths, message])
+
+    def on_select(ps, e, evt: gr.SelectData):
+        return pick(ps, evt.index, e)
+    gallery.select(on_select, inputs=[paths, ext], outputs=[chosen, caption])
+    save_b.click(save_caption, inputs=[chosen, caption, ext], outputs=[message]).then(
+        browse, inputs=[folder, ext], outputs=[gallery, paths, gr.Markdown(visible=False)])
+    if interrogators:
+        with gr.Row():
+            which = gr.Radio(list(interrogators), value=next(iter(interrogators)), label="Interrogator",
+                             elem_id="lora_ext_captions_interrogator")
+            run_b = gr.Button("Caption images without one", elem_id="lora_ext_captions_run")
+        run_b.click(lambda f, e, n: caption_missing(f, e, n, interrogators), inputs=[folder, ext, which],
+                    outputs=[message])
+
+
+def build(interrogators: dict | None = None) -> None:
     table = gr.Dataframe(headers=HEADERS, datatype=["str", "number", "str", "str", "bool"], row_count=(1, "dynamic"),
                          col_count=(5, "fixed"), value=[["", 1, "", ".txt", False]], elem_id="lora_ext_concepts_table")
     info = gr.Markdown(elem_id="lora_ext_concepts_summary")
@@ -86,3 +162,5 @@ def build() -> None:
         mode = gr.Radio(["link", "copy"], value="link", label="How", elem_id="lora_ext_concepts_mode")
         prep_b = gr.Button("Prepare folders", elem_id="lora_ext_concepts_prepare")
     prep_b.click(prepare, inputs=[table, dest, mode], outputs=[message])
+    with gr.Accordion("Captions", open=False, elem_id="lora_ext_captions"):
+        _build_captions(interrogators or {})

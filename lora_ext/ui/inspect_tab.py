@@ -1,23 +1,37 @@
-"""The Inspect sub-tab: what a LoRA file holds (architecture, network, rank/alpha, metadata, hashes)."""
+"""The Inspect sub-tab: what a LoRA file holds: architecture, network, hashes, rank/alpha per block, the
+training settings from its ss_* metadata, and its tag frequency (tables sort by a click on a header)."""
 from __future__ import annotations
 
 import gradio as gr
 
 from .. import library
 
+BLOCK_HEADERS = ["block", "modules", "rank", "alpha"]
+SETTING_HEADERS = ["setting", "value"]
+TAG_HEADERS = ["tag", "count", "folder"]
+
 
 def inspect_file(folder: str, name: str):
-    """Handler: (report dict or None, message). Never raises: a bad file is a message."""
-    from ..describe import describe
-    from ..files import LoraFileError
+    """Handler: (summary markdown, block rows, setting rows, tag rows, full report or None). Never raises:
+    a bad file is a message."""
+    from ..describe import block_rows, describe_lora, setting_rows, tag_rows
+    from ..files import LoraFileError, read
 
     if not name:
-        return None, "Choose a LoRA file."
+        return "Choose a LoRA file.", [], [], [], None
     try:
         path = library.resolve(folder, name)
-        return describe(path), f"**{name}** read."
-    except (LoraFileError, library.UnsafeName) as e:
-        return None, f"**Cannot read it:** {e}"
+        lora = read(path)
+        report = describe_lora(lora)
+    except (LoraFileError, library.UnsafeName, FileNotFoundError) as e:
+        return f"**Cannot read it:** {e}", [], [], [], None
+    kinds = ", ".join(f"{k} rank {v['rank']} / alpha {v['alpha']:g}" if v else f"{k} ranks vary"
+                      for k, v in report["by_kind"].items())
+    summary = (f"**{name}**: {report['arch'].upper()} {report['network']} ({report['format']}, {report['container']}), "
+               f"{report['modules']['unet']} UNet and {report['modules']['te']} text-encoder modules; {kinds}.  \nsha256 `{report.get('sha256', '')}` · addnet hash `{report.get('addnet_hash', '')}`")
+    if report["unmatched"]:
+        summary += f"  \n{len(report['unmatched'])} keys matched no layer of this architecture."
+    return summary, block_rows(lora), setting_rows(lora.metadata), tag_rows(lora.metadata), report
 
 
 def build(folder_fn) -> None:
@@ -26,6 +40,15 @@ def build(folder_fn) -> None:
         choice = gr.Dropdown(label="LoRA file", choices=library.list_loras(folder_fn()), elem_id="lora_ext_inspect_file")
         refresh = gr.Button("Refresh", elem_id="lora_ext_inspect_refresh")
     message = gr.Markdown(elem_id="lora_ext_inspect_message")
-    report = gr.JSON(label="Contents", elem_id="lora_ext_inspect_report")
+    with gr.Row():
+        blocks = gr.Dataframe(headers=BLOCK_HEADERS, datatype=["str", "number", "str", "str"], interactive=False,
+                              label="Rank and alpha per block", elem_id="lora_ext_inspect_blocks")
+        settings = gr.Dataframe(headers=SETTING_HEADERS, datatype=["str", "str"], interactive=False,
+                                label="Training settings (ss_* metadata)", elem_id="lora_ext_inspect_settings")
+    tags = gr.Dataframe(headers=TAG_HEADERS, datatype=["str", "number", "str"], interactive=False,
+                        label="Tag frequency", elem_id="lora_ext_inspect_tags")
+    with gr.Accordion("Everything (JSON)", open=False):
+        report = gr.JSON(label="Contents", elem_id="lora_ext_inspect_report")
     refresh.click(lambda: gr.update(choices=library.list_loras(folder_fn())), outputs=[choice])
-    choice.change(lambda n: inspect_file(folder_fn(), n), inputs=[choice], outputs=[report, message])
+    choice.change(lambda n: inspect_file(folder_fn(), n), inputs=[choice],
+                  outputs=[message, blocks, settings, tags, report])

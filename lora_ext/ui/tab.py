@@ -1,7 +1,10 @@
-"""The "LoRA" tab: one builder used by the webui (scripts/) and the standalone app."""
+"""The "LoRA" tab: one builder used by the webui (scripts/) and the standalone app. What differs between the
+two hosts (folders, the model in use, its lock, the checkpoint list, refreshing the host's own lists,
+interrogators) comes in a TabContext; the sub-tabs never import the webui."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import gradio as gr
 
@@ -16,21 +19,27 @@ class TabContext:
     session: object = None              # TrainingSession
     host_fn: object = None              # () -> the host adapter training runs on
     presets_folder: str = "presets"
-    model_label: str = ""
+    model_label_fn: object = lambda: ""                 # () -> markdown naming the model training will use
+    lock: object = contextlib.nullcontext               # () -> context manager: the model is ours inside it
+    checkpoints_fn: object = None       # () -> checkpoint names the model can be switched to
+    switch_fn: object = None            # (name) -> message, after loading that checkpoint
+    on_written: object = lambda kind, path: None        # ('lora' | 'checkpoint', path): refresh host lists
+    interrogators: dict = field(default_factory=dict)   # name -> (PIL image) -> caption
+    bake_fn: object = None              # ([(lora name, unet ratio, te ratio)]) -> message (in-memory merge)
 
 
-def build_tab(ctx) -> gr.Blocks:
+def build_tab(ctx: TabContext) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as block:
         with gr.Tabs(elem_id="lora_ext_tabs"):
             if ctx.session is not None:
                 with gr.Tab("Train", elem_id="lora_ext_tab_train"):
-                    polled = train_tab.build(ctx.session, ctx.host_fn, ctx.presets_folder, ctx.model_label)
+                    polled = train_tab.build(ctx)
                 block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2)
                 with gr.Tab("Concepts", elem_id="lora_ext_tab_concepts"):
-                    concepts_tab.build()
+                    concepts_tab.build(ctx.interrogators)
             if ctx.ckpt_folder_fn is not None:
                 with gr.Tab("Merge", elem_id="lora_ext_tab_merge"):
-                    merge_tab.build(ctx.ckpt_folder_fn, ctx.library)
+                    merge_tab.build(ctx)
             with gr.Tab("Inspect", elem_id="lora_ext_tab_inspect"):
                 inspect_tab.build(ctx.lora_folder_fn)
     return block

@@ -23,28 +23,44 @@ def form_to_config(values: list):
         return None, f"**Check the form:** {e}"
 
 
-def check_dataset(host_fn, values: list):
-    """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not."""
+def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
+    """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not, the
+    step count and the estimated memory need. `lock` (a context manager) keeps the host's model to us while
+    the estimate borrows it (in the webui: its generation lock)."""
     from ..train.dataset import DatasetError
     from ..train.loop import prepare_data
 
     cfg, msg = form_to_config(values)
     if cfg is None:
         return None, msg
+    host = host_fn()
     try:
-        _, _, report = prepare_data(host_fn(), cfg)
+        _, _, report = prepare_data(host, cfg)
     except DatasetError as e:
         return None, f"**Dataset:** {e}"
     per_epoch = -(-report["samples_per_epoch"] // cfg.train_batch_size)
     steps = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
-             f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}."]
+             f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
+             f"Estimated memory: {_memory_line(host, cfg, lock) if estimate else 'not while a run is going'}."]
     lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
               + (f", {c['share_of_train']:.0%} of each epoch" if c["share_of_train"] is not None else " (regularization)")
               for c in report["concepts"]]
     lines += [f"- skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
     lines += [f"- warning: {w}" for w in report["warnings"]]
     return report, "\n".join(lines)
+
+
+def _memory_line(host, cfg, lock) -> str:
+    import contextlib
+
+    from ..train import memory
+
+    try:
+        with lock or contextlib.nullcontext():
+            return memory.describe(memory.estimate(host, cfg))
+    except Exception as e:      # advisory only: a host the estimate cannot run on must not block training
+        return f"not available ({type(e).__name__}: {e})"
 
 
 def preset_path(folder: str, name: str) -> str:
@@ -97,14 +113,20 @@ def progress(session):
     return session.status(), plot, list(session.samples)
 
 
-def build(session, host_fn, presets_folder: str, model_label: str = "") -> list:
+def build(ctx) -> list:
     """Adds the Train controls to the current gradio context; returns the progress outputs to poll."""
     from ..train.config import TrainConfig
 
+    session, host_fn, presets_folder = ctx.session, ctx.host_fn, ctx.presets_folder
     defaults = tf.options_to_values(TrainConfig())
     inputs = []
-    if model_label:
-        gr.Markdown(model_label, elem_id="lora_ext_train_model")
+    model_label = gr.Markdown(ctx.model_label_fn(), elem_id="lora_ext_train_model")
+    if ctx.checkpoints_fn is not None:
+        with gr.Row():
+            ckpt = gr.Dropdown(label="Switch to checkpoint", choices=ctx.checkpoints_fn(), elem_id="lora_ext_train_ckpt")
+            ckpt_refresh = gr.Button("Refresh", elem_id="lora_ext_train_ckpt_refresh")
+            switch_b = gr.Button("Load checkpoint", elem_id="lora_ext_train_ckpt_load")
+        ckpt_refresh.click(lambda: gr.update(choices=ctx.checkpoints_fn()), outputs=[ckpt])
     with gr.Row():
         preset = gr.Dropdown(label="Preset", choices=list_presets(presets_folder), allow_custom_value=True,
                              elem_id="lora_ext_train_preset")
@@ -130,12 +152,16 @@ def build(session, host_fn, presets_folder: str, model_label: str = "") -> list:
         cfg, msg = form_to_config(list(values))
         if cfg is None:
             return msg
-        report, text = check_dataset(host_fn, list(values))
+        report, text = check_dataset(host_fn, list(values), ctx.lock(), not session.running)
         if report is None:
             return text
         return "Training started.\n\n" + text if session.start(cfg) else "A training run is already going."
 
-    check_b.click(lambda *v: check_dataset(host_fn, list(v))[1], inputs=inputs, outputs=[message])
+    if ctx.checkpoints_fn is not None:
+        switch_b.click(lambda name: (switch_checkpoint(ctx, session, name), ctx.model_label_fn()), inputs=[ckpt],
+                       outputs=[message, model_label])
+    check_b.click(lambda *v: check_dataset(host_fn, list(v), ctx.lock(), not session.running)[1], inputs=inputs,
+                  outputs=[message])
     start_b.click(start, inputs=inputs, outputs=[message])
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
     save_b.click(lambda n, *v: save_preset(presets_folder, n, list(v)), inputs=[preset] + inputs, outputs=[message])
@@ -144,6 +170,15 @@ def build(session, host_fn, presets_folder: str, model_label: str = "") -> list:
     gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(
         lambda: progress(session), outputs=[status, plot, gallery])
     return [status, plot, gallery]
+
+
+def switch_checkpoint(ctx, session, name: str) -> str:
+    """Handler: load another checkpoint before training (never during a run)."""
+    if not name:
+        return "Choose a checkpoint first."
+    if session.running:
+        return "**Not now:** a training run is using the loaded model; cancel it or wait for it to finish."
+    return ctx.switch_fn(name)
 
 
 def _loaded(result, n):

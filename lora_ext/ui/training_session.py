@@ -1,5 +1,6 @@
 """A training run in the background for the UI: started from a config, cancelled by a button, read by a
-poll. `run(cfg, on_event, should_stop)` does the work (the webui's job, or the standalone trainer)."""
+poll. `run(cfg, on_event, should_stop)` does the work (the webui's job, or the standalone trainer);
+`on_written('lora', path)` is told of each LoRA file saved (the webui refreshes its network lists)."""
 from __future__ import annotations
 
 import threading
@@ -7,8 +8,9 @@ import time
 
 
 class TrainingSession:
-    def __init__(self, run):
+    def __init__(self, run, on_written=None):
         self.run = run
+        self.on_written = on_written
         self._lock = threading.Lock()
         self._thread = None
         self._stop = False
@@ -45,6 +47,12 @@ class TrainingSession:
             self.losses.append(event.loss)
         elif event.kind == "sample":
             self.samples.extend(event.paths)
+        elif event.kind == "save" and self.on_written is not None:
+            for path in event.paths:
+                try:
+                    self.on_written("lora", path)
+                except Exception as e:      # a host list not refreshed is no reason to stop training
+                    self.events.append(type(event)("message", text=f"could not refresh the LoRA lists: {e}"))
 
     def cancel(self) -> None:
         self._stop = True

@@ -58,6 +58,17 @@ class Options:
             info.onchange()
         return True
 
+    def onchange(self, key, func, call=True):
+        self.data_labels[key].onchange = func
+        if call:
+            func()
+
 
 opts = Options()
 state = State()
+interrogator = None     # the webui's InterrogateModels (CLIP interrogator); tests may put a double here
+
+
+def refresh_checkpoints():
+    from modules import sd_models
+    return sd_models.list_models()

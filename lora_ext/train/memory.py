@@ -1,0 +1,172 @@
+"""How much accelerator memory a training run will need, estimated before it starts (the Train tab shows it
+next to the step count).
+
+The parts that are plain sums are counted exactly: the model's weights as they sit on the device, the LoRA's
+parameters, their gradients and the optimizer's state (the network is built on the meta device, so it costs
+nothing). The activations autograd keeps for the backward pass are measured, not guessed: one training
+forward of the host's own UNet runs on meta tensors (shapes only, no memory, no arithmetic) at the run's
+batch size, resolution, token length and precision, and every tensor saved for backward is added up. With
+gradient checkpointing, only each block's input is kept plus one block's activations at a time, so the
+blocks' shares are measured separately.
+
+Not counted: the CUDA context and the allocator's fragmentation (a few hundred MB on a real card), which
+the report names as a margin."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# optimizer state per trained parameter, in bytes (AdamW: two fp32 moments; 8-bit Adam: two bytes; Lion:
+# one moment; Prodigy: four fp32 buffers; plain SGD none)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adamw_8bit": 2, "lion": 4, "prodigy": 16, "sgd": 0}
+CONTEXT_MARGIN = 512 << 20      # CUDA context + allocator slack, named in the report, not measured
+
+
+class _Call(nn.Module):
+    """Lets torch.func.functional_call swap the host model's tensors while one of the host's own methods runs."""
+
+    def __init__(self, host, fn):
+        super().__init__()
+        self.model = host.model
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _meta_state(model: nn.Module, dtype, trained_weights: set) -> tuple:
+    """Meta copies of the model's parameters and buffers (floating ones in `dtype`); the weights LoRAs sit on
+    require grad, so that autograd keeps what a LoRA's backward needs (the layer's input)."""
+    state, params = {}, set()
+    for name, p in model.named_parameters():
+        m = torch.empty_like(p, device="meta", dtype=dtype if p.is_floating_point() else p.dtype)
+        m.requires_grad_(id(p) in trained_weights)
+        state["model." + name] = m
+        params.add(id(m))
+    for name, b in model.named_buffers():
+        state["model." + name] = torch.empty_like(b, device="meta", dtype=dtype if b.is_floating_point() else b.dtype)
+    return state, params
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: bool = True) -> dict:
+    """Bytes autograd keeps for backward while `call()` runs: 'total', and for each of `blocks` its 'inputs'
+    and what it 'saved' (gradient checkpointing's arithmetic). With `meta`, on meta copies of the host
+    model's tensors; else on the model itself, each saved tensor counted and dropped at once (for code that
+    cannot run on meta tensors; keep it small)."""
+    if meta:
+        state, params = _meta_state(host.model, dtype, trained_weights)
+    else:
+        params = {id(p) for p in host.model.parameters()}
+        for p in host.model.parameters():
+            p.requires_grad_(id(p) in trained_weights)      # put back by the caller's HostSession
+    current, per_block, totals = [], {}, {"total": 0}
+
+    def pack(t):
+        # a weight saved as itself or as a view of itself (linear keeps W transposed) is no activation
+        if id(t) not in params and id(t._base) not in params:
+            totals["total"] += _nbytes(t)
+            if current:
+                per_block[current[-1]]["saved"] += _nbytes(t)
+        return t if meta else None
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            per_block[i] = {"inputs": sum(map(_nbytes, tensors)), "saved": 0}
+            current.append(i)
+        return hook
+
+    def leave(*_):
+        current.pop()
+
+    handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(leave) for b in blocks]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if meta:
+                torch.func.functional_call(_Call(host, call), state, (), strict=False)
+            else:
+                call()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"total": totals["total"], "blocks": [per_block[i] for i in sorted(per_block)]}
+
+
+def _kept(measured: dict, checkpointing: bool) -> int:
+    """Activation memory at the peak of backward. Without checkpointing: all that was saved, plus the
+    gradients of the block in flight (about what that block saved). With it: what lies outside the blocks,
+    every block's input, and one block recomputed with its gradients."""
+    blocks = measured["blocks"]
+    largest = max((b["saved"] for b in blocks), default=0)
+    if not checkpointing:
+        return measured["total"] + largest
+    inside = sum(b["saved"] for b in blocks)
+    return measured["total"] - inside + sum(b["inputs"] for b in blocks) + 2 * largest
+
+
+def _context_width(host) -> int:
+    """The cross-attention context width: the input width of the first cross-attention key projection."""
+    for name, m in host.unet.named_modules():
+        if name.endswith("attn2.to_k") and isinstance(m, nn.Linear):
+            return m.in_features
+    raise ValueError("no cross-attention layer found in the UNet")
+
+
+def estimate(host, cfg) -> dict:
+    """Estimated peak memory of a training run on the device the host's UNet is on, in bytes, by part."""
+    from ..hosts.ldm_attention import fused_attention_shape_patches
+    from .network import network_for
+    from .optim import autocast_dtype
+    from .session import HostSession
+
+    device = next(host.unet.parameters()).device
+    amp = autocast_dtype(cfg.mixed_precision, device, [])
+    unet_lr, te_lr = cfg.lrs()
+    with torch.device("meta"):
+        network = network_for(host, cfg, unet_lr, te_lr)
+    lora_params = sum(p.numel() for p in network.parameters())
+    state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
+    weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device)
+    dtype = amp or next(host.unet.parameters()).dtype
+
+    w, h = cfg.size
+    batch, tokens = cfg.train_batch_size, 77 * (cfg.max_token_length // 75)
+    targets = host.lora_targets()
+    unet_trained = {id(b.param) for b in targets.values() if b.target.is_unet} if unet_lr > 0 else set()
+    channels = getattr(host.unet, "in_channels", 4)
+    blocks = host.checkpoint_blocks()
+
+    def unet_forward():
+        noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
+        cond = torch.empty(batch, tokens, _context_width(host), device="meta", dtype=dtype)
+        return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), cond)
+
+    # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers)
+    with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
+        unet = saved_activations(host, unet_forward, unet_trained, dtype, blocks)
+        activations = _kept(unet, cfg.gradient_checkpointing)
+        if te_lr > 0:
+            # transformers' CLIP cannot run on meta tensors: one real caption, its saved tensors dropped at once
+            te_trained = {id(b.param) for b in targets.values() if not b.target.is_unet}
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda"):
+                te = saved_activations(host, lambda: host.encode_prompts(["a"], cfg.clip_skip, cfg.max_token_length),
+                                       te_trained, dtype, meta=False)
+            activations += te["total"] * batch
+    parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
+             "optimizer": lora_params * state_bytes, "activations": activations}
+    return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
+            "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
+            "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def describe(est: dict) -> str:
+    """One line for the Train tab."""
+    gib = lambda n: f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"  # noqa: E731
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in est["parts"].items())
+    margin = f" + {gib(est['margin'])} CUDA context" if est["margin"] else ""
+    return f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']})"

@@ -1,0 +1,94 @@
+"""The memory estimate the Train tab shows: its activation figure against what autograd really keeps with
+the LoRA attached, its exact parts, its response to the options, and the host model left as it was."""
+import torch
+
+from conftest import tiny_model
+from lora_ext.hosts.ldm_attention import sdpa_patches
+from lora_ext.hosts.webui import WebuiHost
+from lora_ext.train import memory
+from lora_ext.train.config import TrainConfig
+from lora_ext.train.network import network_for
+from lora_ext.train.session import HostSession
+
+
+def _cfg(**kw):
+    base = dict(resolution="128", network_dim=8, train_batch_size=2, mixed_precision="no", text_encoder_lr=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _really_saved(host, cfg) -> int:
+    """Bytes autograd keeps in one real forward of the UNet with the LoRA attached (weights not counted)."""
+    network = network_for(host, cfg, *cfg.lrs())
+    keep = {id(p) for p in host.model.parameters()} | {id(p) for p in network.parameters()}
+    total = [0]
+
+    def pack(t):
+        if id(t) not in keep and id(t._base) not in keep:      # weights (and views of them) are no activations
+            total[0] += t.numel() * t.element_size()
+        return t
+    w, h = cfg.size
+    with HostSession(host.model, (), sdpa_patches(host.unet)):
+        network.attach()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                host.predict(torch.randn(cfg.train_batch_size, 4, h // 8, w // 8),
+                             torch.zeros(cfg.train_batch_size, dtype=torch.long),
+                             torch.randn(cfg.train_batch_size, 77, memory._context_width(host)))
+        finally:
+            network.detach()
+    return total[0]
+
+
+def test_meta_measurement_matches_a_real_forward():
+    host = WebuiHost(tiny_model("sd1"))
+    cfg = _cfg()
+    trained = {id(b.param) for b in host.lora_targets().values() if b.target.is_unet}
+    w, h = cfg.size
+
+    def forward():
+        return host.predict(torch.empty(2, 4, h // 8, w // 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
+                            torch.empty(2, 77, memory._context_width(host), device="meta"))
+    from lora_ext.hosts.ldm_attention import fused_attention_shape_patches
+    with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
+        measured = memory.saved_activations(host, forward, trained, torch.float32, host.checkpoint_blocks())
+    real = _really_saved(host, cfg)
+    assert abs(measured["total"] - real) / real < 0.15, (measured["total"], real)
+    assert len(measured["blocks"]) == len(host.checkpoint_blocks())
+    assert 0 < sum(b["saved"] for b in measured["blocks"]) <= measured["total"]
+
+
+def test_estimate_parts_and_options():
+    host = WebuiHost(tiny_model("sd1"))
+    est = memory.estimate(host, _cfg())
+    network = network_for(host, _cfg(), *_cfg().lrs())
+    n = sum(p.numel() for p in network.parameters())
+    assert est["lora_parameters"] == n
+    parts = est["parts"]
+    assert parts["lora"] == parts["gradients"] == 4 * n and parts["optimizer"] == 8 * n
+    assert parts["weights"] == sum(p.numel() * p.element_size() for p in host.model.parameters())
+    assert est["total"] == sum(parts.values())          # no CUDA margin on the CPU
+    assert memory.estimate(host, _cfg(optimizer_type="AdamW8bit"))["parts"]["optimizer"] == 2 * n
+    gc = memory.estimate(host, _cfg(gradient_checkpointing=True))["parts"]["activations"]
+    assert gc < parts["activations"] / 2
+    four = memory.estimate(host, _cfg(train_batch_size=4))["parts"]["activations"]
+    assert 1.8 < four / parts["activations"] < 2.2
+    bigger = memory.estimate(host, _cfg(resolution="256"))["parts"]["activations"]
+    assert 3.5 < bigger / parts["activations"] < 4.5     # fused attention: linear in the number of pixels
+    with_te = memory.estimate(host, _cfg(text_encoder_lr=None))
+    assert with_te["parts"]["activations"] > parts["activations"]
+    assert with_te["lora_parameters"] > n
+    text = memory.describe(est)
+    assert text.startswith(f"about **{est['total'] / 2**20:.0f} MB** on cpu") and "activations in float32" in text
+
+
+def test_estimating_leaves_the_model_as_it_was():
+    host = WebuiHost(tiny_model("sd1"))
+    before = {k: v.clone() for k, v in host.model.state_dict().items()}
+    flags = [(p.requires_grad, p.device, p.dtype) for p in host.model.parameters()]
+    forwards = [m.__dict__.get("forward") for m in host.model.modules()]
+    memory.estimate(host, _cfg(gradient_checkpointing=True, text_encoder_lr=None))
+    after = host.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == [(p.requires_grad, p.device, p.dtype) for p in host.model.parameters()]
+    assert forwards == [m.__dict__.get("forward") for m in host.model.modules()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in host.model.modules())
