@@ -54,6 +54,10 @@ def test_presets_are_the_toml_the_cli_reads(data, tmp_path):
     assert "letters, digits" in train_tab.save_preset(str(tmp_path / "presets"), "../escape", values)
     assert not (tmp_path / "escape.toml").exists()
     assert train_tab.load_preset(str(tmp_path / "presets"), "missing")[0] is None
+    assert train_tab.delete_preset(str(tmp_path / "presets"), "my char") == "Deleted preset **my char**."
+    assert train_tab.list_presets(str(tmp_path / "presets")) == []
+    assert "no preset" in train_tab.delete_preset(str(tmp_path / "presets"), "my char")
+    assert "letters, digits" in train_tab.delete_preset(str(tmp_path / "presets"), "../x")
 
 
 def test_dataset_check_reports_concepts_steps_and_problems(data, tmp_path):

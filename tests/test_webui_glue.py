@@ -118,3 +118,25 @@ def test_tab_glue_switches_checkpoints_and_refreshes_the_webui_lists(tmp_path):
         sys.modules.pop("networks")
         if networks is not None:
             sys.modules["networks"] = networks
+
+
+def test_hints_file_is_generated_from_the_form_and_keeps_the_webuis_own():
+    import json
+    import shutil
+
+    from lora_ext.ui import hints, train_fields
+
+    path = os.path.join(ROOT, "javascript", "lora_ext_hints.js")
+    with open(path, encoding="utf-8") as f:
+        assert f.read() == hints.render_js(), "regenerate: python -m lora_ext.ui.hints > javascript/lora_ext_hints.js"
+    titles = hints.titles()
+    assert all(titles[f.label] == f.tip for f in train_fields.FIELDS)
+    node = shutil.which("node")
+    if node:        # run it as the webui would: after hints.js defined `titles`, with onUiLoaded available
+        script = ("var titles = {'Seed': 'the webui\\'s own'}; var later = [];"
+                  "function onUiLoaded(f) { later.push(f); }"
+                  f"eval(require('fs').readFileSync({json.dumps(path)}, 'utf8'));"
+                  "later.forEach(f => f()); console.log(JSON.stringify(titles));")
+        out = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout)
+        assert out["Seed"] == "the webui's own" and out["Network alpha"] == titles["Network alpha"]
+        assert len(out) == len(titles)

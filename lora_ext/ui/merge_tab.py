@@ -65,7 +65,7 @@ def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: 
     if on_written is not None:
         on_written("checkpoint", out_path)
     return (f"Wrote **{os.path.relpath(out_path, ckpt_folder)}** ({report['merged_tensors']} tensors changed, "
-            f"{report['seconds']:.1f} s), sha256 `{report['sha256'][:10]}`; it is in the checkpoint list now.")
+            f"{report['seconds']:.1f} s), sha256 `{report['sha256'][:10]}`. A checkpoint list's refresh button shows it.")
 
 
 def bake(bake_fn, lora_lines: str) -> str:

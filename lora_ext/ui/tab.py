@@ -28,8 +28,9 @@ class TabContext:
     bake_fn: object = None              # ([(lora name, unet ratio, te ratio)]) -> message (in-memory merge)
 
 
-def build_tab(ctx: TabContext) -> gr.Blocks:
-    with gr.Blocks(analytics_enabled=False) as block:
+def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
+    """The tab's Blocks. `css`: for the standalone app (the webui loads the extension's style.css itself)."""
+    with gr.Blocks(analytics_enabled=False, css=css) as block:
         with gr.Tabs(elem_id="lora_ext_tabs"):
             if ctx.session is not None:
                 with gr.Tab("Train", elem_id="lora_ext_tab_train"):

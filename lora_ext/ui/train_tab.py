@@ -95,6 +95,17 @@ def load_preset(folder: str, name: str):
     return tf.options_to_values(cfg), f"Loaded preset **{name}**."
 
 
+def delete_preset(folder: str, name: str) -> str:
+    try:
+        path = preset_path(folder, name)
+    except ValueError as e:
+        return f"**Preset:** {e}"
+    if not os.path.isfile(path):
+        return f"**Preset:** there is no preset {name!r}."
+    os.remove(path)
+    return f"Deleted preset **{name}**."
+
+
 def list_presets(folder: str) -> list:
     return sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".toml")) if os.path.isdir(folder) else []
 
@@ -126,12 +137,15 @@ def build(ctx) -> list:
             ckpt = gr.Dropdown(label="Switch to checkpoint", choices=ctx.checkpoints_fn(), elem_id="lora_ext_train_ckpt")
             ckpt_refresh = gr.Button("Refresh", elem_id="lora_ext_train_ckpt_refresh")
             switch_b = gr.Button("Load checkpoint", elem_id="lora_ext_train_ckpt_load")
-        ckpt_refresh.click(lambda: gr.update(choices=ctx.checkpoints_fn()), outputs=[ckpt])
+        # the webui's own checkpoint dropdown may have switched the model meanwhile: the label is read again
+        ckpt_refresh.click(lambda: (gr.update(choices=ctx.checkpoints_fn()), ctx.model_label_fn()),
+                           outputs=[ckpt, model_label])
     with gr.Row():
         preset = gr.Dropdown(label="Preset", choices=list_presets(presets_folder), allow_custom_value=True,
                              elem_id="lora_ext_train_preset")
         load_b = gr.Button("Load", elem_id="lora_ext_train_preset_load")
         save_b = gr.Button("Save", elem_id="lora_ext_train_preset_save")
+        delete_b = gr.Button("Delete", elem_id="lora_ext_train_preset_delete")
     for group in tf.GROUPS:
         with gr.Accordion(group, open=group in ("Model & output", "Dataset"), elem_id=f"lora_ext_train_{_slug(group)}"):
             with gr.Row():
@@ -164,7 +178,10 @@ def build(ctx) -> list:
                   outputs=[message])
     start_b.click(start, inputs=inputs, outputs=[message])
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
-    save_b.click(lambda n, *v: save_preset(presets_folder, n, list(v)), inputs=[preset] + inputs, outputs=[message])
+    presets = lambda: gr.update(choices=list_presets(presets_folder))  # noqa: E731
+    save_b.click(lambda n, *v: (save_preset(presets_folder, n, list(v)), presets()), inputs=[preset] + inputs,
+                 outputs=[message, preset])
+    delete_b.click(lambda n: (delete_preset(presets_folder, n), presets()), inputs=[preset], outputs=[message, preset])
     load_b.click(lambda n: _loaded(load_preset(presets_folder, n), len(inputs)), inputs=[preset],
                  outputs=inputs + [message])
     gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(
