@@ -69,6 +69,8 @@ def cmd_train(args, extra) -> int:
             host = DiffusersHost(name)
         else:
             host = WebuiHost(load_checkpoint(name))
+        from .train import memory
+        print(f"estimated memory: {memory.summary(host, cfg)}", file=sys.stderr)
         subscribers = [TqdmProgress()]
         if cfg.logging_dir:
             subscribers.append(TensorBoardLog(cfg.logging_dir))

@@ -1,9 +1,10 @@
 """The memory estimate the Train tab shows: its activation figure against what autograd really keeps with
 the LoRA attached, its exact parts, its response to the options, and the host model left as it was."""
+import pytest
 import torch
 
 from conftest import tiny_model
-from lora_ext.hosts.ldm_attention import sdpa_patches
+from lora_ext.hosts.ldm_attention import fused_attention_shape_patches, sdpa_patches
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.train import memory
 from lora_ext.train.config import TrainConfig
@@ -39,8 +40,16 @@ def _really_saved(host, cfg) -> int:
     return total[0]
 
 
-def test_meta_measurement_matches_a_real_forward():
-    host = WebuiHost(tiny_model("sd1"))
+@pytest.fixture(params=["webui", "diffusers"])
+def host(request, tmp_path):
+    if request.param == "webui":
+        return WebuiHost(tiny_model("sd1"))
+    from lora_ext.hosts.diffusers_host import DiffusersHost
+    from test_train import _diffusers_folder
+    return DiffusersHost(_diffusers_folder(str(tmp_path / "diffusers"), tiny_model("sd1")))
+
+
+def test_meta_measurement_matches_a_real_forward(host):
     cfg = _cfg()
     trained = {id(b.param) for b in host.lora_targets().values() if b.target.is_unet}
     w, h = cfg.size
@@ -48,7 +57,6 @@ def test_meta_measurement_matches_a_real_forward():
     def forward():
         return host.predict(torch.empty(2, 4, h // 8, w // 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
                             torch.empty(2, 77, memory._context_width(host), device="meta"))
-    from lora_ext.hosts.ldm_attention import fused_attention_shape_patches
     with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
         measured = memory.saved_activations(host, forward, trained, torch.float32, host.checkpoint_blocks())
     real = _really_saved(host, cfg)

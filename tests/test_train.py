@@ -376,6 +376,7 @@ def test_training_on_a_diffusers_folder_writes_a_lora_the_webui_model_takes(data
                "--resolution", "64", "--max_train_steps", "3", "--network_dim", "4", "--network_args", "conv_dim=2",
                "--output_dir", "o", "--output_name", "d", "--mixed_precision", "no", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "estimated memory: about **" in out.stderr and "on cpu (weights" in out.stderr
     path = str(tmp_path / "o" / "d.safetensors")
     lora = files.read(path)
     webui_targets = WebuiHost(model).lora_targets()

@@ -48,8 +48,31 @@ class _FusedAttentionShapes(torch.autograd.Function):
         raise RuntimeError("shapes only: this attention is for memory estimates, not for training")
 
 
+def _diffusers_shapes_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    """diffusers' Attention as its SDPA processor computes it in a UNet's transformer blocks (3-d input, no
+    mask, norms or residual), with the fused attention's shapes; anything else runs the module's own forward."""
+    plain = (attention_mask is None and hidden_states.ndim == 3 and getattr(self, "group_norm", None) is None
+             and getattr(self, "spatial_norm", None) is None and not getattr(self, "norm_cross", None)
+             and not getattr(self, "residual_connection", False) and getattr(self, "norm_q", None) is None)
+    if not plain:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+    out = _FusedAttentionShapes.apply(q, k, v).transpose(1, 2).reshape(b, n, -1)
+    for layer in self.to_out:
+        out = layer(out)
+    return out / self.rescale_output_factor
+
+
 def fused_attention_shape_patches(root) -> list:
-    """(module, forward) for every ldm/sgm CrossAttention under `root`, whatever forward the host installed
-    (the webui's hijack may use xformers, which meta tensors cannot run)."""
-    return [(m, functools.partial(_sdpa_forward, m, attention=_FusedAttentionShapes.apply))
-            for m in root.modules() if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q")]
+    """(module, forward) for every ldm/sgm CrossAttention and diffusers Attention under `root`, whatever
+    forward the host installed (the webui's hijack may use xformers, which meta tensors cannot run)."""
+    patches = []
+    for m in root.modules():
+        if type(m).__name__ == "CrossAttention" and hasattr(m, "to_q"):
+            patches.append((m, functools.partial(_sdpa_forward, m, attention=_FusedAttentionShapes.apply)))
+        elif type(m).__name__ == "Attention" and hasattr(m, "to_q") and isinstance(getattr(m, "to_out", None), torch.nn.ModuleList):
+            patches.append((m, functools.partial(_diffusers_shapes_forward, m)))
+    return patches

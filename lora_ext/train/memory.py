@@ -170,3 +170,15 @@ def describe(est: dict) -> str:
     parts = ", ".join(f"{k} {gib(v)}" for k, v in est["parts"].items())
     margin = f" + {gib(est['margin'])} CUDA context" if est["margin"] else ""
     return f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']})"
+
+
+def summary(host, cfg, lock=None) -> str:
+    """describe(estimate(...)), or why there is none. `lock` (a context manager) keeps the host's model to
+    us while the estimate borrows it (in the webui: its generation lock)."""
+    import contextlib
+
+    try:
+        with lock or contextlib.nullcontext():
+            return describe(estimate(host, cfg))
+    except Exception as e:      # advisory only: a host the estimate cannot run on must not block training
+        return f"not available ({type(e).__name__}: {e})"

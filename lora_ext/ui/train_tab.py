@@ -27,6 +27,7 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not, the
     step count and the estimated memory need. `lock` (a context manager) keeps the host's model to us while
     the estimate borrows it (in the webui: its generation lock)."""
+    from ..train import memory
     from ..train.dataset import DatasetError
     from ..train.loop import prepare_data
 
@@ -42,25 +43,13 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     steps = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
              f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
-             f"Estimated memory: {_memory_line(host, cfg, lock) if estimate else 'not while a run is going'}."]
+             f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}."]
     lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
               + (f", {c['share_of_train']:.0%} of each epoch" if c["share_of_train"] is not None else " (regularization)")
               for c in report["concepts"]]
     lines += [f"- skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
     lines += [f"- warning: {w}" for w in report["warnings"]]
     return report, "\n".join(lines)
-
-
-def _memory_line(host, cfg, lock) -> str:
-    import contextlib
-
-    from ..train import memory
-
-    try:
-        with lock or contextlib.nullcontext():
-            return memory.describe(memory.estimate(host, cfg))
-    except Exception as e:      # advisory only: a host the estimate cannot run on must not block training
-        return f"not available ({type(e).__name__}: {e})"
 
 
 def preset_path(folder: str, name: str) -> str:
