@@ -97,6 +97,23 @@ def _drive(browser, port, ctx, data, tmp_path, expect):
     _shot(page, tmp_path, "4_merged")
 
     _tab(page, "Concepts")
+    # a kohya dataset TOML pasted in, imported into the table, laid out as N_name folders for the Train form
+    from lora_ext import concepts as cp
+    toml = cp.to_kohya_toml([cp.Concept(os.path.join(data["train"], "5_redcircle"), 3, "red")])
+    page.locator("#lora_ext_concepts_text .cm-content").click()
+    page.keyboard.insert_text(toml)
+    page.locator("#lora_ext_concepts_import").click()
+    expect(_md(page, "lora_ext_concepts_message")).to_contain_text("Imported 1 concepts", timeout=30_000)
+    expect(_md(page, "lora_ext_concepts_summary")).to_contain_text("red (3 repeats): 2 images", timeout=30_000)
+    prepared = str(tmp_path / "prepared")
+    page.locator("#lora_ext_concepts_dest textarea").fill(prepared)
+    page.locator("#lora_ext_concepts_prepare").click()
+    expect(_md(page, "lora_ext_concepts_message")).to_contain_text("Prepared", timeout=30_000)
+    assert os.path.isdir(os.path.join(prepared, "train", "3_red"))
+    _shot(page, tmp_path, "5a_concepts")
+    _tab(page, "Train")
+    expect(page.locator("#lora_ext_train_train_data_dir textarea")).to_have_value(os.path.join(prepared, "train"))
+    _tab(page, "Concepts")
     page.locator("#lora_ext_captions .label-wrap").first.click()
     red = os.path.join(data["train"], "5_redcircle")
     page.locator("#lora_ext_captions_folder textarea").fill(red)

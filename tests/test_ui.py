@@ -101,6 +101,8 @@ def test_a_training_session_runs_in_the_background_and_cancels(data, tmp_path):
 
 
 def test_merge_handler_keeps_names_in_their_folders(tmp_path):
+    from safetensors.torch import load_file
+
     ckpts, loras = tmp_path / "ckpts", tmp_path / "loras"
     ckpts.mkdir(), loras.mkdir()
     model = tiny_model("sd1")
@@ -114,6 +116,13 @@ def test_merge_handler_keeps_names_in_their_folders(tmp_path):
     assert "not in the LoRA folders" in merge_tab.merge(str(ckpts), lib, "base.safetensors", "zzz.safetensors",
                                                         "y", "fp16", False)
     assert "Add at least one LoRA" in merge_tab.merge(str(ckpts), lib, "base.safetensors", " ", "y", "fp16", False)
+    msg = merge_tab.merge(str(ckpts), lib, "base.safetensors", "a.safetensors", "old", "fp16", False, fmt="ckpt")
+    assert msg.startswith("Wrote **old.ckpt**")
+    state = torch.load(str(ckpts / "old.ckpt"), weights_only=True)
+    merged = load_file(str(ckpts / "merged.safetensors"))
+    sd = state.get("state_dict", state)
+    key = next(k for k in merged if k.endswith("attn2.to_k.weight"))
+    assert sd[key].dtype == torch.float16 and sd[key].shape == merged[key].shape
 
 
 def test_the_standalone_app_serves_the_tab_on_loopback(tmp_path):
@@ -142,9 +151,16 @@ def test_concepts_tab_handlers(tmp_path):
     back, msg = concepts_tab.import_text(toml, "kohya")
     assert back == rows and "Imported 2" in msg
     assert concepts_tab.import_text("{", "dreambooth")[0] is None
-    msg = concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy")
+    msg, train, reg = concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy")
     assert msg.startswith("Prepared 7 files") and os.path.isdir(tmp_path / "prepared" / "train" / "2_red")
-    assert concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy").startswith("**Cannot prepare:**")
+    assert (train, reg) == (str(tmp_path / "prepared" / "train"), str(tmp_path / "prepared" / "reg"))
+    msg, train, reg = concepts_tab.prepare(rows, str(tmp_path / "prepared"), "copy")
+    assert msg.startswith("**Cannot prepare:**") and train is None and reg is None
+    kept, msg = concepts_tab.remove_row(rows, 1)
+    assert kept == rows[1:] and msg == "Removed row 1."
+    assert concepts_tab.remove_row(rows, 5) == (rows, "**No row 5:** the table has 2 rows.")
+    assert concepts_tab.remove_row(rows[:1], 1)[0] == [["", 1, "", ".txt", False]]     # an empty row stays
+    assert concepts_tab.concept_folders(rows + [["", 1, "", ".txt", False]]) == [red, os.path.join(a["reg"], "1_shape")]
 
 
 def test_switching_the_checkpoint_of_the_standalone_model(tmp_path):

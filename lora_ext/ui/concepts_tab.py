@@ -53,14 +53,33 @@ def export_text(rows, kind: str) -> str:
     return cp.to_kohya_toml(concepts) if kind == "kohya" else cp.to_dreambooth_json(concepts)
 
 
-def prepare(rows, dest: str, mode: str) -> str:
+def prepare(rows, dest: str, mode: str):
+    """(message, train folder or None, regularization folder or None): the folders go into the Train form."""
     try:
         out = cp.prepare(cp.from_rows(_rows(rows)), dest, mode)
     except (cp.ConceptError, OSError) as e:
-        return f"**Cannot prepare:** {e}"
+        return f"**Cannot prepare:** {e}", None, None
     note = f" ({out['copied_instead_of_linked']} copied: links refused)" if out["copied_instead_of_linked"] else ""
     reg = f", regularization folder `{out['reg']}`" if out["reg"] else ""
-    return f"Prepared {out['files']} files{note}: train folder `{out['train']}`{reg}. Put them in the Train form."
+    return (f"Prepared {out['files']} files{note}: train folder `{out['train']}`{reg}; the Train form now points "
+            "at them.", out["train"], out["reg"])
+
+
+def remove_row(rows, number):
+    """(rows, message): the table without row `number` (counted from 1)."""
+    rows = _rows(rows)
+    try:
+        i = int(number) - 1
+    except (TypeError, ValueError):
+        i = -1
+    if not 0 <= i < len(rows):
+        return rows, f"**No row {number}:** the table has {len(rows)} rows."
+    kept = rows[:i] + rows[i + 1:]
+    return kept or [["", 1, "", ".txt", False]], f"Removed row {i + 1}."
+
+
+def concept_folders(rows) -> list:
+    return [str(r[0]).strip() for r in _rows(rows) if r and str(r[0]).strip()]
 
 
 def browse(folder: str, ext: str):
@@ -115,8 +134,9 @@ def _rows(rows):
     return rows.values.tolist() if hasattr(rows, "values") and hasattr(rows, "columns") else (rows or [])
 
 
-def _build_captions(interrogators: dict) -> None:
+def _build_captions(interrogators: dict, table) -> None:
     with gr.Row():
+        concept = gr.Dropdown(label="Concept", choices=[], elem_id="lora_ext_captions_concept")
         folder = gr.Textbox(label="Image folder", elem_id="lora_ext_captions_folder")
         ext = gr.Textbox(label="Caption extension", value=".txt", elem_id="lora_ext_captions_ext")
         show_b = gr.Button("Show images", elem_id="lora_ext_captions_show")
@@ -128,6 +148,9 @@ def _build_captions(interrogators: dict) -> None:
         save_b = gr.Button("Save caption", elem_id="lora_ext_captions_save")
     message = gr.Markdown(elem_id="lora_ext_captions_message")
     show_b.click(browse, inputs=[folder, ext], outputs=[gallery, paths, message])
+    table.change(lambda rows: gr.update(choices=concept_folders(rows)), inputs=[table], outputs=[concept])
+    concept.select(lambda c: c, inputs=[concept], outputs=[folder]).then(
+        browse, inputs=[folder, ext], outputs=[gallery, paths, message])
 
     def on_select(ps, e, evt: gr.SelectData):
         return pick(ps, evt.index, e)
@@ -143,7 +166,8 @@ def _build_captions(interrogators: dict) -> None:
                     outputs=[message])
 
 
-def build(interrogators: dict | None = None) -> None:
+def build(interrogators: dict | None = None, form_fields: dict | None = None) -> None:
+    """`form_fields`: the Train form's components by option name; prepared folders are filled in there."""
     table = gr.Dataframe(headers=HEADERS, datatype=["str", "number", "str", "str", "bool"], row_count=(1, "dynamic"),
                          col_count=(5, "fixed"), value=[["", 1, "", ".txt", False]], elem_id="lora_ext_concepts_table")
     info = gr.Markdown(elem_id="lora_ext_concepts_summary")
@@ -158,9 +182,21 @@ def build(interrogators: dict | None = None) -> None:
                    inputs=[text, kind], outputs=[table, message])
     export_b.click(export_text, inputs=[table, kind], outputs=[text])
     with gr.Row():
+        row_n = gr.Number(label="Row to remove", value=1, precision=0, elem_id="lora_ext_concepts_row")
+        remove_b = gr.Button("Remove row", elem_id="lora_ext_concepts_remove")
+    remove_b.click(remove_row, inputs=[table, row_n], outputs=[table, message])
+    with gr.Row():
         dest = gr.Textbox(label="Prepare into (a new folder)", elem_id="lora_ext_concepts_dest")
         mode = gr.Radio(["link", "copy"], value="link", label="How", elem_id="lora_ext_concepts_mode")
         prep_b = gr.Button("Prepare folders", elem_id="lora_ext_concepts_prepare")
-    prep_b.click(prepare, inputs=[table, dest, mode], outputs=[message])
+    fields = form_fields or {}
+    targets = [fields[k] for k in ("train_data_dir", "reg_data_dir") if k in fields]
+
+    def prepared(rows, d, m):
+        msg, train, reg = prepare(rows, d, m)
+        if train is None:
+            return [msg] + [gr.update()] * len(targets)
+        return [msg] + [gr.update(value=v or "") for v in (train, reg)][:len(targets)]
+    prep_b.click(prepared, inputs=[table, dest, mode], outputs=[message] + targets)
     with gr.Accordion("Captions", open=False, elem_id="lora_ext_captions"):
-        _build_captions(interrogators or {})
+        _build_captions(interrogators or {}, table)

@@ -49,13 +49,13 @@ _EXPECTED = (library.UnsafeName, FileNotFoundError, FileExistsError, ValueError)
 
 
 def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: str, precision: str,
-          overwrite: bool, on_written=None) -> str:
-    """LoRAs into a new checkpoint file."""
+          overwrite: bool, on_written=None, fmt: str = "safetensors") -> str:
+    """LoRAs into a new checkpoint file (`fmt` 'safetensors', or 'ckpt' on request, when the name has none)."""
     from ..merge import Item, MergeError, merge_checkpoint
 
     try:
         base_path = library.resolve(ckpt_folder, base)
-        out_path = library.resolve(ckpt_folder, _out_name(out_name))
+        out_path = library.resolve(ckpt_folder, _out_name(out_name, ".ckpt" if fmt == "ckpt" else ".safetensors"))
         items = [Item(lora_library.path(name), unet, te) for name, unet, te in parse_lora_lines(lora_lines)]
         if not items:
             return "**Add at least one LoRA** (one per line: name:ratio:text-encoder ratio)."
@@ -173,13 +173,16 @@ def build(ctx) -> None:
                        elem_id="lora_ext_merge_loras")
     add.click(add_lora_line, inputs=[lines, pick, unet, te], outputs=[lines])
     out, precision, overwrite = _output_row("lora_ext_merge")
+    fmt = gr.Radio(["safetensors", "ckpt"], value="safetensors", label="Format",
+                   info="safetensors loads fast and runs no code; .ckpt only for tools that need it",
+                   elem_id="lora_ext_merge_format")
     with gr.Row():
         go = gr.Button("Merge into a new checkpoint", variant="primary", elem_id="lora_ext_merge_go")
         bake_b = gr.Button("Bake into the loaded model (no file)", visible=ctx.bake_fn is not None,
                            elem_id="lora_ext_merge_bake")
     message = gr.Markdown(elem_id="lora_ext_merge_message")
-    go.click(lambda *a: merge(ctx.ckpt_folder_fn(), ctx.library, *a, on_written=ctx.on_written),
-             inputs=[base, lines, out, precision, overwrite], outputs=[message])
+    go.click(lambda *a: merge(ctx.ckpt_folder_fn(), ctx.library, *a[:5], on_written=ctx.on_written, fmt=a[5]),
+             inputs=[base, lines, out, precision, overwrite, fmt], outputs=[message])
     if ctx.bake_fn is not None:
         bake_b.click(lambda text: bake(ctx.bake_fn, text), inputs=[lines], outputs=[message])
 

@@ -34,10 +34,10 @@ def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
         with gr.Tabs(elem_id="lora_ext_tabs"):
             if ctx.session is not None:
                 with gr.Tab("Train", elem_id="lora_ext_tab_train"):
-                    polled = train_tab.build(ctx)
+                    polled, form_fields = train_tab.build(ctx)
                 block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2)
                 with gr.Tab("Concepts", elem_id="lora_ext_tab_concepts"):
-                    concepts_tab.build(ctx.interrogators)
+                    concepts_tab.build(ctx.interrogators, form_fields)
             if ctx.ckpt_folder_fn is not None:
                 with gr.Tab("Merge", elem_id="lora_ext_tab_merge"):
                     merge_tab.build(ctx)

@@ -113,8 +113,9 @@ def progress(session):
     return session.status(), plot, list(session.samples)
 
 
-def build(ctx) -> list:
-    """Adds the Train controls to the current gradio context; returns the progress outputs to poll."""
+def build(ctx) -> tuple:
+    """Adds the Train controls to the current gradio context; returns (the progress outputs to poll, the form's
+    components by option name)."""
     from ..train.config import TrainConfig
 
     session, host_fn, presets_folder = ctx.session, ctx.host_fn, ctx.presets_folder
@@ -175,7 +176,7 @@ def build(ctx) -> list:
                  outputs=inputs + [message])
     gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(
         lambda: progress(session), outputs=[status, plot, gallery])
-    return [status, plot, gallery]
+    return [status, plot, gallery], {f.name: c for f, c in zip(tf.FIELDS, inputs)}
 
 
 def switch_checkpoint(ctx, session, name: str) -> str:
