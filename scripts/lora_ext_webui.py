@@ -98,7 +98,11 @@ def switch_checkpoint(name):
     info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
         return f"**No checkpoint {name!r}** in the webui's list; press Refresh."
-    shared.opts.set("sd_model_checkpoint", info.title)
+    if Runtime._instance is not None and shared.sd_model is not None:
+        from modules import call_queue
+        with call_queue.queue_lock:     # the webui may keep this model for later: without our LoRAs in it
+            Runtime._instance.restore(Runtime.host(shared.sd_model))
+    shared.opts.set("sd_model_checkpoint", info.title)      # its onchange takes the lock and reloads
     return f"Loaded **{info.title}**."
 
 

@@ -96,21 +96,30 @@ def _summary(report: dict) -> str:
     return f" Kept energy over {e['modules']} modules: min {e['min']:.3f}, median {e['median']:.3f}, mean {e['mean']:.3f}."
 
 
+def _lora_tool(lora_folder: str, out_name: str, on_written, failure: str, work, what):
+    """Runs `work(out path) -> report` for a tool writing a LoRA into the LoRA folder: (message, energy rows).
+    `what(report)` says what was written; expected errors become "**failure:** why"."""
+    try:
+        out = library.resolve(lora_folder, _out_name(out_name))
+        report = work(out)
+    except _EXPECTED as e:
+        return f"**{failure}:** {e}", []
+    if on_written is not None:
+        on_written("lora", out)
+    return (f"Wrote **{os.path.relpath(out, lora_folder)}** {what(report)}.{_summary(report)}",
+            _energy_rows(report["per_module"]))
+
+
 def merge_loras(lora_folder: str, lora_library, lora_lines: str, rank: float, out_name: str, precision: str,
                 overwrite: bool, on_written=None):
     """(message, energy rows): several LoRAs into one; rank 0 keeps every rank (concatenated)."""
     from ..lora_tools import merge_lora_files
 
-    try:
+    def work(out):
         items = [(lora_library.path(name), unet) for name, unet, _ in parse_lora_lines(lora_lines)]
-        out = library.resolve(lora_folder, _out_name(out_name))
-        report = merge_lora_files(items, out, int(rank) or None, precision, overwrite)
-    except _EXPECTED as e:
-        return f"**Cannot merge the LoRAs:** {e}", []
-    if on_written is not None:
-        on_written("lora", out)
-    return (f"Wrote **{os.path.relpath(out, lora_folder)}** at rank {report['rank']}.{_summary(report)}",
-            _energy_rows(report["per_module"]))
+        return merge_lora_files(items, out, int(rank) or None, precision, overwrite)
+    return _lora_tool(lora_folder, out_name, on_written, "Cannot merge the LoRAs", work,
+                      lambda r: f"at rank {r['rank']}")
 
 
 def resize(lora_folder: str, lora_library, name: str, how: str, amount: float, out_name: str, precision: str,
@@ -118,19 +127,12 @@ def resize(lora_folder: str, lora_library, name: str, how: str, amount: float, o
     """(message, energy rows): a LoRA at a fixed rank, or at the fewest ranks keeping `amount` of the energy."""
     from ..lora_tools import resize_file
 
-    try:
+    def work(out):
         if not name:
             raise ValueError("choose a LoRA to resize")
-        src = lora_library.path(name)
-        out = library.resolve(lora_folder, _out_name(out_name))
         rank, energy = (int(amount), None) if how == "rank" else (None, float(amount))
-        report = resize_file(src, out, rank, energy, precision, overwrite)
-    except _EXPECTED as e:
-        return f"**Cannot resize:** {e}", []
-    if on_written is not None:
-        on_written("lora", out)
-    return (f"Wrote **{os.path.relpath(out, lora_folder)}** (largest rank {report['rank']}).{_summary(report)}",
-            _energy_rows(report["per_module"]))
+        return resize_file(lora_library.path(name), out, rank, energy, precision, overwrite)
+    return _lora_tool(lora_folder, out_name, on_written, "Cannot resize", work, lambda r: f"(largest rank {r['rank']})")
 
 
 def extract(ckpt_folder: str, lora_folder: str, base: str, tuned: str, rank: float, conv_rank: float, out_name: str,
@@ -138,16 +140,10 @@ def extract(ckpt_folder: str, lora_folder: str, base: str, tuned: str, rank: flo
     """(message, energy rows): a LoRA from the difference tuned - base."""
     from ..lora_tools import extract_file
 
-    try:
+    def work(out):
         base_path, tuned_path = library.resolve(ckpt_folder, base), library.resolve(ckpt_folder, tuned)
-        out = library.resolve(lora_folder, _out_name(out_name))
-        report = extract_file(base_path, tuned_path, out, int(rank), int(conv_rank) or None, precision, overwrite)
-    except _EXPECTED as e:
-        return f"**Cannot extract:** {e}", []
-    if on_written is not None:
-        on_written("lora", out)
-    return (f"Wrote **{os.path.relpath(out, lora_folder)}** ({report['modules']} modules).{_summary(report)}",
-            _energy_rows(report["per_module"]))
+        return extract_file(base_path, tuned_path, out, int(rank), int(conv_rank) or None, precision, overwrite)
+    return _lora_tool(lora_folder, out_name, on_written, "Cannot extract", work, lambda r: f"({r['modules']} modules)")
 
 
 def _output_row(prefix: str):
