@@ -143,6 +143,19 @@ def cmd_extract(args) -> int:
     return 0
 
 
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def cmd_bench(args, extra) -> int:
+    """Runs bench/<name>.py of this checkout (full-size random-weight models; minutes, GBs of memory)."""
+    import subprocess
+
+    script = os.path.join(BENCH_DIR, f"{args.name}.py")
+    if not os.path.isfile(script):
+        raise UsageError(f"no benchmark {script}: benchmarks come with a checkout of the repository")
+    return subprocess.call([sys.executable, script, *extra])
+
+
 def cmd_ui(args) -> int:
     from .ui.app import serve
 
@@ -205,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--conv_rank", type=int)
     _output_args(x)
     x.set_defaults(func=cmd_extract)
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge); it prints JSON",
+                       description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
+                       add_help=False)      # so that `bench apply --help` reaches the benchmark
+    b.add_argument("name", choices=["apply", "train", "merge"])
+    b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
     from .train.config import TrainConfig
@@ -226,8 +244,8 @@ def main(argv=None) -> int:
 
     args, extra = build_parser().parse_known_args(argv)
     try:
-        if args.func is cmd_train:
-            return cmd_train(args, extra)
+        if args.func in (cmd_train, cmd_bench):
+            return args.func(args, extra)
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)

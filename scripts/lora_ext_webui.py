@@ -60,7 +60,7 @@ class Runtime:
         return cls._host
 
 
-def train_in_webui(cfg, on_event=None, should_stop=None):
+def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
     """Training on the loaded model (the tab and the API call this): the panel's LoRAs are given back first."""
     from lora_ext.hosts.webui import train_as_webui_job
 
@@ -68,7 +68,7 @@ def train_in_webui(cfg, on_event=None, should_stop=None):
         if Runtime._instance is not None:
             Runtime._instance.restore(host)
 
-    return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop)
+    return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop, task_id=task_id)
 
 
 def checkpoints_folder():
@@ -142,7 +142,7 @@ def tab_context():
                       lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
                       model_label_fn=model_label, lock=lambda: call_queue.queue_lock, checkpoints_fn=checkpoint_names,
                       switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
-                      bake_fn=bake)
+                      bake_fn=bake, progress_js="loraExtTrain")
 
 
 def info_line(name):

@@ -161,6 +161,20 @@ def _tab(page, name):
     page.locator(".tab-nav button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
 
 
-def _choose(page, eid, option):
-    page.locator(f"#{eid} input").click()
-    page.locator("ul.options li", has_text=option).first.click()
+def _choose(page, eid, option, timeout_s=60):
+    """Opens a dropdown and picks an option; its choices may still be on their way (a refresh just clicked),
+    so the dropdown is opened again until the option is there."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        page.locator(f"#{eid} input").click()
+        item = page.locator("ul.options li", has_text=option).first
+        try:
+            item.wait_for(timeout=2_000)
+            item.click()
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            page.keyboard.press("Escape")

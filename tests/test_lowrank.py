@@ -105,3 +105,12 @@ def test_cli_resize_merge_extract(tmp_path):
     tiny.save_checkpoint(model, base)
     r = run("extract", "--base", base, "--tuned", base, "--out", str(tmp_path / "e.safetensors"))
     assert r.returncode == 2 and "do not differ" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bench_runs_the_benchmarks_of_the_checkout():
+    r = subprocess.run([sys.executable, "-m", "lora_ext", "bench", "apply", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--rank" in r.stdout and "--rounds" in r.stdout     # bench/apply.py's own options
+    r = subprocess.run([sys.executable, "-m", "lora_ext", "bench", "nope"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr

@@ -231,7 +231,7 @@ def test_a_checkpoint_loaded_into_the_model_is_not_overwritten(webui):
 
 
 def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
-    from modules import call_queue, scripts, shared
+    from modules import call_queue, progress, scripts, shared
 
     from lora_ext.testing import sample_data
     from lora_ext.train.config import TrainConfig
@@ -245,15 +245,43 @@ def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
     def on_event(e):
         if e.kind == "step":
             seen.append((call_queue.queue_lock.locked(), shared.state.job, shared.state.sampling_step,
-                         shared.state.textinfo, _bit_exact(webui)))
+                         shared.state.textinfo, _bit_exact(webui), progress.current_task))
             if e.step == 3:
                 shared.state.interrupt()
     cfg = TrainConfig(train_data_dir=data["train"], output_dir=str(tmp_path / "out"), output_name="job",
                       resolution="64", train_batch_size=2, max_train_steps=10, network_dim=4, mixed_precision="no")
-    result = module.train_in_webui(cfg, on_event)
+    result = module.train_in_webui(cfg, on_event, task_id="task(lora1)")
     assert result.cancelled and result.steps == 3 and os.path.exists(result.lora_path)
+    assert [s[5] for s in seen] == ["task(lora1)"] * 3       # the page's progress bar asks about this task
+    assert progress.current_task is None and progress.finished_tasks[-1] == "task(lora1)"
     assert [s[:3] for s in seen] == [(True, "lora_ext training", k) for k in (1, 2, 3)]
     assert "step 3/10" in seen[-1][3]
     assert all(s[4] for s in seen)          # trained on the checkpoint's own weights, the panel's LoRA given back
     assert shared.state.job == "" and not call_queue.queue_lock.locked()
+    assert _bit_exact(webui)
+
+
+def test_the_tab_in_the_webui_estimates_under_the_lock_and_bakes(webui, tmp_path):
+    from modules import call_queue, script_callbacks, scripts
+
+    from lora_ext.testing import sample_data
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.ui import merge_tab, train_fields, train_tab
+
+    module = next(d.module for d in scripts.scripts_data if d.script_class.__name__ == "AdditionalNetworks")
+    ctx = module.tab_context()
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    values = train_fields.options_to_values(TrainConfig(train_data_dir=data["train"], resolution="64", network_dim=4))
+    report, text = train_tab.check_dataset(ctx.host_fn, values, ctx.lock())
+    assert report is not None and "Estimated memory: about **" in text and not call_queue.queue_lock.locked()
+    assert _bit_exact(webui)
+
+    _generate(webui, [Slot(True, "sub/b.safetensors", 1.0)])         # a panel LoRA in place
+    msg = merge_tab.bake(ctx.bake_fn, "a.safetensors:0.5:1")
+    assert msg.startswith("Baked into the loaded model: a.safetensors") and not call_queue.queue_lock.locked()
+    baked = {k: v.clone() for k, v in webui["model"].state_dict().items()}
+    _generate(webui)                                                # no slots: the baked weights stay
+    assert all(torch.equal(v, baked[k]) for k, v in webui["model"].state_dict().items()) and not _bit_exact(webui)
+    webui["model"].load_state_dict(webui["snap"])                   # loading the checkpoint again undoes it
+    script_callbacks.model_loaded_callback(webui["model"])
     assert _bit_exact(webui)

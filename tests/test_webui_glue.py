@@ -2,13 +2,18 @@
 builds its UI, and pays nothing heavy at start-up; install.py follows the webui's convention."""
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import types
 
 import gradio as gr
+import pytest
 
 from conftest import ROOT
+
+NEEDS_NODE = pytest.mark.skipif(shutil.which("node") is None,
+                                reason="needs Debian's nodejs: run `bash .ci/setup` as root")
 
 
 def test_scripts_register_tab_and_panel():
@@ -120,23 +125,48 @@ def test_tab_glue_switches_checkpoints_and_refreshes_the_webui_lists(tmp_path):
             sys.modules["networks"] = networks
 
 
-def test_hints_file_is_generated_from_the_form_and_keeps_the_webuis_own():
-    import json
-    import shutil
-
+def test_hints_file_is_generated_from_the_form():
     from lora_ext.ui import hints, train_fields
 
-    path = os.path.join(ROOT, "javascript", "lora_ext_hints.js")
-    with open(path, encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "javascript", "lora_ext_hints.js"), encoding="utf-8") as f:
         assert f.read() == hints.render_js(), "regenerate: python -m lora_ext.ui.hints > javascript/lora_ext_hints.js"
     titles = hints.titles()
     assert all(titles[f.label] == f.tip for f in train_fields.FIELDS)
+
+
+@NEEDS_NODE
+def test_hints_register_as_the_webuis_own_and_keep_them():
+    import json
+
+    from lora_ext.ui import hints
+
+    path = os.path.join(ROOT, "javascript", "lora_ext_hints.js")
+    # as the webui runs it: after its hints.js defined `titles`, with onUiLoaded available
+    script = ("var titles = {'Seed': 'the webui\\'s own'}; var later = [];"
+              "function onUiLoaded(f) { later.push(f); }"
+              f"eval(require('fs').readFileSync({json.dumps(path)}, 'utf8'));"
+              "later.forEach(f => f()); console.log(JSON.stringify(titles));")
+    out = json.loads(subprocess.run([shutil.which("node"), "-e", script], capture_output=True, text=True,
+                                    check=True).stdout)
+    titles = hints.titles()
+    assert out["Seed"] == "the webui's own" and out["Network alpha"] == titles["Network alpha"]
+    assert len(out) == len(titles)
+
+
+@NEEDS_NODE
+def test_train_button_script_hands_the_run_a_task_for_the_webuis_progress_bar():
+    import json
+
     node = shutil.which("node")
-    if node:        # run it as the webui would: after hints.js defined `titles`, with onUiLoaded available
-        script = ("var titles = {'Seed': 'the webui\\'s own'}; var later = [];"
-                  "function onUiLoaded(f) { later.push(f); }"
-                  f"eval(require('fs').readFileSync({json.dumps(path)}, 'utf8'));"
-                  "later.forEach(f => f()); console.log(JSON.stringify(titles));")
-        out = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout)
-        assert out["Seed"] == "the webui's own" and out["Network alpha"] == titles["Network alpha"]
-        assert len(out) == len(titles)
+    path = os.path.join(ROOT, "javascript", "lora_ext_progress.js")
+    script = ("var calls = []; function randomId() { return 'task(abc)'; }"
+              "function requestProgress(id, box, gallery, atEnd) { calls.push([id, box.id, gallery]); }"
+              "function gradioApp() { return {getElementById: (id) => ({id: id})}; }"
+              f"eval(require('fs').readFileSync({json.dumps(path)}, 'utf8'));"
+              "const out = loraExtTrain('', 'a', 3);"
+              "console.log(JSON.stringify([out, calls]));")
+    out, calls = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout)
+    assert out == ["task(abc)", "a", 3] and calls == [["task(abc)", "lora_ext_train_progress", None]]
+    bare = (f"eval(require('fs').readFileSync({json.dumps(path)}, 'utf8'));"
+            "console.log(JSON.stringify(loraExtTrain('', 'a')));")     # outside the webui: the inputs as they are
+    assert json.loads(subprocess.run([node, "-e", bare], capture_output=True, text=True, check=True).stdout) == ["", "a"]

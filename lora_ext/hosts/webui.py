@@ -84,16 +84,21 @@ class WebuiHost:
         return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=cond.to(p.device, p.dtype))
 
 
-def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None):
+def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_id=None):
     """Trains on the webui's loaded model in place, as one of its jobs: behind the lock that serialises
     generation (so the two never overlap), with the webui's progress state (job, step counter, text) and
     its Interrupt button as the cancel. `before(host)` runs first, under the lock (the panel gives its
-    merged LoRAs back there, so training starts from the checkpoint's own weights)."""
-    from modules import call_queue, shared
+    merged LoRAs back there, so training starts from the checkpoint's own weights). `task_id`: the id the
+    page's progress bar asks the webui's progress API about (queued, then current while the run goes)."""
+    from modules import call_queue, progress, shared
 
     from ..train.loop import train
 
+    if task_id:
+        progress.add_task_to_queue(task_id)
     with call_queue.queue_lock:
+        if task_id:
+            progress.start_task(task_id)
         host = WebuiHost(shared.sd_model)
         if before is not None:
             before(host)
@@ -111,3 +116,5 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None):
                          should_stop=lambda: shared.state.interrupted or bool(should_stop and should_stop()))
         finally:
             shared.state.end()
+            if task_id:
+                progress.finish_task(task_id)

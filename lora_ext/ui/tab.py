@@ -25,7 +25,8 @@ class TabContext:
     switch_fn: object = None            # (name) -> message, after loading that checkpoint
     on_written: object = lambda kind, path: None        # ('lora' | 'checkpoint', path): refresh host lists
     interrogators: dict = field(default_factory=dict)   # name -> (PIL image) -> caption
-    bake_fn: object = None              # ([(lora name, unet ratio, te ratio)]) -> message (in-memory merge)
+    bake_fn: object = None              # ([(lora name, unet ratio, te ratio)]) -> Outcome (in-memory merge)
+    progress_js: str | None = None      # JS function giving the Train click a task id for the host's progress bar
 
 
 def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:

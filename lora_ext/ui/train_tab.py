@@ -147,26 +147,29 @@ def build(ctx) -> tuple:
         start_b = gr.Button("Train", variant="primary", elem_id="lora_ext_train_start")
         cancel_b = gr.Button("Cancel", elem_id="lora_ext_train_cancel")
     message = gr.Markdown(elem_id="lora_ext_train_message")
+    gr.HTML("", elem_id="lora_ext_train_progress")      # the host's progress bar goes above this
+    task = gr.Textbox(visible=False, elem_id="lora_ext_train_task")
     status = gr.Markdown(elem_id="lora_ext_train_status")
     with gr.Row():
         plot = gr.Image(label="Loss", type="filepath", interactive=False, elem_id="lora_ext_train_loss")
         gallery = gr.Gallery(label="Samples", elem_id="lora_ext_train_samples")
 
-    def start(*values):
+    def start(task_id, *values):
         cfg, msg = form_to_config(list(values))
         if cfg is None:
             return msg
         report, text = check_dataset(host_fn, list(values), ctx.lock(), not session.running)
         if report is None:
             return text
-        return "Training started.\n\n" + text if session.start(cfg) else "A training run is already going."
+        started = session.start(cfg, task_id or None)
+        return "Training started.\n\n" + text if started else "A training run is already going."
 
     if ctx.checkpoints_fn is not None:
         switch_b.click(lambda name: (switch_checkpoint(ctx, session, name), ctx.model_label_fn()), inputs=[ckpt],
                        outputs=[message, model_label])
     check_b.click(lambda *v: check_dataset(host_fn, list(v), ctx.lock(), not session.running)[1], inputs=inputs,
                   outputs=[message])
-    start_b.click(start, inputs=inputs, outputs=[message])
+    start_b.click(start, inputs=[task] + inputs, outputs=[message], _js=ctx.progress_js)
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
     presets = lambda: gr.update(choices=list_presets(presets_folder))  # noqa: E731
     save_b.click(lambda n, *v: (save_preset(presets_folder, n, list(v)), presets()), inputs=[preset] + inputs,

@@ -22,8 +22,8 @@ class TrainingSession:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, cfg) -> bool:
-        """False if a run is already going."""
+    def start(self, cfg, task_id: str | None = None) -> bool:
+        """False if a run is already going. `task_id` (the host's progress-bar task) goes to `run` when given."""
         with self._lock:
             if self.running:
                 return False
@@ -31,13 +31,14 @@ class TrainingSession:
             self.events, self.losses, self.samples = [], [], []
             self.result, self.error, self.started = None, None, time.time()
             self.plotted = None
-            self._thread = threading.Thread(target=self._work, args=(cfg,), daemon=True)
+            self._thread = threading.Thread(target=self._work, args=(cfg, task_id), daemon=True)
             self._thread.start()
             return True
 
-    def _work(self, cfg) -> None:
+    def _work(self, cfg, task_id) -> None:
         try:
-            self.result = self.run(cfg, self._on_event, lambda: self._stop)
+            extra = {"task_id": task_id} if task_id else {}
+            self.result = self.run(cfg, self._on_event, lambda: self._stop, **extra)
         except Exception as e:          # shown in the UI as a message, never a traceback
             self.error = f"{type(e).__name__}: {e}"
 
