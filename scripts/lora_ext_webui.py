@@ -1,5 +1,6 @@
 """Webui glue: registers the LoRA tab, the Additional Networks panel, settings, X/Y/Z axes and API routes.
 No logic beyond wiring: everything here calls lora_ext, which never imports the webui's modules itself."""
+import contextlib
 import os
 import sys
 
@@ -125,22 +126,40 @@ def interrogators():
     return found
 
 
-def bake(items):
+class ModelBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def model_if_free():
+    """The webui's generation lock if nobody holds it; else ModelBusy at once (a button never hangs for the
+    length of someone's training run)."""
     from modules import call_queue
-    with call_queue.queue_lock:
-        return Runtime.get().bake(Runtime.host(shared.sd_model), items)
+    if not call_queue.queue_lock.acquire(blocking=False):
+        raise ModelBusy("the model is busy (a generation or a training run); try again when it is done")
+    try:
+        yield
+    finally:
+        call_queue.queue_lock.release()
+
+
+def bake(items):
+    from lora_ext.panel_runtime import Outcome
+    try:
+        with model_if_free():
+            return Runtime.get().bake(Runtime.host(shared.sd_model), items)
+    except ModelBusy as e:
+        return Outcome(messages=[str(e)])
 
 
 def tab_context():
-    from modules import call_queue
-
     from lora_ext.ui.tab import TabContext
     from lora_ext.ui.training_session import TrainingSession
 
     return TabContext(lambda: lora_folders()[0], checkpoints_folder, LIBRARY,
                       TrainingSession(train_in_webui, on_written=refresh_lists),
                       lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
-                      model_label_fn=model_label, lock=lambda: call_queue.queue_lock, checkpoints_fn=checkpoint_names,
+                      model_label_fn=model_label, lock=model_if_free, checkpoints_fn=checkpoint_names,
                       switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
                       bake_fn=bake, progress_js="loraExtTrain")
 

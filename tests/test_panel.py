@@ -276,6 +276,11 @@ def test_the_tab_in_the_webui_estimates_under_the_lock_and_bakes(webui, tmp_path
     assert report is not None and "Estimated memory: about **" in text and not call_queue.queue_lock.locked()
     assert _bit_exact(webui)
 
+    with call_queue.queue_lock:                                     # a generation or training going
+        assert merge_tab.bake(ctx.bake_fn, "a.safetensors") == (
+            "**Cannot bake:** the model is busy (a generation or a training run); try again when it is done")
+        assert "Estimated memory: not available (ModelBusy" in train_tab.check_dataset(ctx.host_fn, values, ctx.lock())[1]
+    assert _bit_exact(webui)
     _generate(webui, [Slot(True, "sub/b.safetensors", 1.0)])         # a panel LoRA in place
     msg = merge_tab.bake(ctx.bake_fn, "a.safetensors:0.5:1")
     assert msg.startswith("Baked into the loaded model: a.safetensors") and not call_queue.queue_lock.locked()

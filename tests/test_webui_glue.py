@@ -104,7 +104,13 @@ def test_tab_glue_switches_checkpoints_and_refreshes_the_webui_lists(tmp_path):
         script_callbacks.clear_callbacks()
         glue = scripts.load_scripts_from(ROOT)[0].module
         ctx = glue.tab_context()
-        assert ctx.checkpoints_fn() == ["a.safetensors", "b.safetensors"] and ctx.lock() is call_queue.queue_lock
+        assert ctx.checkpoints_fn() == ["a.safetensors", "b.safetensors"]
+        with ctx.lock():
+            assert call_queue.queue_lock.locked()
+            with pytest.raises(glue.ModelBusy, match="the model is busy"):
+                with ctx.lock():
+                    pass
+        assert not call_queue.queue_lock.locked()
         assert "none loaded" in ctx.model_label_fn()
         assert ctx.switch_fn("b.safetensors") == "Loaded **b.safetensors**."
         assert torch.equal(model.state_dict()[key.replace("cond_stage_model.", "cond_stage_model.wrapped.")], b[key])
