@@ -5,6 +5,7 @@ run a merge. Screenshots go to the test's output folder (and tests/output/ when 
 import importlib.util
 import os
 import shutil
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 def _shot(page, tmp_path, name):
+    print(f"{time.strftime('%H:%M:%S')} screenshot {name}")     # shown with a failure: how far it got, when
     path = tmp_path / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("LORA_EXT_SCREENSHOTS"):
@@ -45,8 +47,12 @@ def test_train_and_merge_in_a_real_browser(tmp_path):
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             try:
-                _drive(browser, port, ctx, data, tmp_path, expect)
+                _drive(page, port, ctx, data, tmp_path, expect)
+            except Exception:
+                _shot(page, tmp_path, "failed")     # where it stood, for the CI log's reader
+                raise
             finally:
                 browser.close()
     finally:
@@ -57,8 +63,7 @@ def test_train_and_merge_in_a_real_browser(tmp_path):
     assert os.path.exists(os.path.join(ctx.ckpt_folder_fn(), "merged.safetensors"))
 
 
-def _drive(browser, port, ctx, data, tmp_path, expect):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def _drive(page, port, ctx, data, tmp_path, expect):
     page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
     expect(page.locator("#lora_ext_train_start")).to_be_visible(timeout=60_000)
     for group in ("network", "optimizer_schedule", "samples_saving"):
@@ -164,8 +169,6 @@ def _tab(page, name):
 def _choose(page, eid, option, timeout_s=60):
     """Opens a dropdown and picks an option; its choices may still be on their way (a refresh just clicked),
     so the dropdown is opened again until the option is there."""
-    import time
-
     deadline = time.time() + timeout_s
     while True:
         page.locator(f"#{eid} input").click()
