@@ -113,4 +113,4 @@ def test_cli_bench_runs_the_benchmarks_of_the_checkout():
     assert r.returncode == 0 and "--rank" in r.stdout and "--rounds" in r.stdout     # bench/apply.py's own options
     r = subprocess.run([sys.executable, "-m", "lora_ext", "bench", "nope"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr and "memory" in r.stderr

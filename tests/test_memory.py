@@ -21,11 +21,14 @@ def _really_saved(host, cfg) -> int:
     """Bytes autograd keeps in one real forward of the UNet with the LoRA attached (weights not counted)."""
     network = network_for(host, cfg, *cfg.lrs())
     keep = {id(p) for p in host.model.parameters()} | {id(p) for p in network.parameters()}
-    total = [0]
+    total, seen = [0], {}
 
     def pack(t):
-        if id(t) not in keep and id(t._base) not in keep:      # weights (and views of them) are no activations
-            total[0] += t.numel() * t.element_size()
+        # memory per tensor kept (once however often it is saved, views as what they view); weights excluded
+        base = t._base if t._base is not None else t
+        if id(base) not in keep and id(base) not in seen:
+            seen[id(base)] = base
+            total[0] += base.numel() * base.element_size()
         return t
     w, h = cfg.size
     with HostSession(host.model, (), sdpa_patches(host.unet)):

@@ -55,22 +55,28 @@ def _nbytes(t) -> int:
 def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: bool = True) -> dict:
     """Bytes autograd keeps for backward while `call()` runs: 'total', and for each of `blocks` its 'inputs'
     and what it 'saved' (gradient checkpointing's arithmetic). With `meta`, on meta copies of the host
-    model's tensors; else on the model itself, each saved tensor counted and dropped at once (for code that
-    cannot run on meta tensors; keep it small)."""
+    model's tensors; else on the model itself, for code that cannot run on meta tensors (autograd keeps
+    nothing: we hold what was saved until the count is done, so keep that call small). A tensor saved twice,
+    or as views, counts once."""
     if meta:
         state, params = _meta_state(host.model, dtype, trained_weights)
     else:
         params = {id(p) for p in host.model.parameters()}
         for p in host.model.parameters():
             p.requires_grad_(id(p) in trained_weights)      # put back by the caller's HostSession
-    current, per_block, totals = [], {}, {"total": 0}
+    current, per_block, totals, seen = [], {}, {"total": 0, "largest_tensor": 0}, {}
 
     def pack(t):
-        # a weight saved as itself or as a view of itself (linear keeps W transposed) is no activation
-        if id(t) not in params and id(t._base) not in params:
-            totals["total"] += _nbytes(t)
+        # memory is per storage: a tensor saved by several ops (a layer's input kept by its q, k and v
+        # projections) or as views (linear keeps a reshaped input) counts once, as the tensor it views;
+        # a weight, or a view of one (linear keeps W transposed), is no activation
+        base = t._base if t._base is not None else t
+        if id(base) not in params and id(base) not in seen:
+            seen[id(base)] = base       # held while we count, so that ids stay unique
+            totals["total"] += _nbytes(base)
+            totals["largest_tensor"] = max(totals["largest_tensor"], _nbytes(base))
             if current:
-                per_block[current[-1]]["saved"] += _nbytes(t)
+                per_block[current[-1]]["saved"] += _nbytes(base)
         return t if meta else None
 
     def enter(i):
@@ -94,19 +100,21 @@ def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: 
     finally:
         for h in handles:
             h.remove()
-    return {"total": totals["total"], "blocks": [per_block[i] for i in sorted(per_block)]}
+    return {**totals, "blocks": [per_block[i] for i in sorted(per_block)]}
 
 
 def _kept(measured: dict, checkpointing: bool) -> int:
-    """Activation memory at the peak of backward. Without checkpointing: all that was saved, plus the
-    gradients of the block in flight (about what that block saved). With it: what lies outside the blocks,
-    every block's input, and one block recomputed with its gradients."""
+    """Activation memory at the peak of backward. Backward frees what it has used as it goes, so the peak is
+    at its start: without checkpointing, all that was saved plus the gradients in flight (an activation's
+    and its input's: twice the largest saved tensor). With it: what lies outside the blocks, every block's
+    input, the largest block recomputed, and the gradients in flight."""
+    in_flight = 2 * measured["largest_tensor"]
     blocks = measured["blocks"]
-    largest = max((b["saved"] for b in blocks), default=0)
     if not checkpointing:
-        return measured["total"] + largest
+        return measured["total"] + in_flight
     inside = sum(b["saved"] for b in blocks)
-    return measured["total"] - inside + sum(b["inputs"] for b in blocks) + 2 * largest
+    largest_block = max((b["saved"] for b in blocks), default=0)
+    return measured["total"] - inside + sum(b["inputs"] for b in blocks) + largest_block + in_flight
 
 
 def _context_width(host) -> int:
