@@ -65,6 +65,11 @@ def test_dataset_check_reports_concepts_steps_and_problems(data, tmp_path):
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path))
     assert report is not None and "**4 steps**" in text and "redcircle: 2 images, 1 without caption" in text
     assert "Estimated memory: about **" in text and "on cpu (weights" in text
+    # the count is the run's: optimizer steps, so gradient accumulation divides it
+    report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path, max_train_steps=0, max_train_epochs=2,
+                                                                 gradient_accumulation_steps=3), None, False)
+    batches_per_epoch = -(-report["samples_per_epoch"] // 2)
+    assert f"**{2 * -(-batches_per_epoch // 3)} steps**" in text
     assert "not while a run is going" in train_tab.check_dataset(lambda: host, _values(data, tmp_path), None, False)[1]
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path, train_data_dir=str(tmp_path / "no")))
     assert report is None and text.startswith("**Dataset:**")

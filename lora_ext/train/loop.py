@@ -60,6 +60,17 @@ def prepare_data(host, cfg: TrainConfig):
     return scan, buckets, report
 
 
+def schedule(scan, buckets, cfg: TrainConfig, world: int = 1):
+    """(plan, optimizer steps per epoch, total steps, epochs): `plan(epoch)` gives an epoch's batches, which
+    are global: each of the `world` processes takes train_batch_size samples of each."""
+    def plan(epoch):
+        return batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),
+                                  cfg.train_batch_size * world, cfg.seed, epoch)
+    per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
+    return plan, per_epoch, total, math.ceil(total / per_epoch)
+
+
 def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     emit = on_event or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -68,12 +79,7 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     scan, buckets, report = prepare_data(host, cfg)
     aug = batches.Augment(cfg.flip_aug, cfg.random_crop, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate)
     dist = Dist.from_env()
-    # batches are global: each of the processes takes train_batch_size samples of each
-    plan = lambda epoch: batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),  # noqa: E731
-                                            cfg.train_batch_size * dist.world, cfg.seed, epoch)
-    per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
-    total = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
-    epochs = math.ceil(total / per_epoch)
+    plan, per_epoch, total, epochs = schedule(scan, buckets, cfg, dist.world)
 
     unet_lr, te_lr = cfg.lrs()
     device = next(host.unet.parameters()).device

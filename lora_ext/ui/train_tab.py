@@ -29,18 +29,17 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     the estimate borrows it (in the webui: its generation lock)."""
     from ..train import memory
     from ..train.dataset import DatasetError
-    from ..train.loop import prepare_data
+    from ..train.loop import prepare_data, schedule
 
     cfg, msg = form_to_config(values)
     if cfg is None:
         return None, msg
     host = host_fn()
     try:
-        _, _, report = prepare_data(host, cfg)
+        scan, buckets, report = prepare_data(host, cfg)
     except DatasetError as e:
         return None, f"**Dataset:** {e}"
-    per_epoch = -(-report["samples_per_epoch"] // cfg.train_batch_size)
-    steps = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
+    _, _, steps, _ = schedule(scan, buckets, cfg)      # as the run counts them (buckets, accumulation)
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
              f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
              f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}."]
