@@ -25,17 +25,28 @@ def resolve(folder: str, name: str) -> str:
     return path
 
 
-def list_loras(folder: str) -> list[str]:
-    """LoRA files under `folder`, as paths relative to it with '/' separators, sorted case-insensitively."""
+def list_files(folder: str, extensions: tuple, exclude: tuple = ()) -> list[str]:
+    """Files under `folder` ending in one of `extensions` but none of `exclude` (hidden ones left out), as
+    paths relative to it with '/' separators, sorted case-insensitively: what the dropdowns show."""
     found = []
     if not os.path.isdir(folder):
         return found
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in names:
-            if n.lower().endswith(LORA_EXT) and not n.startswith("."):
+            low = n.lower()
+            if low.endswith(extensions) and not low.endswith(exclude) and not n.startswith("."):
                 found.append(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/"))
     return sorted(found, key=str.lower)
+
+
+def list_loras(folder: str) -> list[str]:
+    return list_files(folder, LORA_EXT)
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    """Checkpoints as the webui lists them: .safetensors and .ckpt files, VAEs (.vae.*) left out."""
+    return list_files(folder, (".safetensors", ".ckpt"), (".vae.safetensors", ".vae.ckpt"))
 
 
 class LoraLibrary:

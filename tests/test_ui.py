@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import serve_app, tiny_model
-from lora_ext import files
+from lora_ext import files, library
 from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.library import LoraLibrary
@@ -267,7 +267,7 @@ def test_lora_tools_handlers(tmp_path):
     assert written == [("lora", "ab.safetensors"), ("lora", "ab3.safetensors"), ("lora", "a2.safetensors"),
                        ("lora", "a_e.safetensors"), ("checkpoint", "tuned.safetensors"), ("lora", "x.safetensors")]
     assert merge_tab.add_lora_line("a:1:1", "b.safetensors", 0.5, 1.0) == "a:1:1\nb.safetensors:0.5:1"
-    assert merge_tab.list_checkpoints(ckpts) == ["base.safetensors", "tuned.safetensors"]
+    assert library.list_checkpoints(ckpts) == ["base.safetensors", "tuned.safetensors"]
 
 
 def test_bake_into_the_loaded_model(tmp_path):

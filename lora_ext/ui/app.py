@@ -46,11 +46,10 @@ class StandaloneModel:
 def make_app(folder: str, arch: str = "sd1"):
     """(gradio Blocks, TabContext) for a standalone tab over a tiny model, with its folders under `folder`."""
     from ..hosts.webui import WebuiHost
-    from ..library import LoraLibrary
+    from ..library import LoraLibrary, list_checkpoints
     from ..panel_runtime import PanelRuntime
     from ..testing import tiny
     from ..train.loop import train
-    from .merge_tab import list_checkpoints
     from .tab import TabContext, build_tab
     from .training_session import TrainingSession
 

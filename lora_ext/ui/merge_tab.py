@@ -27,17 +27,6 @@ def add_lora_line(text: str, name: str, unet: float, te: float) -> str:
     return f"{text.rstrip()}\n{line}" if (text or "").strip() else line
 
 
-def list_checkpoints(folder: str) -> list:
-    """Checkpoint files under `folder` (subfolders as '/'-paths), the way the webui lists them."""
-    out = []
-    if os.path.isdir(folder):
-        for root, _, names in os.walk(folder, followlinks=True):
-            for n in names:
-                if n.endswith((".safetensors", ".ckpt")) and not n.endswith((".vae.safetensors", ".vae.ckpt")):
-                    out.append(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/"))
-    return sorted(out, key=str.lower)
-
-
 def _out_name(name: str, default_ext: str = ".safetensors") -> str:
     name = (name or "").strip()
     if not name:
@@ -155,7 +144,7 @@ def _output_row(prefix: str):
 
 
 def build(ctx) -> None:
-    ckpts = lambda: list_checkpoints(ctx.ckpt_folder_fn())       # noqa: E731
+    ckpts = lambda: library.list_checkpoints(ctx.ckpt_folder_fn())       # noqa: E731
     loras = lambda: ctx.library.names() if ctx.library else []   # noqa: E731
     with gr.Row():
         base = gr.Dropdown(label="Base checkpoint", choices=ckpts(), elem_id="lora_ext_merge_base")
