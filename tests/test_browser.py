@@ -90,9 +90,8 @@ def _drive(page, port, ctx, data, tmp_path, expect):
     assert os.path.exists(os.path.join(ctx.lora_folder_fn(), "browser.safetensors"))
 
     _tab(page, "Merge")
-    page.locator("#lora_ext_merge_refresh").click()
+    _choose(page, "lora_ext_merge_pick", "browser.safetensors", refresh="lora_ext_merge_refresh")
     _choose(page, "lora_ext_merge_base", "tiny-sd1.safetensors")
-    _choose(page, "lora_ext_merge_pick", "browser.safetensors")
     page.locator("#lora_ext_merge_pick_unet input").fill("0.8")
     page.locator("#lora_ext_merge_add").click()
     expect(page.locator("#lora_ext_merge_loras textarea")).to_have_value("browser.safetensors:0.8:1")
@@ -136,8 +135,7 @@ def _drive(page, port, ctx, data, tmp_path, expect):
     _shot(page, tmp_path, "5_captions")
 
     _tab(page, "Inspect")
-    page.locator("#lora_ext_inspect_refresh").click()
-    _choose(page, "lora_ext_inspect_file", "browser.safetensors")
+    _choose(page, "lora_ext_inspect_file", "browser.safetensors", refresh="lora_ext_inspect_refresh")
     expect(_md(page, "lora_ext_inspect_message")).to_contain_text("SD1 lora", timeout=30_000)
     expect(page.locator("#lora_ext_inspect_blocks")).to_contain_text("unet", timeout=30_000)
     expect(page.locator("#lora_ext_inspect_tags")).to_contain_text("circle", timeout=30_000)
@@ -166,11 +164,14 @@ def _tab(page, name):
     page.locator(".tab-nav button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
 
 
-def _choose(page, eid, option, timeout_s=60):
-    """Opens a dropdown and picks an option; its choices may still be on their way (a refresh just clicked),
-    so the dropdown is opened again until the option is there."""
+def _choose(page, eid, option, refresh=None, timeout_s=60):
+    """Opens a dropdown and picks an option. Its choices come from the `refresh` button's click, whose answer
+    may still be on its way or (seen once in CI-like runs) lost: until the option is there, refresh again and
+    reopen the dropdown."""
     deadline = time.time() + timeout_s
     while True:
+        if refresh:
+            page.locator(f"#{refresh}").click()
         page.locator(f"#{eid} input").click()
         item = page.locator("ul.options li", has_text=option).first
         try:
