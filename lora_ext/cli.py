@@ -83,23 +83,8 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
-def parse_lora_arg(text: str) -> tuple:
-    """FILE[:RATIO[:TE_RATIO]] -> (file, unet ratio, te ratio). Read from the right, so that paths with
-    colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one."""
-    parts = text.split(":")
-    ratios = []
-    while len(parts) > 1 and len(ratios) < 2:
-        try:
-            ratios.insert(0, float(parts[-1]))
-        except ValueError:
-            break
-        parts.pop()
-    path = ":".join(parts)
-    unet = ratios[0] if ratios else 1.0
-    return path, unet, ratios[1] if len(ratios) > 1 else unet
-
-
 def cmd_merge(args) -> int:
+    from .lora_tools import parse_lora_arg
     from .merge import Item, MergeError, merge_checkpoint
 
     items = [Item(*parse_lora_arg(s)) for s in args.lora]
@@ -125,7 +110,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_merge_loras(args) -> int:
-    from .lora_tools import merge_lora_files
+    from .lora_tools import merge_lora_files, parse_lora_arg
 
     items = [parse_lora_arg(text)[:2] for text in args.lora]
     report = merge_lora_files(items, args.out, args.rank, args.precision, args.overwrite)

@@ -13,6 +13,22 @@ class ToolError(ValueError):
     pass
 
 
+def parse_lora_arg(text: str) -> tuple:
+    """FILE[:RATIO[:TE_RATIO]] -> (file, unet ratio, te ratio). Read from the right, so that paths with
+    colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one."""
+    parts = text.split(":")
+    ratios = []
+    while len(parts) > 1 and len(ratios) < 2:
+        try:
+            ratios.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    unet = ratios[0] if ratios else 1.0
+    return path, unet, ratios[1] if len(ratios) > 1 else unet
+
+
 def energy_summary(kept: dict) -> dict:
     """The kept energy (share of the squared singular values) over modules: min, median, mean."""
     values = sorted(kept.values())

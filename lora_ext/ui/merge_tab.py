@@ -15,7 +15,7 @@ ENERGY_HEADERS = ["module", "kept energy"]
 
 def parse_lora_lines(text: str) -> list:
     """'name[:ratio[:te ratio]]' per line -> [(name, unet, te)]."""
-    from ..cli import parse_lora_arg
+    from ..lora_tools import parse_lora_arg
 
     return [parse_lora_arg(line.strip()) for line in (text or "").splitlines() if line.strip()]
 
