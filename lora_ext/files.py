@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import formats, naming
 from .library import LORA_EXT, PICKLE_EXT, SAFETENSORS_EXT
 from .networks.stored import BadModule, StoredModule
-from .safetensors_io import FileProblem, addnet_hashes, atomic_write, file_hashes
+from .safetensors_io import FileProblem, addnet_hashes, atomic_write, file_hashes, load_pickle_safely
 from .safetensors_io import load as load_safetensors
 
 
@@ -78,20 +78,6 @@ def _same_or_map(values: dict):
     return distinct.pop() if len(distinct) == 1 else values
 
 
-def _load_pickle(path: str):
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise FileProblem("it holds pickled objects other than tensors, which are never loaded (they could run "
-                          f"code); convert it to safetensors with the tool that made it ({str(e).splitlines()[0]})") from None
-    except Exception as e:
-        raise FileProblem(f"it is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
 def load_container(path: str) -> tuple[object, dict, str]:
     """(tensors dict or list, metadata, container) of a file, without interpreting its keys."""
     if not os.path.exists(path):
@@ -103,7 +89,7 @@ def load_container(path: str) -> tuple[object, dict, str]:
         tensors, metadata = load_safetensors(path)
         return tensors, metadata, "safetensors"
     if ext in PICKLE_EXT:
-        obj = _load_pickle(path)
+        obj = load_pickle_safely(path)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         return obj, {}, "pt"

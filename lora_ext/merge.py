@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from . import files, naming
-from .safetensors_io import TORCH_DTYPES, FileProblem, atomic_write, file_hashes, read_header, write_streaming
+from .safetensors_io import (TORCH_DTYPES, FileProblem, atomic_write, file_hashes, load_pickle_safely, read_header,
+                             write_streaming)
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _CODES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -47,10 +48,9 @@ class _Base:
             self.get = self._read
         else:
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise MergeError(f"{path}: cannot be read safely ({type(e).__name__}); only tensors are loaded "
-                                 "from .ckpt files") from None
+                sd = load_pickle_safely(path, mmap=True)
+            except FileProblem as e:
+                raise MergeError(f"{path}: cannot be read safely: {e}") from None
             sd = sd.get("state_dict", sd)
             sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
             self.metadata = {}

@@ -169,3 +169,19 @@ def write_streaming(path: str, entries: list, produce, metadata: dict, overwrite
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)     # no copy
 
     atomic_write(path, write, overwrite=overwrite)
+
+
+def load_pickle_safely(path: str, mmap: bool = False):
+    """A .pt/.ckpt file's contents with torch.load(weights_only=True): tensors and plain containers only, so
+    no code from a user's file ever runs. Anything else raises FileProblem saying what to do."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise FileProblem("it holds pickled objects other than tensors, which are never loaded (they could run "
+                          f"code); convert it to safetensors with the tool that made it ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise FileProblem(f"it is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]})") from None

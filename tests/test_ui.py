@@ -194,6 +194,11 @@ def test_switching_the_checkpoint_of_the_standalone_model(tmp_path):
     ctx = types.SimpleNamespace(switch_fn=model.switch)
     busy = types.SimpleNamespace(running=True)      # a session in the middle of a run
     assert "Not now" in train_tab.switch_checkpoint(ctx, busy, "a.safetensors") and model.current == "b.safetensors"
+    # .ckpt files too, read without running pickled code
+    torch.save({"state_dict": load_file(str(tmp_path / "a.safetensors"))}, str(tmp_path / "a.ckpt"))
+    assert model.switch("a.ckpt") == "Loaded **a.ckpt**." and not torch.equal(host.model.state_dict()[key], other[key])
+    (tmp_path / "bad.ckpt").write_bytes(b"not a torch file")
+    assert model.switch("bad.ckpt").startswith("**Cannot load it:**") and model.current == "a.ckpt"
 
 
 def test_caption_browser_and_interrogation(tmp_path):

@@ -11,8 +11,6 @@ import io
 import os
 import re
 
-import torch
-
 from . import ldm_layout
 
 
@@ -36,10 +34,11 @@ def read_state_dict(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
+    from ..safetensors_io import FileProblem, load_pickle_safely
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read safely ({type(e).__name__}); use a .safetensors copy") from None
+        sd = load_pickle_safely(path)
+    except FileProblem as e:
+        raise CheckpointError(f"{path}: cannot be read safely: {e}") from None
     return sd.get("state_dict", sd)
 
 

@@ -19,14 +19,12 @@ class StandaloneModel:
                 f"`{self.current}`.")
 
     def switch(self, name: str) -> str:
-        from safetensors.torch import load_file
-
         from .. import library
-        from ..hosts.checkpoint import checkpoint_keys
+        from ..hosts.checkpoint import CheckpointError, checkpoint_keys, read_state_dict
 
         try:
-            state = load_file(library.resolve(self.folder, name))
-        except (library.UnsafeName, FileNotFoundError, OSError) as e:
+            state = read_state_dict(library.resolve(self.folder, name))
+        except (library.UnsafeName, CheckpointError, OSError) as e:
             return f"**Cannot load it:** {e}"
         # checked before anything is copied, so a file that does not fit leaves the model as it was
         own = self.host.model.state_dict()
