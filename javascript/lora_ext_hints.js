@@ -37,7 +37,7 @@
         "Sample every N epochs": "Preview images (0 = none).",
         "Sample prompts": "One prompt per line.",
         "Save every N epochs": "Keep earlier epochs to compare (0 = last only).",
-        "Resume from state": "After a cancel or crash: the -state.pt file the status names; the run continues where it stopped.",
+        "Resume from state": "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped.",
         "Seed": "The same seed and settings give the same LoRA.",
         "Noise offset": "0.05-0.1 helps very dark or bright images.",
         "Min-SNR gamma": "5 is the paper's value; 0 = off.",

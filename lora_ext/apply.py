@@ -41,6 +41,7 @@ class Report:
     warnings: list = field(default_factory=list)
     written: int = 0                                 # weights rewritten by this call
     restored: int = 0                                # weights given back their original
+    text_encoder_changed: bool = False               # what the text encoder computes is not what it was
     seconds: float = 0.0
 
 
@@ -74,6 +75,7 @@ class _ModelState:
     def __init__(self):
         self.merged: dict = {}      # (id(layer), param name) -> _Merged
         self.hooked: dict = {}      # id(layer) -> _Hooked
+        self.text_encoder = ()      # what the text encoder's layers are asked to compute
 
 
 def _fits(bound, module) -> bool:
@@ -108,6 +110,12 @@ class Engine:
             report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
         self._sync_merged(state, merge_wanted, report)
         self._sync_hooks(state, hook_wanted)
+        # the webui reuses a prompt's conditioning while its own cache key (prompt, checkpoint, <lora:>
+        # networks ...) is unchanged: the host must be told when our text-encoder layers changed
+        text_encoder = sorted((key, tuple(c.signature for c in contributions))
+                              for key, (bound, contributions) in wanted.items() if not bound.target.is_unet)
+        report.text_encoder_changed = text_encoder != list(state.text_encoder)
+        state.text_encoder = tuple(text_encoder)
         for item in report.applied:
             item["mode"] = mode
         report.seconds = time.perf_counter() - started

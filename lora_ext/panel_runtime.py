@@ -42,9 +42,11 @@ class PanelRuntime:
         used = {item["name"] for item in report.applied}
         kept = [s if s.active and s.model in used else slotlib.Slot() for s in slots]
         outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash)
-        skipped = [w for w in report.warnings if ": skipped: " in w]
-        if skipped:
-            outcome.infotext["AddNet Warning"] = "; ".join(skipped)
+        # the API's caller sees the generation parameters, not the console: what was refused goes there too
+        refused = [m.removeprefix("Additional Networks: ") for m in outcome.messages
+                   if ": skipped: " in m or m.startswith("Additional Networks: slot ")]
+        if refused:
+            outcome.infotext["AddNet Warning"] = "; ".join(refused)
         return outcome
 
     def bake(self, host, items: list) -> Outcome:

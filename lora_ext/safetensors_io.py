@@ -178,8 +178,11 @@ def load_pickle_safely(path: str, mmap: bool = False):
 
     import torch
 
+    # torch.serialization.load, not torch.load: the webui replaces torch.load with its own checker, which
+    # refuses files this torch writes and returns None in place of their contents
+    load = torch.serialization.load
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise FileProblem("it holds pickled objects other than tensors, which are never loaded (they could run "
                           f"code); convert it to safetensors with the tool that made it ({str(e).splitlines()[0]})") from None

@@ -69,6 +69,10 @@ def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
         if Runtime._instance is not None:
             Runtime._instance.restore(host)
 
+    if not cfg.state_dir:
+        # resumable states stay out of models/Lora: its lists (ours, the built-in's cards) would offer them
+        from modules import paths
+        cfg.state_dir = os.path.join(paths.models_path, "lora_ext_states")
     return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop, task_id=task_id)
 
 
@@ -230,6 +234,16 @@ script_callbacks.on_before_ui(on_before_ui)
 script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(tab_context()), "LoRA", "lora_ext")])
 
 
+def forget_conditioning(p):
+    """The webui keeps the last prompts' conditioning (shared by all generations) and reuses it while its
+    key (prompt, steps, checkpoint, <lora:> networks ...) is unchanged; our text-encoder LoRAs are not in
+    that key, so after they change it must be computed again."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        cache = getattr(p, name, None)
+        if isinstance(cache, list) and len(cache) == 2:
+            cache[:] = [None, None]
+
+
 class AdditionalNetworks(scripts.Script):
     def title(self):
         return panel.TITLE
@@ -250,9 +264,12 @@ class AdditionalNetworks(scripts.Script):
             message = f"Additional Networks: {e}"
             print(message)
             p.comments[message] = 1
+            p.extra_generation_params["AddNet Warning"] = str(e)
             return
         slots = slotlib.with_overrides(slots, getattr(p, "lora_ext_overrides", {}))
         outcome = Runtime.get().run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
+        if outcome.report is not None and outcome.report.text_encoder_changed:
+            forget_conditioning(p)
         p.extra_generation_params.update(outcome.infotext)
         for message in outcome.messages:
             print(message)

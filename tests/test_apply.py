@@ -367,3 +367,27 @@ def test_500_random_cycles_leave_weights_bit_exact(tmp_path):
         assert all(not mod._forward_hooks for mod in m.modules())
         for h in handles[i]:
             h.remove()
+
+
+def test_checkpoint_weights_hides_the_builtins_deltas_and_puts_them_back(any_arch):
+    """Training after a `<lora:x>` generation: the built-in leaves x's deltas in the weights until its next
+    use. Inside checkpoint_weights the model holds the checkpoint's weights; after it, what it left."""
+    from lora_ext.hosts.builtin_lora import checkpoint_weights
+
+    model = copy.deepcopy(tiny_model(any_arch))
+    snap = _snapshot(model)
+    handles = builtin.install(model)
+    builtin.loaded_networks[:] = [builtin.random_net(model, "theirs", seed=3)]
+    builtin.touch_all(model)            # a generation with <lora:theirs>
+    left = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(left[k], snap[k]) for k in snap)
+    with checkpoint_weights(model) as layers:
+        assert layers > 0
+        _assert_bit_exact(model, snap)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, left[k]), k
+    builtin.loaded_networks.clear()
+    builtin.touch_all(model)            # the built-in's next generation gives its weights back
+    _assert_bit_exact(model, snap)
+    for h in handles:
+        h.remove()

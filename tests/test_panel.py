@@ -290,3 +290,16 @@ def test_the_tab_in_the_webui_estimates_under_the_lock_and_bakes(webui, tmp_path
     webui["model"].load_state_dict(webui["snap"])                   # loading the checkpoint again undoes it
     script_callbacks.model_loaded_callback(webui["model"])
     assert _bit_exact(webui)
+
+
+def test_ticking_separate_keeps_pasted_parts():
+    """Found in the real webui: a pasted infotext with UNet 0.6 / TE 0.4 ticks Separate, whose change handler
+    then overwrote both parts with the linked weight. By hand (parts alike) they start at the linked weight."""
+    from lora_ext.ui.panel import _parts_shown
+
+    _, unet, te = _parts_shown(True, 0.6, 0.6, 0.4)
+    assert (unet["value"], te["value"]) == (0.6, 0.4) and unet["visible"] and te["visible"]
+    weight, unet, te = _parts_shown(True, 0.7, 1.0, 1.0)
+    assert (unet["value"], te["value"]) == (0.7, 0.7) and weight["visible"] is False
+    weight, unet, te = _parts_shown(False, 0.7, 0.2, 0.3)
+    assert weight["visible"] and not unet["visible"] and (unet["value"], te["value"]) == (0.2, 0.3)

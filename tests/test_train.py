@@ -311,7 +311,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path):
     port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, dict(kwargs, output_dir=str(tmp_path / "two"), train_batch_size=1)),
              nprocs=2, join=True)
-    assert not os.path.exists(tmp_path / "two" / "t-state.pt")
+    assert not os.path.exists(tmp_path / "two" / "t-state")
     other = train(WebuiHost(tiny_model("sd1")), TrainConfig(**kwargs, output_dir=str(tmp_path / "b1"), train_batch_size=1))
 
     def flat(path):

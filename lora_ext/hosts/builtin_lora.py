@@ -10,6 +10,9 @@ its networks. So:
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from .base import Bound
@@ -40,3 +43,44 @@ def hand_over(bound: Bound, weight) -> None:
         backup.copy_(weight)
     if getattr(layer, "network_current_names", ()) != ():
         layer.network_current_names = ()
+
+
+def _backed_up(layer):
+    """[(live parameter, the built-in's copy of it from before its networks)] of one layer."""
+    weights = getattr(layer, "network_weights_backup", None)
+    bias = getattr(layer, "network_bias_backup", None)
+    pairs = []
+    if isinstance(layer, nn.MultiheadAttention):
+        if weights is not None:
+            pairs += [(layer.in_proj_weight, weights[0]), (layer.out_proj.weight, weights[1])]
+        if bias is not None and layer.out_proj.bias is not None:
+            pairs.append((layer.out_proj.bias, bias))
+    else:
+        if weights is not None:
+            pairs.append((layer.weight, weights))
+        if bias is not None and getattr(layer, "bias", None) is not None:
+            pairs.append((layer.bias, bias))
+    return pairs
+
+
+@contextlib.contextmanager
+def checkpoint_weights(model: nn.Module):
+    """The checkpoint's own weights for the length of the block (training): the built-in leaves its
+    networks' deltas in the weights after a generation until its next use, so a run started after a
+    `<lora:x>` prompt would train against model + x. Its backups are copied in for the block and the
+    weights as they were (with its deltas) are put back after, so the built-in finds what it left.
+    Yields how many layers held its deltas."""
+    saved = []
+    with torch.no_grad():
+        for layer in model.modules():
+            if not getattr(layer, "network_current_names", ()):
+                continue
+            for live, backup in _backed_up(layer):
+                saved.append((live, live.detach().to("cpu", copy=True)))
+                live.copy_(backup)
+    try:
+        yield len(saved)
+    finally:
+        with torch.no_grad():
+            for live, value in saved:
+                live.copy_(value)

@@ -70,6 +70,19 @@ def _text_encoder(sd: dict, prefix: str, heads_hint):
     return ldm_layout.OpenClipHolder(width, layers, heads_hint or width // 64)
 
 
+def _text_encoder_heads(cond_config: dict) -> list:
+    """Attention heads per text encoder, which a checkpoint's keys do not tell: from the local folder the
+    config names as the encoder's `version` (its config.json), or our tiny models' own hint."""
+    params = cond_config.get("params") or {}
+    config_json = os.path.join(str(params.get("version", "")), "config.json")
+    if os.path.isfile(config_json):
+        import json
+        with open(config_json, encoding="utf-8") as f:
+            heads = json.load(f).get("num_attention_heads")
+        return [heads] if isinstance(heads, int) and heads > 0 else []
+    return params.get("lora_ext_heads") or []
+
+
 def checkpoint_keys(model) -> dict:
     """{checkpoint key: model key} for a webui-layout model: checkpoint files lack the `.wrapped.` of the
     webui's text encoder holders."""
@@ -92,7 +105,7 @@ def load_checkpoint(path: str):
     unet_cfg = (params.get("unet_config") or params.get("network_config") or {}).get("params") or STANDARD_UNET[arch]
     vae_cfg = params.get("first_stage_config", {}).get("params", {}).get("ddconfig") or STANDARD_VAE
     vae_cfg = {**STANDARD_VAE, **vae_cfg}
-    heads = (params.get("cond_stage_config") or {}).get("params", {}).get("lora_ext_heads") or []
+    heads = _text_encoder_heads(params.get("cond_stage_config") or {})
     parameterization = params.get("parameterization") or ("v" if arch == "sd2" else "eps")
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
     encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from .. import naming
-from . import text_encoding
+from . import builtin_lora, text_encoding
 from .base import bind, sample_latents
 
 
@@ -112,8 +112,9 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_i
                     shared.state.textinfo = f"LoRA training: step {event.step}/{event.total}, loss {event.avg_loss:.4f}"
                 if on_event is not None:
                     on_event(event)
-            return train(host, cfg, relay,
-                         should_stop=lambda: shared.state.interrupted or bool(should_stop and should_stop()))
+            with builtin_lora.checkpoint_weights(host.model):
+                return train(host, cfg, relay,
+                             should_stop=lambda: shared.state.interrupted or bool(should_stop and should_stop()))
         finally:
             shared.state.end()
             if task_id:

@@ -71,6 +71,16 @@ def _shift_embeddings(weight: torch.Tensor, generator: torch.Generator) -> None:
         weight.add_(torch.rand(weight.shape[1], generator=generator) * 0.1 + 0.05)
 
 
+def _offset_final_norm(holder: nn.Module, seed: int) -> None:
+    # ...and the encoder's last layer norm makes every token's output mean zero again (its bias starts at 0):
+    # the webui's emphasis step then divides 0 by 0 for some prompts and the UNet gets NaN. A bias of its
+    # own generator (the other weights keep theirs) keeps the mean away from zero.
+    norm = holder.transformer.text_model.final_layer_norm if hasattr(holder, "transformer") else holder.model.ln_final
+    g = torch.Generator().manual_seed(seed + 0x1A7E)
+    with torch.no_grad():
+        norm.bias.copy_(torch.rand(norm.bias.shape, generator=g) * 0.2 + 0.1)
+
+
 VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
                     ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
@@ -85,6 +95,7 @@ class TinySD(WebuiLayoutModel):
             holder = (HFTextEncoderHolder(width, layers, spec.te_heads, spec.te_mlp) if kind == "hf"
                       else OpenClipHolder(width, layers))
             _shift_embeddings(holder.token_embedding, g)
+            _offset_final_norm(holder, seed)
             encoders.append(holder)
         unet = build_unet(spec, g)
         vae = LdmVAE(FULL_VAE_DDCONFIG if spec.full_vae else VAE_DDCONFIG)
@@ -120,9 +131,14 @@ def _unet_params(spec: TinySpec) -> dict:
     return unet
 
 
-def ldm_config(spec: TinySpec) -> dict:
+def ldm_config(spec: TinySpec, clip_folder: str | None = None) -> dict:
     """The ldm-style config (as the .yaml beside a webui checkpoint holds it) of a tiny model. It describes
-    the UNet and the VAE; text encoder sizes are read off the checkpoint's keys, as for real models."""
+    the UNet and the VAE; text encoder sizes are read off the checkpoint's keys, as for real models.
+    `clip_folder`: a local CLIPTextModel config + tokenizer folder (write_clip_folder) that the real webui
+    builds the SD1 text encoder from (there is no hub here); the config is then the whole one the real
+    webui instantiates (ldm's LatentDiffusion with all its arguments)."""
+    if clip_folder is not None:
+        return _webui_config(spec, clip_folder)
     unet = _unet_params(spec)
     unet_key = "network_config" if spec.arch == "sdxl" else "unet_config"
     encoder = {"sd1": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
@@ -155,3 +171,45 @@ def save_checkpoint(model: TinySD, path: str) -> str:
     return yaml_path
 
 
+
+
+def _webui_config(spec: TinySpec, clip_folder: str) -> dict:
+    if spec.arch != "sd1":
+        raise ValueError("a real-webui config is written for SD1 tiny models only")
+    return {"model": {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200,
+            "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64, "channels": 4,
+            "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+            "scale_factor": 0.18215, "use_ema": False,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                            "params": {**_unet_params(spec), "use_checkpoint": False}},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": dict(VAE_DDCONFIG),
+                "lossconfig": {"target": "torch.nn.Identity"}}},
+            "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                  "params": {"version": clip_folder}},
+        }}}
+
+
+def write_clip_folder(model: TinySD, folder: str) -> str:
+    """The text encoder's CLIPTextModel config and the CLIP tokenizer, as a folder `from_pretrained` reads
+    (no weights: the checkpoint holds them)."""
+    holder = model.cond_stage_model.wrapped
+    holder.transformer.config.save_pretrained(folder)
+    holder.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_webui_checkpoint(model: TinySD, path: str, clip_folder: str) -> str:
+    """An SD1 tiny model as the real webui loads it: the checkpoint, its .yaml naming `clip_folder` (written
+    here too) as the text encoder's source. Returns the yaml path."""
+    import yaml
+
+    write_clip_folder(model, clip_folder)
+    save_checkpoint(model, path)
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    with open(yaml_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(ldm_config(model.spec, clip_folder), f, sort_keys=False)
+    return yaml_path

@@ -79,7 +79,7 @@ def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tens
 
 class LatentCache:
     """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
-    .lora_ext.pt`) or in a cache folder. A disk entry records the image's mtime and size; a changed image or
+    .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and size; a changed image or
     another bucket (resolution) is encoded again. Only valid without random crops."""
 
     def __init__(self, encode, to_disk: bool = False, folder: str | None = None):
@@ -93,7 +93,7 @@ class LatentCache:
         return {(path, bucket) for path, bucket, _ in self.memory}
 
     def _file(self, item: Item, bucket, flip) -> str:
-        name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lora_ext.pt"
+        name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lora_ext-latents"
         if self.folder:
             digest = hashlib.sha256(os.path.abspath(item.path).encode()).hexdigest()[:16]
             return os.path.join(self.folder, f"{digest}-{name}")
@@ -118,21 +118,30 @@ class LatentCache:
         return latent
 
     def _load(self, item, bucket, flip, stamp):
+        # safetensors, never torch.load: inside the webui torch.load is its own checker, which may refuse
+        # what this torch wrote and hand back None
+        from safetensors import safe_open
+
         path = self._file(item, bucket, flip)
         if not os.path.exists(path):
             return None
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with safe_open(path, framework="pt") as f:
+                if (f.metadata() or {}).get("stamp") != _stamp_text(stamp):
+                    return None
+                return f.get_tensor("latent")
         except Exception:
             return None
-        return data["latent"] if tuple(data.get("stamp", ())) == stamp else None
 
     def _save(self, item, bucket, flip, stamp, latent) -> None:
+        from safetensors.torch import save
+
         from ..safetensors_io import atomic_write
-        import io
 
         path = self._file(item, bucket, flip)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        buf = io.BytesIO()
-        torch.save({"stamp": list(stamp), "latent": latent}, buf)
-        atomic_write(path, buf.getvalue(), overwrite=True)
+        atomic_write(path, save({"latent": latent.contiguous()}, {"stamp": _stamp_text(stamp)}), overwrite=True)
+
+
+def _stamp_text(stamp) -> str:
+    return f"{stamp[0]}:{stamp[1]}"

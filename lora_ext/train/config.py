@@ -24,7 +24,9 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
     save_state: bool = False
-    resume: str = ""
+    resume: str = ""                # a state folder (<name>-state/) a cancel, crash or save_state left
+    state_dir: str = ""             # lora_ext's own: where states go (default output_dir; the webui keeps them
+                                    # out of models/Lora, whose lists would offer them as LoRAs)
     network_weights: str = ""
     training_comment: str = ""
     # dataset

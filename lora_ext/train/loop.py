@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, optim
+from . import batches, dataset, optim, state
 from ..hosts.ldm_attention import sdpa_patches
 from .config import TrainConfig
 from .distributed import Dist
@@ -308,28 +308,10 @@ def _samples(host, cfg, network, step, epoch, emit) -> None:
 # --- resumable state ---------------------------------------------------------------------------------------
 
 def _save_state(cfg, network, optimizer, step, epoch, batch, losses) -> str:
-    import io
-
-    from ..safetensors_io import atomic_write
-
-    state = {"step": step, "epoch": epoch, "batch": batch, "losses": losses,
-             "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    path = os.path.join(cfg.output_dir, f"{cfg.output_name}-state.pt")
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(path, buf.getvalue(), overwrite=True)
-    return path
+    folder = state.state_folder(cfg.state_dir or cfg.output_dir, cfg.output_name)
+    return state.save(folder, network, optimizer, {"step": step, "epoch": epoch, "batch": batch, "losses": losses})
 
 
 def _load_state(path, network, optimizer):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"resume: {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"resume: {path} is not a lora_ext training state ({type(e).__name__})") from None
-    network.load_state_dict(state["network"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], state["epoch"], state["batch"], list(state["losses"])
+    counters = state.load(path, network, optimizer)
+    return counters["step"], counters["epoch"], counters["batch"], list(counters["losses"])

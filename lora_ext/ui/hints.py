@@ -15,7 +15,7 @@ OTHER = {
     "Switch to checkpoint": "Another checkpoint from the webui's list, loaded before training (not during a run).",
     "Load checkpoint": "Load the chosen checkpoint into the webui now; training then uses it.",
     "Check dataset": "Count images and captions per concept, the steps, and the estimated memory need; nothing starts.",
-    "Resume from state": "After a cancel or crash: the -state.pt file named in the status.",
+    "Resume from state": "After a cancel or crash: the <name>-state folder named in the status.",
     "Refresh progress": "Read the run's progress now (it refreshes by itself every 2 seconds).",
     # Concepts
     "Prepare into (a new folder)": "Creates train/N_name and reg/N_name there; the originals are never moved or deleted.",

@@ -34,6 +34,14 @@ def _slots_reader(count: int, find):
     return slot_of
 
 
+def _parts_shown(separate: bool, weight: float, unet: float, te: float):
+    """Separate ticked or unticked: show the part sliders or the linked one. Ticked by hand (both parts still
+    alike), the parts start at the linked weight; ticked by a paste (parts that differ), they keep theirs."""
+    start = separate and unet == te
+    return (gr.update(visible=not separate), gr.update(visible=separate, value=weight if start else unet),
+            gr.update(visible=separate, value=weight if start else te))
+
+
 def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelUI:
     """Adds the panel to the current gradio context. `names_fn()` lists the LoRA names, `info_fn(name)` gives
     a line about one, `find(name, hash)` resolves a pasted infotext label."""
@@ -61,9 +69,8 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
             controls = [enabled, model, weight, separate, unet, te]
             for c in controls:
                 c.change(lambda *v: slotlib.Slot(*v).to_dict(), inputs=controls, outputs=[state], show_progress=False)
-            separate.change(lambda s, w, u, t: (gr.update(visible=not s), gr.update(visible=s, value=w if s else u),
-                                                 gr.update(visible=s, value=w if s else t)),
-                            inputs=[separate, weight, unet, te], outputs=[weight, unet, te], show_progress=False)
+            separate.change(_parts_shown, inputs=[separate, weight, unet, te], outputs=[weight, unet, te],
+                            show_progress=False)
             model.change(info_fn, inputs=[model], outputs=[info], show_progress=False)
             n = i + 1
             ui.states.append(state)

@@ -61,7 +61,7 @@ FIELDS = (
     F("sample_prompts", "Samples & saving", "Sample prompts", "One prompt per line.", "lines"),
     F("save_every_n_epochs", "Samples & saving", "Save every N epochs", "Keep earlier epochs to compare (0 = last only).", "int"),
     F("resume", "Samples & saving", "Resume from state",
-      "After a cancel or crash: the -state.pt file the status names; the run continues where it stopped."),
+      "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped."),
     F("seed", "Advanced", "Seed", "The same seed and settings give the same LoRA.", "int"),
     F("noise_offset", "Advanced", "Noise offset", "0.05-0.1 helps very dark or bright images.", "number"),
     F("min_snr_gamma", "Advanced", "Min-SNR gamma", "5 is the paper's value; 0 = off.", "number"),

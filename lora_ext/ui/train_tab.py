@@ -118,9 +118,12 @@ def build(ctx) -> tuple:
     from ..train.config import TrainConfig
 
     session, host_fn, presets_folder = ctx.session, ctx.host_fn, ctx.presets_folder
-    defaults = tf.options_to_values(TrainConfig())
+    # a run's LoRA goes where both LoRA lists (ours, the built-in's cards) find it, unless told otherwise
+    defaults = tf.options_to_values(TrainConfig(output_dir=ctx.lora_folder_fn()))
     inputs = []
-    model_label = gr.Markdown(ctx.model_label_fn(), elem_id="lora_ext_train_model")
+    # a function, so each page load reads it; Check dataset and Train read it again (the webui's own
+    # checkpoint dropdown may have switched the model since)
+    model_label = gr.Markdown(ctx.model_label_fn, elem_id="lora_ext_train_model")
     if ctx.checkpoints_fn is not None:
         with gr.Row():
             ckpt = gr.Dropdown(label="Switch to checkpoint", choices=ctx.checkpoints_fn(), elem_id="lora_ext_train_ckpt")
@@ -166,9 +169,10 @@ def build(ctx) -> tuple:
     if ctx.checkpoints_fn is not None:
         switch_b.click(lambda name: (switch_checkpoint(ctx, session, name), ctx.model_label_fn()), inputs=[ckpt],
                        outputs=[message, model_label])
-    check_b.click(lambda *v: check_dataset(host_fn, list(v), ctx.lock(), not session.running)[1], inputs=inputs,
-                  outputs=[message])
-    start_b.click(start, inputs=[task] + inputs, outputs=[message], _js=ctx.progress_js)
+    check_b.click(lambda *v: (check_dataset(host_fn, list(v), ctx.lock(), not session.running)[1], ctx.model_label_fn()),
+                  inputs=inputs, outputs=[message, model_label])
+    start_b.click(lambda *v: (start(*v), ctx.model_label_fn()), inputs=[task] + inputs, outputs=[message, model_label],
+                  _js=ctx.progress_js)
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
     presets = lambda: gr.update(choices=list_presets(presets_folder))  # noqa: E731
     save_b.click(lambda n, *v: (save_preset(presets_folder, n, list(v)), presets()), inputs=[preset] + inputs,

@@ -1,0 +1,97 @@
+"""The resumable state of a training run: a folder `<name>-state/` holding `state.json` (counters, losses,
+the optimizer's settings) and `tensors-<step>.safetensors` (the network, the optimizer's tensors, the RNG).
+
+No pickle: inside the webui `torch.load` is the webui's own checker, which refuses what this torch writes
+and hands back None; and a state is a file a user may be handed. The new step's tensors are written first
+(temp name, renamed), then state.json naming them (the same way), then the old tensors go: a kill at any
+moment leaves the previous state or the new one whole, never half of each."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+FORMAT = "lora_ext-training-state/1"
+JSON = "state.json"
+
+
+class StateError(ValueError):
+    pass
+
+
+def state_folder(output_dir: str, output_name: str) -> str:
+    return os.path.join(output_dir, f"{output_name}-state")
+
+
+def save(folder: str, network, optimizer, counters: dict) -> str:
+    """Writes the state; `counters` are JSON values (step, epoch, batch, losses, ...). Returns the folder."""
+    from safetensors.torch import save as to_bytes
+
+    from ..safetensors_io import atomic_write
+
+    tensors = {f"network.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    opt = optimizer.state_dict()
+    per_param = {}
+    for index, entry in opt["state"].items():
+        plain = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[name] = value
+        per_param[str(index)] = plain
+    tensors["torch_rng"] = torch.get_rng_state()
+    name = f"tensors-{int(counters['step']):08d}.safetensors"
+    doc = {"format": FORMAT, **counters, "tensors": name,
+           "optimizer": {"param_groups": opt["param_groups"], "state": per_param}}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, name), to_bytes(tensors, {"format": FORMAT}), overwrite=True)
+    atomic_write(os.path.join(folder, JSON), json.dumps(doc).encode("utf-8"), overwrite=True)
+    for old in os.listdir(folder):
+        if old.startswith("tensors-") and old.endswith(".safetensors") and old != name:
+            os.unlink(os.path.join(folder, old))
+    return folder
+
+
+def load(path: str, network, optimizer) -> dict:
+    """Restores network, optimizer and RNG from a state folder (or its state.json); returns the counters."""
+    from safetensors.torch import load_file
+
+    folder = os.path.dirname(path) if os.path.basename(path) == JSON else path
+    doc, tensors = _read(folder, path, load_file)
+    prefix = "network."
+    network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    opt = doc["optimizer"]
+    state = {}
+    for index, plain in opt["state"].items():
+        entry = dict(plain)
+        head = f"optimizer.{index}."
+        entry.update({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
+        state[int(index)] = entry
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise StateError(f"resume: {folder} was saved with another optimizer or network size ({e})") from None
+    torch.set_rng_state(tensors["torch_rng"])
+    return {k: v for k, v in doc.items() if k not in ("format", "optimizer")}
+
+
+def _read(folder, path, load_file):
+    if not os.path.isdir(folder):
+        hint = " (states are folders now: <name>-state/)" if path.endswith(".pt") else ""
+        raise StateError(f"resume: {path} is not a lora_ext training state folder{hint}")
+    try:
+        with open(os.path.join(folder, JSON), encoding="utf-8") as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise StateError(f"resume: {folder} is not a lora_ext training state ({JSON} says another format)")
+        name = os.path.basename(str(doc.get("tensors", "")))     # a name inside the folder, nothing else
+        tensors = load_file(os.path.join(folder, name))
+    except StateError:
+        raise
+    except FileNotFoundError as e:
+        raise StateError(f"resume: {folder} lacks {os.path.basename(e.filename)}; it is not a whole training state") from None
+    except Exception as e:
+        raise StateError(f"resume: {folder} is not a readable training state ({type(e).__name__})") from None
+    return doc, tensors

@@ -1,0 +1,104 @@
+"""The real webui in headless Chromium: pasting an infotext into the panel, and training from the LoRA tab
+(the webui's Interrupt as the cancel, then Resume), after a `<lora:>` generation."""
+import glob
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from test_browser import ARGS, CHROMIUM, _fill, _md, _shot, _tab
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium and playwright: bash .ci/setup")
+
+
+@pytest.fixture(scope="module")
+def page(webui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(webui.url, timeout=120_000)
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+        yield page
+        browser.close()
+
+
+def test_pasted_infotext_fills_the_panel_and_adds_no_lora_tags(webui, page, tmp_path):
+    from playwright.sync_api import expect
+
+    answer = webui.txt2img("a photo of a dog", [{"enabled": True, "model": "beta.safetensors", "unet": 0.6, "te": 0.4}])
+    text = json.loads(answer["info"])["infotexts"][0]
+    try:
+        page.locator("#txt2img_prompt textarea").fill(text)
+        page.locator("#txt2img_tools #paste").click()
+        expect(page.locator("#txt2img_prompt textarea")).to_have_value("a photo of a dog", timeout=30_000)
+        page.locator("#lora_ext_txt2img_panel").click()
+        slot = "#lora_ext_txt2img_slot1"
+        expect(page.locator(f"{slot}_enabled input")).to_be_checked(timeout=30_000)
+        expect(page.locator(f"{slot}_model input")).to_have_value("beta.safetensors", timeout=30_000)
+        expect(page.locator(f"{slot}_separate input")).to_be_checked()
+        expect(page.locator(f"{slot}_unet input[type=number]")).to_have_value("0.6")
+        expect(page.locator(f"{slot}_te input[type=number]")).to_have_value("0.4")
+        assert "<lora:" not in page.locator("#txt2img_prompt textarea").input_value()
+        _shot(page, tmp_path, "webui_1_pasted")
+    except Exception:
+        _shot(page, tmp_path, "webui_failed_paste")
+        raise
+
+
+def _train_form(page, data, out_name, steps):
+    for group in ("network", "optimizer_schedule", "samples_saving"):
+        page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+    _fill(page, "train_data_dir", data)
+    _fill(page, "output_name", out_name)
+    for field, value in (("resolution", 64), ("max_train_steps", steps), ("network_dim", 4), ("network_alpha", 2),
+                         ("learning_rate", 1e-3), ("train_batch_size", 1)):
+        _fill(page, field, value)
+
+
+def test_train_in_the_tab_interrupt_and_resume(webui, work, page, tmp_path):
+    from playwright.sync_api import expect
+
+    from lora_ext.testing import sample_data
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    webui.txt2img("a photo of a cat <lora:alpha:1>")     # the built-in leaves alpha's deltas in the weights
+    weights_before = webui.weights()
+    try:
+        page.goto(webui.url, timeout=120_000)
+        _tab(page, "LoRA")
+        # our Train sub-tab, not the webui's own Train tab
+        page.locator("#tab_lora_ext .tab-nav button").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+        expect(_md(page, "lora_ext_train_model")).to_contain_text("tiny", timeout=60_000)
+        _train_form(page, data["train"], "tabrun", 400)
+        page.locator("#lora_ext_train_start").click()
+        expect(_md(page, "lora_ext_train_status")).to_contain_text(re.compile(r"Step \d+/400"), timeout=180_000)
+        _shot(page, tmp_path, "webui_2_training")
+        webui.post("/sdapi/v1/interrupt", {})       # what the webui's Interrupt button sends
+        expect(_md(page, "lora_ext_train_status")).to_contain_text("Resume from", timeout=180_000)
+        status = _md(page, "lora_ext_train_status").inner_text()
+        state = re.search(r"Resume from\s+(\S+?-state)", status).group(1)
+        assert os.path.isfile(os.path.join(state, "state.json"))
+        # the state is not in models/Lora, where both LoRA lists would offer it
+        assert not glob.glob(os.path.join(work["loras"], "**", "*state*"), recursive=True)
+        stopped_at = json.load(open(os.path.join(state, "state.json")))["step"]
+        assert 0 < stopped_at < 400
+        _fill(page, "max_train_steps", stopped_at + 3)
+        _fill(page, "resume", state)
+        page.locator("#lora_ext_train_start").click()
+        expect(_md(page, "lora_ext_train_status")).to_contain_text(f"after {stopped_at + 3} steps", timeout=300_000)
+        _shot(page, tmp_path, "webui_3_resumed")
+    except Exception:
+        _shot(page, tmp_path, "webui_failed_train")
+        raise
+    log = webui.log()
+    assert "Stopped by an error" not in status and "Traceback" not in log, log[-3000:]
+    assert os.path.isfile(os.path.join(work["loras"], "tabrun.safetensors"))
+    # the host as found: the built-in's deltas are back in the weights (it gives them back on its next use)
+    assert webui.weights() == weights_before
+    listed = [item["name"] for item in webui.get("/lora_ext/v1/loras")]
+    assert "tabrun.safetensors" in listed and not any("state" in n for n in listed)
+    shutil.rmtree(state)

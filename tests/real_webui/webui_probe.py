@@ -1,0 +1,41 @@
+"""Test-only webui script (the real-webui tier copies it into the webui's scripts/): the last CFG-denoised
+latents of a generation (a random tiny VAE decodes everything to nearly flat grey, so images cannot tell
+two generations apart), and a hash of the loaded model's weights, through two HTTP routes."""
+import base64
+import hashlib
+
+import torch
+from modules import script_callbacks, shared
+
+LAST = {}
+
+
+def after_cfg(params):
+    LAST["x"] = params.x.detach().float().cpu().clone()
+    LAST["step"] = params.sampling_step
+
+
+def weights_digest():
+    h = hashlib.sha256()
+    for key, value in sorted(shared.sd_model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def routes(demo, app):
+    @app.get("/probe/latents")
+    def latents():
+        x = LAST.pop("x", None)
+        if x is None:
+            return {"shape": None}
+        return {"shape": list(x.shape), "step": LAST["step"], "data": base64.b64encode(x.numpy().tobytes()).decode()}
+
+    @app.get("/probe/weights")
+    def weights():
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        return {"sha256": weights_digest(), "checkpoint": getattr(info, "title", None)}
+
+
+script_callbacks.on_cfg_after_cfg(after_cfg)
+script_callbacks.on_app_started(routes)
