@@ -403,3 +403,26 @@ def test_gradient_accumulation_counts_optimizer_steps(data, tmp_path):
     steps = -(-n_batches // 3)
     assert result.steps == steps and len(lrs) == steps
     assert lrs == pytest.approx([1e-3 * (steps - k) / steps for k in range(steps)])
+
+
+def test_resume_from_what_is_not_a_whole_state_is_one_clear_message(data, tmp_path):
+    import json as _json
+
+    from lora_ext.train import state
+
+    model = tiny_model("sd1")
+    before = _model_state(model)
+    torn = tmp_path / "torn-state"          # a JSON naming tensors that are not there
+    torn.mkdir()
+    (torn / "state.json").write_text(_json.dumps({"format": state.FORMAT, "tensors": "tensors-00000003.safetensors"}))
+    other = tmp_path / "other-state"
+    other.mkdir()
+    (other / "state.json").write_text('{"format": "something else"}')
+    old = tmp_path / "old-state.pt"
+    old.write_bytes(b"\x80\x02}q\x00.")
+    cases = {str(tmp_path / "missing"): "not a lora_ext training state folder", str(torn): "lacks tensors-00000003",
+             str(other): "another format", str(old): "states are folders now"}
+    for path, said in cases.items():
+        with pytest.raises(ValueError, match=said):
+            train(WebuiHost(model), _cfg(data, tmp_path / "out", resume=path, max_train_steps=2))
+    _assert_same(model, before)

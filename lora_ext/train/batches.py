@@ -79,8 +79,8 @@ def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tens
 
 class LatentCache:
     """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
-    .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and size; a changed image or
-    another bucket (resolution) is encoded again. Only valid without random crops."""
+    .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and
+    size; a changed image or another bucket (resolution) is encoded again. Only valid without random crops."""
 
     def __init__(self, encode, to_disk: bool = False, folder: str | None = None):
         self.encode = encode            # pixels [b, 3, h, w] -> latents

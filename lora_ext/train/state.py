@@ -61,7 +61,11 @@ def load(path: str, network, optimizer) -> dict:
     folder = os.path.dirname(path) if os.path.basename(path) == JSON else path
     doc, tensors = _read(folder, path, load_file)
     prefix = "network."
-    network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    try:
+        network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except RuntimeError as e:
+        raise StateError(f"resume: {folder} holds another network (rank, type or model) than this run's "
+                         f"({str(e).splitlines()[0]})") from None
     opt = doc["optimizer"]
     state = {}
     for index, plain in opt["state"].items():
@@ -87,11 +91,13 @@ def _read(folder, path, load_file):
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise StateError(f"resume: {folder} is not a lora_ext training state ({JSON} says another format)")
         name = os.path.basename(str(doc.get("tensors", "")))     # a name inside the folder, nothing else
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise StateError(f"resume: {folder} lacks {name or 'its tensors file'}; it is not a whole training state")
         tensors = load_file(os.path.join(folder, name))
     except StateError:
         raise
-    except FileNotFoundError as e:
-        raise StateError(f"resume: {folder} lacks {os.path.basename(e.filename)}; it is not a whole training state") from None
+    except FileNotFoundError:
+        raise StateError(f"resume: {folder} lacks {JSON}; it is not a whole training state") from None
     except Exception as e:
         raise StateError(f"resume: {folder} is not a readable training state ({type(e).__name__})") from None
     return doc, tensors
