@@ -41,7 +41,6 @@ class Report:
     warnings: list = field(default_factory=list)
     written: int = 0                                 # weights rewritten by this call
     restored: int = 0                                # weights given back their original
-    text_encoder_changed: bool = False               # what the text encoder computes is not what it was
     seconds: float = 0.0
 
 
@@ -91,6 +90,10 @@ class Engine:
         self.cache = cache or LoraCache()
         self.mode = mode
         self._states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        # counts every change to what a text encoder computes (apply, restore, bake, forget): a host that
+        # caches prompt conditioning compares it with the count it last saw (the webui keys its cache on
+        # the prompt and its own networks, not on ours)
+        self.text_encoder_edits = 0
 
     # --- public -------------------------------------------------------------------------------------------
 
@@ -110,12 +113,11 @@ class Engine:
             report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
         self._sync_merged(state, merge_wanted, report)
         self._sync_hooks(state, hook_wanted)
-        # the webui reuses a prompt's conditioning while its own cache key (prompt, checkpoint, <lora:>
-        # networks ...) is unchanged: the host must be told when our text-encoder layers changed
-        text_encoder = sorted((key, tuple(c.signature for c in contributions))
-                              for key, (bound, contributions) in wanted.items() if not bound.target.is_unet)
-        report.text_encoder_changed = text_encoder != list(state.text_encoder)
-        state.text_encoder = tuple(text_encoder)
+        text_encoder = tuple(sorted((key, tuple(c.signature for c in contributions))
+                                    for key, (bound, contributions) in wanted.items() if not bound.target.is_unet))
+        if text_encoder != state.text_encoder:
+            self.text_encoder_edits += 1
+            state.text_encoder = text_encoder
         for item in report.applied:
             item["mode"] = mode
         report.seconds = time.perf_counter() - started
@@ -129,6 +131,7 @@ class Engine:
         """The model's weights were replaced (a checkpoint was loaded into it): drop our copies without
         writing them back, and remove our hooks."""
         state = self._states.pop(model, None)
+        self.text_encoder_edits += 1        # its weights, the text encoder's too, are not what they were
         if state is not None:
             for hooked in state.hooked.values():
                 hooked.handle.remove()

@@ -25,29 +25,32 @@ class PanelRuntime:
     def run(self, host, slots: list, mode: str | None = None) -> Outcome:
         """Makes the host's model compute what the active slots ask for (and nothing else)."""
         outcome = Outcome()
-        requests = []
+        requests, slot_errors = [], []
         for i, slot in enumerate(slots):
             if not slot.active:
                 continue
             try:
                 path = self.library.path(slot.model)
             except (FileNotFoundError, UnsafeName) as e:
-                outcome.messages.append(f"Additional Networks: slot {i + 1}: {e}")
+                slot_errors.append(f"slot {i + 1}: {e}")
                 continue
             unet, te = slot.weights
             requests.append(Request(path, unet, te, name=slot.model))
         report = self.engine.apply(host, requests, mode)
         outcome.report = report
-        outcome.messages += [f"Additional Networks: {w}" for w in report.warnings]
+        outcome.messages = [f"Additional Networks: {m}" for m in slot_errors + report.warnings]
+        refused = slot_errors + [w for w in report.warnings if ": skipped: " in w]
         used = {item["name"] for item in report.applied}
         kept = [s if s.active and s.model in used else slotlib.Slot() for s in slots]
         outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash)
-        # the API's caller sees the generation parameters, not the console: what was refused goes there too
-        refused = [m.removeprefix("Additional Networks: ") for m in outcome.messages
-                   if ": skipped: " in m or m.startswith("Additional Networks: slot ")]
         if refused:
+            # the API's caller sees the generation parameters, not the console
             outcome.infotext["AddNet Warning"] = "; ".join(refused)
         return outcome
+
+    @property
+    def text_encoder_edits(self) -> int:
+        return self.engine.text_encoder_edits
 
     def bake(self, host, items: list) -> Outcome:
         """Merges LoRAs into the model's weights for good (until its checkpoint is loaded again): the panel's

@@ -45,6 +45,7 @@ class Runtime:
     """Created on first use, so that the webui's start-up does not import torch-side code for us."""
     _instance = None
     _host = None        # the adapter of the model in use; only that one, so an unloaded model can go
+    edits_seen = 0      # the engine's text-encoder edit count when the webui last computed conditioning
 
     @classmethod
     def get(cls):
@@ -71,8 +72,10 @@ def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
 
     if not cfg.state_dir:
         # resumable states stay out of models/Lora: its lists (ours, the built-in's cards) would offer them
+        import dataclasses
+
         from modules import paths
-        cfg.state_dir = os.path.join(paths.models_path, "lora_ext_states")
+        cfg = dataclasses.replace(cfg, state_dir=os.path.join(paths.models_path, "lora_ext_states"))
     return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop, task_id=task_id)
 
 
@@ -267,9 +270,12 @@ class AdditionalNetworks(scripts.Script):
             p.extra_generation_params["AddNet Warning"] = str(e)
             return
         slots = slotlib.with_overrides(slots, getattr(p, "lora_ext_overrides", {}))
-        outcome = Runtime.get().run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
-        if outcome.report is not None and outcome.report.text_encoder_changed:
+        runtime = Runtime.get()
+        outcome = runtime.run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
+        if runtime.text_encoder_edits != Runtime.edits_seen:
+            # ours changed since the last generation (here, a training run, a bake or a model load)
             forget_conditioning(p)
+            Runtime.edits_seen = runtime.text_encoder_edits
         p.extra_generation_params.update(outcome.infotext)
         for message in outcome.messages:
             print(message)

@@ -391,3 +391,29 @@ def test_checkpoint_weights_hides_the_builtins_deltas_and_puts_them_back(any_arc
     _assert_bit_exact(model, snap)
     for h in handles:
         h.remove()
+
+
+def test_text_encoder_edits_count_every_change_to_the_text_encoder(tmp_path):
+    """The webui reuses a prompt's conditioning unless its key changes, and our LoRAs are not in that key:
+    the engine counts each change to what the text encoder computes (apply, weight change, restore, forget),
+    and only those (the script clears the webui's cache when the count moved)."""
+    model = copy.deepcopy(tiny_model("sd1"))
+    path = _lora_file(tmp_path / "x.safetensors", model)
+    engine, host = Engine(), WebuiHost(model)
+    counts = [engine.text_encoder_edits]
+
+    def step(requests):
+        engine.apply(host, requests)
+        counts.append(engine.text_encoder_edits)
+
+    step([Request(path, 1.0, 0.5)])     # TE on
+    step([Request(path, 0.3, 0.5)])     # UNet only changed
+    step([Request(path, 0.3, 0.7)])     # TE weight changed
+    step([Request(path, 0.3, 0.0)])     # TE off
+    step([Request(path, 0.8, 0.0)])     # UNet only
+    step([Request(path, 0.8, 0.2)])     # TE on again
+    step([])                            # restore
+    assert [b - a for a, b in zip(counts, counts[1:])] == [1, 0, 1, 1, 0, 1, 1]
+    before = engine.text_encoder_edits
+    engine.forget(model)                # a checkpoint was loaded into the model
+    assert engine.text_encoder_edits == before + 1

@@ -158,19 +158,21 @@ def ldm_config(spec: TinySpec, clip_folder: str | None = None) -> dict:
         }}}
 
 
-def save_checkpoint(model: TinySD, path: str) -> str:
+def save_checkpoint(model: TinySD, path: str, clip_folder: str | None = None) -> str:
     """Writes the model as a webui single-file checkpoint (safetensors, webui key layout) with a same-named
-    ldm .yaml beside it, the webui's convention for checkpoints of non-standard shape. Returns the yaml path."""
+    ldm .yaml beside it, the webui's convention for checkpoints of non-standard shape. Returns the yaml path.
+    With `clip_folder` (SD1), the yaml is the one the real webui loads, naming that folder (written here
+    too) as the text encoder's source."""
     import yaml
     from safetensors.torch import save_file
 
+    if clip_folder is not None:
+        write_clip_folder(model, clip_folder)
     save_file({k: v.contiguous() for k, v in model.checkpoint_state_dict().items()}, path)
     yaml_path = os.path.splitext(path)[0] + ".yaml"
     with open(yaml_path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(ldm_config(model.spec), f, sort_keys=False)
+        yaml.safe_dump(ldm_config(model.spec, clip_folder), f, sort_keys=False)
     return yaml_path
-
-
 
 
 def _webui_config(spec: TinySpec, clip_folder: str) -> dict:
@@ -200,16 +202,3 @@ def write_clip_folder(model: TinySD, folder: str) -> str:
     holder.transformer.config.save_pretrained(folder)
     holder.tokenizer.save_pretrained(folder)
     return folder
-
-
-def save_webui_checkpoint(model: TinySD, path: str, clip_folder: str) -> str:
-    """An SD1 tiny model as the real webui loads it: the checkpoint, its .yaml naming `clip_folder` (written
-    here too) as the text encoder's source. Returns the yaml path."""
-    import yaml
-
-    write_clip_folder(model, clip_folder)
-    save_checkpoint(model, path)
-    yaml_path = os.path.splitext(path)[0] + ".yaml"
-    with open(yaml_path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(ldm_config(model.spec, clip_folder), f, sort_keys=False)
-    return yaml_path

@@ -69,12 +69,12 @@ def webui_python(source: str) -> str:
     if os.environ.get("LORA_EXT_WEBUI_PYTHON"):
         return os.environ["LORA_EXT_WEBUI_PYTHON"]
     # .ci/webui-venv prints the cached venv's path; it builds only when asked to (CI's setup does)
-    key_run = subprocess.run(["bash", os.path.join(ROOT, ".ci", "webui-venv"), source, "--check"],
+    built = subprocess.run(["bash", os.path.join(ROOT, ".ci", "webui-venv"), source, "--check"],
                              capture_output=True, text=True)
-    if key_run.returncode != 0:
+    if built.returncode != 0:
         raise Unavailable("real-webui tier skipped: its venv is not built; run `bash .ci/setup` (first time about "
                           "25 minutes of pip) or set LORA_EXT_WEBUI_PYTHON")
-    return os.path.join(key_run.stdout.strip(), "bin", "python")
+    return os.path.join(built.stdout.strip(), "bin", "python")
 
 
 def _ignore_source(source: str):
@@ -112,8 +112,8 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
         json.dump(SETTINGS, f)
     clip = os.path.join(work, "clip-tiny")
     model = tiny.build("sd1")
-    tiny.save_webui_checkpoint(model, os.path.join(paths["checkpoints"], CHECKPOINT), clip)
-    tiny.save_webui_checkpoint(tiny.build("sd1", seed=1), os.path.join(paths["checkpoints"], OTHER_CHECKPOINT), clip)
+    tiny.save_checkpoint(model, os.path.join(paths["checkpoints"], CHECKPOINT), clip)
+    tiny.save_checkpoint(tiny.build("sd1", seed=1), os.path.join(paths["checkpoints"], OTHER_CHECKPOINT), clip)
     for name, seed in LORAS.items():
         _random_lora(model, os.path.join(paths["loras"], name), seed)
     # the same tensors as alpha, as the kohya .pt state dict older tools wrote (read inside the webui,
