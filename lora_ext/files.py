@@ -197,7 +197,7 @@ def network_metadata(network: str, dim: int, alpha: float, arch: naming.Arch, **
     """The ss_* keys kohya writes that describe the network itself (training keys come from the trainer)."""
     base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[arch.name]
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha,
-            "ss_base_model_version": base, "ss_v2": arch.name == "sd2", "ss_sd_model_name": extra.pop("model_name", None)}
+            "ss_base_model_version": base, "ss_v2": arch.name == "sd2"}
     if network == "locon":
         meta["ss_network_args"] = {"conv_dim": str(extra.pop("conv_dim")), "conv_alpha": str(extra.pop("conv_alpha"))}
     meta.update(extra)

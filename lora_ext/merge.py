@@ -84,6 +84,13 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         raise MergeError(f"{out_path} exists; choose another name or allow overwriting")
     if os.path.abspath(out_path) == os.path.abspath(base_path):
         raise MergeError("the output would replace the base checkpoint it is read from")
+    # a base of other shapes than the standard ones has its config beside it (the webui's convention):
+    # the merged checkpoint gets a copy, or the webui would load it with the wrong config
+    base_yaml, out_yaml = (os.path.splitext(p)[0] + ".yaml" for p in (base_path, out_path))
+    base_yaml = base_yaml if os.path.isfile(base_yaml) else None
+    if base_yaml and os.path.exists(out_yaml) and not overwrite:
+        raise MergeError(f"{out_yaml} exists (the merged checkpoint's config would go there); choose another "
+                         "name or allow overwriting")
     base = _Base(base_path)
     try:
         arch = naming.arch_from_state_dict(base.shapes)
@@ -114,7 +121,11 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         buf = io.BytesIO()
         torch.save({"state_dict": {k: produce(k) for k, _, _ in entries}}, buf)
         atomic_write(out_path, buf.getvalue(), overwrite)
-    return {"out": out_path, "arch": arch.name, "tensors": len(entries), "merged_tensors": len(plan),
+    if base_yaml:
+        with open(base_yaml, "rb") as f:
+            atomic_write(out_yaml, f.read(), overwrite)
+    return {"out": out_path, "yaml": out_yaml if base_yaml else None, "arch": arch.name, "tensors": len(entries),
+            "merged_tensors": len(plan),
             "loras": record, "seconds": time.perf_counter() - started, **file_hashes(out_path)}
 
 

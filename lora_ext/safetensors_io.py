@@ -106,6 +106,14 @@ def file_hashes(path: str) -> dict:
     return {"sha256": whole.hexdigest(), "addnet_hash": body.hexdigest() if is_st else None}
 
 
+def legacy_model_hash(path: str) -> str:
+    """The short model hash older tools show (the webui's "old hash", kohya's ss_sd_model_hash): sha256 of
+    64 KiB at offset 1 MiB, 8 hex."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 def addnet_hashes(data: bytes) -> tuple[str, str]:
     """(addnet hash, legacy addnet hash) of serialized safetensors bytes, as kohya pre-computes them into
     sshs_model_hash / sshs_legacy_hash: sha256 after the header, and sha256 of 64 KiB at offset 1 MiB (8 hex)."""

@@ -68,6 +68,9 @@ def _drive(page, port, ctx, data, tmp_path, expect):
     expect(page.locator("#lora_ext_train_start")).to_be_visible(timeout=60_000)
     for group in ("network", "optimizer_schedule", "samples_saving"):
         page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+    # the progress poll never ends for gradio: its "pending" frame must not stay on the polled boxes
+    frame = page.evaluate("() => getComputedStyle(document.querySelector('#lora_ext_train_loss > .wrap')).borderTopColor")
+    assert frame in ("rgba(0, 0, 0, 0)", "transparent"), frame
     _fill(page, "train_data_dir", data["train"])
     _fill(page, "output_dir", ctx.lora_folder_fn())
     _fill(page, "output_name", "browser")
@@ -135,6 +138,11 @@ def _drive(page, port, ctx, data, tmp_path, expect):
     _shot(page, tmp_path, "5_captions")
 
     _tab(page, "Inspect")
+    # empty tables before a file is chosen: headers, no stray "0" row
+    import re
+    for table in ("blocks", "settings", "tags"):
+        text = page.locator(f"#lora_ext_inspect_{table}").inner_text()
+        assert not re.search(r"\b0\b", text) and text.strip(), (table, text)
     _choose(page, "lora_ext_inspect_file", "browser.safetensors", refresh="lora_ext_inspect_refresh")
     expect(_md(page, "lora_ext_inspect_message")).to_contain_text("SD1 lora", timeout=30_000)
     expect(page.locator("#lora_ext_inspect_blocks")).to_contain_text("unet", timeout=30_000)

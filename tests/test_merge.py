@@ -136,3 +136,27 @@ def test_lora_arguments_keep_paths_with_colons():
     assert parse_lora_arg(r"C:\loras\x.safetensors:0.5") == (r"C:\loras\x.safetensors", 0.5, 0.5)
     assert parse_lora_arg("x.safetensors") == ("x.safetensors", 1.0, 1.0)
     assert parse_lora_arg("a:b.safetensors:-1") == ("a:b.safetensors", -1.0, -1.0)
+
+
+def test_the_base_config_goes_beside_the_merged_checkpoint(tmp_path):
+    """A base of non-standard shapes has its .yaml beside it; without a copy beside the merged file the webui
+    would load that with the standard config."""
+    _, base, (a, _) = _setup(tmp_path)
+    out = str(tmp_path / "merged.safetensors")
+    report = merge_checkpoint(base, [Item(a, 0.5, 0.5)], out)
+    with open(base.replace(".safetensors", ".yaml"), "rb") as f, open(report["yaml"], "rb") as g:
+        assert report["yaml"] == str(tmp_path / "merged.yaml") and f.read() == g.read()
+    # a stale config under the new name is not overwritten unless asked
+    os.unlink(out)
+    with open(report["yaml"], "w") as f:
+        f.write("stale")
+    with pytest.raises(MergeError, match="merged.yaml exists"):
+        merge_checkpoint(base, [Item(a, 0.5, 0.5)], out)
+    assert not os.path.exists(out)
+    merge_checkpoint(base, [Item(a, 0.5, 0.5)], out, overwrite=True)
+    with open(report["yaml"]) as f:
+        assert f.read() != "stale"
+    # a base without one: no config is written
+    os.unlink(base.replace(".safetensors", ".yaml"))
+    assert merge_checkpoint(base, [Item(a, 0.5, 0.5)], str(tmp_path / "plain.safetensors"))["yaml"] is None
+    assert not os.path.exists(tmp_path / "plain.yaml")

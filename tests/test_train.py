@@ -269,6 +269,12 @@ network_args = ["conv_dim=2", "conv_alpha=1"]
     assert any("training in fp32 on the cpu" in m for m in summary["messages"])
     meta = files.read(str(tmp_path / "D" / "N.safetensors")).metadata
     assert meta["ss_learning_rate"] == "0.0002" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
+    # the base it was trained on, as kohya records it: name, whole-file sha256, the old short hash
+    import hashlib
+    raw = (tmp_path / "tiny.safetensors").read_bytes()
+    assert meta["ss_sd_model_name"] == "tiny.safetensors"
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(raw).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_cli_names_what_it_does_not_support(tmp_path):

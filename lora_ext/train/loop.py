@@ -5,6 +5,7 @@ Read top to bottom: prepare data -> attach the LoRA -> (resume) -> for each opti
 loss, step -> save. Cancelling stops at the next step, saves the LoRA and a state to resume from."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -259,6 +260,26 @@ def _save(host, cfg, network, report, step, epoch, path, emit) -> str:
     return path
 
 
+def base_checkpoint(host, cfg: TrainConfig) -> dict:
+    """kohya's record of the model trained on: its file name and hashes (the webui's loaded checkpoint, or
+    the checkpoint named on the command line)."""
+    info = getattr(host.model, "sd_checkpoint_info", None)       # the webui's, when trained there
+    path = getattr(info, "filename", None) or cfg.pretrained_model_name_or_path
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        return {"ss_sd_model_name": os.path.basename(os.path.normpath(path))}
+    st = os.stat(path)
+    return {"ss_sd_model_name": os.path.basename(path), **_checkpoint_hashes(path, st.st_mtime_ns, st.st_size)}
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_hashes(path: str, mtime_ns: int, size: int) -> dict:
+    # once per file and version: a run saves many times
+    from ..safetensors_io import file_hashes, legacy_model_hash
+    return {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": file_hashes(path)["sha256"]}
+
+
 def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dict:
     args = cfg.net_args
     network = "locon" if "conv_dim" in args else "lora"
@@ -284,7 +305,7 @@ def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dic
                                     for c in report["concepts"] if not c["regularization"]}),
         ss_reg_dataset_dirs=json.dumps({os.path.basename(c["folder"]): {"n_repeats": c["repeats"], "img_count": c["images"]}
                                         for c in report["concepts"] if c["regularization"]}),
-        ss_training_started_at=None, ss_session_id=random.randint(0, 2 ** 31))
+        ss_training_started_at=None, ss_session_id=random.randint(0, 2 ** 31), **base_checkpoint(host, cfg))
 
 
 def _samples(host, cfg, network, step, epoch, emit) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import library
+from .tables import read_only_table
 
 BLOCK_HEADERS = ["block", "modules", "rank", "alpha"]
 SETTING_HEADERS = ["setting", "value"]
@@ -41,12 +42,11 @@ def build(folder_fn) -> None:
         refresh = gr.Button("Refresh", elem_id="lora_ext_inspect_refresh")
     message = gr.Markdown(elem_id="lora_ext_inspect_message")
     with gr.Row():
-        blocks = gr.Dataframe(headers=BLOCK_HEADERS, datatype=["str", "number", "str", "str"], interactive=False,
-                              label="Rank and alpha per block", elem_id="lora_ext_inspect_blocks")
-        settings = gr.Dataframe(headers=SETTING_HEADERS, datatype=["str", "str"], interactive=False,
-                                label="Training settings (ss_* metadata)", elem_id="lora_ext_inspect_settings")
-    tags = gr.Dataframe(headers=TAG_HEADERS, datatype=["str", "number", "str"], interactive=False,
-                        label="Tag frequency", elem_id="lora_ext_inspect_tags")
+        blocks = read_only_table(BLOCK_HEADERS, ["str", "number", "str", "str"], "Rank and alpha per block",
+                                 "lora_ext_inspect_blocks")
+        settings = read_only_table(SETTING_HEADERS, ["str", "str"], "Training settings (ss_* metadata)",
+                                   "lora_ext_inspect_settings")
+    tags = read_only_table(TAG_HEADERS, ["str", "number", "str"], "Tag frequency", "lora_ext_inspect_tags")
     with gr.Accordion("Everything (JSON)", open=False):
         report = gr.JSON(label="Contents", elem_id="lora_ext_inspect_report")
     refresh.click(lambda: gr.update(choices=library.list_loras(folder_fn())), outputs=[choice])

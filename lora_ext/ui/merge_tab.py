@@ -9,6 +9,7 @@ import os
 import gradio as gr
 
 from .. import library
+from .tables import read_only_table
 
 ENERGY_HEADERS = ["module", "kept energy"]
 
@@ -53,8 +54,10 @@ def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: 
         return f"**Cannot merge:** {e}"
     if on_written is not None:
         on_written("checkpoint", out_path)
-    return (f"Wrote **{os.path.relpath(out_path, ckpt_folder)}** ({report['merged_tensors']} tensors changed, "
-            f"{report['seconds']:.1f} s), sha256 `{report['sha256'][:10]}`. A checkpoint list's refresh button shows it.")
+    config = f" and its config **{os.path.basename(report['yaml'])}**" if report["yaml"] else ""
+    return (f"Wrote **{os.path.relpath(out_path, ckpt_folder)}**{config} ({report['merged_tensors']} tensors "
+            f"changed, {report['seconds']:.1f} s), sha256 `{report['sha256'][:10]}`. A checkpoint list's refresh "
+            "button shows it.")
 
 
 def bake(bake_fn, lora_lines: str) -> str:
@@ -172,8 +175,8 @@ def build(ctx) -> None:
         bake_b.click(lambda text: bake(ctx.bake_fn, text), inputs=[lines], outputs=[message])
 
     with gr.Accordion("LoRA tools: merge LoRAs, resize, extract", open=False, elem_id="lora_ext_tools"):
-        energy = gr.Dataframe(headers=ENERGY_HEADERS, datatype=["str", "number"], interactive=False,
-                              label="Kept energy per module (lowest first)", elem_id="lora_ext_tools_energy")
+        energy = read_only_table(ENERGY_HEADERS, ["str", "number"], "Kept energy per module (lowest first)",
+                                 "lora_ext_tools_energy")
         tool_message = gr.Markdown(elem_id="lora_ext_tools_message")
         with gr.Tab("Merge LoRAs into one", elem_id="lora_ext_tools_merge"):
             rank = gr.Number(label="Rank (0 = keep all: ranks concatenated)", value=0, precision=0,

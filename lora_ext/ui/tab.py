@@ -36,7 +36,8 @@ def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
             if ctx.session is not None:
                 with gr.Tab("Train", elem_id="lora_ext_tab_train"):
                     polled, form_fields = train_tab.build(ctx)
-                block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2)
+                # no progress frame: on a poll every 2 s gradio would keep the outputs framed as "pending"
+                block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2, show_progress="hidden")
                 with gr.Tab("Concepts", elem_id="lora_ext_tab_concepts"):
                     concepts_tab.build(ctx.interrogators, form_fields)
             if ctx.ckpt_folder_fn is not None:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM, _fill, _md, _shot, _tab
+from test_browser import ARGS, CHROMIUM, _choose, _fill, _md, _shot, _tab
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium and playwright: bash .ci/setup")
 
@@ -49,6 +49,11 @@ def test_pasted_infotext_fills_the_panel_and_adds_no_lora_tags(webui, page, tmp_
         raise
 
 
+def _subtab(page, name):
+    # ours, inside the LoRA tab: the webui has a Train tab of its own
+    page.locator("#tab_lora_ext .tab-nav button").filter(has_text=re.compile(rf"^\s*{name}\s*$")).first.click()
+
+
 def _train_form(page, data, out_name, steps):
     for group in ("network", "optimizer_schedule", "samples_saving"):
         page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
@@ -70,9 +75,11 @@ def test_train_in_the_tab_interrupt_and_resume(webui, work, page, tmp_path):
     try:
         page.goto(webui.url, timeout=120_000)
         _tab(page, "LoRA")
-        # our Train sub-tab, not the webui's own Train tab
-        page.locator("#tab_lora_ext .tab-nav button").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+        _subtab(page, "Train")
         expect(_md(page, "lora_ext_train_model")).to_contain_text("tiny", timeout=60_000)
+        # our style.css is served by the webui: the never-ending progress poll leaves no "pending" frame
+        frame = page.evaluate("() => getComputedStyle(document.querySelector('#lora_ext_train_loss > .wrap')).borderTopColor")
+        assert frame in ("rgba(0, 0, 0, 0)", "transparent"), frame
         _train_form(page, data["train"], "tabrun", 400)
         page.locator("#lora_ext_train_start").click()
         expect(_md(page, "lora_ext_train_status")).to_contain_text(re.compile(r"Step \d+/400"), timeout=180_000)
@@ -102,3 +109,51 @@ def test_train_in_the_tab_interrupt_and_resume(webui, work, page, tmp_path):
     listed = [item["name"] for item in webui.get("/lora_ext/v1/loras")]
     assert "tabrun.safetensors" in listed and not any("state" in n for n in listed)
     shutil.rmtree(state)
+    # the file records the checkpoint it was trained on, as kohya does
+    meta = webui.get("/lora_ext/v1/loras/tabrun.safetensors")["metadata"]
+    assert meta["ss_sd_model_name"] == "tiny.safetensors" and len(str(meta["ss_new_sd_model_hash"])) == 64
+
+
+def test_merge_in_the_tab_then_switch_to_the_merged_checkpoint(webui, work, page, tmp_path):
+    """Merge alpha at 0.6 into a new checkpoint (its yaml beside it), load it from the Train tab's switch:
+    its plain generation equals the panel's alpha at 0.6 on the base. Then the base again, bit-exact."""
+    from playwright.sync_api import expect
+
+    webui.txt2img("a photo of a cat")
+    base_weights = webui.weights()
+    plain = webui.latents()
+    webui.txt2img("a photo of a cat", [{"enabled": True, "model": "alpha.safetensors", "weight": 0.6}])
+    panel = webui.latents()
+    webui.txt2img("a photo of a cat")
+    try:
+        page.goto(webui.url, timeout=120_000)
+        _tab(page, "LoRA")
+        _subtab(page, "Merge")
+        _choose(page, "lora_ext_merge_base", "tiny.safetensors", refresh="lora_ext_merge_refresh")
+        _choose(page, "lora_ext_merge_pick", "alpha.safetensors", refresh="lora_ext_merge_refresh")
+        page.locator("#lora_ext_merge_pick_unet input").fill("0.6")
+        page.locator("#lora_ext_merge_pick_te input").fill("0.6")
+        page.locator("#lora_ext_merge_add").click()
+        expect(page.locator("#lora_ext_merge_loras textarea")).to_have_value("alpha.safetensors:0.6:0.6")
+        page.locator("#lora_ext_merge_out textarea").fill("tiny_alpha")
+        page.locator("#lora_ext_merge_precision label").filter(has_text="fp32").click()
+        page.locator("#lora_ext_merge_go").click()
+        expect(_md(page, "lora_ext_merge_message")).to_contain_text(
+            "Wrote tiny_alpha.safetensors and its config tiny_alpha.yaml", timeout=120_000)
+        _shot(page, tmp_path, "webui_4_merged")
+        _subtab(page, "Train")
+        _choose(page, "lora_ext_train_ckpt", "tiny_alpha", refresh="lora_ext_train_ckpt_refresh")
+        page.locator("#lora_ext_train_ckpt_load").click()
+        expect(_md(page, "lora_ext_train_model")).to_contain_text("tiny_alpha", timeout=120_000)
+        _shot(page, tmp_path, "webui_5_switched")
+    except Exception:
+        _shot(page, tmp_path, "webui_failed_merge")
+        raise
+    assert "tiny_alpha" in webui.get("/probe/weights")["checkpoint"]
+    webui.txt2img("a photo of a cat")
+    merged = webui.latents()
+    gap, effect = (merged - panel).abs().max().item(), (panel - plain).abs().max().item()
+    assert effect > 1e-2 and gap < 1e-3 * max(1.0, effect), (gap, effect)
+    webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny.safetensors"})
+    assert webui.weights() == base_weights
+    assert "Traceback" not in webui.log()
