@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--conv_rank", type=int)
     _output_args(x)
     x.set_defaults(func=cmd_extract)
-    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory); it prints JSON",
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui); it prints JSON",
                        description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
                        add_help=False)      # so that `bench apply --help` reaches the benchmark
-    b.add_argument("name", choices=["apply", "train", "merge", "memory"])
+    b.add_argument("name", choices=["apply", "train", "merge", "memory", "webui"])
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")

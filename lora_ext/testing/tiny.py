@@ -85,6 +85,10 @@ VAE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, o
                     ch_mult=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
+def _vae_config(spec: TinySpec) -> dict:
+    return dict(FULL_VAE_DDCONFIG if spec.full_vae else VAE_DDCONFIG)
+
+
 class TinySD(WebuiLayoutModel):
     """A webui-layout model of `spec`'s shapes with random weights (seeded)."""
 
@@ -98,7 +102,7 @@ class TinySD(WebuiLayoutModel):
             _offset_final_norm(holder, seed)
             encoders.append(holder)
         unet = build_unet(spec, g)
-        vae = LdmVAE(FULL_VAE_DDCONFIG if spec.full_vae else VAE_DDCONFIG)
+        vae = LdmVAE(_vae_config(spec))
         _rerandomise(vae, g)
         super().__init__(spec.arch, unet, encoders, vae, spec.parameterization)
         self.spec = spec
@@ -154,7 +158,7 @@ def ldm_config(spec: TinySpec, clip_folder: str | None = None) -> dict:
             unet_key: {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
             "cond_stage_config": {"target": encoder, "params": {"lora_ext_heads": heads}},
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-                "embed_dim": 4, "ddconfig": dict(VAE_DDCONFIG)}},
+                "embed_dim": 4, "ddconfig": _vae_config(spec)}},
         }}}
 
 
@@ -188,7 +192,7 @@ def _webui_config(spec: TinySpec, clip_folder: str) -> dict:
             "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                             "params": {**_unet_params(spec), "use_checkpoint": False}},
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
-                "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": dict(VAE_DDCONFIG),
+                "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": _vae_config(spec),
                 "lossconfig": {"target": "torch.nn.Identity"}}},
             "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
                                   "params": {"version": clip_folder}},

@@ -70,7 +70,7 @@ def webui_python(source: str) -> str:
         return os.environ["LORA_EXT_WEBUI_PYTHON"]
     # .ci/webui-venv prints the cached venv's path; it builds only when asked to (CI's setup does)
     built = subprocess.run(["bash", os.path.join(ROOT, ".ci", "webui-venv"), source, "--check"],
-                             capture_output=True, text=True)
+                           capture_output=True, text=True)
     if built.returncode != 0:
         raise Unavailable("real-webui tier skipped: its venv is not built; run `bash .ci/setup` (first time about "
                           "25 minutes of pip) or set LORA_EXT_WEBUI_PYTHON")
@@ -105,7 +105,7 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     shutil.copy(os.path.join(ROOT, "tests", "real_webui", "webui_probe.py"), os.path.join(webui, "scripts"))
     paths = {"webui": webui, "extension": extension, "python": python,
              "checkpoints": os.path.join(webui, "models", "Stable-diffusion"),
-             "loras": os.path.join(webui, "models", "Lora"), "outputs": os.path.join(webui, "outputs")}
+             "loras": os.path.join(webui, "models", "Lora")}
     for key in ("checkpoints", "loras"):
         os.makedirs(paths[key], exist_ok=True)
     with open(os.path.join(webui, "config.json"), "w", encoding="utf-8") as f:
@@ -125,7 +125,7 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
 
 
 def _random_lora(model, path: str, seed: int) -> None:
-    # a LoCon of every layer (the tiny model is small: a stronger one drives its UNet to NaN)
+    # a LoCon of every layer the webui's built-in Lora also applies (attention, convs, text encoder)
     from lora_ext import files
     from lora_ext.demo import make_random_lora
 
