@@ -163,6 +163,17 @@ def test_merge_in_the_tab_then_switch_to_the_merged_checkpoint(webui, work, page
     merged = webui.latents()
     gap, effect = (merged - panel).abs().max().item(), (panel - plain).abs().max().item()
     assert effect > 1e-2 and gap < 1e-3 * max(1.0, effect), (gap, effect)
+    # switched back the webui's own way (its settings, as its checkpoint dropdown does): the Train tab's
+    # label follows on the next page load and on Check dataset, not the one it was built with
+    webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny.safetensors"})
+    assert webui.weights() == base_weights
+    page.goto(webui.url, timeout=120_000)
+    _tab(page, "LoRA")
+    _subtab(page, "Train")
+    expect(_md(page, "lora_ext_train_model")).to_contain_text("tiny.safetensors", timeout=60_000)
+    webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny_alpha.safetensors"})
+    page.locator("#lora_ext_train_check").click()
+    expect(_md(page, "lora_ext_train_model")).to_contain_text("tiny_alpha", timeout=60_000)
     webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny.safetensors"})
     assert webui.weights() == base_weights
     assert "Traceback" not in webui.log()
