@@ -125,8 +125,8 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         with open(base_yaml, "rb") as f:
             atomic_write(out_yaml, f.read(), overwrite)
     return {"out": out_path, "yaml": out_yaml if base_yaml else None, "arch": arch.name, "tensors": len(entries),
-            "merged_tensors": len(plan),
-            "loras": record, "seconds": time.perf_counter() - started, **file_hashes(out_path)}
+            "merged_tensors": len(plan), "loras": record, "seconds": time.perf_counter() - started,
+            **file_hashes(out_path)}
 
 
 def _plan(base, arch, items):

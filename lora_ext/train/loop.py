@@ -269,8 +269,12 @@ def base_checkpoint(host, cfg: TrainConfig) -> dict:
         return {}
     if not os.path.isfile(path):
         return {"ss_sd_model_name": os.path.basename(os.path.normpath(path))}
+    name = {"ss_sd_model_name": os.path.basename(path)}
+    if getattr(info, "sha256", None) and getattr(info, "hash", None):
+        # the webui hashed it when loading it (the same two hashes): no second read of gigabytes
+        return {**name, "ss_sd_model_hash": info.hash, "ss_new_sd_model_hash": info.sha256}
     st = os.stat(path)
-    return {"ss_sd_model_name": os.path.basename(path), **_checkpoint_hashes(path, st.st_mtime_ns, st.st_size)}
+    return {**name, **_checkpoint_hashes(path, st.st_mtime_ns, st.st_size)}
 
 
 @functools.lru_cache(maxsize=4)
