@@ -40,7 +40,8 @@ def one(name: str, steps: int, images: int) -> dict:
     build_s = time.perf_counter() - t0
     folder = tempfile.mkdtemp(prefix="lora_ext_bench_train_")
     data = sample_data.make_sample_dataset(folder, size=256, per_concept=images // 2)
-    cfg = TrainConfig(train_data_dir=data["train"], output_dir=os.path.join(folder, "out"), resolution="256",
+    cfg = TrainConfig(train_data_dir=data["train"], caption_extension=".txt", output_dir=os.path.join(folder, "out"),
+                      resolution="256",
                       train_batch_size=1, max_train_steps=steps, network_dim=16, network_alpha=8,
                       learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=5e-5, optimizer_type="AdamW",
                       mixed_precision="no", save_precision="fp16", gradient_checkpointing=gc_on, cache_latents=cache,

@@ -16,8 +16,12 @@ def cmd_inspect(args) -> int:
     from .describe import describe
 
     arch = _arch_of(args.model) if args.model else None
-    print(json.dumps(describe(args.file, arch), indent=2, sort_keys=False))
-    return 0
+    report = describe(args.file, arch)
+    print(json.dumps(report, indent=2, sort_keys=False))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    # a part none of whose modules fits would not be applied at all: not a usable file for this model
+    return 2 if any("none of them" in w for w in report["warnings"]) else 0
 
 
 def _arch_of(name: str):
@@ -38,48 +42,98 @@ def _train_values(args, extra: list) -> dict:
     values = {}
     if args.config_file:
         values.update(config.load_toml_dict(args.config_file))
-    unknown = [a[2:].split("=")[0] for a in extra if a.startswith("--")]
-    if unknown or [a for a in extra if not a.startswith("--")]:
-        config.from_dict({u: None for u in unknown} or {"?": None}, "command line")     # raises, naming them
+    names = [a[2:].split("=")[0] for a in extra if a.startswith("--")]
+    if extra and not names:
+        raise UsageError(f"unexpected arguments: {' '.join(extra)} (options are --name value)")
+    values.update({name: None for name in names})      # from_dict names them, with any unsupported ones
+    known = config.field_names() | set(config.NO_EFFECT) | config.KOHYA_UNSUPPORTED
     for name, value in vars(args).items():
-        if name in config.field_names() and value is not None:
+        if name in known and name != "config_file" and value is not None:
             values[name] = value
     return values
 
 
-def cmd_train(args, extra) -> int:
-    from .hosts.checkpoint import CheckpointError, load_checkpoint
+def _host_for(name: str):
+    from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
-    from .train import config
-    from .train.dataset import DatasetError
-    from .train.loop import train
-    from .train.progress import TensorBoardLog, TqdmProgress, fan_out
 
+    if not name:
+        raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
+                         "diffusers folder)")
+    if name.startswith("tiny-"):
+        from .testing import tiny
+        return WebuiHost(tiny.build(name.removeprefix("tiny-")))
+    if os.path.isdir(name):
+        from .hosts.diffusers_host import DiffusersHost
+        return DiffusersHost(name)
+    return WebuiHost(load_checkpoint(name))
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM during training: finish the step, save the LoRA and the state, exit. A second Ctrl-C
+    quits at once (what the last save holds is kept)."""
+
+    def __init__(self):
+        import signal
+
+        self.signal, self.asked = signal, None
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.asked is not None:
+            raise KeyboardInterrupt
+        self.asked = self.signal.Signals(signum).name
+        print(f"\n{self.asked}: stopping after this step, saving the LoRA and a state to resume from "
+              "(Ctrl-C again quits now)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.asked is not None
+
+    def restore(self) -> None:
+        for s, old in self.old.items():
+            self.signal.signal(s, old)
+
+
+def cmd_train(args, extra) -> int:
+    from .hosts.checkpoint import CheckpointError
+    from .train import config
+    from .train.dataset import DatasetError, scan
+    from .train.loop import train
+    from .train.outputs import check_outputs
+    from .train.progress import TensorBoardLog, TqdmProgress, fan_out
+    from .train.state import StateError
+
+    values = _train_values(args, extra)
     try:
-        cfg = config.from_dict(_train_values(args, extra), "options")
+        cfg = config.from_dict(values, "options")
+        for line in config.notes(values):
+            print(line, file=sys.stderr)
+        # what can be found wrong without the model is found before minutes of loading it
         name = cfg.pretrained_model_name_or_path
-        if not name:
-            raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
-                             "diffusers folder)")
-        if name.startswith("tiny-"):
-            from .testing import tiny
-            host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
-        elif os.path.isdir(name):
-            from .hosts.diffusers_host import DiffusersHost
-            host = DiffusersHost(name)
-        else:
-            host = WebuiHost(load_checkpoint(name))
+        if name and not name.startswith("tiny-") and not os.path.exists(name):
+            raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
+        check_outputs(cfg)
+        scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
+        host = _host_for(cfg.pretrained_model_name_or_path)
         from .train import memory
         print(f"estimated memory: {memory.summary(host, cfg)}", file=sys.stderr)
         subscribers = [TqdmProgress()]
         if cfg.logging_dir:
             subscribers.append(TensorBoardLog(cfg.logging_dir))
-        result = train(host, cfg, on_event=fan_out(*subscribers))
-    except (config.ConfigError, CheckpointError, DatasetError, ValueError, OSError) as e:
+        stop = _StopOnSignal()
+        try:
+            result = train(host, cfg, on_event=fan_out(*subscribers), should_stop=stop)
+        finally:
+            stop.restore()
+    except (config.ConfigError, CheckpointError, DatasetError, StateError, ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     print(json.dumps({"lora": result.lora_path, "state": result.state_path, "steps": result.steps,
                       "cancelled": result.cancelled, "final_loss": result.losses[-1] if result.losses else None,
                       "messages": result.messages}, indent=2))
+    if result.cancelled:
+        print(f"stopped at step {result.steps}; to continue, run the same command with --resume "
+              f"{result.state_path}", file=sys.stderr)
+        return 130 if stop.asked == "SIGINT" else 143
     return 0
 
 
@@ -208,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)      # so that `bench apply --help` reaches the benchmark
     b.add_argument("name", choices=["apply", "train", "merge", "memory", "webui"])
     b.set_defaults(func=cmd_bench)
-    t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py")
+    t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py",
+                       allow_abbrev=False)      # --x must not quietly mean --xformers
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
     from .train.config import TrainConfig
     import dataclasses
@@ -220,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument(f"--{f.name}", nargs="*", default=None)
         else:
             t.add_argument(f"--{f.name}", default=None)
+    from .train.config import KOHYA_UNSUPPORTED, NO_EFFECT
+    for name in sorted(set(NO_EFFECT) - {"config_file"} | KOHYA_UNSUPPORTED):
+        t.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
     return p
 
@@ -237,3 +295,10 @@ def main(argv=None) -> int:
     except (UsageError, LoraFileError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # a full disk, a read-only folder, a file that vanished: no file was written
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e} (nothing was written under "
+              "the output's name)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (nothing was written under an output's name that was not whole)", file=sys.stderr)
+        return 130

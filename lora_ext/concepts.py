@@ -128,6 +128,10 @@ def prepare(concepts: list, dest: str, mode: str = "link") -> dict:
     for c in concepts:
         if not os.path.isdir(c.folder):
             raise ConceptError(f"{c.folder}: no such folder")
+        source, target = os.path.realpath(c.folder), os.path.realpath(dest)
+        if os.path.commonpath([source, target]) in (source, target):
+            raise ConceptError(f"{dest} is inside (or holds) the concept folder {c.folder}, an input; prepare "
+                               "into a folder of its own")
     train, reg = os.path.join(dest, "train"), os.path.join(dest, "reg")
     used, files, fallback = set(), 0, 0
     for c in concepts:
@@ -164,10 +168,13 @@ def write_caption(image_path: str, text: str, caption_extension: str = ".txt") -
 
 
 def read_caption(caption_path: str | None) -> str:
+    """A caption as training reads it (UTF-8 or UTF-16), so that what the editor shows and saves is that."""
+    from .train.dataset import decode_caption
+
     if caption_path is None:
         return ""
-    with open(caption_path, encoding="utf-8", errors="replace") as f:
-        return f.read().strip()
+    with open(caption_path, "rb") as f:
+        return decode_caption(f.read())[0].strip()
 
 
 def caption_missing(folder: str, caption_extension: str, caption_fn) -> dict:
@@ -197,9 +204,12 @@ def from_rows(rows: list) -> list:
             continue
         folder, repeats, name, ext, is_reg = (list(row) + [1, "", ".txt", False])[:5]
         try:
-            repeats = int(float(repeats or 1))
-        except ValueError:
-            raise ConceptError(f"{folder}: repeats must be a whole number, not {repeats!r}") from None
+            value = float(repeats if repeats not in (None, "") else 1)
+            if value != int(value) or not 1 <= value <= 10000:
+                raise ValueError
+            repeats = int(value)
+        except (ValueError, OverflowError):
+            raise ConceptError(f"{folder}: repeats must be a whole number from 1 to 10000, not {repeats!r}") from None
         concepts.append(Concept(str(folder).strip(), repeats, str(name or ""), str(ext or ".txt"),
                                 str(is_reg).lower() in ("true", "1", "yes")))
     return concepts

@@ -21,6 +21,20 @@ def describe(path: str, arch: naming.Arch | None = None) -> dict:
     return describe_lora(files.read(path, arch))
 
 
+def warnings(lora: files.LoraFile) -> list:
+    """What about the file does not fit its architecture's layout: modules that would not be applied."""
+    held, fits = lora.file_counts(), lora.counts()
+    out = []
+    for part, label in (("unet", "UNet"), ("te", "text-encoder")):
+        missing = held[part] - fits[part]
+        if missing:
+            none = " none of them:" if not fits[part] else ""
+            out.append(f"{missing} of its {held[part]} {label} modules fit no layer of a standard "
+                       f"{lora.arch.name.upper()} model;{none} they are for a model of another layout (see "
+                       "'unmatched'), and applying the file there leaves them out")
+    return out
+
+
 def describe_lora(lora: files.LoraFile) -> dict:
     return {
         "file": lora.path,
@@ -31,10 +45,12 @@ def describe_lora(lora: files.LoraFile) -> dict:
         "rank": lora.ranks(),
         "alpha": lora.alphas(),
         "by_kind": lora.by_kind(),
-        "modules": lora.counts(),
+        "modules": lora.file_counts(),
+        "modules_fitting_the_layout": lora.counts(),
         "metadata": {k: _parse_metadata_value(v) for k, v in lora.metadata.items()},
         **lora.hashes(),
         "unmatched": lora.unmatched,
+        "warnings": warnings(lora),
     }
 
 
@@ -61,7 +77,7 @@ def _span(values) -> str:
 def block_rows(lora) -> list:
     """[block, modules, rank, alpha] per block, in file order ('4-8' where a block's modules differ)."""
     groups: dict = {}
-    for name, m in lora.modules.items():
+    for name, m in {**lora.modules, **lora.foreign}.items():
         groups.setdefault(block_of(name), []).append(m)
     return [[b, len(ms), _span([m.rank for m in ms]), _span([m.alpha if m.alpha is not None else m.rank for m in ms])]
             for b, ms in groups.items()]

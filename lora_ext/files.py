@@ -37,6 +37,14 @@ class LoraFile:
     targets: dict                   # kohya name -> naming.Target
     metadata: dict = field(default_factory=dict)
     unmatched: list = field(default_factory=list)
+    foreign: dict = field(default_factory=dict)     # kohya name -> StoredModule, for layers `arch` lacks (a
+                                                    # model of another layout): kept by whole-file tools
+
+    def file_counts(self) -> dict:
+        """What the file holds: modules per part, whether or not `arch` has their layers."""
+        every = list(self.modules) + list(self.foreign)
+        unet = sum(1 for n in every if n.startswith("lora_unet_"))
+        return {"unet": unet, "te": len(every) - unet}
 
     @property
     def network(self) -> str:
@@ -84,6 +92,8 @@ def load_container(path: str) -> tuple[object, dict, str]:
         raise FileProblem("no such file")
     if os.path.isdir(path):
         raise FileProblem("is a folder, not a file")
+    if not os.path.isfile(path):        # a FIFO or a device would block the read forever
+        raise FileProblem("is not a regular file")
     ext = os.path.splitext(path)[1].lower()
     if ext in SAFETENSORS_EXT:
         tensors, metadata = load_safetensors(path)
@@ -137,16 +147,18 @@ def _read(path: str, arch: naming.Arch | None) -> LoraFile:
         raise FileProblem(f"it is a LoRA for {detected.upper()}, the model is {arch.name.upper()}")
     arch = arch or naming.STANDARD[detected]
     index = naming.NameIndex(arch)
-    modules, targets, unmatched = {}, {}, list(stray)
+    modules, targets, unmatched, foreign = {}, {}, list(stray), {}
     for name, parts in grouped.items():
         target = index.find(name)
         if target is None:
             unmatched.extend(f"{name}.{p}" for p in parts)
+            if style == "kohya" and name.startswith(("lora_unet_", "lora_te")):
+                try:
+                    foreign[name] = _module(name, parts)
+                except FileProblem:         # not a whole module: it stays a list of unmatched keys
+                    pass
             continue
-        try:
-            module = StoredModule.from_parts(parts)
-        except BadModule as e:
-            raise FileProblem(f"module {name}: {e}") from None
+        module = _module(name, parts)
         if target.kohya in modules:
             raise FileProblem(f"module {name} appears twice (as {target.kohya} in another naming style)")
         modules[target.kohya], targets[target.kohya] = module, target
@@ -155,7 +167,14 @@ def _read(path: str, arch: naming.Arch | None) -> LoraFile:
                           f"(e.g. {next(iter(grouped), '?')})")
     order = {t.kohya: i for i, t in enumerate(index.targets)}
     modules = dict(sorted(modules.items(), key=lambda kv: order[kv[0]]))
-    return LoraFile(path, style, container, arch, modules, targets, metadata, sorted(unmatched))
+    return LoraFile(path, style, container, arch, modules, targets, metadata, sorted(unmatched), foreign)
+
+
+def _module(name: str, parts: dict) -> StoredModule:
+    try:
+        return StoredModule.from_parts(parts)       # which refuses NaN and infinite values too
+    except BadModule as e:
+        raise FileProblem(f"module {name}: {e}") from None
 
 
 # --- writing -----------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def list_files(folder: str, extensions: tuple, exclude: tuple = ()) -> list[str]
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in names:
             low = n.lower()
-            if low.endswith(extensions) and not low.endswith(exclude) and not n.startswith("."):
+            # regular files only: reading a FIFO or a device named *.safetensors would block forever
+            if low.endswith(extensions) and not low.endswith(exclude) and not n.startswith(".") \
+                    and os.path.isfile(os.path.join(root, n)):
                 found.append(os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/"))
     return sorted(found, key=str.lower)
 
@@ -95,6 +97,8 @@ class LoraLibrary:
     def _hash(self, path: str, name: str) -> str | None:
         from .safetensors_io import FileProblem, file_hashes, read_header
 
+        if not os.path.isfile(path):
+            return None
         if path.endswith(SAFETENSORS_EXT):
             try:
                 with open(path, "rb") as f:

@@ -4,18 +4,27 @@ call these; bad input raises ToolError with a message that says what to change."
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from . import files, lowrank
+from .library import LORA_EXT
+from .safetensors_io import refuse_inputs_as_output
+
+LORA_SUFFIXES = tuple(LORA_EXT) + (".ckpt",)
 
 
 class ToolError(ValueError):
     pass
 
 
+MAX_RATIO = 100.0       # far past any useful weight; beyond it fp16 weights overflow
+
+
 def parse_lora_arg(text: str) -> tuple:
     """FILE[:RATIO[:TE_RATIO]] -> (file, unet ratio, te ratio). Read from the right, so that paths with
-    colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one."""
+    colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one. A ratio that is not a finite
+    number in [-100, 100] raises ToolError."""
     parts = text.split(":")
     ratios = []
     while len(parts) > 1 and len(ratios) < 2:
@@ -25,8 +34,21 @@ def parse_lora_arg(text: str) -> tuple:
             break
         parts.pop()
     path = ":".join(parts)
+    head, sep, tail = path.rpartition(":")
+    if sep and head.lower().endswith(LORA_SUFFIXES):
+        raise ToolError(f"{text}: the ratio {tail!r} is not a number (FILE:RATIO[:TE_RATIO], e.g. {head}:0.8)")
+    for r in ratios:
+        if not math.isfinite(r) or abs(r) > MAX_RATIO:
+            raise ToolError(f"{text}: a ratio must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}, not {r}")
     unet = ratios[0] if ratios else 1.0
     return path, unet, ratios[1] if len(ratios) > 1 else unet
+
+
+def check_rank(option: str, rank, allow_none: bool = True) -> None:
+    if rank is None and allow_none:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 4096:
+        raise ToolError(f"{option} must be a whole number from 1 to 4096, not {rank!r}")
 
 
 def energy_summary(kept: dict) -> dict:
@@ -47,10 +69,15 @@ def resize_file(src: str, out: str, rank: int | None = None, energy: float | Non
                 overwrite: bool = False) -> dict:
     if (rank is None) == (energy is None):
         raise ToolError("give a rank or a kept energy (0 < energy <= 1), not both")
+    check_rank("the rank", rank)
+    if energy is not None and not (isinstance(energy, (int, float)) and math.isfinite(energy) and 0 < energy <= 1):
+        raise ToolError(f"the kept energy is a share: more than 0, at most 1 (e.g. 0.9), not {energy}")
+    refuse_inputs_as_output(out, [src])
     lora = files.read(src)
-    if any(m.network != "lora" for m in lora.modules.values()):
+    held = {**lora.modules, **lora.foreign}     # every module the file holds, whatever model it is for
+    if any(m.network != "lora" for m in held.values()):
         raise ToolError(f"{src}: resizing LoHa/LoKr files is not supported (LoRA and LoCon are)")
-    modules, kept = lowrank.resize(lora.modules, rank, energy)
+    modules, kept = lowrank.resize(held, rank, energy)
     top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
     meta = {**lora.metadata, "ss_network_dim": top, "ss_network_alpha": top,
             "lora_ext_resized": json.dumps(energy_summary(kept))}
@@ -63,10 +90,19 @@ def merge_lora_files(items: list, out: str, rank: int | None = None, precision: 
     """`items`: [(path, weight)]; ranks concatenated, or SVD down to `rank`."""
     if not items:
         raise ToolError("give at least one LoRA to merge")
-    loras, arch = [], None
+    check_rank("the rank", rank)
+    refuse_inputs_as_output(out, [p for p, _ in items])
+    loras, arch, shapes = [], None, {}
     for path, weight in items:
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and abs(weight) <= MAX_RATIO):
+            raise ToolError(f"{path}: weight {weight} must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}")
         lora = files.read(path, arch)
         arch = arch or lora.arch
+        for name, module in lora.modules.items():
+            seen = shapes.setdefault(name, (path, module.out_in()))
+            if seen[1] != module.out_in():
+                raise ToolError(f"{path} and {seen[0]} are for different models: layer {name} is "
+                                f"{module.out_in()} in one, {seen[1]} in the other")
         loras.append((lora.modules, weight))
     modules, kept = lowrank.merge_loras(loras, rank)
     top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
@@ -80,6 +116,9 @@ def extract_file(base: str, tuned: str, out: str, rank: int = 32, conv_rank: int
                  precision: str = "fp16", overwrite: bool = False) -> dict:
     from .merge import MergeError, extract
 
+    check_rank("the rank", rank, allow_none=False)
+    check_rank("the conv rank", conv_rank)
+    refuse_inputs_as_output(out, [base, tuned])
     try:
         modules, kept, arch = extract(base, tuned, rank, conv_rank)
     except MergeError as e:

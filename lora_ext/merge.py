@@ -5,6 +5,7 @@ over an existing file unless asked. The base's metadata is kept, with a record o
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from . import files, naming
-from .safetensors_io import (TORCH_DTYPES, FileProblem, atomic_write, file_hashes, load_pickle_safely, read_header,
-                             write_streaming)
+from .lora_tools import MAX_RATIO
+from .safetensors_io import (TORCH_DTYPES, FileProblem, SameFile, atomic_write, file_hashes, load_pickle_safely,
+                             read_header, refuse_inputs_as_output, write_streaming)
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _CODES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -82,8 +84,14 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         raise MergeError(f"{out_path}: the merged checkpoint ends in .safetensors (or .ckpt)")
     if os.path.exists(out_path) and not overwrite:
         raise MergeError(f"{out_path} exists; choose another name or allow overwriting")
-    if os.path.abspath(out_path) == os.path.abspath(base_path):
-        raise MergeError("the output would replace the base checkpoint it is read from")
+    try:
+        refuse_inputs_as_output(out_path, [base_path] + [item.path for item in items])
+    except SameFile as e:
+        raise MergeError(str(e)) from None
+    for item in items:
+        for ratio in (item.unet, item.te):
+            if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and abs(ratio) <= MAX_RATIO):
+                raise MergeError(f"{item.path}: ratio {ratio} must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}")
     # a base of other shapes than the standard ones has its config beside it (the webui's convention):
     # the merged checkpoint gets a copy, or the webui would load it with the wrong config
     base_yaml, out_yaml = (os.path.splitext(p)[0] + ".yaml" for p in (base_path, out_path))
@@ -107,6 +115,11 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
                 view = acc[rows] if rows is not None else acc
                 view.add_(module.delta(view.shape), alpha=ratio)
             t = acc
+            if target_dtype is not None and t.is_floating_point():
+                t = t.to(target_dtype)
+            if not bool(torch.isfinite(t).all()):
+                raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
+                                 f"{precision or 'the base precision'}, or a damaged LoRA); nothing was written")
         if target_dtype is not None and t.is_floating_point():
             t = t.to(target_dtype)
         return t.contiguous()

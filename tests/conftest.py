@@ -40,5 +40,8 @@ def serve_app(folder):
 
     block, ctx = make_app(str(folder))
     port = free_port()
-    block.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    from lora_ext.ui.app import QUEUE_WORKERS
+
+    block.queue(concurrency_count=QUEUE_WORKERS).launch(server_name="127.0.0.1", server_port=port,
+                                                       prevent_thread_lock=True, share=False)
     return block, ctx, port

@@ -77,6 +77,7 @@ def _drive(page, port, ctx, data, tmp_path, expect):
     _fill(page, "resolution", "64")
     _fill(page, "network_dim", "4")
     _fill(page, "train_batch_size", "2")
+    _fill(page, "max_train_epochs", "0")        # the steps count only without epochs (as in kohya)
     _fill(page, "max_train_steps", "6")
     _fill(page, "sample_every_n_epochs", "1")
     _fill(page, "sample_prompts", "red circle")

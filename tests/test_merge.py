@@ -73,7 +73,7 @@ def test_precision_metadata_and_safety(tmp_path):
     assert open(out, "rb").read() == before
     merge_checkpoint(base, [Item(a, 0.1)], out, overwrite=True)
     assert open(out, "rb").read() != before
-    with pytest.raises(MergeError, match="replace the base"):
+    with pytest.raises(MergeError, match="is one of the inputs"):
         merge_checkpoint(base, [Item(a)], base, overwrite=True)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 

@@ -248,7 +248,7 @@ def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
                          shared.state.textinfo, _bit_exact(webui), progress.current_task))
             if e.step == 3:
                 shared.state.interrupt()
-    cfg = TrainConfig(train_data_dir=data["train"], output_dir=str(tmp_path / "out"), output_name="job",
+    cfg = TrainConfig(train_data_dir=data["train"], caption_extension=".txt", output_dir=str(tmp_path / "out"), output_name="job",
                       resolution="64", train_batch_size=2, max_train_steps=10, network_dim=4, mixed_precision="no")
     result = module.train_in_webui(cfg, on_event, task_id="task(lora1)")
     assert result.cancelled and result.steps == 3 and os.path.exists(result.lora_path)

@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    base = dict(train_data_dir=data["train"], output_dir=str(out), output_name="t", resolution="64",
+    base = dict(train_data_dir=data["train"], caption_extension=".txt", output_dir=str(out), output_name="t", resolution="64",
                 train_batch_size=2, max_train_steps=6, network_dim=4, network_alpha=2, learning_rate=1e-3,
                 lr_scheduler="constant", mixed_precision="no", save_precision="fp32", seed=7)
     base.update(kw)
@@ -287,7 +287,7 @@ def test_cli_names_what_it_does_not_support(tmp_path):
     assert out.returncode == 2 and "max_token_length must be 75, 150 or 225" in out.stderr
     (tmp_path / "ok.toml").write_text("train_data_dir = 'nowhere'\npretrained_model_name_or_path = 'missing.ckpt'\n")
     out = _cli("train", "--config", "ok.toml", cwd=tmp_path)
-    assert out.returncode == 2 and "missing.ckpt: no such checkpoint file" in out.stderr
+    assert out.returncode == 2 and "missing.ckpt: no such checkpoint file" in out.stderr, out.stderr
 
 
 def _ddp_worker(rank, world, port, cfg_kwargs):
@@ -310,7 +310,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data, tmp_path):
 
     from conftest import free_port
 
-    kwargs = dict(train_data_dir=data["train"], resolution="64", max_train_steps=4, network_dim=4, network_alpha=2,
+    kwargs = dict(train_data_dir=data["train"], caption_extension=".txt", resolution="64", max_train_steps=4, network_dim=4, network_alpha=2,
                   learning_rate=1e-3, lr_scheduler="constant", mixed_precision="no", save_precision="fp32", seed=3,
                   output_name="t")
     one = train(WebuiHost(tiny_model("sd1")), TrainConfig(**kwargs, output_dir=str(tmp_path / "one"), train_batch_size=2))

@@ -12,7 +12,7 @@ from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.library import LoraLibrary
 from lora_ext.testing import sample_data, tiny
-from lora_ext.train.config import TrainConfig, load_toml
+from lora_ext.train.config import GUIDE_DEFAULTS, TrainConfig, load_toml
 from lora_ext.train.loop import train
 from lora_ext.ui import merge_tab, train_fields, train_tab
 from lora_ext.ui.training_session import TrainingSession
@@ -24,9 +24,10 @@ def data(tmp_path_factory):
 
 
 def _values(data, out, **changes):
-    cfg = TrainConfig(train_data_dir=data["train"], output_dir=str(out), output_name="ui", resolution="64",
-                      train_batch_size=2, max_train_steps=4, network_dim=4, mixed_precision="no",
-                      sample_every_n_epochs=1, sample_prompts=["red circle"])
+    form = dict(GUIDE_DEFAULTS, train_data_dir=data["train"], output_dir=str(out), output_name="ui", resolution="64",
+                train_batch_size=2, max_train_epochs=0, max_train_steps=4, network_dim=4, mixed_precision="no",
+                sample_every_n_epochs=1, sample_prompts=["red circle"])
+    cfg = TrainConfig(**form)
     for k, v in changes.items():
         setattr(cfg, k, v)
     return train_fields.options_to_values(cfg)

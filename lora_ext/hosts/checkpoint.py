@@ -29,12 +29,21 @@ STANDARD_VAE = ldm_layout.FULL_VAE_DDCONFIG
 
 
 def read_state_dict(path: str) -> dict:
+    from ..safetensors_io import FileProblem, load_pickle_safely, read_header
+
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
+                              f"{path}: not a regular file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
-    from ..safetensors_io import FileProblem, load_pickle_safely
+        try:
+            with open(path, "rb") as f:
+                read_header(f, os.path.getsize(path))       # a named problem before the library's own
+            return load_file(path)
+        except FileProblem as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: safetensors could not read it ({e})") from None
     try:
         sd = load_pickle_safely(path)
     except FileProblem as e:
@@ -63,11 +72,20 @@ def _text_encoder(sd: dict, prefix: str, heads_hint):
         width = sd[p + "embeddings.token_embedding.weight"].shape[1]
         layers = _count(sd, re.escape(p) + r"encoder\.layers\.(\d+)\.")
         mlp = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0] // width
-        return ldm_layout.HFTextEncoderHolder(width, layers, heads_hint or width // 64, mlp)
+        return ldm_layout.HFTextEncoderHolder(width, layers, _heads(heads_hint, width), mlp)
     p = prefix + "model."
     width = sd[p + "token_embedding.weight"].shape[1]
     layers = _count(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
-    return ldm_layout.OpenClipHolder(width, layers, heads_hint or width // 64)
+    return ldm_layout.OpenClipHolder(width, layers, _heads(heads_hint, width))
+
+
+def _heads(hint, width: int) -> int:
+    # CLIP's encoders have 64-wide heads; one narrower than 64 (a tiny test model) gets one head
+    heads = hint or max(1, width // 64)
+    if width % heads:
+        raise CheckpointError(f"the text encoder is {width} wide, which {heads} attention heads do not divide; "
+                              "its .yaml (or the config.json it names) gives the right count")
+    return heads
 
 
 def _text_encoder_heads(cond_config: dict) -> list:
@@ -108,13 +126,19 @@ def load_checkpoint(path: str):
     heads = _text_encoder_heads(params.get("cond_stage_config") or {})
     parameterization = params.get("parameterization") or ("v" if arch == "sd2" else "eps")
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
-    encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]
+    try:
+        encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: its text encoder lacks {e.args[0]}; the file is incomplete") from None
     with contextlib.redirect_stdout(io.StringIO()):     # ldm prints a line per layer it builds
         unet = ldm_layout.unet_from_config(unet_cfg)
         vae = ldm_layout.LdmVAE(vae_cfg)
     model = ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
     by_ckpt_key = checkpoint_keys(model)
-    missing = [k for k in by_ckpt_key if k not in sd and k != "alphas_cumprod"]
+    # buffers are constants the model builds itself (position_ids, which current transformers no longer
+    # saves, alphas_cumprod): a checkpoint with or without them is the same model
+    buffers = {k for k, _ in model.named_buffers()}
+    missing = [k for k, model_key in by_ckpt_key.items() if k not in sd and model_key not in buffers]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} weights of a {arch.upper()} model are missing "
                               f"(e.g. {missing[0]}); is a .yaml with its shapes needed beside it?")

@@ -57,7 +57,7 @@ class StoredModule:
             if t.numel() == 0:
                 raise BadModule(f"{name} is empty (shape {list(t.shape)})")
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise BadModule(f"{name} holds NaN or Inf values")
+                raise BadModule(f"{name} holds NaN or Inf values (saved from a diverged training, or damaged)")
         p = self.parts
         if self.network == "lora":
             self._need("lora_down.weight", "lora_up.weight")

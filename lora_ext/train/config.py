@@ -1,9 +1,13 @@
-"""Training options, with the names and meanings of kohya's train_network.py, so the command lines and TOML
-configs users already have run unchanged. An option kohya has but we do not is named in a clear error,
-never silently ignored; so is a name nobody has."""
+"""Training options, with the names, meanings and defaults of kohya's train_network.py, so the command lines
+and TOML configs users already have run unchanged and mean the same. An option kohya has that would change
+the result here is named in a clear error, never silently ignored; one that means nothing here (worker
+counts, caches, VRAM modes) is accepted with a one-line note; a name nobody has is an error. The guide's
+starting values (GUIDE_DEFAULTS) belong to the training tab."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 
 
@@ -19,8 +23,9 @@ class TrainConfig:
     v_parameterization: bool = False
     output_dir: str = "output"
     output_name: str = "last"
+    overwrite: bool = False         # lora_ext's own: replace an existing <output_name>.safetensors
     save_model_as: str = "safetensors"
-    save_precision: str = "fp16"
+    save_precision: str = "fp32"       # kohya: none given = as trained (fp32)
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
     save_state: bool = False
@@ -32,7 +37,7 @@ class TrainConfig:
     # dataset
     train_data_dir: str = ""
     reg_data_dir: str = ""
-    caption_extension: str = ".txt"
+    caption_extension: str = ".caption"
     resolution: str = "512"
     enable_bucket: bool = False
     min_bucket_reso: int = 256
@@ -48,13 +53,13 @@ class TrainConfig:
     cache_latents_to_disk: bool = False
     # schedule
     train_batch_size: int = 1
-    max_train_steps: int = 0
-    max_train_epochs: int = 10
+    max_train_steps: int = 1600
+    max_train_epochs: int = 0           # kohya: when given, it wins over max_train_steps
     gradient_accumulation_steps: int = 1
     seed: int = 42
     # network
     network_module: str = "networks.lora"
-    network_dim: int = 128
+    network_dim: int = 4
     network_alpha: float = 1.0
     network_dropout: float = 0.0
     network_args: list = field(default_factory=list)      # "conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", ...
@@ -63,10 +68,10 @@ class TrainConfig:
     # optimizer
     optimizer_type: str = "AdamW"
     optimizer_args: list = field(default_factory=list)
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-6
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
-    lr_scheduler: str = "cosine_with_restarts"
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
@@ -75,7 +80,7 @@ class TrainConfig:
     clip_skip: int = 1
     max_token_length: int = 75
     # precision & memory
-    mixed_precision: str = "fp16"
+    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     xformers: bool = False
     sdpa: bool = False
@@ -92,8 +97,10 @@ class TrainConfig:
     # --- derived ----------------------------------------------------------------------------------------
     @property
     def size(self) -> tuple[int, int]:
-        parts = [int(x) for x in str(self.resolution).replace("x", ",").split(",") if x.strip()]
-        return (parts[0], parts[-1])
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+)\s*)?", str(self.resolution))
+        if m is None:
+            raise ValueError(f"resolution {self.resolution!r}")
+        return (int(m[1]), int(m[2] or m[1]))
 
     @property
     def net_args(self) -> dict:
@@ -116,11 +123,18 @@ class TrainConfig:
         return unet, te
 
     def validate(self) -> None:
-        problems = []
+        """Raises ConfigError naming every option that is out of range or contradicts another."""
+        problems = _range_problems(self)
+        try:
+            w, h = self.size
+            if w < 64 or h < 64 or w % 8 or h % 8:
+                problems.append(f"resolution {self.resolution!r}: each side is a multiple of 8, at least 64")
+        except (ValueError, IndexError):
+            problems.append(f"resolution {self.resolution!r} is not a number or 'width,height'")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            problems.append("min_bucket_reso is larger than max_bucket_reso")
         if self.max_token_length not in (75, 150, 225):
             problems.append(f"max_token_length must be 75, 150 or 225, not {self.max_token_length}")
-        if self.clip_skip < 1:
-            problems.append("clip_skip counts from 1 (1 = the last layer)")
         for name in ("mixed_precision", "save_precision"):
             if getattr(self, name) not in ("fp16", "bf16", "fp32", "no", "float", "float16", "bfloat16"):
                 problems.append(f"{name} must be fp16, bf16 or fp32")
@@ -128,43 +142,139 @@ class TrainConfig:
             problems.append(f"network_module {self.network_module!r}: lora_ext trains networks.lora (LoRA/LoCon)")
         if self.save_model_as != "safetensors":
             problems.append("save_model_as: lora_ext saves safetensors")
-        unknown = set(self.net_args) - {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "dropout"}
-        if unknown:
-            problems.append(f"network_args not supported: {', '.join(sorted(unknown))}")
-        if self.network_dim < 1:
-            problems.append("network_dim must be at least 1")
+        try:
+            problems += _net_arg_problems(self.net_args)
+        except ConfigError as e:
+            problems.append(str(e))
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
         if problems:
             raise ConfigError("; ".join(problems))
 
 
-# kohya options we know and do not support: named in the error instead of "unknown option"
+# (smallest, largest) allowed; None = no bound. Every number must also be finite.
+RANGES = {
+    "network_dim": (1, 4096), "network_alpha": (0, None), "network_dropout": (0, 0.99),
+    "learning_rate": (0, 1), "unet_lr": (0, 1), "text_encoder_lr": (0, 1),
+    "train_batch_size": (1, 4096), "max_train_steps": (1, None), "max_train_epochs": (0, None),
+    "gradient_accumulation_steps": (1, 4096), "lr_warmup_steps": (0, None), "lr_scheduler_num_cycles": (1, None),
+    "lr_scheduler_power": (0.01, 100), "max_grad_norm": (0, None), "seed": (0, 2 ** 63 - 1),
+    "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "sample_every_n_steps": (0, None),
+    "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
+    "caption_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
+    "min_snr_gamma": (0, None), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
+    "bucket_reso_steps": (8, None),
+}
+NET_ARG_RANGES = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "rank_dropout": (0, 0.99, float),
+                  "module_dropout": (0, 0.99, float), "dropout": (0, 0.99, float)}
+
+
+def _out_of_range(name: str, v, lo, hi) -> str | None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return f"{name} = {v!r} is not a finite number"
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        return f"{name} = {v:g} is out of range ({bounds})"
+    return None
+
+
+def _range_problems(cfg) -> list:
+    problems = []
+    for name, (lo, hi) in RANGES.items():
+        v = getattr(cfg, name)
+        if v is None and name in ("unet_lr", "text_encoder_lr"):
+            continue
+        if name == "max_train_steps" and cfg.max_train_epochs:
+            continue            # the epochs decide (as in kohya); the steps are not used
+        problem = _out_of_range(name, v, lo, hi)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _net_arg_problems(args: dict) -> list:
+    unknown = set(args) - set(NET_ARG_RANGES)
+    problems = [f"network_args not supported: {', '.join(sorted(unknown))}"] if unknown else []
+    for name, (lo, hi, kind) in NET_ARG_RANGES.items():
+        if name in args:
+            try:
+                value = _number(args[name], kind)
+            except ValueError:
+                problems.append(f"network_args {name}={args[name]!r} is not {'a whole' if kind is int else 'a'} number")
+                continue
+            problem = _out_of_range(f"network_args {name}", value, lo, hi)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _number(v, kind):
+    """`v` (a string, or a number) as `kind`; ValueError unless it is one (an int must be whole)."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    x = float(v)
+    if kind is int:
+        if not math.isfinite(x) or x != int(x):
+            raise ValueError(v)
+        return int(x)
+    return x
+
+
+# kohya options we know and do not support (they would change the result): named in the error instead of
+# "unknown option"
 KOHYA_UNSUPPORTED = {
     "deepspeed", "fp8_base", "full_fp16", "full_bf16", "color_aug", "face_crop_aug_range", "token_warmup_min",
     "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale", "zero_terminal_snr",
     "scale_weight_norms", "ip_noise_gamma", "debiased_estimation_loss", "masked_loss", "loss_type",
-    "huber_schedule", "huber_c", "dataset_config", "in_json", "mem_eff_attn", "lowram", "highvram",
-    "vae", "tokenizer_cache_dir", "no_half_vae", "persistent_data_loader_workers", "max_data_loader_n_workers",
-    "log_with", "log_prefix", "wandb_api_key", "huggingface_repo_id", "save_last_n_epochs", "save_n_epoch_ratio",
-    "dim_from_weights", "base_weights", "network_train_unet_only_with_te_lr", "lr_scheduler_type",
-    "lr_scheduler_args", "caption_prefix", "caption_suffix", "caption_tag_dropout_rate",
-    "caption_dropout_every_n_epochs", "weighted_captions", "sample_sampler", "output_config",
+    "huber_schedule", "huber_c", "dataset_config", "in_json", "vae", "log_with", "wandb_api_key",
+    "huggingface_repo_id", "save_last_n_epochs", "save_n_epoch_ratio", "dim_from_weights", "base_weights",
+    "network_train_unet_only_with_te_lr", "lr_scheduler_type", "lr_scheduler_args", "caption_prefix",
+    "caption_suffix", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "weighted_captions",
+    "sample_sampler", "output_config",
 }
-IGNORED_HARMLESS = {"config_file", "console_log_level", "console_log_file", "console_log_simple"}
+# kohya options that mean nothing here: accepted, with one line saying why
+NO_EFFECT = {
+    "no_half_vae": "the VAE is never run in half precision here",
+    "max_data_loader_n_workers": "images are loaded in the training process; there are no loader workers",
+    "persistent_data_loader_workers": "there are no loader workers",
+    "tokenizer_cache_dir": "the tokenizer comes with the model (the checkpoint's config), nothing is downloaded",
+    "lowram": "the checkpoint is read tensor by tensor already",
+    "highvram": "the VAE leaves the device when all latents are cached, whatever this says",
+    "mem_eff_attn": "torch's scaled_dot_product_attention is used (memory-efficient already)",
+    "log_prefix": "TensorBoard logs go to logging_dir as they are",
+    "config_file": "", "console_log_level": "", "console_log_file": "", "console_log_simple": "",
+}
+# where this CLI's default differs from kohya's, and why: printed before training
+DIFFERENT_DEFAULTS = {"seed": "42, so that a run repeats (kohya: a random seed)"}
+# the guide's starting values, for the training tab (the CLI keeps kohya's)
+GUIDE_DEFAULTS = dict(caption_extension=".txt", network_dim=128, network_alpha=1.0, learning_rate=1e-4,
+                      lr_scheduler="cosine_with_restarts", mixed_precision="fp16", save_precision="fp16",
+                      max_train_epochs=10, max_train_steps=0)
 
 
-def from_dict(values: dict, source: str = "options") -> TrainConfig:
-    """A TrainConfig from a flat dict (kohya's TOML may nest options in tables: those are flattened)."""
+def notes(values: dict) -> list:
+    """One line per option given that means nothing here, and per default of ours that is not kohya's."""
+    out = [f"note: --{k} has no effect here: {NO_EFFECT[k]}" for k in _flat(values) if NO_EFFECT.get(k)]
+    out += [f"note: {k} defaults to {why}" for k, why in DIFFERENT_DEFAULTS.items() if k not in _flat(values)]
+    return out
+
+
+def _flat(values: dict) -> dict:
     flat = {}
     for k, v in values.items():
         if isinstance(v, dict):
             flat.update(v)
         else:
             flat[k] = v
+    return flat
+
+
+def from_dict(values: dict, source: str = "options") -> TrainConfig:
+    """A TrainConfig from a flat dict (kohya's TOML may nest options in tables: those are flattened)."""
+    flat = _flat(values)
     names = {f.name: f for f in fields(TrainConfig)}
     bad_kohya = sorted(k for k in flat if k in KOHYA_UNSUPPORTED)
-    unknown = sorted(k for k in flat if k not in names and k not in KOHYA_UNSUPPORTED and k not in IGNORED_HARMLESS)
+    unknown = sorted(k for k in flat if k not in names and k not in KOHYA_UNSUPPORTED and k not in NO_EFFECT)
     if bad_kohya or unknown:
         msg = []
         if bad_kohya:
@@ -174,7 +284,7 @@ def from_dict(values: dict, source: str = "options") -> TrainConfig:
         raise ConfigError(f"{source}: " + "; ".join(msg))
     cfg = TrainConfig()
     for k, v in flat.items():
-        if k in IGNORED_HARMLESS:
+        if k in NO_EFFECT:
             continue
         if k in ("network_args", "optimizer_args", "sample_prompts") and isinstance(v, str):
             v = v.split() if k != "sample_prompts" else [p for p in v.split("\n") if p.strip()]
@@ -188,14 +298,23 @@ def from_dict(values: dict, source: str = "options") -> TrainConfig:
 def _coerce(f: dataclasses.Field, v, source):
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else None
     if f.name in ("unet_lr", "text_encoder_lr"):
-        return None if v in (None, "") else float(v)
-    try:
-        if kind is bool and isinstance(v, str):
-            return v.lower() in ("1", "true", "yes", "on")
-        if kind in (int, float) and not isinstance(v, bool):
-            return kind(float(v)) if kind is int else float(v)
-    except ValueError:
-        raise ConfigError(f"{source}: {f.name} = {v!r} is not a number") from None
+        kind = float
+        if v in (None, ""):
+            return None
+    if kind is bool:
+        if isinstance(v, bool):
+            return v
+        if str(v).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(v).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{source}: {f.name} = {v!r} is not true or false")
+    if kind in (int, float):
+        try:
+            return _number(v, kind)
+        except (ValueError, TypeError, OverflowError):
+            whole = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{source}: {f.name} = {v!r} is not {whole}") from None
+    if kind is str and not isinstance(v, str):
+        raise ConfigError(f"{source}: {f.name} = {v!r} is not text")
     return v
 
 

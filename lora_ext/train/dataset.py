@@ -7,6 +7,7 @@ while scanning, so a file that cannot be read is reported by name before trainin
 """
 from __future__ import annotations
 
+import codecs
 import os
 import random
 import re
@@ -76,9 +77,25 @@ def load_image(path: str):
     return im, note
 
 
-def _read_caption(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read().strip().replace("\n", ", ")
+def _read_caption(path: str) -> tuple[str, str | None]:
+    with open(path, "rb") as f:
+        text, note = decode_caption(f.read())
+    return text.strip().replace("\n", ", "), note
+
+
+def decode_caption(raw: bytes) -> tuple[str, str | None]:
+    """(text, note or None). UTF-8 (with or without BOM) or UTF-16 (Windows Notepad's "Unicode", with its
+    BOM); other bytes are read as Windows-1252 and said so, never trained as mojibake unnoticed."""
+    note = None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+            note = "caption is not UTF-8 or UTF-16; read as Windows-1252: save it as UTF-8 if it looks wrong"
+    return text.replace("\x00", "").replace("\r\n", "\n"), note
 
 
 def scan(train_dir: str, reg_dir: str | None = None, caption_extension: str = ".txt") -> Scan:
@@ -107,7 +124,8 @@ def scan(train_dir: str, reg_dir: str | None = None, caption_extension: str = ".
                 continue
             _scan_concept(result, folder, concept, repeats, is_reg, caption_extension)
     if not result.train_items:
-        where = f" ({len(result.skipped)} files or folders skipped, see the report)" if result.skipped else ""
+        where = "".join(f"; skipped {p}: {r}" for p, r in result.skipped[:5])
+        where += f" (and {len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
         raise DatasetError(f"no trainable images in {train_dir}: it needs concept folders named like "
                            f"'10_mychar' holding images{where}")
     missing = sum(1 for i in result.items if not i.captioned)
@@ -132,7 +150,9 @@ def _scan_concept(result: Scan, folder, concept, repeats, is_reg, caption_extens
             result.warnings.append(f"{path}: {note}")
         caption_path = os.path.join(folder, stem + caption_extension)
         captioned = os.path.isfile(caption_path)
-        caption = _read_caption(caption_path) if captioned else concept
+        caption, caption_note = _read_caption(caption_path) if captioned else (concept, None)
+        if caption_note:
+            result.warnings.append(f"{caption_path}: {caption_note}")
         result.items.append(Item(path, caption, captioned, image.size, concept, repeats, is_reg))
         n_images += 1
         n_captions += captioned

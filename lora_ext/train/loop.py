@@ -21,6 +21,7 @@ from ..hosts.ldm_attention import sdpa_patches
 from .config import TrainConfig
 from .distributed import Dist
 from .network import network_for
+from .outputs import check_outputs
 from .schedules import lr_factor
 from .session import HostSession
 
@@ -68,7 +69,7 @@ def schedule(scan, buckets, cfg: TrainConfig, world: int = 1):
         return batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),
                                   cfg.train_batch_size * world, cfg.seed, epoch)
     per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
-    total = cfg.max_train_steps or per_epoch * cfg.max_train_epochs
+    total = per_epoch * cfg.max_train_epochs if cfg.max_train_epochs else cfg.max_train_steps     # kohya: epochs win
     return plan, per_epoch, total, math.ceil(total / per_epoch)
 
 
@@ -77,7 +78,12 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None) -> Result:
     stop = should_stop or (lambda: False)
     messages: list = []
     cfg.validate()
+    check_outputs(cfg)
     scan, buckets, report = prepare_data(host, cfg)
+    for s in report["skipped"]:
+        emit(Event("message", text=f"skipped {s['file']}: {s['reason']}"))
+    for w in report["warnings"]:
+        emit(Event("message", text=f"warning: {w}"))
     aug = batches.Augment(cfg.flip_aug, cfg.random_crop, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate)
     dist = Dist.from_env()
     plan, per_epoch, total, epochs = schedule(scan, buckets, cfg, dist.world)
@@ -114,7 +120,7 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_te = te_lr > 0 and bool(network.te_parameters())
-    step, epoch0, batch0, losses = 0, 0, 0, []
+    step, epoch0, batch0, losses, micro_losses = 0, 0, 0, [], []
     if cfg.network_weights:
         network.load_stored(files.read(cfg.network_weights, host.arch).modules)
     if cfg.resume:
@@ -132,69 +138,101 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     started, done_at_start = time.perf_counter(), step
     cancelled = False
     micro = 0
-    epoch = epoch0
-    for epoch in range(epoch0, epochs):
-        batches_of_epoch = plan(epoch)
-        for b, batch in enumerate(batches_of_epoch):
-            if epoch == epoch0 and b < batch0:
-                continue
-            if step >= total:
+    epoch, at = epoch0, (epoch0, batch0)      # at: where a resume continues (epoch, batch), after the last step
+    try:
+        for epoch in range(epoch0, epochs):
+            batches_of_epoch = plan(epoch)
+            for b, batch in enumerate(batches_of_epoch):
+                if epoch == epoch0 and b < batch0:
+                    continue
+                if step >= total:
+                    break
+                if dist.any(stop()):
+                    cancelled = True
+                    break
+                local = dist.local(batch, cfg.train_batch_size)
+                loss_sum = _loss_sum(host, cfg, local, aug, cache, ac, amp, train_te) if local else None
+                if loss_sum is not None:
+                    scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
+                micro_losses.append(dist.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / len(batch))
+                if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
+                    host.vae.to("cpu")      # not needed again this run; HostSession puts it back
+                micro += 1
+                if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
+                    continue
+                factor = _optimizer_step(cfg, optimizer, scaler, base_lrs, step, total, dist)
+                step, micro, at = step + 1, 0, (epoch, b + 1)
+                losses.append(sum(micro_losses) / len(micro_losses))
+                micro_losses.clear()
+                elapsed = time.perf_counter() - started
+                rate = (step - done_at_start) / elapsed if elapsed > 0 else None
+                emit(Event("step", step, total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
+                           base_lrs[0] * factor, rate, (total - step) / rate if rate else None))
+                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and dist.main:
+                    _samples(host, cfg, network, step, epoch, emit)
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total and dist.main:
+                    _snapshot(host, cfg, network, optimizer, report, step, epoch, at, losses,
+                              _numbered(out_path, f"step{step:06d}"), emit)
+            if cancelled:
                 break
-            if dist.any(stop()):
-                cancelled = True
-                break
-            local = dist.local(batch, cfg.train_batch_size)
-            loss_sum = _loss_sum(host, cfg, local, aug, cache, ac, amp, train_te) if local else None
-            if loss_sum is not None:
-                scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
-            loss = dist.sum(float(loss_sum) if loss_sum is not None else 0.0) / len(batch)
-            if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
-                host.vae.to("cpu")      # not needed again this run; HostSession puts it back
-            micro += 1
-            if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
-                continue
-            factor = lr_factor(cfg.lr_scheduler, step, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
-                               cfg.lr_scheduler_power)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * factor
-            trained = [p for g in optimizer.param_groups for p in g["params"]]
-            dist.sum_grads(trained)
-            scaler.unscale_(optimizer)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss)
-            elapsed = time.perf_counter() - started
-            rate = (step - done_at_start) / elapsed if elapsed > 0 else None
-            emit(Event("step", step, total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
-                       base_lrs[0] * factor, rate, (total - step) / rate if rate else None))
-            batch0 = b + 1
-            if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and dist.main:
+            at = (epoch + 1, 0)
+            last = step >= total
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last and dist.main:
+                _snapshot(host, cfg, network, optimizer, report, step, epoch, at, losses,
+                          _numbered(out_path, f"{epoch + 1:06d}"), emit)
+            if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and dist.main:
                 _samples(host, cfg, network, step, epoch, emit)
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total and dist.main:
-                _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"step{step:06d}"), emit)
-        if cancelled:
-            break
-        batch0 = 0
-        last = step >= total
-        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last and dist.main:
-            _save(host, cfg, network, report, step, epoch, _numbered(out_path, f"{epoch + 1:06d}"), emit)
-        if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and dist.main:
-            _samples(host, cfg, network, step, epoch, emit)
-        if last:
-            break
+            if last:
+                break
+    except Exception:
+        # a crash (out of memory, a bad image, a full disk) keeps the steps done: the LoRA and a state at
+        # the last whole step, from which --resume redoes the lost micro-batches
+        if step > done_at_start and dist.main:
+            _rescue(host, cfg, network, optimizer, report, step, epoch, at, losses, out_path, emit)
+        raise
 
     host.vae.to(vae_device)
     lora_path = _save(host, cfg, network, report, step, epoch, out_path, emit) if dist.main else None
     state_path = None
     if (cancelled or cfg.save_state) and dist.main:
-        next_epoch, next_batch = (epoch, batch0) if cancelled else (epochs, 0)
-        state_path = _save_state(cfg, network, optimizer, step, next_epoch, next_batch, losses)
+        state_path = _save_state(cfg, network, optimizer, step, *(at if cancelled else (epochs, 0)), losses)
     emit(Event("cancelled" if cancelled else "done", step, total, epoch + 1, paths=[lora_path] + ([state_path] if state_path else [])))
     return Result(lora_path, state_path, step, cancelled, losses, report, messages)
+
+
+def _optimizer_step(cfg, optimizer, scaler, base_lrs, step, total, dist) -> float:
+    """One update from the summed gradients, at the scheduled learning rate (returned as its factor)."""
+    factor = lr_factor(cfg.lr_scheduler, step, total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
+                       cfg.lr_scheduler_power)
+    for g, base in zip(optimizer.param_groups, base_lrs):
+        g["lr"] = base * factor
+    trained = [p for g in optimizer.param_groups for p in g["params"]]
+    dist.sum_grads(trained)
+    scaler.unscale_(optimizer)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return factor
+
+
+def _snapshot(host, cfg, network, optimizer, report, step, epoch, resume_at, losses, path, emit) -> None:
+    """A numbered LoRA, and with save_state the state to resume from it (so a kill -9 loses at most the
+    steps since)."""
+    _save(host, cfg, network, report, step, epoch, path, emit)
+    if cfg.save_state:
+        _save_state(cfg, network, optimizer, step, *resume_at, losses)
+
+
+def _rescue(host, cfg, network, optimizer, report, step, epoch, at, losses, out_path, emit) -> None:
+    try:
+        _save(host, cfg, network, report, step, epoch, out_path, emit)
+        folder = _save_state(cfg, network, optimizer, step, *at, losses)
+        emit(Event("message", step, text=f"stopped by an error after step {step}: saved {out_path} and the state "
+                                         f"{folder}; fix the cause and resume from it"))
+    except Exception:       # the disk may be what failed: the original error is the one to report
+        pass
 
 
 def _sample_rng(sample, salt: int) -> torch.Generator:
@@ -294,7 +332,7 @@ def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dic
         ss_output_name=cfg.output_name, ss_learning_rate=cfg.learning_rate, ss_unet_lr=cfg.lrs()[0],
         ss_text_encoder_lr=cfg.lrs()[1], ss_num_train_images=report["train_images"],
         ss_num_reg_images=report["reg_images"], ss_num_epochs=epoch + 1, ss_steps=step,
-        ss_max_train_steps=cfg.max_train_steps or None, ss_lr_warmup_steps=cfg.lr_warmup_steps,
+        ss_max_train_steps=None if cfg.max_train_epochs else cfg.max_train_steps, ss_lr_warmup_steps=cfg.lr_warmup_steps,
         ss_lr_scheduler=cfg.lr_scheduler, ss_optimizer=cfg.optimizer_type, ss_mixed_precision=cfg.mixed_precision,
         ss_gradient_checkpointing=cfg.gradient_checkpointing, ss_gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         ss_clip_skip=cfg.clip_skip, ss_max_token_length=cfg.max_token_length, ss_cache_latents=cfg.cache_latents,

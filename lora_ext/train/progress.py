@@ -2,6 +2,8 @@
 tensorboard package is installed. The loop knows none of them."""
 from __future__ import annotations
 
+import sys
+
 
 class TqdmProgress:
     def __init__(self):
@@ -11,14 +13,14 @@ class TqdmProgress:
         from tqdm import tqdm
 
         if event.kind == "message":
-            tqdm.write(event.text)
+            tqdm.write(event.text, file=sys.stderr)       # stdout is the CLI's JSON answer
         elif event.kind == "step":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.step - 1, desc="training", unit="step")
             self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch, refresh=False)
             self.bar.update(1)
         elif event.kind in ("save", "sample"):
-            tqdm.write(f"{event.kind}: {', '.join(event.paths)}")
+            tqdm.write(f"{event.kind}: {', '.join(event.paths)}", file=sys.stderr)
         elif event.kind in ("done", "cancelled") and self.bar is not None:
             self.bar.close()
 

@@ -74,7 +74,12 @@ def make_app(folder: str, arch: str = "sd1"):
     return build_tab(ctx, css), ctx
 
 
+# as the webui's queue (webui.py: queue(64)): a merge or an inspect running never holds up the progress
+# poll or a Cancel behind it, which gradio's default of one worker would
+QUEUE_WORKERS = 64
+
+
 def serve(folder: str, port: int, arch: str = "sd1") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     block, _ = make_app(folder, arch)
-    block.queue().launch(server_name="127.0.0.1", server_port=port, share=False)
+    block.queue(concurrency_count=QUEUE_WORKERS).launch(server_name="127.0.0.1", server_port=port, share=False)

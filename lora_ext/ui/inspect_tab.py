@@ -24,13 +24,14 @@ def inspect_file(folder: str, name: str):
         path = library.resolve(folder, name)
         lora = read(path)
         report = describe_lora(lora)
-    except (LoraFileError, library.UnsafeName, FileNotFoundError) as e:
+    except (LoraFileError, library.UnsafeName, OSError) as e:
         return f"**Cannot read it:** {e}", [], [], [], None
     kinds = ", ".join(f"{k} rank {v['rank']} / alpha {v['alpha']:g}" if v else f"{k} ranks vary"
                       for k, v in report["by_kind"].items())
     summary = (f"**{name}**: {report['arch'].upper()} {report['network']} ({report['format']}, {report['container']}), "
                f"{report['modules']['unet']} UNet and {report['modules']['te']} text-encoder modules; {kinds}.  \nsha256 `{report.get('sha256', '')}` · addnet hash `{report.get('addnet_hash', '')}`")
-    if report["unmatched"]:
+    summary += "".join(f"  \n**Warning:** {w}." for w in report["warnings"])
+    if report["unmatched"] and not report["warnings"]:
         summary += f"  \n{len(report['unmatched'])} keys matched no layer of this architecture."
     return summary, block_rows(lora), setting_rows(lora.metadata), tag_rows(lora.metadata), report
 

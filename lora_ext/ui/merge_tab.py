@@ -35,7 +35,15 @@ def _out_name(name: str, default_ext: str = ".safetensors") -> str:
     return name if name.endswith((".safetensors", ".ckpt")) else name + default_ext
 
 
-_EXPECTED = (library.UnsafeName, FileNotFoundError, FileExistsError, ValueError)
+def _whole(value, what: str, zero_ok: bool = False) -> int:
+    """A number field's value as a whole number (gr.Number gives floats, or None when emptied)."""
+    if value is None or value != value or (not zero_ok and value == 0) or value < 0 or float(value) != int(value):
+        raise ValueError(f"the {what} must be a whole number{'' if zero_ok else ' of 1 or more'}, not {value}")
+    return int(value)
+
+
+# OSError: a read-only folder, a full disk (the temp file is gone, nothing under the final name)
+_EXPECTED = (library.UnsafeName, OSError, ValueError)
 
 
 def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: str, precision: str,
@@ -109,7 +117,7 @@ def merge_loras(lora_folder: str, lora_library, lora_lines: str, rank: float, ou
 
     def work(out):
         items = [(lora_library.path(name), unet) for name, unet, _ in parse_lora_lines(lora_lines)]
-        return merge_lora_files(items, out, int(rank) or None, precision, overwrite)
+        return merge_lora_files(items, out, _whole(rank, "rank", zero_ok=True) or None, precision, overwrite)
     return _lora_tool(lora_folder, out_name, on_written, "Cannot merge the LoRAs", work,
                       lambda r: f"at rank {r['rank']}")
 
@@ -122,7 +130,9 @@ def resize(lora_folder: str, lora_library, name: str, how: str, amount: float, o
     def work(out):
         if not name:
             raise ValueError("choose a LoRA to resize")
-        rank, energy = (int(amount), None) if how == "rank" else (None, float(amount))
+        if amount is None:
+            raise ValueError("give the rank, or the share of energy to keep")
+        rank, energy = (_whole(amount, "rank"), None) if how == "rank" else (None, float(amount))
         return resize_file(lora_library.path(name), out, rank, energy, precision, overwrite)
     return _lora_tool(lora_folder, out_name, on_written, "Cannot resize", work, lambda r: f"(largest rank {r['rank']})")
 
@@ -134,7 +144,8 @@ def extract(ckpt_folder: str, lora_folder: str, base: str, tuned: str, rank: flo
 
     def work(out):
         base_path, tuned_path = library.resolve(ckpt_folder, base), library.resolve(ckpt_folder, tuned)
-        return extract_file(base_path, tuned_path, out, int(rank), int(conv_rank) or None, precision, overwrite)
+        return extract_file(base_path, tuned_path, out, _whole(rank, "rank"),
+                            _whole(conv_rank, "conv rank", zero_ok=True) or None, precision, overwrite)
     return _lora_tool(lora_folder, out_name, on_written, "Cannot extract", work, lambda r: f"({r['modules']} modules)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 
 import gradio as gr
 
@@ -15,10 +16,13 @@ _PRESET = re.compile(r"^[\w\- .]{1,64}$")
 
 def form_to_config(values: list):
     """(TrainConfig or None, message)."""
-    from ..train.config import ConfigError, from_dict
+    from ..train.config import GUIDE_DEFAULTS, ConfigError, from_dict
+    from ..train.outputs import check_outputs
 
     try:
-        return from_dict(tf.values_to_options(values), "form"), ""
+        cfg = from_dict({**GUIDE_DEFAULTS, **tf.values_to_options(values)}, "form")
+        check_outputs(cfg)
+        return cfg, ""
     except (ConfigError, ValueError) as e:
         return None, f"**Check the form:** {e}"
 
@@ -115,11 +119,11 @@ def progress(session):
 def build(ctx) -> tuple:
     """Adds the Train controls to the current gradio context; returns (the progress outputs to poll, the form's
     components by option name)."""
-    from ..train.config import TrainConfig
+    from ..train.config import GUIDE_DEFAULTS, TrainConfig
 
     session, host_fn, presets_folder = ctx.session, ctx.host_fn, ctx.presets_folder
     # a run's LoRA goes where both LoRA lists (ours, the built-in's cards) find it, unless told otherwise
-    defaults = tf.options_to_values(TrainConfig(output_dir=ctx.lora_folder_fn()))
+    defaults = tf.options_to_values(TrainConfig(**{**GUIDE_DEFAULTS, "output_dir": ctx.lora_folder_fn()}))
     inputs = []
     # a function, so each page load reads it; Check dataset and Train read it again (the webui's own
     # checkpoint dropdown may have switched the model since)
@@ -157,13 +161,14 @@ def build(ctx) -> tuple:
         gallery = gr.Gallery(label="Samples", elem_id="lora_ext_train_samples")
 
     def start(task_id, *values):
+        clicked = time.time()
         cfg, msg = form_to_config(list(values))
         if cfg is None:
             return msg
         report, text = check_dataset(host_fn, list(values), ctx.lock(), not session.running)
         if report is None:
             return text
-        started = session.start(cfg, task_id or None)
+        started = session.start(cfg, task_id or None, requested_at=clicked)
         return "Training started.\n\n" + text if started else "A training run is already going."
 
     if ctx.checkpoints_fn is not None:

@@ -14,6 +14,7 @@ class TrainingSession:
         self._lock = threading.Lock()
         self._thread = None
         self._stop = False
+        self._cancelled_at = 0.0
         self.events, self.losses, self.samples = [], [], []
         self.result, self.error, self.started = None, None, None
         self.plotted = None         # how many losses the progress plot last showed (see train_tab.progress)
@@ -22,12 +23,14 @@ class TrainingSession:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, cfg, task_id: str | None = None) -> bool:
-        """False if a run is already going. `task_id` (the host's progress-bar task) goes to `run` when given."""
+    def start(self, cfg, task_id: str | None = None, requested_at: float | None = None) -> bool:
+        """False if a run is already going. `task_id` (the host's progress-bar task) goes to `run` when given.
+        `requested_at`: when Train was clicked; a Cancel clicked after it (while the dataset was still being
+        checked) stops the run at its first step instead of being forgotten."""
         with self._lock:
             if self.running:
                 return False
-            self._stop = False
+            self._stop = requested_at is not None and self._cancelled_at >= requested_at
             self.events, self.losses, self.samples = [], [], []
             self.result, self.error, self.started = None, None, time.time()
             self.plotted = None
@@ -56,6 +59,7 @@ class TrainingSession:
                     self.events.append(type(event)("message", text=f"could not refresh the LoRA lists: {e}"))
 
     def cancel(self) -> None:
+        self._cancelled_at = time.time()
         self._stop = True
 
     def wait(self, timeout: float | None = None) -> None:

@@ -59,7 +59,7 @@ def _train_form(page, data, out_name, steps):
         page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
     _fill(page, "train_data_dir", data)
     _fill(page, "output_name", out_name)
-    for field, value in (("resolution", 64), ("max_train_steps", steps), ("network_dim", 4), ("network_alpha", 2),
+    for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", steps), ("network_dim", 4), ("network_alpha", 2),
                          ("learning_rate", 1e-3), ("train_batch_size", 1)):
         _fill(page, field, value)
 

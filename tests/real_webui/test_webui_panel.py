@@ -119,6 +119,19 @@ def test_a_refused_lora_is_told_to_the_api_caller(webui, model):
     assert webui.weights() == before
 
 
+@pytest.mark.parametrize("slot,said", [
+    ({"weight": "nan"}, "must be a finite number"), ({"weight": float("inf")}, "must be a finite number"),
+    ({"weight": 1e9}, "must be a finite number"), ({"weight": "abc"}, "is not a number"),
+    ({"unet": "nan", "te": 1}, "slot unet 'nan' must be a finite number"), ({"scale": 2}, "unknown slot fields: scale"),
+])
+def test_a_weight_that_is_not_a_weight_is_told_and_changes_nothing(webui, slot, said):
+    before = webui.weights()
+    answer, _ = _gen(webui, slots=[{"enabled": True, "model": "alpha.safetensors", **slot}])
+    warning = json.loads(answer["info"])["extra_generation_params"].get("AddNet Warning", "")
+    assert said in warning, warning
+    assert webui.weights() == before
+
+
 def test_a_pt_lora_reads_inside_the_webui(webui):
     # the webui's torch.load refuses what this torch writes and returns None; we must not depend on it
     _, st = _gen(webui, slots=[_slot("alpha.safetensors", 0.7)])
