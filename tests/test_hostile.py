@@ -705,3 +705,17 @@ def test_concept_preparation_refuses(case, world, tmp_path):
     message = message[0] if isinstance(message, tuple) else message
     assert re.search(pattern, str(message)), message
     assert _fingerprint(world["dir"]) == before and not os.path.exists(tmp_path / "prepared")
+
+
+def test_inspect_of_a_file_whose_unet_part_fits_nothing_says_so_and_exits_2(tmp_path, capsys):
+    model = tiny_model("sd1")
+    modules = make_random_lora(model, seed=1)
+    moved = {(k.replace("lora_unet_", "lora_unet_x_") if k.startswith("lora_unet_") else k): v
+             for k, v in modules.items()}
+    path = str(tmp_path / "te_fits.safetensors")
+    files.write_kohya(path, files.kohya_tensors(moved), {})
+    assert cli.main(["inspect", path]) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)             # the report is still printed, for what it is worth
+    assert report["modules_fitting_the_layout"]["unet"] == 0 and report["modules"]["unet"] > 0
+    assert "none of them" in captured.err and "UNet" in captured.err

@@ -116,88 +116,139 @@ def _run(host, cfg, network, scan, plan, aug, per_epoch, total, epochs, unet_lr,
     if not groups:
         raise ValueError("nothing to train: both the UNet and the text encoder learning rates are 0")
     optimizer = optim.make_optimizer(cfg.optimizer_type, groups, cfg.optimizer_args, messages)
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     train_te = te_lr > 0 and bool(network.te_parameters())
-    step, epoch0, batch0, losses, micro_losses = 0, 0, 0, [], []
+    loop = _Loop(host, cfg, network, optimizer, plan, aug, amp, train_te, total, report, emit, stop, dist)
     if cfg.network_weights:
         network.load_stored(files.read(cfg.network_weights, host.arch).modules)
     if cfg.resume:
-        step, epoch0, batch0, losses = _load_state(cfg.resume, network, optimizer)
-        emit(Event("message", text=f"resumed at step {step} (epoch {epoch0 + 1})"))
-
-    # latents are cached the first time a batch needs them, so the first step comes after one encode, not
-    # after the whole dataset's; once all are cached (without flips) the VAE leaves the device
-    cache = (batches.LatentCache(lambda px: host.encode_images(px, [cfg.seed] * len(px)),
-                                 to_disk=cfg.cache_latents_to_disk) if cfg.cache_latents else None)
-    needed = {(s.item.path, s.bucket) for batch in plan(0) for s in batch}
+        loop.step, epoch0, batch0, loop.losses = _load_state(cfg.resume, network, optimizer)
+        loop.at = (epoch0, batch0)
+        emit(Event("message", text=f"resumed at step {loop.step} (epoch {epoch0 + 1})"))
     vae_device = next(host.vae.parameters()).device
-    ac = host.alphas_cumprod.detach().float()
-    out_path = os.path.join(cfg.output_dir, f"{cfg.output_name}.safetensors")
-    started, done_at_start = time.perf_counter(), step
-    cancelled = False
-    micro = 0
-    epoch, at = epoch0, (epoch0, batch0)      # at: where a resume continues (epoch, batch), after the last step
     try:
-        for epoch in range(epoch0, epochs):
-            batches_of_epoch = plan(epoch)
-            for b, batch in enumerate(batches_of_epoch):
-                if epoch == epoch0 and b < batch0:
-                    continue
-                if step >= total:
-                    break
-                if dist.any(stop()):
-                    cancelled = True
-                    break
-                local = dist.local(batch, cfg.train_batch_size)
-                loss_sum = _loss_sum(host, cfg, local, aug, cache, ac, amp, train_te) if local else None
-                if loss_sum is not None:
-                    scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
-                micro_losses.append(dist.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / len(batch))
-                if cache is not None and not cfg.flip_aug and vae_device.type != "cpu" and needed <= cache.keys():
-                    host.vae.to("cpu")      # not needed again this run; HostSession puts it back
-                micro += 1
-                if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
-                    continue
-                factor = _optimizer_step(cfg, optimizer, scaler, base_lrs, step, total, dist)
-                step, micro, at = step + 1, 0, (epoch, b + 1)
-                losses.append(sum(micro_losses) / len(micro_losses))
-                micro_losses.clear()
-                elapsed = time.perf_counter() - started
-                rate = (step - done_at_start) / elapsed if elapsed > 0 else None
-                emit(Event("step", step, total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
-                           base_lrs[0] * factor, rate, (total - step) / rate if rate else None))
-                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and dist.main:
-                    _samples(host, cfg, network, step, epoch, emit)
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total and dist.main:
-                    _snapshot(host, cfg, network, optimizer, report, step, epoch, at, losses,
-                              _numbered(out_path, f"step{step:06d}"), emit)
-            if cancelled:
-                break
-            at = (epoch + 1, 0)
-            last = step >= total
-            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last and dist.main:
-                _snapshot(host, cfg, network, optimizer, report, step, epoch, at, losses,
-                          _numbered(out_path, f"{epoch + 1:06d}"), emit)
-            if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and dist.main:
-                _samples(host, cfg, network, step, epoch, emit)
-            if last:
-                break
+        loop.run(epochs)
     except Exception:
         # a crash (out of memory, a bad image, a full disk) keeps the steps done: the LoRA and a state at
         # the last whole step, from which --resume redoes the lost micro-batches
-        if step > done_at_start and dist.main:
-            _rescue(host, cfg, network, optimizer, report, step, epoch, at, losses, out_path, emit)
+        if loop.step > loop.done_at_start and dist.main:
+            loop.rescue()
         raise
-
     host.vae.to(vae_device)
-    lora_path = _save(host, cfg, network, report, step, epoch, out_path, emit) if dist.main else None
+    lora_path = loop.save(loop.out_path) if dist.main else None
     state_path = None
-    if (cancelled or cfg.save_state) and dist.main:
-        state_path = _save_state(cfg, network, optimizer, step, *(at if cancelled else (epochs, 0)), losses)
-    emit(Event("cancelled" if cancelled else "done", step, total, epoch + 1, paths=[lora_path] + ([state_path] if state_path else [])))
-    return Result(lora_path, state_path, step, cancelled, losses, report, messages)
+    if (loop.cancelled or cfg.save_state) and dist.main:
+        state_path = loop.save_state(loop.at if loop.cancelled else (epochs, 0))
+    emit(Event("cancelled" if loop.cancelled else "done", loop.step, total, loop.epoch + 1,
+               paths=[lora_path] + ([state_path] if state_path else [])))
+    return Result(lora_path, state_path, loop.step, loop.cancelled, loop.losses, report, messages)
+
+
+class _Loop:
+    """The optimizer steps of one run and what they carry between them: the step count, where a resume
+    would continue (`at`: epoch, batch after the last step), the losses."""
+
+    def __init__(self, host, cfg, network, optimizer, plan, aug, amp, train_te, total, report, emit, stop, dist):
+        self.host, self.cfg, self.network, self.optimizer, self.plan, self.aug = host, cfg, network, optimizer, plan, aug
+        self.amp, self.train_te, self.total, self.report = amp, train_te, total, report
+        self.emit, self.stop, self.dist = emit, stop, dist
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.step, self.at, self.epoch, self.losses, self.micro_losses = 0, (0, 0), 0, [], []
+        self.cancelled = False
+        # latents are cached the first time a batch needs them, so the first step comes after one encode,
+        # not after the whole dataset's; once all are cached (without flips) the VAE leaves the device
+        self.cache = (batches.LatentCache(lambda px: host.encode_images(px, [cfg.seed] * len(px)),
+                                          to_disk=cfg.cache_latents_to_disk) if cfg.cache_latents else None)
+        self.needed = {(s.item.path, s.bucket) for batch in plan(0) for s in batch}
+        self.ac = host.alphas_cumprod.detach().float()
+        self.out_path = os.path.join(cfg.output_dir, f"{cfg.output_name}.safetensors")
+
+    def run(self, epochs: int) -> None:
+        self.started, self.done_at_start, self.epoch = time.perf_counter(), self.step, self.at[0]
+        for epoch in range(self.at[0], epochs):
+            self.epoch = epoch
+            self._epoch(epoch, skip=self.at[1] if epoch == self.at[0] else 0)
+            if self.cancelled:
+                return
+            self.at = (epoch + 1, 0)
+            last = self.step >= self.total
+            cfg = self.cfg
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
+                self._snapshot(_numbered(self.out_path, f"{epoch + 1:06d}"))
+            if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and self.dist.main:
+                _samples(self.host, cfg, self.network, self.step, epoch, self.emit)
+            if last:
+                return
+
+    def _epoch(self, epoch: int, skip: int) -> None:
+        cfg, batches_of_epoch, micro = self.cfg, self.plan(epoch), 0
+        for b, batch in enumerate(batches_of_epoch):
+            if b < skip:
+                continue
+            if self.step >= self.total:
+                return
+            if self.dist.any(self.stop()):
+                self.cancelled = True
+                return
+            self._backward(batch)
+            micro += 1
+            if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
+                continue
+            micro = 0
+            factor = _optimizer_step(cfg, self.optimizer, self.scaler, self.base_lrs, self.step, self.total, self.dist)
+            self.step, self.at = self.step + 1, (epoch, b + 1)
+            self._after_step(epoch, factor)
+
+    def _backward(self, batch) -> None:
+        cfg, dist = self.cfg, self.dist
+        local = dist.local(batch, cfg.train_batch_size)
+        loss_sum = _loss_sum(self.host, cfg, local, self.aug, self.cache, self.ac, self.amp, self.train_te) \
+            if local else None
+        if loss_sum is not None:
+            self.scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
+        self.micro_losses.append(dist.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / len(batch))
+        vae = self.host.vae
+        if self.cache is not None and not cfg.flip_aug and next(vae.parameters()).device.type != "cpu" \
+                and self.needed <= self.cache.keys():
+            vae.to("cpu")      # not needed again this run; HostSession puts it back
+
+    def _after_step(self, epoch: int, factor: float) -> None:
+        cfg, step, losses = self.cfg, self.step, self.losses
+        losses.append(sum(self.micro_losses) / len(self.micro_losses))
+        self.micro_losses.clear()
+        elapsed = time.perf_counter() - self.started
+        rate = (step - self.done_at_start) / elapsed if elapsed > 0 else None
+        self.emit(Event("step", step, self.total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
+                        self.base_lrs[0] * factor, rate, (self.total - step) / rate if rate else None))
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and self.dist.main:
+            _samples(self.host, cfg, self.network, step, epoch, self.emit)
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total:
+            self._snapshot(_numbered(self.out_path, f"step{step:06d}"))
+
+    def save(self, path: str) -> str:
+        return _save(self.host, self.cfg, self.network, self.report, self.step, self.epoch, path, self.emit)
+
+    def save_state(self, resume_at: tuple) -> str:
+        return _save_state(self.cfg, self.network, self.optimizer, self.step, *resume_at, self.losses)
+
+    def _snapshot(self, path: str) -> None:
+        """A numbered LoRA, and with save_state the state to resume from it (so that a kill -9 loses at
+        most the steps since)."""
+        if self.dist.main:
+            self.save(path)
+            if self.cfg.save_state:
+                self.save_state(self.at)
+
+    def rescue(self) -> None:
+        try:
+            self.save(self.out_path)
+            folder = self.save_state(self.at)
+            self.emit(Event("message", self.step, text=f"stopped by an error after step {self.step}: saved "
+                                                      f"{self.out_path} and the state {folder}; fix the cause "
+                                                      "and resume from it"))
+        except Exception:       # the disk may be what failed: the original error is the one to report
+            pass
 
 
 def _optimizer_step(cfg, optimizer, scaler, base_lrs, step, total, dist) -> float:
@@ -215,24 +266,6 @@ def _optimizer_step(cfg, optimizer, scaler, base_lrs, step, total, dist) -> floa
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return factor
-
-
-def _snapshot(host, cfg, network, optimizer, report, step, epoch, resume_at, losses, path, emit) -> None:
-    """A numbered LoRA, and with save_state the state to resume from it (so a kill -9 loses at most the
-    steps since)."""
-    _save(host, cfg, network, report, step, epoch, path, emit)
-    if cfg.save_state:
-        _save_state(cfg, network, optimizer, step, *resume_at, losses)
-
-
-def _rescue(host, cfg, network, optimizer, report, step, epoch, at, losses, out_path, emit) -> None:
-    try:
-        _save(host, cfg, network, report, step, epoch, out_path, emit)
-        folder = _save_state(cfg, network, optimizer, step, *at, losses)
-        emit(Event("message", step, text=f"stopped by an error after step {step}: saved {out_path} and the state "
-                                         f"{folder}; fix the cause and resume from it"))
-    except Exception:       # the disk may be what failed: the original error is the one to report
-        pass
 
 
 def _sample_rng(sample, salt: int) -> torch.Generator:
