@@ -76,7 +76,8 @@ class _Base:
 
 
 def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str | None = "fp16",
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, on_progress=None) -> dict:
+    """`on_progress(done, total)`: told after each tensor written."""
     started = time.perf_counter()
     if precision is not None and precision not in PRECISIONS:
         raise MergeError(f"precision {precision!r}: fp16, bf16 or fp32")
@@ -107,7 +108,12 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
     plan, record = _plan(base, arch, items)
     target_dtype = PRECISIONS.get(precision)
 
+    done = [0]
+
     def produce(name):
+        done[0] += 1
+        if on_progress is not None:
+            on_progress(done[0], len(base.entries))
         t = base.get(name)
         if name in plan:
             acc = t.to(torch.float32, copy=True)

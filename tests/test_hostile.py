@@ -719,3 +719,39 @@ def test_inspect_of_a_file_whose_unet_part_fits_nothing_says_so_and_exits_2(tmp_
     report = json.loads(captured.out)             # the report is still printed, for what it is worth
     assert report["modules_fitting_the_layout"]["unet"] == 0 and report["modules"]["unet"] > 0
     assert "none of them" in captured.err and "UNet" in captured.err
+
+
+def test_a_long_merge_answers_at_once_and_the_poll_shows_progress_then_the_result(world, tab):
+    """The Merge button's work runs as a Job: a merge that takes more than a second answers with a working
+    line, the tab's poll shows how far it is, then its result, once."""
+    import threading
+    import time
+
+    from lora_ext.ui import merge_tab
+    from lora_ext.ui.jobs import Job
+
+    gate = threading.Event()
+
+    class HeldAtTensor3(Job):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "progress" and value.startswith("tensor 3 of"):
+                gate.wait(30)           # the merge waits here until the test has looked
+
+    job = HeldAtTensor3("merge")
+    work = lambda j: merge_tab.merge(tab["ckpts"], tab["lib"], "base.safetensors", "lora.safetensors:0.5",  # noqa
+                                     "slow", "fp16", False, job=j)
+    first = job.run(work, wait_s=0.5)
+    polled = job.poll()
+    again = job.run(work)                        # a second click while it runs
+    gate.set()
+    deadline = time.time() + 60
+    while job.running and time.time() < deadline:
+        time.sleep(0.05)
+    result, after = job.poll(), job.poll()
+    assert first.startswith("Working on the merge: tensor 3 of ") and polled == first
+    assert again.startswith("**Not now:** a merge is still running (tensor 3 of")
+    assert result.startswith("Wrote **slow.safetensors**") and after is None
+    for name in ("slow.safetensors", "slow.yaml"):
+        os.remove(os.path.join(tab["ckpts"], name))
+    assert Job("merge").run(lambda j: "done at once") == "done at once"      # quick work answers directly

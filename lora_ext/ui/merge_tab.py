@@ -9,6 +9,7 @@ import os
 import gradio as gr
 
 from .. import library
+from .jobs import Job
 from .tables import read_only_table
 
 ENERGY_HEADERS = ["module", "kept energy"]
@@ -47,8 +48,9 @@ _EXPECTED = (library.UnsafeName, OSError, ValueError)
 
 
 def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: str, precision: str,
-          overwrite: bool, on_written=None, fmt: str = "safetensors") -> str:
-    """LoRAs into a new checkpoint file (`fmt` 'safetensors', or 'ckpt' on request, when the name has none)."""
+          overwrite: bool, on_written=None, fmt: str = "safetensors", job=None) -> str:
+    """LoRAs into a new checkpoint file (`fmt` 'safetensors', or 'ckpt' on request, when the name has none).
+    `job` (a jobs.Job running this) is told how far the writing is."""
     from ..merge import Item, MergeError, merge_checkpoint
 
     try:
@@ -57,7 +59,8 @@ def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: 
         items = [Item(lora_library.path(name), unet, te) for name, unet, te in parse_lora_lines(lora_lines)]
         if not items:
             return "**Add at least one LoRA** (one per line: name:ratio:text-encoder ratio)."
-        report = merge_checkpoint(base_path, items, out_path, precision, overwrite)
+        tell = None if job is None else (lambda i, n: setattr(job, "progress", f"tensor {i} of {n}"))
+        report = merge_checkpoint(base_path, items, out_path, precision, overwrite, on_progress=tell)
     except (MergeError, *_EXPECTED) as e:
         return f"**Cannot merge:** {e}"
     if on_written is not None:
@@ -157,7 +160,8 @@ def _output_row(prefix: str):
     return [out, precision, overwrite]
 
 
-def build(ctx) -> None:
+def build(ctx):
+    """Adds the Merge controls; returns (the merge's message box, its Job) for the tab's poll."""
     ckpts = lambda: library.list_checkpoints(ctx.ckpt_folder_fn())       # noqa: E731
     loras = lambda: ctx.library.names() if ctx.library else []   # noqa: E731
     with gr.Row():
@@ -180,7 +184,9 @@ def build(ctx) -> None:
         bake_b = gr.Button("Bake into the loaded model (no file)", visible=ctx.bake_fn is not None,
                            elem_id="lora_ext_merge_bake")
     message = gr.Markdown(elem_id="lora_ext_merge_message")
-    go.click(lambda *a: merge(ctx.ckpt_folder_fn(), ctx.library, *a[:5], on_written=ctx.on_written, fmt=a[5]),
+    job = Job("merge")
+    go.click(lambda *a: job.run(lambda j: merge(ctx.ckpt_folder_fn(), ctx.library, *a[:5], on_written=ctx.on_written,
+                                                fmt=a[5], job=j)),
              inputs=[base, lines, out, precision, overwrite, fmt], outputs=[message])
     if ctx.bake_fn is not None:
         bake_b.click(lambda text: bake(ctx.bake_fn, text), inputs=[lines], outputs=[message])
@@ -218,3 +224,4 @@ def build(ctx) -> None:
                 inputs=[x_base, x_tuned, x_rank, x_conv] + x_out, outputs=[tool_message, energy])
     refresh.click(lambda: [gr.update(choices=ckpts())] * 3 + [gr.update(choices=loras())] * 2,
                   outputs=[base, x_base, x_tuned, pick, src])
+    return message, job

@@ -29,6 +29,10 @@ class TabContext:
     progress_js: str | None = None      # JS function giving the Train click a task id for the host's progress bar
 
 
+def _unless_none(value):
+    return gr.update() if value is None else value
+
+
 def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
     """The tab's Blocks. `css`: for the standalone app (the webui loads the extension's style.css itself)."""
     with gr.Blocks(analytics_enabled=False, css=css) as block:
@@ -42,7 +46,9 @@ def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
                     concepts_tab.build(ctx.interrogators, form_fields)
             if ctx.ckpt_folder_fn is not None:
                 with gr.Tab("Merge", elem_id="lora_ext_tab_merge"):
-                    merge_tab.build(ctx)
+                    merge_message, merge_job = merge_tab.build(ctx)
+                block.load(lambda: _unless_none(merge_job.poll()), outputs=[merge_message], every=2,
+                           show_progress="hidden")
             with gr.Tab("Inspect", elem_id="lora_ext_tab_inspect"):
                 inspect_tab.build(ctx.lora_folder_fn)
     return block
