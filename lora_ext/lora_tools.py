@@ -10,6 +10,7 @@ import os
 from . import files, lowrank
 from .library import LORA_EXT
 from .safetensors_io import refuse_inputs_as_output
+from .weights import weight_value
 
 LORA_SUFFIXES = tuple(LORA_EXT) + (".ckpt",)
 
@@ -18,13 +19,10 @@ class ToolError(ValueError):
     pass
 
 
-MAX_RATIO = 100.0       # far past any useful weight; beyond it fp16 weights overflow
-
-
 def parse_lora_arg(text: str) -> tuple:
     """FILE[:RATIO[:TE_RATIO]] -> (file, unet ratio, te ratio). Read from the right, so that paths with
     colons (C:\\...) survive; the text-encoder ratio defaults to the UNet one. A ratio that is not a finite
-    number in [-100, 100] raises ToolError."""
+    number in [-100, 100] raises ToolError (weights.weight_value)."""
     parts = text.split(":")
     ratios = []
     while len(parts) > 1 and len(ratios) < 2:
@@ -37,9 +35,11 @@ def parse_lora_arg(text: str) -> tuple:
     head, sep, tail = path.rpartition(":")
     if sep and head.lower().endswith(LORA_SUFFIXES):
         raise ToolError(f"{text}: the ratio {tail!r} is not a number (FILE:RATIO[:TE_RATIO], e.g. {head}:0.8)")
-    for r in ratios:
-        if not math.isfinite(r) or abs(r) > MAX_RATIO:
-            raise ToolError(f"{text}: a ratio must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}, not {r}")
+    try:
+        for r in ratios:
+            weight_value(r, f"{text}: the ratio")
+    except ValueError as e:
+        raise ToolError(str(e)) from None
     unet = ratios[0] if ratios else 1.0
     return path, unet, ratios[1] if len(ratios) > 1 else unet
 
@@ -94,8 +94,10 @@ def merge_lora_files(items: list, out: str, rank: int | None = None, precision: 
     refuse_inputs_as_output(out, [p for p, _ in items])
     loras, arch, shapes = [], None, {}
     for path, weight in items:
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and abs(weight) <= MAX_RATIO):
-            raise ToolError(f"{path}: weight {weight} must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}")
+        try:
+            weight_value(weight, f"{path}: the weight")
+        except ValueError as e:
+            raise ToolError(str(e)) from None
         lora = files.read(path, arch)
         arch = arch or lora.arch
         for name, module in lora.modules.items():

@@ -5,7 +5,6 @@ over an existing file unless asked. The base's metadata is kept, with a record o
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from . import files, naming
-from .lora_tools import MAX_RATIO
 from .safetensors_io import (TORCH_DTYPES, FileProblem, SameFile, atomic_write, file_hashes, load_pickle_safely,
                              read_header, refuse_inputs_as_output, write_streaming)
+from .weights import weight_value
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _CODES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -89,10 +88,12 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         refuse_inputs_as_output(out_path, [base_path] + [item.path for item in items])
     except SameFile as e:
         raise MergeError(str(e)) from None
-    for item in items:
-        for ratio in (item.unet, item.te):
-            if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and abs(ratio) <= MAX_RATIO):
-                raise MergeError(f"{item.path}: ratio {ratio} must be a finite number from -{MAX_RATIO:g} to {MAX_RATIO:g}")
+    try:
+        for item in items:
+            for ratio in (item.unet, item.te):
+                weight_value(ratio, f"{item.path}: the ratio")
+    except ValueError as e:
+        raise MergeError(str(e)) from None
     # a base of other shapes than the standard ones has its config beside it (the webui's convention):
     # the merged checkpoint gets a copy, or the webui would load it with the wrong config
     base_yaml, out_yaml = (os.path.splitext(p)[0] + ".yaml" for p in (base_path, out_path))
@@ -115,20 +116,17 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         if on_progress is not None:
             on_progress(done[0], len(base.entries))
         t = base.get(name)
+        out_dtype = target_dtype if target_dtype is not None and t.is_floating_point() else t.dtype
         if name in plan:
             acc = t.to(torch.float32, copy=True)
             for module, ratio, rows in plan[name]:
                 view = acc[rows] if rows is not None else acc
                 view.add_(module.delta(view.shape), alpha=ratio)
-            t = acc
-            if target_dtype is not None and t.is_floating_point():
-                t = t.to(target_dtype)
+            t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
             if not bool(torch.isfinite(t).all()):
                 raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
                                  f"{precision or 'the base precision'}, or a damaged LoRA); nothing was written")
-        if target_dtype is not None and t.is_floating_point():
-            t = t.to(target_dtype)
-        return t.contiguous()
+        return t.to(out_dtype).contiguous()
 
     entries = [(k, _CODES[str(target_dtype).removeprefix("torch.")] if target_dtype is not None and
                 TORCH_DTYPES[code].startswith(("float", "bfloat")) else code, shape) for k, code, shape in base.entries]

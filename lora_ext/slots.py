@@ -7,9 +7,10 @@ Infotext uses the additional-networks extension's field names, so images made wi
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, fields
+
+from .weights import weight_value
 
 NONE = "None"
 _NAME_HASH = re.compile(r"^(?P<name>.*?)\s*\((?P<hash>[0-9a-fA-F]{6,64})\)$")
@@ -55,24 +56,9 @@ class Slot:
         if ("unet" in data or "te" in data) and "separate" not in data and "weight" not in data:
             slot.separate = True        # named part weights mean the parts were meant
         slot.enabled, slot.separate = bool(slot.enabled), bool(slot.separate)
-        slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f) for f in ("weight", "unet", "te"))
+        slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f"slot {f}") for f in ("weight", "unet", "te"))
         slot.model = str(slot.model or NONE)
         return slot
-
-
-MAX_WEIGHT = 100.0
-
-
-def weight_value(value, what: str = "weight") -> float:
-    """A weight as a float; ValueError unless it is a finite number within +-MAX_WEIGHT (a NaN weight would
-    turn every image black, a huge one overflow the half-precision weights)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"slot {what} {value!r} is not a number") from None
-    if not math.isfinite(x) or abs(x) > MAX_WEIGHT:
-        raise ValueError(f"slot {what} {value!r} must be a finite number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
-    return x
 
 
 def with_overrides(slots: list, overrides: dict) -> list:
@@ -127,8 +113,8 @@ def from_infotext(params: dict, count: int, find) -> list:
         model = find(name, h) or NONE
         legacy = params.get(f"AddNet Weight {i}", "1")
         try:
-            unet = weight_value(params.get(f"AddNet Weight A {i}", legacy))
-            te = weight_value(params.get(f"AddNet Weight B {i}", legacy))
+            unet = weight_value(params.get(f"AddNet Weight A {i}", legacy), "weight")
+            te = weight_value(params.get(f"AddNet Weight B {i}", legacy), "weight")
         except ValueError:          # pasted text someone edited: the slot stays empty rather than guess
             slots.append(Slot())
             continue

@@ -160,3 +160,12 @@ def test_the_base_config_goes_beside_the_merged_checkpoint(tmp_path):
     os.unlink(base.replace(".safetensors", ".yaml"))
     assert merge_checkpoint(base, [Item(a, 0.5, 0.5)], str(tmp_path / "plain.safetensors"))["yaml"] is None
     assert not os.path.exists(tmp_path / "plain.yaml")
+
+
+def test_keeping_an_fp16_bases_precision_writes_merged_tensors_in_fp16(tmp_path):
+    model, base, (a, _) = _setup(tmp_path)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(base).items()}, base)
+    out = str(tmp_path / "kept.safetensors")
+    report = merge_checkpoint(base, [Item(a, 0.5, 0.5)], out, precision=None)
+    merged = load_file(out)
+    assert report["merged_tensors"] > 0 and {v.dtype for v in merged.values() if v.is_floating_point()} == {torch.float16}

@@ -254,8 +254,9 @@ GUIDE_DEFAULTS = dict(caption_extension=".txt", network_dim=128, network_alpha=1
 
 def notes(values: dict) -> list:
     """One line per option given that means nothing here, and per default of ours that is not kohya's."""
-    out = [f"note: --{k} has no effect here: {NO_EFFECT[k]}" for k in _flat(values) if NO_EFFECT.get(k)]
-    out += [f"note: {k} defaults to {why}" for k, why in DIFFERENT_DEFAULTS.items() if k not in _flat(values)]
+    given = _flat(values)
+    out = [f"note: --{k} has no effect here: {NO_EFFECT[k]}" for k in given if NO_EFFECT.get(k)]
+    out += [f"note: {k} defaults to {why}" for k, why in DIFFERENT_DEFAULTS.items() if k not in given]
     return out
 
 

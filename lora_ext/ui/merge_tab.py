@@ -4,6 +4,7 @@ resolved inside their folders (checkpoints, LoRAs) and never escape them; output
 asked. Each handler returns a message, never a traceback."""
 from __future__ import annotations
 
+import math
 import os
 
 import gradio as gr
@@ -38,7 +39,7 @@ def _out_name(name: str, default_ext: str = ".safetensors") -> str:
 
 def _whole(value, what: str, zero_ok: bool = False) -> int:
     """A number field's value as a whole number (gr.Number gives floats, or None when emptied)."""
-    if value is None or value != value or (not zero_ok and value == 0) or value < 0 or float(value) != int(value):
+    if value is None or not math.isfinite(value) or (not zero_ok and value == 0) or value < 0 or value != int(value):
         raise ValueError(f"the {what} must be a whole number{'' if zero_ok else ' of 1 or more'}, not {value}")
     return int(value)
 
