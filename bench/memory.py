@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from lora_ext.hosts.conditioning import Cond  # noqa: E402
 from lora_ext.hosts.ldm_attention import sdpa_patches  # noqa: E402
 from lora_ext.hosts.webui import WebuiHost  # noqa: E402
 from lora_ext.testing import tiny  # noqa: E402
@@ -29,12 +30,12 @@ from lora_ext.train.session import HostSession  # noqa: E402
 
 def measured_peak(host, cfg) -> int:
     """Peak bytes allocated during a steady-state step, above what was allocated when it began."""
-    network = network_for(host, cfg, *cfg.lrs())
+    network = network_for(host, cfg)
     optimizer = torch.optim.AdamW(network.parameters())
     w, h = cfg.size
     b = cfg.train_batch_size
     x, t = torch.randn(b, 4, h // 8, w // 8), torch.zeros(b, dtype=torch.long)
-    cond = torch.randn(b, 77, memory._context_width(host))
+    cond = Cond(torch.randn(b, 77, memory._context_width(host)))
 
     def step():
         host.predict(x, t, cond).float().pow(2).mean().backward()

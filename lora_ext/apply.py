@@ -22,7 +22,6 @@ import torch
 
 from . import files
 from .cache import LoraCache
-from .hosts import builtin_lora
 
 MERGE, BYPASS = "merge", "bypass"
 
@@ -111,7 +110,7 @@ class Engine:
             (hook_wanted if bypassable else merge_wanted)[key] = (bound, contributions)
         if mode == BYPASS and len(hook_wanted) < len(wanted):
             report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
-        self._sync_merged(state, merge_wanted, report)
+        self._sync_merged(host, state, merge_wanted, report)
         self._sync_hooks(state, hook_wanted)
         text_encoder = tuple(sorted((key, tuple(c.signature for c in contributions))
                                     for key, (bound, contributions) in wanted.items() if not bound.target.is_unet))
@@ -179,10 +178,10 @@ class Engine:
 
     # --- merge mode ---------------------------------------------------------------------------------------
 
-    def _sync_merged(self, state, wanted, report) -> None:
+    def _sync_merged(self, host, state, wanted, report) -> None:
         for key in [k for k in state.merged if k not in wanted]:
             entry = state.merged.pop(key)
-            self._write(entry, [])
+            self._write(host, entry, [])
             report.restored += 1
         for key, (bound, contributions) in wanted.items():
             signature = tuple(c.signature for c in contributions)
@@ -191,16 +190,16 @@ class Engine:
                 continue
             if entry is None:
                 # the weight before any network: the built-in's backup when it holds one, else the live weight
-                pristine = builtin_lora.backup_of(bound)
+                pristine = host.pristine_weight(bound)
                 source = pristine if pristine is not None else bound.param
                 entry = state.merged[key] = _Merged(bound, source.detach().to("cpu", copy=True))
-            self._write(entry, contributions)
+            self._write(host, entry, contributions)
             entry.signature = signature
             report.written += 1
 
     @staticmethod
     @torch.no_grad()
-    def _write(entry: _Merged, contributions) -> None:
+    def _write(host, entry: _Merged, contributions) -> None:
         param = entry.bound.param
         original = entry.original.to(param.device, non_blocking=True)
         if not contributions:
@@ -223,7 +222,7 @@ class Engine:
                 view = acc[c.rows] if c.rows is not None else acc
                 view.add_(c.module.delta(view.shape).to(acc.device), alpha=c.weight)
             param.copy_(acc)
-        builtin_lora.hand_over(entry.bound, param)
+        host.weight_written(entry.bound, param)
 
     # --- bypass mode --------------------------------------------------------------------------------------
 

@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = TrainConfig.__dataclass_fields__[f.name].default
         if isinstance(default, bool):
             t.add_argument(f"--{f.name}", action="store_true", default=None)
-        elif f.name in ("network_args", "optimizer_args", "sample_prompts"):
+        elif f.name in ("network_args", "optimizer_args", "sample_prompts", "text_encoder_lr"):
             t.add_argument(f"--{f.name}", nargs="*", default=None)
         else:
             t.add_argument(f"--{f.name}", default=None)

@@ -64,7 +64,7 @@ class Runtime:
 
 def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
     """Training on the loaded model (the tab and the API call this): the panel's LoRAs are given back first."""
-    from lora_ext.hosts.webui import train_as_webui_job
+    from lora_ext.glue.webui_job import train_as_webui_job
 
     def give_back(host):
         if Runtime._instance is not None:

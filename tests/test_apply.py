@@ -97,7 +97,9 @@ def _outputs(model):
     ctx = torch.randn(1, 77, width, generator=g)
     ids = torch.randint(0, 49407, (1, 77), generator=g)
     with torch.no_grad():
-        outs = [model.model.diffusion_model(x, torch.tensor([500]), context=ctx)]
+        unet = model.model.diffusion_model
+        y = torch.randn(1, unet.label_emb[0][0].in_features, generator=g) if model.is_sdxl else None
+        outs = [unet(x, torch.tensor([500]), context=ctx, y=y)]
         holders = ([e.wrapped for e in model.conditioner.embedders] if model.is_sdxl else [model.cond_stage_model.wrapped])
         for h in holders:
             outs.append(h.transformer(ids).last_hidden_state if hasattr(h, "transformer") else h.model.encode_text(ids))

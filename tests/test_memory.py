@@ -3,6 +3,8 @@ the LoRA attached, its exact parts, its response to the options, and the host mo
 import pytest
 import torch
 
+from lora_ext.hosts.conditioning import Cond
+
 from conftest import tiny_model
 from lora_ext.hosts.ldm_attention import fused_attention_shape_patches, sdpa_patches
 from lora_ext.hosts.webui import WebuiHost
@@ -19,7 +21,7 @@ def _cfg(**kw):
 
 def _really_saved(host, cfg) -> int:
     """Bytes autograd keeps in one real forward of the UNet with the LoRA attached (weights not counted)."""
-    network = network_for(host, cfg, *cfg.lrs())
+    network = network_for(host, cfg)
     keep = {id(p) for p in host.model.parameters()} | {id(p) for p in network.parameters()}
     total, seen = [0], {}
 
@@ -37,7 +39,7 @@ def _really_saved(host, cfg) -> int:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 host.predict(torch.randn(cfg.train_batch_size, 4, h // 8, w // 8),
                              torch.zeros(cfg.train_batch_size, dtype=torch.long),
-                             torch.randn(cfg.train_batch_size, 77, memory._context_width(host)))
+                             Cond(torch.randn(cfg.train_batch_size, 77, memory._context_width(host))))
         finally:
             network.detach()
     return total[0]
@@ -59,7 +61,7 @@ def test_meta_measurement_matches_a_real_forward(host):
 
     def forward():
         return host.predict(torch.empty(2, 4, h // 8, w // 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"),
-                            torch.empty(2, 77, memory._context_width(host), device="meta"))
+                            Cond(torch.empty(2, 77, memory._context_width(host), device="meta")))
     with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
         measured = memory.saved_activations(host, forward, trained, torch.float32, host.checkpoint_blocks())
     real = _really_saved(host, cfg)
@@ -71,7 +73,7 @@ def test_meta_measurement_matches_a_real_forward(host):
 def test_estimate_parts_and_options():
     host = WebuiHost(tiny_model("sd1"))
     est = memory.estimate(host, _cfg())
-    network = network_for(host, _cfg(), *_cfg().lrs())
+    network = network_for(host, _cfg())
     n = sum(p.numel() for p in network.parameters())
     assert est["lora_parameters"] == n
     parts = est["parts"]

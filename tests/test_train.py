@@ -69,8 +69,8 @@ def test_clip_skip_and_long_prompts_encode_like_transformers():
     ids = holder.tokenizer(words, add_special_tokens=False).input_ids
     assert 75 < len(ids) < 150
     with torch.no_grad():
-        c150 = host.encode_prompts([words], clip_skip=2, max_tokens=150)
-        c225 = host.encode_prompts([words], clip_skip=1, max_tokens=225)
+        c150 = host.encode_text([words], clip_skip=2, max_tokens=150).tokens
+        c225 = host.encode_text([words], clip_skip=1, max_tokens=225).tokens
         first = torch.tensor([[49406] + ids[:75] + [49407]])
         second = torch.tensor([[49406] + ids[75:] + [49407] * (76 - len(ids[75:]))])
         out = te(torch.cat([first, second]), output_hidden_states=True)

@@ -2,7 +2,7 @@
 
 The architecture comes from the keys (`cond_stage_model.transformer.` SD1, `cond_stage_model.model.` SD2,
 `conditioner.` SDXL). Shapes come from a same-named ldm .yaml beside the file when there is one (the webui's
-convention for checkpoints of other shapes), else the standard SD1/SD2 configs; text encoder sizes are read
+convention for checkpoints of other shapes), else the standard SD1/SD2/SDXL configs; text encoder sizes are read
 off the keys. Pickled checkpoints load with weights_only=True."""
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320
 STANDARD_UNET = {
     "sd1": dict(_SD_UNET, num_heads=8, context_dim=768),
     "sd2": dict(_SD_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    # sgm's sd_xl_base.yaml: every SDXL derivative (Pony, Illustrious, NoobAI ...) keeps these shapes
+    "sdxl": dict(_SD_UNET, attention_resolutions=[4, 2], channel_mult=[1, 2, 4], num_head_channels=64,
+                 transformer_depth=[1, 2, 10], context_dim=2048, use_linear_in_transformer=True,
+                 num_classes="sequential", adm_in_channels=2816),
 }
 STANDARD_VAE = ldm_layout.FULL_VAE_DDCONFIG
 
@@ -101,6 +105,13 @@ def _text_encoder_heads(cond_config: dict) -> list:
     return params.get("lora_ext_heads") or []
 
 
+def _sgm_parameterization(params: dict) -> str | None:
+    """sgm configs (SDXL) name the parameterization by the denoiser's scaling class (VScaling: v-prediction)."""
+    scaling = ((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {}
+    target = str(scaling.get("target", ""))
+    return "v" if target.endswith("VScaling") else "eps" if target else None
+
+
 def checkpoint_keys(model) -> dict:
     """{checkpoint key: model key} for a webui-layout model: checkpoint files lack the `.wrapped.` of the
     webui's text encoder holders."""
@@ -118,13 +129,11 @@ def load_checkpoint(path: str):
     if os.path.isfile(yaml_path):
         with open(yaml_path, encoding="utf-8") as f:
             params = (yaml.safe_load(f) or {}).get("model", {}).get("params", {})
-    elif arch == "sdxl":
-        raise CheckpointError(f"{path}: SDXL checkpoints need their .yaml beside them for headless use")
     unet_cfg = (params.get("unet_config") or params.get("network_config") or {}).get("params") or STANDARD_UNET[arch]
     vae_cfg = params.get("first_stage_config", {}).get("params", {}).get("ddconfig") or STANDARD_VAE
     vae_cfg = {**STANDARD_VAE, **vae_cfg}
     heads = _text_encoder_heads(params.get("cond_stage_config") or {})
-    parameterization = params.get("parameterization") or ("v" if arch == "sd2" else "eps")
+    parameterization = params.get("parameterization") or _sgm_parameterization(params) or ("v" if arch == "sd2" else "eps")
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
     try:
         encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]

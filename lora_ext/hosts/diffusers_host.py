@@ -1,8 +1,11 @@
-"""The host adapter over a diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/), for
-headless training. Targets are bound through their diffusers paths; the LoRA files are the same kohya files
-as on the webui's model. SD1/SD2 (SDXL's extra conditioning is not built here)."""
+"""The host adapter over a diffusers model folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/; SDXL
+adds text_encoder_2/ and tokenizer_2/), for headless training. Targets are bound through their diffusers
+paths; the LoRA files are the same kohya files as on the webui's model. SDXL's second encoder is
+transformers' CLIPTextModelWithProjection here (its pooled output is `text_embeds`), and the UNet embeds the
+size numbers itself (`added_cond_kwargs` text_embeds / time_ids)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from functools import cached_property
@@ -11,8 +14,10 @@ import torch
 from torch import nn
 
 from .. import naming
-from . import text_encoding
+from . import conditioning, text_encoding
 from .base import bind, sample_latents
+from .conditioning import Cond, Text
+from .ldm_attention import sdpa_patches
 
 
 class DiffusersError(ValueError):
@@ -20,33 +25,42 @@ class DiffusersError(ValueError):
 
 
 class _Holder:
-    """What text_encoding expects of a transformers text encoder: `.transformer`, `.tokenizer`."""
+    """What text_encoding expects of a transformers text encoder: `.transformer`, `.tokenizer`; `zero_pad`:
+    rows are zeros after their end token (SDXL's second tokenizer pads with "!", id 0, as open_clip does)."""
 
-    def __init__(self, transformer, tokenizer):
-        self.transformer, self.tokenizer = transformer, tokenizer
+    def __init__(self, transformer, tokenizer, zero_pad: bool = False):
+        self.transformer, self.tokenizer, self.zero_pad = transformer, tokenizer, zero_pad
 
 
 class _Pipeline(nn.Module):
-    def __init__(self, unet, text_encoder, vae):
+    def __init__(self, unet, text_encoder, vae, text_encoder_2=None):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        if text_encoder_2 is not None:
+            self.text_encoder_2 = text_encoder_2
 
 
 class DiffusersHost:
     def __init__(self, folder: str):
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         missing = [d for d in ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
                    if not os.path.isdir(os.path.join(folder, d))]
         if missing:
             raise DiffusersError(f"{folder}: not a diffusers model folder (no {', '.join(missing)})")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-        if unet.config.addition_embed_type is not None:
-            raise DiffusersError(f"{folder}: SDXL diffusers folders are not supported for training yet")
+        sdxl = unet.config.addition_embed_type == "text_time"
+        if unet.config.addition_embed_type is not None and not sdxl:
+            raise DiffusersError(f"{folder}: a UNet with addition_embed_type {unet.config.addition_embed_type!r} "
+                                 "is not Stable Diffusion 1/2 or SDXL")
+        if sdxl and not all(os.path.isdir(os.path.join(folder, d)) for d in ("text_encoder_2", "tokenizer_2")):
+            raise DiffusersError(f"{folder}: an SDXL UNet without text_encoder_2/ and tokenizer_2/")
+        te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if sdxl else None
         self.model = _Pipeline(unet, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                               AutoencoderKL.from_pretrained(folder, subfolder="vae")).eval()
+                               AutoencoderKL.from_pretrained(folder, subfolder="vae"), te2).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if sdxl else None
         with open(os.path.join(folder, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
             self.scheduler = json.load(f)
 
@@ -66,10 +80,10 @@ class DiffusersHost:
         depths = tuple((depth[i] if isinstance(depth, (list, tuple)) else depth) if "CrossAttn" in t else 0
                        for i, t in enumerate(c.down_block_types))
         mult = tuple(ch // c.block_out_channels[0] for ch in c.block_out_channels)
-        name = "sd2" if c.cross_attention_dim == 1024 else "sd1"
-        te = naming.TextEncoderShape("hf", self.model.text_encoder.config.num_hidden_layers)
+        tes = tuple(naming.TextEncoderShape("hf", m.config.num_hidden_layers) for m in self.text_encoders())
+        name = "sdxl" if len(tes) == 2 else "sd2" if c.cross_attention_dim == 1024 else "sd1"
         mid = depths[-1] if depths[-1] else max(depths)
-        return naming.Arch(name, mult[:levels], depths, mid, bool(c.use_linear_projection), (te,), c.layers_per_block)
+        return naming.Arch(name, mult[:levels], depths, mid, bool(c.use_linear_projection), tes, c.layers_per_block)
 
     @property
     def prediction(self) -> str:
@@ -95,11 +109,31 @@ class DiffusersHost:
     def checkpoint_blocks(self) -> list:
         return list(self.unet.down_blocks) + [self.unet.mid_block] + list(self.unet.up_blocks)
 
+    def text_encoders(self) -> list:
+        second = getattr(self.model, "text_encoder_2", None)
+        return [self.model.text_encoder] + ([second] if second is not None else [])
+
+    def _holders(self) -> list:
+        holders = [_Holder(self.model.text_encoder, self.tokenizer)]
+        if self.tokenizer_2 is not None:
+            holders.append(_Holder(self.model.text_encoder_2, self.tokenizer_2, zero_pad=True))
+        return holders
+
+    @property
+    def pooled_width(self) -> int | None:
+        return self.model.text_encoder_2.config.projection_dim if self.tokenizer_2 is not None else None
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
-    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75):
-        return text_encoding.encode([_Holder(self.model.text_encoder, self.tokenizer)], prompts, clip_skip, max_tokens)
+    def encode_text(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75) -> Text:
+        return text_encoding.encode(self._holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
+
+    def condition(self, text: Text, sizes: list | None = None) -> Cond:
+        return conditioning.condition(text, sizes)
+
+    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None) -> Cond:
+        return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
 
     @property
     def latent_scale(self) -> float:
@@ -114,6 +148,23 @@ class DiffusersHost:
         p = next(self.vae.parameters())
         return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype)).sample
 
-    def predict(self, noisy, timesteps, cond):
+    def predict(self, noisy, timesteps, cond: Cond):
         p = next(self.unet.parameters())
-        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), encoder_hidden_states=cond.to(p.device, p.dtype)).sample
+        c = cond.to(p.device, p.dtype)
+        extra = {} if c.pooled is None else {"added_cond_kwargs": {"text_embeds": c.pooled, "time_ids": c.sizes}}
+        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), encoder_hidden_states=c.crossattn,
+                         **extra).sample
+
+    # --- nothing else patches these layers ----------------------------------------------------------------
+
+    def attention_patches(self) -> list:
+        return sdpa_patches(self.unet)
+
+    def pristine_weight(self, bound):
+        return None
+
+    def weight_written(self, bound, weight) -> None:
+        pass
+
+    def training_weights(self):
+        return contextlib.nullcontext()

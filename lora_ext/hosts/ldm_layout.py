@@ -50,9 +50,13 @@ def unet_from_config(params: dict) -> nn.Module:
     params = dict(params)
     depth = params.pop("transformer_depth", 1)
     mid_depth = params.pop("transformer_depth_middle", None)
+    adm = params.pop("adm_in_channels", None) if params.get("num_classes") == "sequential" else None
+    if adm is not None:
+        params.pop("num_classes")
+    params.pop("spatial_transformer_attn_type", None)        # sgm's attention choice; the math is the same
     if not isinstance(depth, list):
-        return UNetModel(**params, transformer_depth=depth)
-    unet = UNetModel(**params, transformer_depth=1)
+        return _with_label_emb(UNetModel(**params, transformer_depth=depth), adm)
+    unet = _with_label_emb(UNetModel(**params, transformer_depth=1), adm)
     widths = [params["model_channels"] * m for m in params["channel_mult"]]
     for block in list(unet.input_blocks) + list(unet.output_blocks):
         for layer in block:
@@ -61,6 +65,18 @@ def unet_from_config(params: dict) -> nn.Module:
                 width = layer.norm.num_channels
                 _set_depth(layer, next(d for w, d in zip(widths, depth) if w == width and d > 0))
     _set_depth(unet.middle_block[1], mid_depth or depth[-1])
+    return unet
+
+
+def _with_label_emb(unet: nn.Module, adm_in_channels: int | None) -> nn.Module:
+    """sgm's `num_classes: sequential`: the SDXL vector (pooled text + size embeddings) goes through
+    label_emb = Sequential(Sequential(Linear(adm, 4C), SiLU, Linear(4C, 4C))) into the time embedding; ldm's
+    forward adds label_emb(y) when num_classes is set, so only the layer is missing from this ldm version."""
+    if adm_in_channels is None:
+        return unet
+    width = unet.time_embed[0].out_features
+    unet.num_classes = "sequential"
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, width), nn.SiLU(), nn.Linear(width, width)))
     return unet
 
 
@@ -177,11 +193,21 @@ class WebuiLayoutModel(nn.Module):
         self.eval()
 
     def text_holders(self) -> list:
-        return [e.wrapped for e in self.conditioner.embedders] if self.is_sdxl else [self.cond_stage_model.wrapped]
+        return [e.wrapped for e in self.conditioner.embedders if hasattr(e, "wrapped")] if self.is_sdxl \
+            else [self.cond_stage_model.wrapped]
 
-    def get_learned_conditioning(self, prompts: list) -> torch.Tensor:
-        """Per-token text conditioning [batch, 77, context dim] (SDXL: both encoders side by side)."""
-        return torch.cat([h.encode(prompts) for h in self.text_holders()], dim=-1)
+    def get_learned_conditioning(self, prompts: list, width: int = 1024, height: int = 1024):
+        """Per-token text conditioning [batch, 77, context dim]. SDXL: as the webui's sgm model gives it, a dict
+        of "crossattn" (both encoders' penultimate states side by side) and "vector" (label_emb's input, for
+        an uncropped image of the generation's size)."""
+        if not self.is_sdxl:
+            return torch.cat([h.encode(prompts) for h in self.text_holders()], dim=-1)
+        from .conditioning import Size
+        from .webui import WebuiHost
+
+        host = WebuiHost(self)
+        cond = host.encode_prompts(prompts, sizes=[Size.plain(width, height)] * len(prompts))
+        return {"crossattn": cond.crossattn, "vector": cond.vector(host.size_dim)}
 
     def checkpoint_state_dict(self) -> dict:
         """The state dict as a webui single-file checkpoint holds it (no `.wrapped.` in the keys)."""

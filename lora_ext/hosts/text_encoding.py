@@ -22,7 +22,7 @@ def chunked_ids(holder, prompts: list, max_tokens: int) -> torch.Tensor:
     """[batch * chunks, 77] ids: each prompt cut to `max_tokens`, padded with end tokens, split in chunks
     of 75, each wrapped as [start] + chunk + [end]; open_clip rows hold zeros after their first end token."""
     chunks = max_tokens // 75
-    zero_after_end = not hasattr(holder, "tokenizer")
+    zero_after_end = getattr(holder, "zero_pad", not hasattr(holder, "tokenizer"))
     rows = []
     for ids in tokenize(holder, prompts):
         ids = list(ids[:75 * chunks])
@@ -37,33 +37,58 @@ def chunked_ids(holder, prompts: list, max_tokens: int) -> torch.Tensor:
 
 
 def _hf(holder, ids, clip_skip, final_norm=True):
+    """(states, pooled): pooled is the projected end-token output of a CLIPTextModelWithProjection (SDXL's
+    second encoder in diffusers), else None."""
     t = holder.transformer
     out = t(ids.to(t.device), output_hidden_states=clip_skip > 1)
+    pooled = getattr(out, "text_embeds", None)
     if clip_skip <= 1:
-        return out.last_hidden_state
+        return out.last_hidden_state, pooled
     h = out.hidden_states[-clip_skip]
-    return t.text_model.final_layer_norm(h) if final_norm else h
+    return (t.text_model.final_layer_norm(h) if final_norm else h), pooled
 
 
-def _openclip(holder, ids, clip_skip, final_norm=True):
+def _openclip(holder, ids, clip_skip, final_norm=True, pooled=False):
+    """(states, pooled): the states `clip_skip` blocks before the end; with `pooled`, also the end token's
+    final state (after ln_final) through text_projection, as sgm's FrozenOpenCLIPEmbedder2 pools."""
     m = holder.model
     x = m.token_embedding(ids.to(m.token_embedding.weight.device)) + m.positional_embedding
     x = x.permute(1, 0, 2)
-    blocks = m.transformer.resblocks
-    for block in list(blocks)[:len(blocks) - clip_skip]:
+    blocks = list(m.transformer.resblocks)
+    states = None
+    for i, block in enumerate(blocks):
+        if i == len(blocks) - clip_skip:
+            states = x
+            if not pooled:
+                break
         x = block(x, attn_mask=m.attn_mask)
-    x = x.permute(1, 0, 2)
-    return m.ln_final(x) if final_norm else x
+    states = (x if states is None else states).permute(1, 0, 2)
+    states = m.ln_final(states) if final_norm else states
+    if not pooled:
+        return states, None
+    last = m.ln_final(x.permute(1, 0, 2))
+    end = ids.to(last.device).argmax(dim=-1)      # the first end token: the largest id, zeros after it
+    return states, last[torch.arange(len(last)), end] @ m.text_projection
 
 
-def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: bool = False) -> torch.Tensor:
-    outs = []
-    for holder in holders:
+def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: bool = False):
+    """conditioning.Text of the prompts. SDXL: CLIP-L's penultimate states (clip_skip goes further back, as the
+    webui's "Clip skip SDXL" does) beside OpenCLIP bigG's penultimate states (sgm never skips there), and bigG's
+    pooled output of each prompt's first chunk (the webui's choice for long prompts)."""
+    from .conditioning import Text
+
+    outs, pooled = [], None
+    chunks = max_tokens // 75
+    for i, holder in enumerate(holders):
         ids = chunked_ids(holder, prompts, max_tokens)
+        second = sdxl and i == 1
         if hasattr(holder, "transformer"):
-            # SDXL's first encoder gives its penultimate layer without the final norm
-            h = _hf(holder, ids, clip_skip + 1 if sdxl else clip_skip, final_norm=not sdxl)
+            # SDXL's encoders give their penultimate layer without the final norm
+            skip = (1 if second else clip_skip) + 1 if sdxl else clip_skip
+            h, p = _hf(holder, ids, skip, final_norm=not sdxl)
         else:
-            h = _openclip(holder, ids, clip_skip, final_norm=not sdxl)
+            h, p = _openclip(holder, ids, 1 if sdxl else clip_skip, final_norm=not sdxl, pooled=second)
+        if second:
+            pooled = p[::chunks]
         outs.append(h.reshape(len(prompts), -1, h.shape[-1]))
-    return torch.cat(outs, dim=-1)
+    return Text(torch.cat(outs, dim=-1), pooled)

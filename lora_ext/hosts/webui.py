@@ -1,12 +1,15 @@
 """The host adapter over the webui's loaded model (`modules.shared.sd_model`), or anything with its layout
-(the tiny test models). It needs nothing from the webui's `modules` package: the model object is enough."""
+(the tiny test models). It needs nothing from the webui's `modules` package: the model object is enough
+(running a job inside the webui is lora_ext.glue's)."""
 from __future__ import annotations
 
 from functools import cached_property
 
 from .. import naming
-from . import builtin_lora, text_encoding
+from . import builtin_lora, conditioning, text_encoding
 from .base import bind, sample_latents
+from .conditioning import Cond, Text
+from .ldm_attention import sdpa_patches
 
 
 class WebuiHost:
@@ -45,7 +48,13 @@ class WebuiHost:
 
     def text_holders(self) -> list:
         m = self.model
-        return [e.wrapped for e in m.conditioner.embedders] if getattr(m, "is_sdxl", False) else [m.cond_stage_model.wrapped]
+        if getattr(m, "is_sdxl", False):      # the text embedders (the size embedders hold no `.wrapped`)
+            return [e.wrapped for e in m.conditioner.embedders if hasattr(e, "wrapped")]
+        return [m.cond_stage_model.wrapped]
+
+    def text_encoders(self) -> list:
+        """The text encoder modules (to move off the device once their outputs are cached)."""
+        return self.text_holders()
 
     @property
     def latent_scale(self) -> float:
@@ -59,11 +68,31 @@ class WebuiHost:
     def count_tokens(self, text: str) -> int:
         return len(text_encoding.tokenize(self.text_holders()[0], [text])[0])
 
-    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75):
-        """Per-token conditioning [batch, 77 * chunks, dim]: each prompt cut or padded to `max_tokens`
-        (75, 150, 225), split in 75-token chunks, each encoded with its own start/end tokens and the results
-        joined, as the webui does at generation time. SDXL: both encoders side by side."""
+    def encode_text(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75) -> Text:
+        """Per-token states [batch, 77 * chunks, dim]: each prompt cut or padded to `max_tokens` (75, 150,
+        225), split in 75-token chunks, each encoded with its own start/end tokens and the results joined, as
+        the webui does at generation time. SDXL: both encoders side by side, and the pooled output."""
         return text_encoding.encode(self.text_holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
+
+    @property
+    def pooled_width(self) -> int | None:
+        """SDXL: the width of the second encoder's pooled, projected output (real: 1280)."""
+        if not hasattr(self.unet, "label_emb"):
+            return None
+        return self.text_holders()[-1].model.text_projection.shape[1]
+
+    @cached_property
+    def size_dim(self) -> int | None:
+        """SDXL: channels per size number, what label_emb takes beyond the pooled text (real models: 256)."""
+        if self.pooled_width is None:
+            return None
+        return (self.unet.label_emb[0][0].in_features - self.pooled_width) // 6
+
+    def condition(self, text: Text, sizes: list | None = None) -> Cond:
+        return conditioning.condition(text, sizes)
+
+    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None) -> Cond:
+        return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
 
     def encode_images(self, pixels, seeds=None):
         """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
@@ -76,46 +105,24 @@ class WebuiHost:
         p = next(self.vae.parameters())
         return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
 
-    def predict(self, noisy, timesteps, cond):
-        if hasattr(self.unet, "label_emb"):
-            raise NotImplementedError("training SDXL on the webui's model needs its size conditioning (ADM "
-                                      "vector), which lora_ext does not build yet")
+    def predict(self, noisy, timesteps, cond: Cond):
         p = next(self.unet.parameters())
-        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=cond.to(p.device, p.dtype))
+        c = cond.to(p.device, p.dtype)
+        extra = {} if c.pooled is None else {"y": c.vector(self.size_dim)}
+        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=c.crossattn, **extra)
 
+    # --- living beside the webui's built-in Lora, and its faster attention -------------------------------
 
-def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_id=None):
-    """Trains on the webui's loaded model in place, as one of its jobs: behind the lock that serialises
-    generation (so the two never overlap), with the webui's progress state (job, step counter, text) and
-    its Interrupt button as the cancel. `before(host)` runs first, under the lock (the panel gives its
-    merged LoRAs back there, so training starts from the checkpoint's own weights). `task_id`: the id the
-    page's progress bar asks the webui's progress API about (queued, then current while the run goes)."""
-    from modules import call_queue, progress, shared
+    def attention_patches(self) -> list:
+        return sdpa_patches(self.unet)
 
-    from ..train.loop import train
+    def pristine_weight(self, bound):
+        """The weight before any network (the built-in Lora's backup when it holds one), or None = the live one."""
+        return builtin_lora.backup_of(bound)
 
-    if task_id:
-        progress.add_task_to_queue(task_id)
-    with call_queue.queue_lock:
-        if task_id:
-            progress.start_task(task_id)
-        host = WebuiHost(shared.sd_model)
-        if before is not None:
-            before(host)
-        shared.state.begin(job="lora_ext training")
-        shared.state.job_count = 1
-        try:
-            def relay(event):
-                if event.kind == "step":
-                    shared.state.sampling_steps = event.total
-                    shared.state.sampling_step = event.step
-                    shared.state.textinfo = f"LoRA training: step {event.step}/{event.total}, loss {event.avg_loss:.4f}"
-                if on_event is not None:
-                    on_event(event)
-            with builtin_lora.checkpoint_weights(host.model):
-                return train(host, cfg, relay,
-                             should_stop=lambda: shared.state.interrupted or bool(should_stop and should_stop()))
-        finally:
-            shared.state.end()
-            if task_id:
-                progress.finish_task(task_id)
+    def weight_written(self, bound, weight) -> None:
+        builtin_lora.hand_over(bound, weight)
+
+    def training_weights(self):
+        """While training, the model holds the checkpoint's own weights (the built-in's deltas set aside)."""
+        return builtin_lora.checkpoint_weights(self.model)

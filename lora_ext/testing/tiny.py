@@ -38,6 +38,7 @@ class TinySpec:
     te_heads: int = 2
     te_mlp: int = 2                 # text encoder MLP width / hidden width
     full_vae: bool = False          # the real SD VAE shape instead of a tiny one
+    size_dim: int = 16              # SDXL: channels per size number in the label_emb vector (real: 256)
 
 
 SPECS = {
@@ -132,6 +133,9 @@ def _unet_params(spec: TinySpec) -> dict:
         unet["num_heads"] = spec.unet_heads
     if spec.arch == "sdxl":
         unet["transformer_depth_middle"] = spec.mid_depth
+        # sgm's vector: the second encoder's pooled output (its width: open_clip projects to the width
+        # here) and six size numbers (real: 1280 + 6 * 256 = 2816)
+        unet.update(num_classes="sequential", adm_in_channels=spec.te[1][1] + 6 * spec.size_dim)
     return unet
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hosts.conditioning import Size
 from .dataset import Item, assign_bucket, crop_box, load_image, process_caption
 
 
@@ -62,14 +63,27 @@ def flipped(sample: Sample, aug: Augment) -> bool:
     return aug.flip and _rng("flip", sample.seed).random() < 0.5
 
 
+def _crop(sample: Sample, aug: Augment):
+    rng = _rng("crop", sample.seed) if aug.random_crop else None
+    return crop_box(sample.item.size, sample.bucket, rng)
+
+
+def size_of(sample: Sample, aug: Augment, flip: bool) -> Size:
+    """SDXL's size conditioning as kohya records it: the image's original (h, w), the crop's top-left in
+    the resized image (mirrored when the image is flipped), the bucket's (h, w)."""
+    (rw, _), (left, top, right, _) = _crop(sample, aug)
+    w, h = sample.item.size
+    bw, bh = sample.bucket
+    return Size((h, w), (top, rw - right if flip else left), (bh, bw))
+
+
 def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tensor:
     """The sample's image as a [3, h, w] tensor in [-1, 1], resized to cover its bucket and cropped."""
     import numpy as np
     from PIL import Image
 
     image, _ = load_image(sample.item.path)
-    rng = _rng("crop", sample.seed) if aug.random_crop else None
-    resized, box = crop_box(image.size, sample.bucket, rng)
+    resized, box = _crop(sample, aug)
     image = image.resize(resized, Image.LANCZOS).crop(box)
     if flipped(sample, aug) if flip is None else flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)

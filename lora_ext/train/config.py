@@ -51,6 +51,8 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs: bool = False        # encode each caption once (needs the text encoders frozen)
+    cache_text_encoder_outputs_to_disk: bool = False
     # schedule
     train_batch_size: int = 1
     max_train_steps: int = 1600
@@ -70,7 +72,7 @@ class TrainConfig:
     optimizer_args: list = field(default_factory=list)
     learning_rate: float = 2e-6
     unet_lr: float | None = None
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | list | None = None     # SDXL: one for both encoders, or [te1, te2] (kohya's nargs)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
@@ -87,6 +89,9 @@ class TrainConfig:
     # loss
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
+    min_timestep: int = 0               # noise timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int = 1000
+    zero_terminal_snr: bool = False     # rescale the schedule so that the last timestep is pure noise
     # samples & logging
     sample_every_n_steps: int = 0
     sample_every_n_epochs: int = 0
@@ -113,14 +118,23 @@ class TrainConfig:
         return out
 
     def lrs(self) -> tuple[float, float]:
-        """(UNet lr, text encoder lr): each defaults to learning_rate; 0 means that part is not trained."""
+        """(UNet lr, text encoder lr; SDXL: the first encoder's): each defaults to learning_rate; 0 means
+        that part is not trained."""
+        lrs = self.component_lrs()
+        return lrs["unet"], lrs["te"]
+
+    def component_lrs(self) -> dict:
+        """{'unet', 'te' (SD1/SD2), 'te1', 'te2' (SDXL): lr}. A list text_encoder_lr gives each SDXL encoder
+        its own (kohya: the second value is the second encoder's; one value is both's)."""
         unet = self.learning_rate if self.unet_lr is None else self.unet_lr
-        te = self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+        te = self.text_encoder_lr if isinstance(self.text_encoder_lr, list) else [self.text_encoder_lr]
+        te = [self.learning_rate if v is None else v for v in te] or [self.learning_rate]
+        te1, te2 = te[0], te[-1]
         if self.network_train_unet_only:
-            te = 0.0
+            te1 = te2 = 0.0
         if self.network_train_text_encoder_only:
             unet = 0.0
-        return unet, te
+        return {"unet": unet, "te": te1, "te1": te1, "te2": te2}
 
     def validate(self) -> None:
         """Raises ConfigError naming every option that is out of range or contradicts another."""
@@ -148,8 +162,30 @@ class TrainConfig:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
+        problems += self._timestep_problems() + self._text_cache_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+    def _timestep_problems(self) -> list:
+        if self.min_timestep >= self.max_timestep:
+            return [f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})"]
+        return []
+
+    def _text_cache_problems(self) -> list:
+        """kohya's rule: cached text-encoder outputs are fixed per caption, so the encoders are not trained
+        and captions do not change from step to step."""
+        if not (self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk):
+            return []
+        lrs = self.component_lrs()
+        problems = []
+        if not self.network_train_unet_only and (lrs["te1"] > 0 or lrs["te2"] > 0):
+            problems.append("cache_text_encoder_outputs needs the text encoders frozen: add network_train_unet_only")
+        changing = [n for n in ("shuffle_caption", "caption_dropout_rate") if getattr(self, n)]
+        if changing:
+            problems.append(f"cache_text_encoder_outputs keeps one encoding per caption; {', '.join(changing)} "
+                            "changes captions every step: turn one of them off")
+        return problems
 
 
 # (smallest, largest) allowed; None = no bound. Every number must also be finite.
@@ -162,7 +198,7 @@ RANGES = {
     "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "sample_every_n_steps": (0, None),
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
     "caption_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
-    "min_snr_gamma": (0, None), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
+    "min_snr_gamma": (0, None), "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
     "bucket_reso_steps": (8, None),
 }
 NET_ARG_RANGES = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "rank_dropout": (0, 0.99, float),
@@ -186,9 +222,12 @@ def _range_problems(cfg) -> list:
             continue
         if name == "max_train_steps" and cfg.max_train_epochs:
             continue            # the epochs decide (as in kohya); the steps are not used
-        problem = _out_of_range(name, v, lo, hi)
-        if problem:
-            problems.append(problem)
+        for x in v if isinstance(v, list) else [v]:
+            problem = _out_of_range(name, x, lo, hi)
+            if problem:
+                problems.append(problem)
+    if isinstance(cfg.text_encoder_lr, list) and not 1 <= len(cfg.text_encoder_lr) <= 2:
+        problems.append(f"text_encoder_lr takes one value, or two (SDXL's two encoders), not {len(cfg.text_encoder_lr)}")
     return problems
 
 
@@ -224,7 +263,7 @@ def _number(v, kind):
 # "unknown option"
 KOHYA_UNSUPPORTED = {
     "deepspeed", "fp8_base", "full_fp16", "full_bf16", "color_aug", "face_crop_aug_range", "token_warmup_min",
-    "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale", "zero_terminal_snr",
+    "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale",
     "scale_weight_norms", "ip_noise_gamma", "debiased_estimation_loss", "masked_loss", "loss_type",
     "huber_schedule", "huber_c", "dataset_config", "in_json", "vae", "log_with", "wandb_api_key",
     "huggingface_repo_id", "save_last_n_epochs", "save_n_epoch_ratio", "dim_from_weights", "base_weights",
@@ -298,6 +337,9 @@ def from_dict(values: dict, source: str = "options") -> TrainConfig:
 
 def _coerce(f: dataclasses.Field, v, source):
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else None
+    if f.name == "text_encoder_lr" and isinstance(v, (list, tuple)):
+        values = [_coerce(f, x, source) for x in v]
+        return None if not values else values[0] if len(values) == 1 else values
     if f.name in ("unet_lr", "text_encoder_lr"):
         kind = float
         if v in (None, ""):

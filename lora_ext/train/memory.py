@@ -136,7 +136,7 @@ def estimate(host, cfg) -> dict:
     amp = autocast_dtype(cfg.mixed_precision, device, [])
     unet_lr, te_lr = cfg.lrs()
     with torch.device("meta"):
-        network = network_for(host, cfg, unet_lr, te_lr)
+        network = network_for(host, cfg)
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
     weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device)
@@ -151,8 +151,7 @@ def estimate(host, cfg) -> dict:
 
     def unet_forward():
         noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
-        cond = torch.empty(batch, tokens, _context_width(host), device="meta", dtype=dtype)
-        return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), cond)
+        return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), _meta_cond(host, batch, tokens, dtype))
 
     # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers)
     with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
@@ -162,7 +161,7 @@ def estimate(host, cfg) -> dict:
             # transformers' CLIP cannot run on meta tensors: one real caption, its saved tensors dropped at once
             te_trained = {id(b.param) for b in targets.values() if not b.target.is_unet}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda"):
-                te = saved_activations(host, lambda: host.encode_prompts(["a"], cfg.clip_skip, cfg.max_token_length),
+                te = saved_activations(host, lambda: host.encode_text(["a"], cfg.clip_skip, cfg.max_token_length).tokens,
                                        te_trained, dtype, meta=False)
             activations += te["total"] * batch
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
@@ -170,6 +169,16 @@ def estimate(host, cfg) -> dict:
     return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
             "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _meta_cond(host, batch: int, tokens: int, dtype):
+    from ..hosts.conditioning import Cond
+
+    cross = torch.empty(batch, tokens, _context_width(host), device="meta", dtype=dtype)
+    if getattr(host, "pooled_width", None) is None:
+        return Cond(cross)
+    return Cond(cross, torch.empty(batch, host.pooled_width, device="meta", dtype=dtype),
+                torch.empty(batch, 6, device="meta"))
 
 
 def describe(est: dict) -> str:

@@ -44,13 +44,13 @@ def _shape_layer(bound) -> nn.Module:
 class TrainableNetwork(nn.Module):
     def __init__(self, targets: dict, dim: int, alpha: float | None = None, conv_dim: int | None = None,
                  conv_alpha: float | None = None, dropout: float = 0.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0, train_unet: bool = True, train_te: bool = True):
+                 module_dropout: float = 0.0, trained=lambda target: True):
         super().__init__()
         self.bound = {}
         self.loras = nn.ModuleDict()
         for name, bound in targets.items():
             t = bound.target
-            if (t.is_unet and not train_unet) or (not t.is_unet and not train_te):
+            if not trained(t):
                 continue
             if t.locon and not conv_dim:
                 continue
@@ -65,6 +65,10 @@ class TrainableNetwork(nn.Module):
 
     def te_parameters(self):
         return [p for n, m in self.loras.items() if not self.bound[n].target.is_unet for p in m.parameters()]
+
+    def parameters_of(self, component: str) -> list:
+        """The LoRA parameters on one part: 'unet', 'te' (SD1/SD2), 'te1' or 'te2' (SDXL)."""
+        return [p for n, m in self.loras.items() if self.bound[n].target.component == component for p in m.parameters()]
 
     def attach(self) -> None:
         mha_parts: dict = {}
@@ -116,11 +120,13 @@ class TrainableNetwork(nn.Module):
         return missing
 
 
-def network_for(host, cfg, unet_lr: float, te_lr: float) -> TrainableNetwork:
-    """The network a run's options ask for (LoCon's conv_dim/conv_alpha and the dropouts in network_args)."""
+def network_for(host, cfg) -> TrainableNetwork:
+    """The network a run's options ask for (LoCon's conv_dim/conv_alpha and the dropouts in network_args),
+    on the parts whose learning rate is not 0."""
     args = cfg.net_args
+    lrs = cfg.component_lrs()
     return TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
                             int(args["conv_dim"]) if "conv_dim" in args else None,
                             float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
                             float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
-                            train_unet=unet_lr > 0, train_te=te_lr > 0)
+                            trained=lambda t: lrs[t.component] > 0)

@@ -7,14 +7,23 @@ import torch
 
 @torch.no_grad()
 def sample_image(host, prompt: str, seed: int, steps: int = 20, cfg_scale: float = 7.0, size=(512, 512),
-                 negative: str = "", clip_skip: int = 1, max_tokens: int = 75):
+                 negative: str = "", clip_skip: int = 1, max_tokens: int = 75, schedule=None):
+    """`schedule`: (alphas_cumprod, 'eps' | 'v') when the run's differ from the host's (zero terminal SNR,
+    --v_parameterization). SDXL: conditioned on the image's own size, an empty negative prompt as zeros
+    (sgm's force_zero_embeddings, what the webui does)."""
     import numpy as np
     from PIL import Image
 
-    cond = host.encode_prompts([negative, prompt], clip_skip, max_tokens)
+    from ..hosts.conditioning import Size, Text
+
+    text = host.encode_text([negative, prompt], clip_skip, max_tokens)
+    if not negative and text.pooled is not None:
+        text = Text.cat([text.rows(slice(0, 1)).zeros(), text.rows(slice(1, 2))])
+    cond = host.condition(text, [Size.plain(*size)] * 2)
+    ac, prediction = schedule or (host.alphas_cumprod, host.prediction)
+    ac = ac.detach().float().cpu().clamp_min(1e-8)         # a zero-terminal-SNR schedule ends at 0
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randn(1, 4, size[1] // 8, size[0] // 8, generator=g)
-    ac = host.alphas_cumprod.detach().float().cpu()
     ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
     for i, t in enumerate(ts):
         a = ac[t]
@@ -22,7 +31,7 @@ def sample_image(host, prompt: str, seed: int, steps: int = 20, cfg_scale: float
         out = host.predict(torch.cat([x, x]), torch.stack([t, t]), cond).float().cpu()
         uncond, c = out.chunk(2)
         out = uncond + cfg_scale * (c - uncond)
-        if host.prediction == "v":
+        if prediction == "v":
             eps, x0 = a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
         else:
             eps, x0 = out, (x - (1 - a).sqrt() * out) / a.sqrt()

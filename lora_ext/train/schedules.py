@@ -31,3 +31,13 @@ def lr_factor(name: str, step: int, total: int, warmup: int = 0, cycles: int = 1
     if step > total:
         return lr_end / lr
     return ((lr - lr_end) * (1 - progress) ** power + lr_end) / lr
+
+
+def zero_terminal_snr(alphas_cumprod):
+    """The schedule rescaled so that its last timestep is pure noise (SNR 0) and its first unchanged: sqrt of
+    alphas_cumprod shifted to end at 0 and scaled back to start where it did (Lin et al. 2023, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1)."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root ** 2).to(alphas_cumprod.dtype)

@@ -58,11 +58,14 @@ def process_images(p):
         p.scripts.before_process(p)
         p.scripts.process(p)
     with torch.no_grad():
-        cond = model.get_learned_conditioning([p.prompt])
+        cond = model.get_learned_conditioning([p.prompt], p.width, p.height) if model.is_sdxl else \
+            model.get_learned_conditioning([p.prompt])
+        # sgm's UNet takes the SDXL dict's parts as context and y
+        unet_args = dict(context=cond["crossattn"], y=cond["vector"]) if isinstance(cond, dict) else dict(context=cond)
         g = torch.Generator().manual_seed(int(p.seed))
         latent = torch.randn(1, 4, p.height // 8, p.width // 8, generator=g)
         for t in torch.linspace(900, 100, p.steps).long():
-            eps = model.model.diffusion_model(latent, t[None], context=cond)
+            eps = model.model.diffusion_model(latent, t[None], **unet_args)
             latent = latent - eps / p.steps
         image = model.first_stage_model.decode(latent)[0]
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()

@@ -1,0 +1,76 @@
+"""The loss of one micro-batch, host-agnostic: latents (cached or encoded), the UNet's conditioning (text,
+cached or encoded, and for SDXL each image's sizes), noise at a random timestep, the host's prediction,
+the denoising loss against the target of the model's parameterization."""
+from __future__ import annotations
+
+import torch
+
+from . import batches
+
+
+def sample_rng(sample, salt: int) -> torch.Generator:
+    # every random draw of a sample comes from its own seed (set by the epoch plan): the same whichever
+    # process takes it, and whether the run was resumed or not
+    return torch.Generator().manual_seed((sample.seed ^ salt) & (2 ** 62 - 1))
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def latents_of(run, batch, flips) -> torch.Tensor:
+    if run.latent_cache is not None:
+        return torch.stack([run.latent_cache.get(s, run.aug, f) for s, f in zip(batch, flips)])
+    with torch.no_grad():
+        px = torch.stack([batches.pixels(s, run.aug) for s in batch])
+        return run.host.encode_images(px, [s.seed ^ 0x5EED for s in batch]).float()
+
+
+def cond_of(run, batch, flips):
+    """The conditioning of the micro-batch (with gradients through the text encoders they are trained)."""
+    cfg, host = run.cfg, run.host
+    captions = [batches.caption_of(s, run.aug) for s in batch]
+    if run.text_cache is not None:
+        text = run.text_cache.get(captions)
+    else:
+        with torch.set_grad_enabled(run.train_te), autocast(run.device, run.amp):
+            text = host.encode_text(captions, cfg.clip_skip, cfg.max_token_length)
+    return host.condition(text, [batches.size_of(s, run.aug, f) for s, f in zip(batch, flips)])
+
+
+def noise_and_timesteps(run, batch, shape):
+    cfg, noise, t = run.cfg, [], []
+    high = min(cfg.max_timestep, len(run.ac))
+    for s in batch:
+        g = sample_rng(s, 0x0015E)
+        n = torch.randn(shape, generator=g)
+        if cfg.noise_offset:
+            n = n + cfg.noise_offset * torch.randn(shape[:1] + (1, 1), generator=g)
+        noise.append(n)
+        t.append(torch.randint(cfg.min_timestep, high, (1,), generator=g))
+    return torch.stack(noise).to(run.device), torch.cat(t)
+
+
+def loss_sum(run, batch) -> torch.Tensor:
+    """The summed denoising loss of the samples: noise added at a random timestep, predicted, compared (MSE
+    per sample, optionally min-SNR weighted, regularization images weighted by prior_loss_weight)."""
+    cfg, device = run.cfg, run.device
+    flips = [batches.flipped(s, run.aug) for s in batch]
+    latents = latents_of(run, batch, flips).to(device)
+    cond = cond_of(run, batch, flips)
+    noise, t = noise_and_timesteps(run, batch, latents.shape[1:])
+    a = run.ac[t].to(device).view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = noise if run.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    with autocast(device, run.amp):
+        pred = run.host.predict(noisy, t.to(device), cond)
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        # the last timestep of a zero-terminal-SNR schedule has SNR 0, where the weight's limit is 1 (eps)
+        snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
+        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+        per_sample = per_sample * (clipped / snr if run.prediction == "eps" else clipped / (snr + 1))
+    weights = torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0 for s in batch], device=device)
+    return (per_sample * weights).sum()

@@ -1,0 +1,410 @@
+"""SDXL end to end on the tiny SDXL: its conditioning against independent implementations (diffusers' UNet
+and pipeline, open_clip's own pooling, diffusers' and ldm's sinusoidal embeddings), training on the webui
+layout and on a diffusers folder, and kohya's SDXL options."""
+import copy
+import os
+import types
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lora_ext import files
+from lora_ext.hosts.conditioning import Cond, Size, Text, sinusoidal
+from lora_ext.hosts.webui import WebuiHost
+from lora_ext.testing import sample_data, tiny
+from lora_ext.train import batches, dataset
+from lora_ext.train.config import ConfigError, TrainConfig
+from lora_ext.train.loop import train
+from test_train import _assert_same, _cli, _model_state
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return sample_data.make_sample_dataset(str(tmp_path_factory.mktemp("data")), size=64, per_concept=3)
+
+
+def _cfg(data, out, **kw):
+    base = dict(train_data_dir=data["train"], caption_extension=".txt", output_dir=str(out), output_name="x",
+                resolution="64", train_batch_size=2, max_train_steps=4, network_dim=4, network_alpha=2,
+                learning_rate=1e-3, mixed_precision="no", seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+# --- conditioning against independent implementations ------------------------------------------------------
+
+def test_size_numbers_embed_as_diffusers_and_ldm_embed_timesteps():
+    from diffusers.models.embeddings import Timesteps
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    numbers = torch.tensor([1024.0, 768.0, 0.0, 32.0, 1024.0, 1024.0, 37.5])
+    for dim in (16, 256):
+        ours = sinusoidal(numbers, dim)
+        torch.testing.assert_close(ours, Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)(numbers))
+        torch.testing.assert_close(ours, timestep_embedding(numbers, dim))
+    cond = Cond(torch.zeros(1, 77, 8), torch.arange(4.0)[None], torch.tensor([[1024.0, 768, 0, 32, 1024, 1024]]))
+    vector = cond.vector(16)
+    assert vector.shape == (1, 4 + 6 * 16)
+    torch.testing.assert_close(vector[0, 4 + 16:4 + 32], sinusoidal(torch.tensor([768.0]), 16)[0])   # original width
+
+
+def test_pooled_output_is_open_clips_own_text_embedding():
+    model = tiny_model("sdxl")
+    host = WebuiHost(model)
+    clip = host.text_holders()[1].model
+    from lora_ext.hosts.text_encoding import chunked_ids
+
+    with torch.no_grad():
+        text = host.encode_text(["a red cat on a mat", "blue"])
+        ids = chunked_ids(host.text_holders()[1], ["a red cat on a mat", "blue"], 75)
+        want = clip.encode_text(ids)            # open_clip: all blocks, ln_final, end token, text_projection
+    assert text.tokens.shape == (2, 77, 32 + 64) and text.pooled.shape == (2, 64)
+    torch.testing.assert_close(text.pooled, want)
+
+
+def test_long_prompts_pool_their_first_chunk():
+    host = WebuiHost(tiny_model("sdxl"))
+    words = "a photo of a red cat, " * 15
+    with torch.no_grad():
+        long = host.encode_text([words], max_tokens=150)
+        first = host.encode_text([" ".join(words.split()[:60])], max_tokens=75)
+    assert long.tokens.shape == (1, 154, 96)
+    from lora_ext.hosts.text_encoding import chunked_ids, tokenize
+    assert len(tokenize(host.text_holders()[1], [words])[0]) > 75
+    rows = chunked_ids(host.text_holders()[1], [words], 150)
+    with torch.no_grad():
+        torch.testing.assert_close(long.pooled, host.text_holders()[1].model.encode_text(rows[:1]))
+    assert not torch.allclose(long.pooled, first.pooled)
+
+
+def test_the_size_conditioning_reaches_the_unet():
+    host = WebuiHost(tiny_model("sdxl"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        text = host.encode_text(["a cat"])
+        a = host.predict(x, t, host.condition(text, [Size.plain(64, 64)]))
+        b = host.predict(x, t, host.condition(text, [Size((128, 96), (16, 0), (64, 64))]))
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="one Size per prompt"):
+        host.condition(text, None)
+
+
+def _diffusers_sdxl_folder(folder, model):
+    """The tiny SDXL as a diffusers folder: the UNet and both encoders converted with diffusers' own single-file
+    functions (the size embedding width set to the tiny one: diffusers assumes SDXL's 256)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_open_clip_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from lora_ext.hosts import ldm_layout
+
+    ckpt = model.checkpoint_state_dict()
+    config = create_unet_diffusers_config_from_ldm(tiny.ldm_config(model.spec), ckpt)
+    config.update(addition_embed_type="text_time", addition_time_embed_dim=model.spec.size_dim, class_embed_type=None)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    model.conditioner.embedders[0].wrapped.transformer.save_pretrained(os.path.join(folder, "text_encoder"))
+    _, width, layers = model.spec.te[1]
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=width * 4,
+                                                     num_hidden_layers=layers, num_attention_heads=2,
+                                                     max_position_embeddings=77, projection_dim=width, hidden_act="gelu"))
+    te2.load_state_dict(convert_open_clip_checkpoint(te2, ckpt, prefix="conditioner.embedders.1.model."), strict=False)
+    te2.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    tok = copy.deepcopy(ldm_layout.clip_tokenizer())
+    tok.model_max_length = 77           # what the real SDXL tokenizers say (the pipeline pads to it)
+    tok.save_pretrained(os.path.join(folder, "tokenizer"))
+    tok2 = copy.deepcopy(tok)
+    tok2.pad_token = "!"
+    tok2.save_pretrained(os.path.join(folder, "tokenizer_2"))
+    AutoencoderKL(block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
+                  norm_num_groups=32, scaling_factor=0.13025).save_pretrained(os.path.join(folder, "vae"))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        os.path.join(folder, "scheduler"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def diffusers_sdxl(tmp_path_factory):
+    from lora_ext.hosts.diffusers_host import DiffusersHost
+
+    return DiffusersHost(_diffusers_sdxl_folder(str(tmp_path_factory.mktemp("dsdxl")), tiny_model("sdxl")))
+
+
+def test_a_diffusers_sdxl_folder_conditions_and_predicts_as_the_webui_layout_does(diffusers_sdxl):
+    """Two implementations of the whole SDXL conditioning: ldm's UNet fed sgm's vector (label_emb) on the webui
+    layout, diffusers' UNet embedding time_ids itself from text_embeds and the six numbers."""
+    webui = WebuiHost(tiny_model("sdxl"))
+    prompts = ["a red cat, sitting", "blue square"]
+    sizes = [Size((96, 80), (8, 0), (64, 64)), Size.plain(64, 64)]
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    with torch.no_grad():
+        a, b = webui.encode_text(prompts, max_tokens=150), diffusers_sdxl.encode_text(prompts, max_tokens=150)
+        torch.testing.assert_close(b.tokens, a.tokens, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.pooled, a.pooled, rtol=1e-4, atol=1e-5)
+        pa = webui.predict(x, t, webui.condition(a, sizes))
+        pb = diffusers_sdxl.predict(x, t, diffusers_sdxl.condition(b, sizes))
+    torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5)
+    assert diffusers_sdxl.arch.name == "sdxl" and set(diffusers_sdxl.lora_targets()) == set(webui.lora_targets())
+
+
+def test_text_encoding_matches_diffusers_sdxl_pipeline(diffusers_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    m = diffusers_sdxl.model
+    pipe = StableDiffusionXLPipeline(vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2,
+                                     tokenizer=diffusers_sdxl.tokenizer, tokenizer_2=diffusers_sdxl.tokenizer_2,
+                                     unet=m.unet, scheduler=__import__("diffusers").DDPMScheduler())
+    prompts = ["a red cat, sitting", "blue square"]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+        ours = diffusers_sdxl.encode_text(prompts)
+    torch.testing.assert_close(ours.tokens, embeds, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_size_of_a_sample_is_what_kohya_records(tmp_path):
+    from PIL import Image
+
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (120, 60), (200, 10, 10)).save(path)
+    item = dataset.Item(path, "c", True, (120, 60), "c", 1, False)
+    sample = batches.Sample(item, (64, 64), seed=5)
+    size = batches.size_of(sample, batches.Augment(), flip=False)
+    # resized to cover 64x64: 128x64; the centered crop starts 32 px in
+    assert size == Size((60, 120), (0, 32), (64, 64))
+    mirrored = batches.size_of(sample, batches.Augment(), flip=True)
+    assert mirrored.crop_top_left == (0, 128 - 96)
+    crops = {batches.size_of(batches.Sample(item, (64, 64), seed=s), batches.Augment(random_crop=True), False).crop_top_left
+             for s in range(20)}
+    assert len(crops) > 3 and all(0 <= left <= 64 and top == 0 for top, left in crops)
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+def test_sdxl_training_leaves_the_model_as_it_was_and_writes_kohyas_sdxl_file(data, tmp_path):
+    model = tiny_model("sdxl")
+    before = _model_state(model)
+    result = train(WebuiHost(model), _cfg(data, tmp_path, network_args=["conv_dim=2"], gradient_checkpointing=True,
+                                          cache_latents=True, text_encoder_lr=[1e-3, 5e-4],
+                                          sample_prompts=["a red cat"], sample_every_n_steps=4, sample_steps=2))
+    _assert_same(model, before)
+    lora = files.read(result.lora_path)
+    names = set(lora.modules)
+    assert lora.arch.name == "sdxl" and lora.network == "locon" and result.steps == 4
+    assert any(n.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for n in names)
+    assert any(n.startswith("lora_te1_text_model_encoder_layers_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_encoder_layers_") for n in names)
+    meta = lora.metadata
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["ss_text_encoder_lr"] == "[0.001, 0.0005]"
+    assert len(os.listdir(tmp_path / "samples")) == 1
+
+
+def test_sdxl_text_encoders_get_their_own_learning_rates(data, tmp_path):
+    from lora_ext.train import loop
+
+    run = loop.prepare(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, text_encoder_lr=[2e-4, 0], unet_lr=1e-3),
+                       lambda e: None, lambda: False)
+    from lora_ext.train.network import network_for
+    run.network = network_for(run.host, run.cfg)
+    assert run.network.parameters_of("te1") and not run.network.parameters_of("te2")
+    groups = loop._optimizer(run).param_groups
+    assert sorted(g["lr"] for g in groups) == [2e-4, 1e-3]
+
+
+def test_sdxl_training_lowers_the_loss_on_fixed_noise(data, tmp_path):
+    from lora_ext.apply import Engine, Request
+
+    model = copy.deepcopy(tiny_model("sdxl"))
+    host = WebuiHost(model)
+    scan = dataset.scan(data["train"], caption_extension=".txt")
+    samples = [s for b in batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0) for s in b][:6]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        lat = torch.cat([host.encode_images(batches.pixels(s, batches.Augment())[None], [i]) for i, s in enumerate(samples)])
+        cond = host.encode_prompts([s.item.caption for s in samples],
+                                   sizes=[batches.size_of(s, batches.Augment(), False) for s in samples])
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(100, 900, (len(samples),), generator=g)
+        a = host.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+
+    def fixed_loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(host.predict(noisy, t, cond), noise))
+
+    before = fixed_loss()
+    # LoCon: SDXL has no attention at full resolution, and a random tiny UNet does not predict noise at all;
+    # attention LoRAs at 1/2 and 1/4 resolution alone barely move its loss, res-block convs do
+    result = train(host, _cfg(data, tmp_path, max_train_steps=60, learning_rate=5e-3, network_dim=8, network_alpha=8,
+                              network_args=["conv_dim=8", "conv_alpha=8"], cache_latents=True,
+                              network_train_unet_only=True, cache_text_encoder_outputs=True))
+    engine = Engine()
+    engine.apply(host, [Request(result.lora_path)])
+    after = fixed_loss()
+    engine.restore(host)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_sdxl_cancel_and_resume_equal_the_straight_run(data, tmp_path):
+    model = tiny_model("sdxl")
+    before = _model_state(model)
+    cfg = dict(max_train_steps=6, lr_scheduler="cosine", network_dropout=0.1, flip_aug=True, enable_bucket=True,
+               min_bucket_reso=64, max_bucket_reso=128)
+    straight = train(WebuiHost(model), _cfg(data, tmp_path / "a", **cfg))
+    seen = {"n": 0}
+    cancelled = train(WebuiHost(model), _cfg(data, tmp_path / "b", **cfg),
+                      on_event=lambda e: seen.__setitem__("n", e.step) if e.kind == "step" else None,
+                      should_stop=lambda: seen["n"] >= 2)
+    assert cancelled.cancelled and cancelled.steps == 2
+    resumed = train(WebuiHost(model), _cfg(data, tmp_path / "b", resume=cancelled.state_path, **cfg))
+    assert resumed.losses == pytest.approx(straight.losses, abs=1e-6)
+    a, b = files.read(straight.lora_path).modules, files.read(resumed.lora_path).modules
+    for name in a:
+        for part in a[name].parts:
+            torch.testing.assert_close(b[name].parts[part], a[name].parts[part], rtol=0, atol=1e-6)
+    _assert_same(model, before)
+
+
+def test_sdxl_unet_gradient_matches_a_plain_merged_implementation():
+    """Through the hooks on the SDXL UNet (fed the label_emb vector) the LoRA gradient equals autograd's for
+    the same loss written with merged weights W + up @ down * scale."""
+    from torch import nn
+    from torch.func import functional_call
+
+    from lora_ext.train.network import TrainableNetwork
+
+    model = copy.deepcopy(tiny_model("sdxl")).requires_grad_(False)
+    host = WebuiHost(model)
+    net = TrainableNetwork(host.lora_targets(), 4, 2.0, conv_dim=2, conv_alpha=1.0, trained=lambda t: t.is_unet)
+    torch.manual_seed(0)
+    for lora in net.loras.values():
+        nn.init.normal_(lora.lora_up.weight, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, target, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
+    with torch.no_grad():
+        cond = host.encode_prompts(["red circle", "blue square"], sizes=[Size.plain(64, 64), Size((80, 64), (4, 0), (64, 64))])
+    net.attach()
+    try:
+        torch.nn.functional.mse_loss(host.predict(x, t, cond), target).backward()
+    finally:
+        net.detach()
+    ups = {n: l.lora_up.weight.detach().clone().requires_grad_() for n, l in net.loras.items()}
+    downs = {n: l.lora_down.weight.detach().clone().requires_grad_() for n, l in net.loras.items()}
+    merged = {}
+    for n, lora in net.loras.items():
+        path = net.bound[n].target.webui.removeprefix("model.diffusion_model.")
+        w = host.unet.get_submodule(path).weight
+        up, down = ups[n].reshape(ups[n].shape[0], -1), downs[n].reshape(downs[n].shape[0], -1)
+        merged[path + ".weight"] = w + (up @ down).reshape(w.shape) * lora.scale
+    y = cond.vector(host.size_dim)
+    pred = functional_call(host.unet, merged, args=(x, t), kwargs={"context": cond.crossattn, "y": y}, strict=False)
+    torch.nn.functional.mse_loss(pred, target).backward()
+    assert len(net.loras) > 300
+    for n, lora in net.loras.items():
+        torch.testing.assert_close(lora.lora_up.weight.grad, ups[n].grad, rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(lora.lora_down.weight.grad, downs[n].grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_cached_text_encoder_outputs_give_the_same_run_and_a_disk_cache_is_reused(data, tmp_path):
+    host = WebuiHost(tiny_model("sdxl"))
+    common = dict(network_train_unet_only=True, max_train_steps=3)
+    plain = train(host, _cfg(data, tmp_path / "a", **common))
+    cached = train(host, _cfg(data, tmp_path / "b", cache_text_encoder_outputs_to_disk=True, **common))
+    # one caption encoded at a time (the cache) or a batch of them: the same up to matmul round-off
+    assert cached.losses == pytest.approx(plain.losses, abs=1e-5)
+    entries = os.listdir(tmp_path / "b" / "text-cache")
+    assert entries and all(e.endswith(".lora_ext-text") for e in entries)
+    stamps = {e: os.stat(tmp_path / "b" / "text-cache" / e).st_mtime_ns for e in entries}
+    again = train(host, _cfg(data, tmp_path / "b", cache_text_encoder_outputs_to_disk=True, overwrite=True, **common))
+    assert again.losses == cached.losses
+    assert {e: os.stat(tmp_path / "b" / "text-cache" / e).st_mtime_ns for e in entries} == stamps   # read, not rewritten
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(cache_text_encoder_outputs=True), "network_train_unet_only"),
+    (dict(cache_text_encoder_outputs=True, network_train_unet_only=True, shuffle_caption=True), "shuffle_caption"),
+    (dict(min_timestep=500, max_timestep=400), "must be below max_timestep"),
+    (dict(max_timestep=1001), "max_timestep = 1001 is out of range"),
+    (dict(text_encoder_lr=[1e-4, 1e-4, 1e-4]), "one value, or two"),
+    (dict(text_encoder_lr=[1e-4, float("nan")]), "not a finite number"),
+])
+def test_sdxl_options_are_checked(data, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(data, tmp_path, **options).validate()
+
+
+def test_timestep_range_zero_terminal_snr_and_v_parameterization(data, tmp_path):
+    from lora_ext.train import loop, step
+    from lora_ext.train.schedules import zero_terminal_snr
+
+    ac = WebuiHost(tiny_model("sdxl")).alphas_cumprod
+    z = zero_terminal_snr(ac)
+    assert float(z[-1]) == 0.0 and torch.isclose(z[0], ac[0]) and (z[1:] <= z[:-1]).all()
+    run = loop.prepare(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, min_timestep=200, max_timestep=300,
+                                                           zero_terminal_snr=True, v_parameterization=True),
+                       lambda e: None, lambda: False)
+    assert run.prediction == "v" and float(run.ac[-1]) == 0.0
+    fake = [types.SimpleNamespace(seed=s) for s in range(200)]
+    _, t = step.noise_and_timesteps(run, fake, (4, 8, 8))
+    assert int(t.min()) >= 200 and int(t.max()) < 300 and len(set(t.tolist())) > 50
+    result = train(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, min_timestep=200, max_timestep=300,
+                                                        zero_terminal_snr=True, v_parameterization=True, min_snr_gamma=5))
+    meta = files.read(result.lora_path).metadata
+    assert all(map(lambda v: v == v, result.losses))        # no NaN at the zero-SNR end
+    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.timestep_range"] == "200,300"
+    assert meta["ss_zero_terminal_snr"] == "True"
+
+
+def test_cli_trains_a_diffusers_sdxl_folder_and_the_webui_model_takes_the_file(data, tmp_path):
+    from lora_ext.apply import Engine, Request
+
+    folder = _diffusers_sdxl_folder(str(tmp_path / "d"), tiny_model("sdxl"))
+    out = _cli("train", "--pretrained_model_name_or_path", folder, "--train_data_dir", data["train"],
+               "--caption_extension", ".txt", "--resolution", "64", "--max_train_steps", "2", "--network_dim", "4",
+               "--text_encoder_lr", "1e-4", "2e-4", "--network_args", "conv_dim=2", "--output_dir", "o", "--output_name", "d",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "estimated memory: about **" in out.stderr
+    lora = files.read(str(tmp_path / "o" / "d.safetensors"))
+    webui = WebuiHost(tiny_model("sdxl"))
+    assert lora.arch.name == "sdxl" and set(lora.modules) == set(webui.lora_targets())
+    model = tiny_model("sdxl")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine()
+    report = engine.apply(webui, [Request(str(tmp_path / "o" / "d.safetensors"))])
+    assert report.warnings == [] and report.applied[0]["modules"] == len(webui.lora_targets())
+    engine.restore(webui)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_a_single_file_sdxl_checkpoint_without_yaml_gets_sdxls_standard_shapes():
+    """The standard config (used when no .yaml is beside the file) builds SDXL's UNet: built on the meta
+    device (no memory), its layout read back from its keys is naming's SDXL, label_emb takes 2816."""
+    from lora_ext import naming
+    from lora_ext.hosts import checkpoint, ldm_layout
+
+    with torch.device("meta"):
+        unet = ldm_layout.unet_from_config(checkpoint.STANDARD_UNET["sdxl"])
+    assert unet.label_emb[0][0].in_features == 2816
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684     # SDXL base's UNet
+    shapes = {f"model.diffusion_model.{k}": tuple(v.shape) for k, v in unet.state_dict().items()}
+    for i, te in enumerate(naming.SDXL.text_encoders):            # the text encoders' keys, for the reader
+        shapes[f"conditioner.embedders.{i}." + ("transformer.text_model.encoder.layers.0.mlp.fc1.weight" if te.kind == "hf"
+                                                   else "model.transformer.resblocks.0.mlp.c_fc.weight")] = (1, 1)
+    arch = naming.arch_from_state_dict(shapes)
+    assert (arch.channel_mult, arch.depths, arch.mid_depth, arch.linear_proj) == \
+        (naming.SDXL.channel_mult, naming.SDXL.depths, naming.SDXL.mid_depth, naming.SDXL.linear_proj)
+
+
+def test_memory_estimate_covers_sdxl(data, tmp_path):
+    from lora_ext.train import memory
+
+    est = memory.estimate(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, network_train_unet_only=True))
+    assert est["parts"]["activations"] > 0 and est["lora_parameters"] > 0
