@@ -6,6 +6,11 @@ step (the model already loaded, as in the webui), peak RSS; ratios between confi
 the reference figures the issue gives for kohya's sd-scripts on the same job (not measured here).
 
     .venv/bin/python bench/train.py [--steps 5] [--images 16]
+
+`--arch sdxl`: the real SDXL shapes (2.57B UNet, CLIP-L + bigG; random weights) at 256 px, kohya's usual SDXL
+job (UNet only, rank 16, gradient checkpointing, cached latents), with and without cached text-encoder
+outputs; also the memory estimate against the measured peak. About 14 GB of weights in fp32: one
+configuration at a time fits in 24 GB.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ KOHYA_REFERENCE = {"step_s_with_checkpointing": 7.0, "step_s_without": 5.1, "pea
                    "launch_to_first_step_s": 58.0}
 CONFIGS = {"gc_cache": (True, True), "gc_nocache": (True, False), "nogc_cache": (False, True),
            "nogc_nocache": (False, False)}
+SDXL_CONFIGS = {"unet_only_te_cached": True, "unet_only": False}     # cache_text_encoder_outputs
 
 
 def one(name: str, steps: int, images: int) -> dict:
@@ -55,22 +61,71 @@ def one(name: str, steps: int, images: int) -> dict:
             "step_s": step_times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
+def one_sdxl(name: str, steps: int, images: int) -> dict:
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.testing import sample_data, tiny
+    from lora_ext.train import memory
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+
+    t0 = time.perf_counter()
+    host = WebuiHost(tiny.build("sdxl-full"))
+    build_s = time.perf_counter() - t0
+    folder = tempfile.mkdtemp(prefix="lora_ext_bench_sdxl_")
+    data = sample_data.make_sample_dataset(folder, size=256, per_concept=images // 2)
+    cfg = TrainConfig(train_data_dir=data["train"], caption_extension=".txt", output_dir=os.path.join(folder, "out"),
+                      resolution="256", train_batch_size=1, max_train_steps=steps, network_dim=16, network_alpha=8,
+                      learning_rate=1e-4, network_train_unet_only=True, optimizer_type="AdamW", mixed_precision="no",
+                      save_precision="fp16", gradient_checkpointing=True, cache_latents=True,
+                      cache_text_encoder_outputs=SDXL_CONFIGS[name], lr_scheduler="constant")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    est = memory.estimate(host, cfg)
+    stamps = []
+    start = time.perf_counter()
+    train(host, cfg, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
+    step_times = [b - a for a, b in zip(stamps, stamps[1:])]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return {"config": name, "build_s": round(build_s, 1), "first_step_s": stamps[0] - start,
+            "median_step_s": statistics.median(step_times), "step_s": step_times, "peak_rss_gb": peak,
+            "rss_after_build_gb": rss_before, "estimate_gb": est["total"] / 2 ** 30,
+            "estimate_parts_gb": {k: v / 2 ** 30 for k, v in est["parts"].items()},
+            "estimate_over_peak_rss": est["total"] / 2 ** 30 / peak}
+
+
+def _run_each(configs, args) -> dict:
+    results = {}
+    for name in configs:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--images",
+                              str(args.images), "--arch", args.arch], capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--one", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
+    ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.steps, args.images)))
+        fn = one_sdxl if args.arch == "sdxl" else one
+        print(json.dumps(fn(args.one, args.steps, args.images)))
         return
-    results = {}
-    for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                              "--images", str(args.images)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.arch == "sdxl":
+        r = _run_each(SDXL_CONFIGS, args)
+        print(json.dumps({
+            "job": "SDXL-shaped random weights, 256 px, batch 1, rank 16 alpha 8, UNet only, gradient checkpointing, "
+                   "cached latents, AdamW fp32, CPU",
+            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), "results": r,
+            "ratios_in_this_run": {
+                "step_te_cached_over_not": r["unet_only_te_cached"]["median_step_s"] / r["unet_only"]["median_step_s"],
+                "rss_te_cached_over_not": r["unet_only_te_cached"]["peak_rss_gb"] / r["unet_only"]["peak_rss_gb"]},
+        }, indent=2, default=lambda v: round(v, 3)))
+        return
+    results = _run_each(CONFIGS, args)
     r = results
     summary = {
         "job": "SD1.5-shaped random weights, 256 px, batch 1, rank 16 alpha 8, text encoder trained, AdamW fp32, CPU",

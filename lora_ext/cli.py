@@ -113,7 +113,7 @@ def cmd_train(args, extra) -> int:
         if name and not name.startswith("tiny-") and not os.path.exists(name):
             raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
         check_outputs(cfg)
-        scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
+        data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
         host = _host_for(cfg.pretrained_model_name_or_path)
         from .train import memory
         print(f"estimated memory: {memory.summary(host, cfg)}", file=sys.stderr)
@@ -122,7 +122,7 @@ def cmd_train(args, extra) -> int:
             subscribers.append(TensorBoardLog(cfg.logging_dir))
         stop = _StopOnSignal()
         try:
-            result = train(host, cfg, on_event=fan_out(*subscribers), should_stop=stop)
+            result = train(host, cfg, on_event=fan_out(*subscribers), should_stop=stop, scan=data)
         finally:
             stop.restore()
     except (config.ConfigError, CheckpointError, DatasetError, StateError, ValueError, OSError) as e:

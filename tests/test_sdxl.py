@@ -408,3 +408,30 @@ def test_memory_estimate_covers_sdxl(data, tmp_path):
 
     est = memory.estimate(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, network_train_unet_only=True))
     assert est["parts"]["activations"] > 0 and est["lora_parameters"] > 0
+
+
+def test_resolution_is_compared_with_the_models_own(tmp_path):
+    items = [dataset.Item(str(tmp_path / f"{i}.png"), "c", True, size, "c", 1, False)
+             for i, size in enumerate([(1200, 900), (700, 600), (1024, 1024)])]
+    buckets = dataset.make_buckets(1024, 256, 2048)
+    warnings = dataset.resolution_warnings(items, 1024, buckets, dataset.NATIVE_RESOLUTION["sdxl"], "sdxl")
+    assert len(warnings) == 1 and warnings[0].startswith("1 of 3 images are smaller than their bucket") and "1.png" in warnings[0]
+    low = dataset.resolution_warnings(items, 512, None, 1024, "sdxl")
+    assert "SDXL models were trained at 1024 px" in low[0] and len(low) == 1
+    assert dataset.resolution_warnings(items, 512, None, None, "sdxl") == []      # a tiny model: no comparison
+
+
+def test_a_failing_estimate_leaves_the_model_as_it_was(data, tmp_path):
+    """The estimate swaps meta tensors in while it measures; a failure inside (the webui's sgm attention
+    once refused our shapes patch) must not leave any behind: every parameter is the same object after."""
+    from lora_ext.train import memory
+
+    host = WebuiHost(tiny_model("sdxl"))
+    before = {n: p for n, p in host.model.named_parameters()}
+
+    def broken(*a, **k):
+        raise TypeError("injected")
+    host.predict = broken
+    assert memory.summary(host, _cfg(data, tmp_path)).startswith("not available (TypeError: injected")
+    after = dict(host.model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is p and p.device.type == "cpu" for n, p in before.items())

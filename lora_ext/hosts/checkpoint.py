@@ -92,17 +92,31 @@ def _heads(hint, width: int) -> int:
     return heads
 
 
-def _text_encoder_heads(cond_config: dict) -> list:
-    """Attention heads per text encoder, which a checkpoint's keys do not tell: from the local folder the
-    config names as the encoder's `version` (its config.json), or our tiny models' own hint."""
-    params = cond_config.get("params") or {}
-    config_json = os.path.join(str(params.get("version", "")), "config.json")
+def _text_encoder_heads(params: dict) -> list:
+    """Attention heads per text encoder, which a checkpoint's keys do not tell: from the local folder a config
+    names as an encoder's `version` (its config.json), open_clip's config of the `arch` an sgm (SDXL) config
+    names, or our tiny models' own hint. None where nothing says (the reader then assumes 64-wide heads)."""
+    sgm = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models")
+    if sgm:
+        return [_heads_of(m.get("params") or {}) for m in sgm if m.get("input_key", "txt") == "txt"]
+    cond = params.get("cond_stage_config") or {}
+    hint = (cond.get("params") or {}).get("lora_ext_heads")
+    return hint or [_heads_of(cond.get("params") or {})]
+
+
+def _heads_of(encoder_params: dict) -> int | None:
+    import json
+
+    config_json = os.path.join(str(encoder_params.get("version", "")), "config.json")
     if os.path.isfile(config_json):
-        import json
         with open(config_json, encoding="utf-8") as f:
             heads = json.load(f).get("num_attention_heads")
-        return [heads] if isinstance(heads, int) and heads > 0 else []
-    return params.get("lora_ext_heads") or []
+        return heads if isinstance(heads, int) and heads > 0 else None
+    if encoder_params.get("arch"):
+        import open_clip
+        config = open_clip.get_model_config(encoder_params["arch"]) or {}
+        return (config.get("text_cfg") or {}).get("heads")
+    return None
 
 
 def _sgm_parameterization(params: dict) -> str | None:
@@ -132,7 +146,7 @@ def load_checkpoint(path: str):
     unet_cfg = (params.get("unet_config") or params.get("network_config") or {}).get("params") or STANDARD_UNET[arch]
     vae_cfg = params.get("first_stage_config", {}).get("params", {}).get("ddconfig") or STANDARD_VAE
     vae_cfg = {**STANDARD_VAE, **vae_cfg}
-    heads = _text_encoder_heads(params.get("cond_stage_config") or {})
+    heads = _text_encoder_heads(params)
     parameterization = params.get("parameterization") or _sgm_parameterization(params) or ("v" if arch == "sd2" else "eps")
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
     try:
@@ -141,7 +155,7 @@ def load_checkpoint(path: str):
         raise CheckpointError(f"{path}: its text encoder lacks {e.args[0]}; the file is incomplete") from None
     with contextlib.redirect_stdout(io.StringIO()):     # ldm prints a line per layer it builds
         unet = ldm_layout.unet_from_config(unet_cfg)
-        vae = ldm_layout.LdmVAE(vae_cfg)
+        vae = ldm_layout.LdmVAE(vae_cfg, sample_on_encode=arch == "sdxl")
     model = ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
     by_ckpt_key = checkpoint_keys(model)
     # buffers are constants the model builds itself (position_ids, which current transformers no longer

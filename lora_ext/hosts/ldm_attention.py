@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _sdpa_forward(self, x, context=None, mask=None, attention=F.scaled_dot_product_attention):
-    if mask is not None:
-        return type(self).forward(self, x, context, mask)
+def _sdpa_forward(self, x, context=None, mask=None, attention=F.scaled_dot_product_attention, **extra):
+    # sgm's CrossAttention (SDXL in the webui) also takes additional_tokens and n_times_crossframe_attn_in_self;
+    # anything beyond plain attention runs the module's own forward
+    if mask is not None or any(v for v in extra.values()):
+        return type(self).forward(self, x, context, mask, **extra)
     h = self.heads
     context = x if context is None else context
     q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)

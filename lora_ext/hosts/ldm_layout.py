@@ -48,6 +48,7 @@ def unet_from_config(params: dict) -> nn.Module:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     params = dict(params)
+    params.setdefault("image_size", 32)      # unused by the model; sgm's configs leave it out, this ldm needs it
     depth = params.pop("transformer_depth", 1)
     mid_depth = params.pop("transformer_depth_middle", None)
     adm = params.pop("adm_in_channels", None) if params.get("num_classes") == "sequential" else None
@@ -151,10 +152,12 @@ class DiffusionWrapper(nn.Module):
 
 class LdmVAE(nn.Module):
     """The ldm AutoencoderKL layout (`encoder`, `decoder`, `quant_conv`, `post_quant_conv`) without its
-    pytorch-lightning base class."""
+    pytorch-lightning base class. `sample_on_encode`: encode() returns a sample, not the distribution, as
+    sgm's AutoencoderKLInferenceWrapper (the webui's SDXL VAE) does."""
 
-    def __init__(self, ddconfig: dict):
+    def __init__(self, ddconfig: dict, sample_on_encode: bool = False):
         super().__init__()
+        self.sample_on_encode = sample_on_encode
         from ldm.modules.diffusionmodules.model import Decoder, Encoder
 
         self.encoder = Encoder(**ddconfig)
@@ -166,7 +169,8 @@ class LdmVAE(nn.Module):
     def encode(self, x):
         from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        dist = DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return dist.sample() if self.sample_on_encode else dist
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))

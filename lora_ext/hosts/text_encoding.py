@@ -52,7 +52,8 @@ def _openclip(holder, ids, clip_skip, final_norm=True, pooled=False):
     """(states, pooled): the states `clip_skip` blocks before the end; with `pooled`, also the end token's
     final state (after ln_final) through text_projection, as sgm's FrozenOpenCLIPEmbedder2 pools."""
     m = holder.model
-    x = m.token_embedding(ids.to(m.token_embedding.weight.device)) + m.positional_embedding
+    # the webui wraps token_embedding (EmbeddingsWithFixes, no .weight): the device from the positions
+    x = m.token_embedding(ids.to(m.positional_embedding.device)) + m.positional_embedding
     x = x.permute(1, 0, 2)
     blocks = list(m.transformer.resblocks)
     states = None

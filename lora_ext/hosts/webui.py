@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import torch
+
 from .. import naming
 from . import builtin_lora, conditioning, text_encoding
 from .base import bind, sample_latents
@@ -98,8 +100,12 @@ class WebuiHost:
         """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
         that image's seed (the distribution's mean without seeds)."""
         p = next(self.vae.parameters())
-        dist = self.vae.encode(pixels.to(p.device, p.dtype))
-        return sample_latents(dist.mean, dist.std, seeds, self.latent_scale)
+        # the posterior's moments from the encoder itself: ldm's encode() returns the distribution, but sgm's
+        # inference wrapper (the webui's SDXL VAE) a sample of it, drawn from the global RNG
+        moments = self.vae.quant_conv(self.vae.encoder(pixels.to(p.device, p.dtype)))
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))      # as ldm's and sgm's DiagonalGaussianDistribution
+        return sample_latents(mean, std, seeds, self.latent_scale)
 
     def decode_latents(self, latents):
         p = next(self.vae.parameters())

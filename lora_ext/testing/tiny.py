@@ -39,6 +39,8 @@ class TinySpec:
     te_mlp: int = 2                 # text encoder MLP width / hidden width
     full_vae: bool = False          # the real SD VAE shape instead of a tiny one
     size_dim: int = 16              # SDXL: channels per size number in the label_emb vector (real: 256)
+    head_channels: int = 16         # channels per attention head with Linear projections (real: 64)
+    openclip_heads: int = 2         # heads of an open_clip text tower (real: width / 64)
 
 
 SPECS = {
@@ -48,6 +50,10 @@ SPECS = {
     "sdxl": TinySpec("sdxl", channel_mult=(1, 2, 4), depths=(0, 2, 3), mid_depth=3, linear_proj=True,
                      te=(("hf", 32, 2), ("openclip", 64, 3))),
     # the real SD1.5 shapes (860M UNet + 123M text encoder parameters), random weights, for benchmarks
+    # the real SDXL shapes (2.57B UNet + 123M CLIP-L + 695M bigG parameters), random weights, for benchmarks
+    "sdxl-full": TinySpec("sdxl", model_channels=320, channel_mult=(1, 2, 4), depths=(0, 2, 10), mid_depth=10,
+                          linear_proj=True, te=(("hf", 768, 12), ("openclip", 1280, 32)), te_heads=12, te_mlp=4,
+                          full_vae=True, size_dim=256, head_channels=64, openclip_heads=20),
     "sd1-full": TinySpec("sd1", model_channels=320, te=(("hf", 768, 12),), unet_heads=8, te_heads=12, te_mlp=4,
                          full_vae=True),
 }
@@ -98,12 +104,12 @@ class TinySD(WebuiLayoutModel):
         encoders = []
         for kind, width, layers in spec.te:
             holder = (HFTextEncoderHolder(width, layers, spec.te_heads, spec.te_mlp) if kind == "hf"
-                      else OpenClipHolder(width, layers))
+                      else OpenClipHolder(width, layers, spec.openclip_heads))
             _shift_embeddings(holder.token_embedding, g)
             _offset_final_norm(holder, seed)
             encoders.append(holder)
         unet = build_unet(spec, g)
-        vae = LdmVAE(_vae_config(spec))
+        vae = LdmVAE(_vae_config(spec), sample_on_encode=spec.arch == "sdxl")     # as the webui's sgm VAE
         _rerandomise(vae, g)
         super().__init__(spec.arch, unet, encoders, vae, spec.parameterization)
         self.spec = spec
@@ -128,7 +134,7 @@ def _unet_params(spec: TinySpec) -> dict:
                 use_linear_in_transformer=spec.linear_proj, use_spatial_transformer=True, legacy=False,
                 transformer_depth=list(spec.depths) if spec.arch == "sdxl" else 1)
     if spec.linear_proj:
-        unet["num_head_channels"] = 16
+        unet["num_head_channels"] = spec.head_channels
     else:
         unet["num_heads"] = spec.unet_heads
     if spec.arch == "sdxl":
@@ -154,7 +160,7 @@ def ldm_config(spec: TinySpec, clip_folder: str | None = None) -> dict:
                "sdxl": "sgm.modules.GeneralConditioner"}[spec.arch]
     # text encoder sizes are read off a checkpoint's keys, but not the number of attention heads: real CLIP
     # models have one head per 64 channels, tiny ones not, so their head count is written here
-    heads = [spec.te_heads if kind == "hf" else 2 for kind, _, _ in spec.te]
+    heads = [spec.te_heads if kind == "hf" else spec.openclip_heads for kind, _, _ in spec.te]
     return {"model": {
         "target": "sgm.models.diffusion.DiffusionEngine" if spec.arch == "sdxl" else "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
@@ -183,9 +189,53 @@ def save_checkpoint(model: TinySD, path: str, clip_folder: str | None = None) ->
     return yaml_path
 
 
+OPENCLIP_ARCH = "lora-ext-tiny-bigG"     # the name the tiny SDXL's open_clip config is registered under
+
+
+def openclip_config(spec: TinySpec) -> dict:
+    """open_clip's model config of the tiny SDXL's second encoder (open_clip.add_model_config reads it as
+    `<OPENCLIP_ARCH>.json`): sgm builds that encoder by this name, as it builds ViT-bigG-14 for the real one."""
+    _, width, layers = spec.te[1]
+    return {"embed_dim": width, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                               "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": spec.openclip_heads, "layers": layers}}
+
+
+def _sgm_config(spec: TinySpec, clip_folder: str) -> dict:
+    """sgm's DiffusionEngine config of the tiny SDXL, shaped like sgm's sd_xl_base.yaml: what the real webui
+    instantiates (CLIP-L from `clip_folder`, bigG by OPENCLIP_ARCH, the three size embedders)."""
+    size_embedder = lambda key: {"is_trainable": False, "input_key": key,  # noqa: E731
+                                 "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                                 "params": {"outdim": spec.size_dim}}
+    unet = {k: v for k, v in _unet_params(spec).items() if k != "image_size"}     # sgm has no image_size
+    unet.update(spatial_transformer_attn_type="softmax", use_checkpoint=False)
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "weighting_config": {"target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
+            "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+            "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+            {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+             "params": {"layer": "hidden", "layer_idx": spec.te[0][2] - 1, "version": clip_folder}},
+            {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+             "params": {"arch": OPENCLIP_ARCH, "version": None, "freeze": True, "layer": "penultimate",
+                        "always_return_pooled": True, "legacy": False}},
+            size_embedder("original_size_as_tuple"), size_embedder("crop_coords_top_left"),
+            size_embedder("target_size_as_tuple")]}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": {**_vae_config(spec), "attn_type": "vanilla"},
+            "lossconfig": {"target": "torch.nn.Identity"}}},
+    }}}
+
+
 def _webui_config(spec: TinySpec, clip_folder: str) -> dict:
+    if spec.arch == "sdxl":
+        return _sgm_config(spec, clip_folder)
     if spec.arch != "sd1":
-        raise ValueError("a real-webui config is written for SD1 tiny models only")
+        raise ValueError("a real-webui config is written for SD1 and SDXL tiny models only")
     return {"model": {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
@@ -204,9 +254,9 @@ def _webui_config(spec: TinySpec, clip_folder: str) -> dict:
 
 
 def write_clip_folder(model: TinySD, folder: str) -> str:
-    """The text encoder's CLIPTextModel config and the CLIP tokenizer, as a folder `from_pretrained` reads
-    (no weights: the checkpoint holds them)."""
-    holder = model.cond_stage_model.wrapped
+    """The (first) text encoder's CLIPTextModel config and the CLIP tokenizer, as a folder `from_pretrained`
+    reads (no weights: the checkpoint holds them)."""
+    holder = model.text_holders()[0]
     holder.transformer.config.save_pretrained(folder)
     holder.tokenizer.save_pretrained(folder)
     return folder

@@ -337,6 +337,8 @@ def from_dict(values: dict, source: str = "options") -> TrainConfig:
 
 def _coerce(f: dataclasses.Field, v, source):
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else None
+    if f.name == "text_encoder_lr" and isinstance(v, str) and len(v.replace(",", " ").split()) > 1:
+        v = v.replace(",", " ").split()         # the tab's "1e-5, 2e-5": one per SDXL encoder
     if f.name == "text_encoder_lr" and isinstance(v, (list, tuple)):
         values = [_coerce(f, x, source) for x in v]
         return None if not values else values[0] if len(values) == 1 else values

@@ -246,3 +246,22 @@ def report(result: Scan, resolution: int, buckets: list | None, max_token_length
             "skipped": [{"file": p, "reason": r} for p, r in result.skipped],
             "buckets": {f"{w}x{h}": n for (w, h), n in sorted(hist.items())}, "longest_caption": longest,
             "tag_frequency": tag_frequency, "warnings": warnings, "errors": errors}
+
+
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+
+
+def resolution_warnings(items: list, resolution: int, buckets: list | None, native: int | None, arch_name: str) -> list:
+    """The comparison with the resolution the model was trained at (`native`; SDXL: 1024 px buckets), and
+    how many images are smaller than the bucket they go to (they are upscaled: soft)."""
+    out = []
+    if native and resolution < native * 3 // 4:
+        out.append(f"{arch_name.upper()} models were trained at {native} px; at {resolution} px the LoRA also "
+                   f"learns the lower resolution (use {native}, with buckets for other aspect ratios)")
+    def bucket(item):
+        return assign_bucket(item.size, buckets) if buckets else (resolution, resolution)
+    small = [i for i in items if i.size[0] < bucket(i)[0] or i.size[1] < bucket(i)[1]]
+    if small:
+        out.append(f"{len(small)} of {len(items)} images are smaller than their bucket and will be upscaled "
+                   f"(e.g. {os.path.basename(small[0].path)}, {small[0].size[0]}x{small[0].size[1]})")
+    return out

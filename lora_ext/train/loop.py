@@ -35,6 +35,11 @@ def prepare_data(host, cfg: TrainConfig, scan=None):
     buckets = (dataset.make_buckets(res, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
                if cfg.enable_bucket else None)
     report = dataset.report(scan, res, buckets, cfg.max_token_length, host.count_tokens)
+    # the comparison with the model's own resolution is for full-size models (tiny test models have none)
+    full_size = sum(p.numel() for p in host.unet.parameters()) > 500_000_000
+    v = cfg.v_parameterization or host.prediction == "v"
+    native = dataset.NATIVE_RESOLUTION["sd2-v" if host.arch.name == "sd2" and v else host.arch.name] if full_size else None
+    report["warnings"] += dataset.resolution_warnings(scan.items, res, buckets, native, host.arch.name)
     return scan, buckets, report
 
 

@@ -91,6 +91,9 @@ def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: 
 
     handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(leave) for b in blocks]
+    # the model's own tensors, put back whatever happens: in the webui an exception inside functional_call
+    # was seen to leave meta tensors in the text encoders (and then every later use of the model failed)
+    held = [(m, dict(m._parameters), dict(m._buffers)) for m in host.model.modules()]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if meta:
@@ -100,6 +103,9 @@ def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: 
     finally:
         for h in handles:
             h.remove()
+        for m, params, buffers in held:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
     return {**totals, "blocks": [per_block[i] for i in sorted(per_block)]}
 
 

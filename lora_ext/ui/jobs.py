@@ -40,6 +40,7 @@ class Job:
             self.result = work(self)
         except Exception as e:          # unexpected: still a message in the page, never a traceback
             self.result = f"**The {self.name} stopped:** {type(e).__name__}: {e}"
+            console_traceback(e)
 
     def _working(self) -> str:
         return f"Working on the {self.name}{': ' + self.progress if self.progress else ''}..."
@@ -53,3 +54,12 @@ class Job:
             self._shown = True
             return self.result
         return None
+
+
+def console_traceback(error: BaseException) -> None:
+    """A failure that is not bad input (ValueError: our checks; OSError: the disk) is a bug to report: its
+    traceback goes to the console (the webui's terminal), as the webui does with its own errors; the page
+    shows only the message."""
+    if not isinstance(error, (ValueError, OSError)):
+        import traceback
+        traceback.print_exception(type(error), error, error.__traceback__)

@@ -28,7 +28,7 @@ FIELDS = (
     F("train_data_dir", "Dataset", "Train folder", "Holds concept folders named N_name (N repeats)."),
     F("reg_data_dir", "Dataset", "Regularization folder", "Optional; same folder rules. Doubles the steps."),
     F("caption_extension", "Dataset", "Caption extension", "Captions are same-named files with this extension."),
-    F("resolution", "Dataset", "Resolution", "512 for SD1, 768 for SD2-768; 'w,h' for non-square."),
+    F("resolution", "Dataset", "Resolution", "512 for SD1, 768 for SD2-768, 1024 for SDXL; 'w,h' for non-square."),
     F("enable_bucket", "Dataset", "Aspect-ratio buckets", "Train at each image's own aspect ratio instead of square crops.", "bool"),
     F("flip_aug", "Dataset", "Horizontal flip", "Not for asymmetric characters.", "bool"),
     F("shuffle_caption", "Dataset", "Shuffle caption tags", "Shuffles comma-separated tags after the kept ones.", "bool"),
@@ -39,13 +39,16 @@ FIELDS = (
     F("network_alpha", "Network", "Network alpha", "Scales the LoRA by alpha/dim; 1 or dim/2 are common.", "number"),
     F("network_args", "Network", "Network args", "e.g. conv_dim=8 conv_alpha=4 for LoCon (one per line).", "lines"),
     F("network_dropout", "Network", "Dropout", "Dropout on the LoRA branch (0 = none).", "number"),
+    F("network_train_unet_only", "Network", "Train the UNet only",
+      "The usual choice for SDXL: both text encoders stay as they are (less memory, faster).", "bool"),
     F("train_batch_size", "Optimizer & schedule", "Batch size", "Raise the learning rate with the batch size.", "int"),
     F("max_train_epochs", "Optimizer & schedule", "Epochs", "Start with 5-10 and compare the saved epochs.", "int"),
     F("max_train_steps", "Optimizer & schedule", "Max steps", "Used when Epochs is 0 (as in kohya, epochs win).", "int"),
     F("learning_rate", "Optimizer & schedule", "Learning rate", "1e-4 for SD1.x models.", "number"),
     F("unet_lr", "Optimizer & schedule", "UNet learning rate", "Empty = the learning rate; 0 = UNet frozen.", "text"),
     F("text_encoder_lr", "Optimizer & schedule", "Text encoder learning rate",
-      "Empty = the learning rate; some halve it (5e-5); 0 = text encoder frozen.", "text"),
+      "Empty = the learning rate; some halve it (5e-5); 0 = text encoder frozen. SDXL: one value for both "
+      "encoders, or two ('1e-5, 2e-5').", "text"),
     F("lr_scheduler", "Optimizer & schedule", "Scheduler", "How the learning rate changes over the run.", "choice", SCHEDULERS),
     F("lr_warmup_steps", "Optimizer & schedule", "Warm-up steps", "Steps rising from 0 to the learning rate.", "int"),
     F("optimizer_type", "Optimizer & schedule", "Optimizer", "AdamW8bit saves memory on NVIDIA GPUs.", "choice",
@@ -59,7 +62,11 @@ FIELDS = (
       ("fp16", "bf16", "fp32")),
     F("gradient_checkpointing", "Precision & memory", "Gradient checkpointing", "Less memory, about 25% slower.", "bool"),
     F("cache_latents", "Precision & memory", "Cache latents", "Encode each image once; faster, less VRAM.", "bool"),
+    F("cache_text_encoder_outputs", "Precision & memory", "Cache text encoder outputs",
+      "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption "
+      "shuffle or dropout.", "bool"),
     F("sample_every_n_epochs", "Samples & saving", "Sample every N epochs", "Preview images (0 = none).", "int"),
+    F("sample_every_n_steps", "Samples & saving", "Sample every N steps", "Preview images by steps (0 = none).", "int"),
     F("sample_prompts", "Samples & saving", "Sample prompts", "One prompt per line.", "lines"),
     F("save_every_n_epochs", "Samples & saving", "Save every N epochs", "Keep earlier epochs to compare (0 = last only).", "int"),
     F("resume", "Samples & saving", "Resume from state",
@@ -68,6 +75,13 @@ FIELDS = (
     F("noise_offset", "Advanced", "Noise offset", "0.05-0.1 helps very dark or bright images.", "number"),
     F("min_snr_gamma", "Advanced", "Min-SNR gamma", "5 is the paper's value; 0 = off.", "number"),
     F("gradient_accumulation_steps", "Advanced", "Gradient accumulation", "Steps summed before each update.", "int"),
+    F("min_timestep", "Advanced", "Min timestep", "Noise levels trained: from this (0-999) ...", "int"),
+    F("max_timestep", "Advanced", "Max timestep", "... up to, not including, this (1-1000).", "int"),
+    F("v_parameterization", "Advanced", "V-prediction",
+      "For v-prediction models (SD2-768, v-pred SDXL such as NoobAI-XL V-Pred); a model whose config says so "
+      "is trained so anyway.", "bool"),
+    F("zero_terminal_snr", "Advanced", "Zero terminal SNR",
+      "Rescales the noise schedule so the last step is pure noise; for v-prediction models.", "bool"),
 )
 GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
 
@@ -93,6 +107,8 @@ def options_to_values(cfg) -> list:
         v = getattr(cfg, field.name)
         if field.kind == "lines":
             v = "\n".join(v)
+        elif isinstance(v, list):
+            v = ", ".join(str(x) for x in v)
         elif field.name == "max_token_length":
             v = str(v)
         elif v is None:

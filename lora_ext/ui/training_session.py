@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+from .jobs import console_traceback
+
 
 class TrainingSession:
     def __init__(self, run, on_written=None):
@@ -44,6 +46,7 @@ class TrainingSession:
             self.result = self.run(cfg, self._on_event, lambda: self._stop, **extra)
         except Exception as e:          # shown in the UI as a message, never a traceback
             self.error = f"{type(e).__name__}: {e}"
+            console_traceback(e)
 
     def _on_event(self, event) -> None:
         self.events.append(event)

@@ -56,3 +56,11 @@ def medvram(work, webui):
     server = harness.Server(work, free_port(), ["--medvram"], log_name="webui-medvram.log").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sdxl(work):
+    """A webui that started on the tiny SDXL checkpoint (sgm's DiffusionEngine)."""
+    server = harness.Server(work, free_port(), ["--ckpt", work["sdxl_checkpoint"]], log_name="webui-sdxl.log").start()
+    yield server
+    server.stop()

@@ -116,12 +116,41 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     tiny.save_checkpoint(tiny.build("sd1", seed=1), os.path.join(paths["checkpoints"], OTHER_CHECKPOINT), clip)
     for name, seed in LORAS.items():
         _random_lora(model, os.path.join(paths["loras"], name), seed)
+    # the tiny SDXL beside it (a server started with --ckpt loads it), the open_clip config its bigG is built
+    # from where webui_probe.py registers it, and an SDXL LoCon
+    xl = sdxl_files(work, paths["checkpoints"])
+    shutil.copytree(xl["openclip"], os.path.join(webui, OPENCLIP_FOLDER))
+    paths["sdxl_checkpoint"] = xl["checkpoint"]
+    _random_lora(xl["model"], os.path.join(paths["loras"], SDXL_LORA), 3)
     # the same tensors as alpha, as the kohya .pt state dict older tools wrote (read inside the webui,
     # whose torch.load is its own checker)
     import torch
     from safetensors.torch import load_file
     torch.save(load_file(os.path.join(paths["loras"], "alpha.safetensors")), os.path.join(paths["loras"], "alpha_pt.pt"))
     return paths
+
+
+SDXL_CHECKPOINT = "tiny_xl.safetensors"
+SDXL_LORA = "xl_alpha.safetensors"
+OPENCLIP_FOLDER = "lora_ext_test_openclip"      # in the webui folder; webui_probe.py registers what it holds
+
+
+def sdxl_files(folder: str, checkpoints: str | None = None) -> dict:
+    """A tiny SDXL checkpoint with the sgm yaml the real webui instantiates, its CLIP-L folder (config,
+    tokenizer and weights: sgm loads them with from_pretrained) and the open_clip config folder its bigG is
+    built from (open_clip.add_model_config reads it; the webui's start-up does through webui_probe.py)."""
+    from lora_ext.testing import tiny
+
+    model = tiny.build("sdxl")
+    clip = os.path.join(folder, "clip-tiny-xl")
+    checkpoint = os.path.join(checkpoints or folder, SDXL_CHECKPOINT)
+    tiny.save_checkpoint(model, checkpoint, clip)
+    model.text_holders()[0].transformer.save_pretrained(clip, safe_serialization=False)
+    openclip = os.path.join(folder, "openclip-configs")
+    os.makedirs(openclip, exist_ok=True)
+    with open(os.path.join(openclip, f"{tiny.OPENCLIP_ARCH}.json"), "w", encoding="utf-8") as f:
+        json.dump(tiny.openclip_config(model.spec), f)
+    return {"checkpoint": checkpoint, "clip": clip, "openclip": openclip, "model": model}
 
 
 def _random_lora(model, path: str, seed: int) -> None:

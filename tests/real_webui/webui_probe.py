@@ -1,11 +1,20 @@
 """Test-only webui script (the real-webui tier copies it into the webui's scripts/): the last CFG-denoised
 latents of a generation (a random tiny VAE decodes everything to nearly flat grey, so images cannot tell
-two generations apart), and a hash of the loaded model's weights, through two HTTP routes."""
+two generations apart), and a hash of the loaded model's weights, through two HTTP routes. It also registers
+the tiny SDXL's open_clip config."""
 import base64
 import hashlib
+import os
 
 import torch
-from modules import script_callbacks, shared
+from modules import paths, script_callbacks, shared
+
+# the tiny SDXL's bigG is built by open_clip from a model config of that name, as the real one is built
+# from ViT-bigG-14's: registered here, at script loading, before the webui loads a model
+_OPENCLIP = os.path.join(paths.script_path, "lora_ext_test_openclip")
+if os.path.isdir(_OPENCLIP):
+    import open_clip
+    open_clip.add_model_config(_OPENCLIP)
 
 LAST = {}
 
