@@ -145,35 +145,51 @@ def test_cancel_saves_and_resume_continues_the_same_run(data, tmp_path):
     _assert_same(model, before)
 
 
-def test_training_lowers_the_loss_on_fixed_noise(data, tmp_path):
-    """Loss on fixed (image, noise, timestep) triples before and after a short fixed-seed run."""
-    from lora_ext.apply import Engine, Request
+def fixed_noise_loss(host, train_dir: str):
+    """The host's loss on fixed (image, noise, timestep) triples of the dataset (six samples), as a function
+    to call before and after a run; SDXL conditioned on each image's own size."""
     from lora_ext.train import batches, dataset
 
-    model = copy.deepcopy(tiny_model("sd1"))
-    host = WebuiHost(model)
-    scan = dataset.scan(data["train"])
+    scan = dataset.scan(train_dir, caption_extension=".txt")
     samples = [s for b in batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0) for s in b][:6]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         lat = torch.cat([host.encode_images(batches.pixels(s, batches.Augment())[None], [i]) for i, s in enumerate(samples)])
-        cond = host.encode_prompts([s.item.caption for s in samples])
+        cond = host.encode_prompts([s.item.caption for s in samples],
+                                   sizes=[batches.size_of(s, batches.Augment(), False) for s in samples])
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(100, 900, (len(samples),), generator=g)
         a = host.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
 
-    def fixed_loss():
+    def loss():
         with torch.no_grad():
             return float(torch.nn.functional.mse_loss(host.predict(noisy, t, cond), noise))
+    return loss
 
-    before = fixed_loss()
-    result = train(host, _cfg(data, tmp_path, max_train_steps=60, learning_rate=5e-3, network_dim=8, network_alpha=8,
-                              cache_latents=True))
+
+def loss_falls(host, train_dir: str, lora_of) -> tuple:
+    """(before, after): the fixed-noise loss without and with the LoRA that `lora_of()` trains and returns
+    the path of (applied, then given back)."""
+    from lora_ext.apply import Engine, Request
+
+    fixed = fixed_noise_loss(host, train_dir)
+    before = fixed()
+    path = lora_of()
     engine = Engine()
-    engine.apply(host, [Request(result.lora_path)])
-    after = fixed_loss()
+    engine.apply(host, [Request(path)])
+    after = fixed()
     engine.restore(host)
+    return before, after
+
+
+def test_training_lowers_the_loss_on_fixed_noise(data, tmp_path):
+    host = WebuiHost(copy.deepcopy(tiny_model("sd1")))
+
+    def lora_of():
+        return train(host, _cfg(data, tmp_path, max_train_steps=60, learning_rate=5e-3, network_dim=8, network_alpha=8,
+                                cache_latents=True)).lora_path
+    before, after = loss_falls(host, data["train"], lora_of)
     assert after < 0.8 * before, (before, after)
 
 

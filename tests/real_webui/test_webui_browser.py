@@ -1,5 +1,6 @@
 """The real webui in headless Chromium: pasting an infotext into the panel, and training from the LoRA tab
 (the webui's Interrupt as the cancel, then Resume), after a `<lora:>` generation."""
+import contextlib
 import glob
 import json
 import os
@@ -13,17 +14,24 @@ from test_browser import ARGS, CHROMIUM, _choose, _fill, _md, _shot, _tab
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium and playwright: bash .ci/setup")
 
 
-@pytest.fixture(scope="module")
-def page(webui):
+@contextlib.contextmanager
+def browser_page(server):
+    """Headless Chromium on a webui server's page, once its prompt box is there."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(webui.url, timeout=120_000)
+        page.goto(server.url, timeout=120_000)
         page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(webui):
+    with browser_page(webui) as page:
+        yield page
 
 
 def test_pasted_infotext_fills_the_panel_and_adds_no_lora_tags(webui, page, tmp_path):

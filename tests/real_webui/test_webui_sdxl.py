@@ -47,19 +47,14 @@ def test_sdxl_weights_bit_exact_after_the_panel(sdxl):
 
 @pytest.fixture(scope="module")
 def page(sdxl):
-    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM
 
-    from test_browser import ARGS, CHROMIUM
+    from .test_webui_browser import browser_page
 
     if CHROMIUM is None:
         pytest.skip("needs Debian's chromium and playwright: bash .ci/setup")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(sdxl.url, timeout=120_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+    with browser_page(sdxl) as page:
         yield page
-        browser.close()
 
 
 def test_train_sdxl_in_the_tab_and_apply_it_both_ways(sdxl, work, page, tmp_path):
