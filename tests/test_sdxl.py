@@ -414,3 +414,18 @@ def test_a_failing_estimate_leaves_the_model_as_it_was(data, tmp_path):
     assert memory.summary(host, _cfg(data, tmp_path)).startswith("not available (TypeError: injected")
     after = dict(host.model.named_parameters())
     assert after.keys() == before.keys() and all(after[n] is p and p.device.type == "cpu" for n, p in before.items())
+
+
+def test_clip_skip_is_sdxls_penultimate_layer_whatever_it_says(data, tmp_path):
+    from lora_ext.train import loop
+
+    host = WebuiHost(tiny_model("sdxl"))
+    with torch.no_grad():
+        a, b = host.encode_text(["a red cat"], clip_skip=1), host.encode_text(["a red cat"], clip_skip=2)
+        te = host.text_holders()[0].transformer
+        from lora_ext.hosts.text_encoding import chunked_ids
+        want = te(chunked_ids(host.text_holders()[0], ["a red cat"], 75), output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.tokens[..., :32], want)
+    run = loop.prepare(host, _cfg(data, tmp_path, clip_skip=2), lambda e: None, lambda: False)
+    assert any("clip_skip 2 has no effect on SDXL" in m for m in run.messages)

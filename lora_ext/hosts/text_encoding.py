@@ -2,7 +2,9 @@
 chunks, each chunk wrapped in start/end tokens (padded with end tokens for CLIP, zeros for open_clip),
 encoded, and joined. clip_skip n takes the n-th layer from the end (1 = last); for transformers' CLIP the
 final layer norm is applied to it, as the webui does. open_clip text models (SD2) stop one block before the
-end, as ldm's FrozenOpenCLIPEmbedder ('penultimate') does, and clip_skip goes further back from there."""
+end, as ldm's FrozenOpenCLIPEmbedder ('penultimate') does, and clip_skip goes further back from there.
+SDXL takes both encoders' penultimate states whatever clip_skip says, as sgm, kohya and the webui (its
+default) do."""
 from __future__ import annotations
 
 import torch
@@ -73,9 +75,9 @@ def _openclip(holder, ids, clip_skip, final_norm=True, pooled=False):
 
 
 def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: bool = False):
-    """conditioning.Text of the prompts. SDXL: CLIP-L's penultimate states (clip_skip goes further back, as the
-    webui's "Clip skip SDXL" does) beside OpenCLIP bigG's penultimate states (sgm never skips there), and bigG's
-    pooled output of each prompt's first chunk (the webui's choice for long prompts)."""
+    """conditioning.Text of the prompts. SDXL: CLIP-L's and OpenCLIP bigG's penultimate states side by side
+    (clip_skip not used), and bigG's pooled output of each prompt's first chunk (the webui's choice for long
+    prompts)."""
     from .conditioning import Text
 
     outs, pooled = [], None
@@ -85,8 +87,7 @@ def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: 
         second = sdxl and i == 1
         if hasattr(holder, "transformer"):
             # SDXL's encoders give their penultimate layer without the final norm
-            skip = (1 if second else clip_skip) + 1 if sdxl else clip_skip
-            h, p = _hf(holder, ids, skip, final_norm=not sdxl)
+            h, p = _hf(holder, ids, 2 if sdxl else clip_skip, final_norm=not sdxl)
         else:
             h, p = _openclip(holder, ids, 1 if sdxl else clip_skip, final_norm=not sdxl, pooled=second)
         if second:

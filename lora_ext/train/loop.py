@@ -102,6 +102,9 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
+    if cfg.clip_skip > 1 and host.arch.name == "sdxl":
+        messages.append(f"clip_skip {cfg.clip_skip} has no effect on SDXL: both text encoders give their "
+                        "penultimate layer, as SDXL was trained (kohya and the webui's default do the same)")
     if cfg.zero_terminal_snr and run.prediction == "eps":
         messages.append("zero_terminal_snr is meant for v-prediction: with an eps model the last timestep "
                         "cannot be denoised (kohya: use it with --v_parameterization)")
