@@ -218,9 +218,13 @@ class Engine:
         else:
             # other dtypes and network types: the delta in fp32, added, then cast once
             acc = original.to(torch.float32, copy=True)
+            base = original.to(torch.float32)
             for c in contributions:
                 view = acc[c.rows] if c.rows is not None else acc
-                view.add_(c.module.delta(view.shape).to(acc.device), alpha=c.weight)
+                # DoRA rescales W0 + delta: W0 is the weight before any network (the built-in's own rule is
+                # the weight before this network; the same for one DoRA on a layer)
+                w0 = (base[c.rows] if c.rows is not None else base) if c.module.is_dora else None
+                view.add_(c.module.delta(view.shape, w0).to(acc.device), alpha=c.weight)
             param.copy_(acc)
         host.weight_written(entry.bound, param)
 
@@ -242,7 +246,7 @@ class Engine:
 
 
 def _fast_path(param, contributions) -> bool:
-    return (param.dtype == torch.float32 and all(c.rows is None and c.module.network == "lora"
+    return (param.dtype == torch.float32 and all(c.rows is None and c.module.network == "lora" and not c.module.is_dora
                                                  and "lora_mid.weight" not in c.module.parts for c in contributions))
 
 
@@ -255,12 +259,13 @@ def _bypass_hook(hooked: _Hooked):
                 if isinstance(layer, torch.nn.Conv2d) else None)
         for c in hooked.contributions:
             p = c.module.parts
-            if c.module.network == "lora" and "lora_mid.weight" not in p:
+            if c.module.network == "lora" and "lora_mid.weight" not in p and not c.module.is_dora:
                 up = p["lora_up.weight"].to(x.device, x.dtype)
                 down = p["lora_down.weight"].to(x.device, x.dtype)
                 output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
             else:
-                delta = c.module.delta(layer.weight.shape).to(x.device, x.dtype) * c.weight
+                w0 = layer.weight.float() if c.module.is_dora else None
+                delta = c.module.delta(layer.weight.shape, w0).to(x.device, x.dtype) * c.weight
                 output = output + (torch.nn.functional.conv2d(x, delta, **conv) if conv is not None
                                    else torch.nn.functional.linear(x, delta))
         return output

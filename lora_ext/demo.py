@@ -13,6 +13,7 @@ import torch
 
 from . import naming
 from .networks.lora import LoRAModule
+from .networks.stored import StoredModule
 
 
 def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int | None = 2, seed: int = 0) -> dict:
@@ -31,6 +32,24 @@ def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int
         torch.nn.init.normal_(m.lora_up.weight, std=0.01)
         modules[t.kohya] = m.stored()
     return modules
+
+
+def make_random_dora(sd_model, seed: int = 3) -> dict:
+    """make_random_lora's LoCon with a DoRA magnitude (`dora_scale`, one per input channel) near the merged
+    weight's own column norms, so that the decomposition changes the result (tests, benchmarks)."""
+    from .hosts.webui import WebuiHost
+
+    targets = WebuiHost(sd_model).lora_targets()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in make_random_lora(sd_model, rank=4, alpha=4.0, conv_rank=2, seed=seed).items():
+        bound = targets[name]
+        w0 = bound.param.detach().float()
+        w0 = w0[bound.rows] if bound.rows is not None else w0
+        norms = (w0 + m.delta(w0.shape)).transpose(0, 1).reshape(w0.shape[1], -1).norm(dim=1)
+        magnitude = (norms * (1 + 0.2 * torch.rand(norms.shape, generator=g))).reshape(1, -1, *[1] * (w0.ndim - 2))
+        out[name] = StoredModule("lora", {**m.parts, "dora_scale": magnitude}, m.alpha)
+    return out
 
 
 def loss_plot(losses: list, path: str) -> None:

@@ -48,10 +48,13 @@ class LoraFile:
 
     @property
     def network(self) -> str:
+        """'lora', 'locon', 'loha', 'lokr' (or several joined by '/'), with '+dora' for weight-decomposed files."""
         kinds = {m.network for m in self.modules.values()}
         if kinds == {"lora"}:
-            return "locon" if any(self.targets[n].locon for n in self.modules) else "lora"
-        return "/".join(sorted(kinds))
+            name = "locon" if any(self.targets[n].locon for n in self.modules) else "lora"
+        else:
+            name = "/".join(sorted(kinds))
+        return name + "+dora" if any(m.is_dora for m in self.modules.values()) else name
 
     def counts(self) -> dict:
         unet = sum(1 for n in self.modules if self.targets[n].is_unet)

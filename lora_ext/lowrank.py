@@ -79,11 +79,18 @@ def _lora_factors(m: StoredModule, weight: float = 1.0):
     return up.reshape(up.shape[0], -1) * (weight * m.scale), down.reshape(down.shape[0], -1), kernel
 
 
+def _refuse_dora(name: str, m, what: str) -> None:
+    if m.is_dora:
+        raise ValueError(f"{name}: a DoRA module (dora_scale) cannot be {what}: its change depends on the base "
+                         "model's weights; merge it into a checkpoint instead")
+
+
 def resize(modules: dict, rank: int | None = None, energy: float | None = None, shapes: dict | None = None) -> tuple:
     """({name: StoredModule}, {name: kept energy}) with each module reduced to `rank` (or to the fewest ranks
     keeping `energy` of it). LoHa/LoKr modules (whose deltas are full) need the layer `shapes`."""
     out, kept = {}, {}
     for name, m in modules.items():
+        _refuse_dora(name, m, "resized")
         if m.network == "lora" and "lora_mid.weight" not in m.parts:
             up, down, kernel = _lora_factors(m)
             f = reduce_factors(up, down, rank, energy)
@@ -103,6 +110,7 @@ def merge_loras(loras: list, rank: int | None = None) -> tuple:
     by_name: dict = {}
     for modules, weight in loras:
         for name, m in modules.items():
+            _refuse_dora(name, m, "merged with other LoRAs")
             if m.network != "lora" or "lora_mid.weight" in m.parts:
                 raise ValueError(f"{name}: merging {m.network} modules into a LoRA is not supported")
             by_name.setdefault(name, []).append(_lora_factors(m, weight))

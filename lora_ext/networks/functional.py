@@ -62,3 +62,17 @@ def lokr_factor(full, a, b, t=None) -> torch.Tensor:
     if t is not None:
         return cp_weight(t, a, b)
     return a @ b.reshape(b.shape[0], -1) if b.ndim == 2 else torch.einsum("or,rikl->oikl", a, b)
+
+
+def dora_delta(delta: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA (weight-decomposed LoRA) as the webui's built-in Lora applies it: the merged weight W0 + delta is
+    rescaled per input channel (the norm over every other axis) to the stored magnitude `dora_scale`, and the
+    change is that minus W0. `delta` is already scaled by alpha/rank (the built-in scales before it decomposes)."""
+    merged = base + delta
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = norm.reshape(merged.shape[1], *[1] * (merged.ndim - 1)).transpose(0, 1)
+    try:
+        return merged * (magnitude.to(merged.dtype) / norm) - base
+    except RuntimeError:
+        from .stored import BadModule
+        raise BadModule(f"dora_scale {list(magnitude.shape)} does not fit the layer's {list(base.shape)}") from None

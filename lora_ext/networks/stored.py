@@ -105,9 +105,15 @@ class StoredModule:
         main = next((self.parts[k] for k in ("lora_down.weight", "hada_w1_b", "lokr_w2") if k in self.parts), None)
         return main is not None and main.ndim == 4 and main.shape[2] * main.shape[3] > 1
 
-    def delta(self, shape) -> torch.Tensor:
+    @property
+    def is_dora(self) -> bool:
+        """Weight-decomposed (DoRA): its change depends on the layer's own weight (`delta(shape, base)`)."""
+        return "dora_scale" in self.parts
+
+    def delta(self, shape, base: torch.Tensor | None = None) -> torch.Tensor:
         """The weight change at weight 1 (alpha/rank applied), in fp32 (fp64 for fp64 parts: never narrower
-        than fp32, so fp16/bf16 files lose nothing more in the product), reshaped to the target `shape`."""
+        than fp32, so fp16/bf16 files lose nothing more in the product), reshaped to the target `shape`.
+        A DoRA module needs `base`, the layer's weight before it."""
         wide = torch.float64 if any(v.dtype == torch.float64 for v in self.parts.values()) else torch.float32
         p = {k: v.to(wide) for k, v in self.parts.items()}
         shape = tuple(shape)
@@ -122,7 +128,12 @@ class StoredModule:
             d = fn.lokr_weight_delta(w1, w2, self.scale, shape)
         if d.numel() != _numel(shape):
             raise BadModule(f"its delta has {list(d.shape)} elements, the layer {list(shape)}")
-        return d.reshape(shape)
+        d = d.reshape(shape)
+        if self.is_dora:
+            if base is None:
+                raise BadModule("a DoRA module's change depends on the layer's weight, which was not given")
+            d = fn.dora_delta(d, base.to(d.dtype), p["dora_scale"])
+        return d
 
     def out_in(self) -> tuple[int, int] | None:
         """(out, in) features the module was made for, where the tensors tell it without the layer."""

@@ -33,6 +33,7 @@ SETTINGS = {"show_progress_type": "Approx cheap"}
 CHECKPOINT = "tiny.safetensors"
 OTHER_CHECKPOINT = "tiny_other.safetensors"
 LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
+DORA = "dora.safetensors"       # a LoCon with DoRA magnitudes
 
 
 class Unavailable(Exception):
@@ -116,6 +117,10 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     tiny.save_checkpoint(tiny.build("sd1", seed=1), os.path.join(paths["checkpoints"], OTHER_CHECKPOINT), clip)
     for name, seed in LORAS.items():
         _random_lora(model, os.path.join(paths["loras"], name), seed)
+    from lora_ext import files
+    from lora_ext.demo import make_random_dora
+    files.write_kohya(os.path.join(paths["loras"], DORA), files.kohya_tensors(make_random_dora(model)),
+                      {"ss_output_name": "dora"})
     # the tiny SDXL beside it (a server started with --ckpt loads it), the open_clip config its bigG is built
     # from where webui_probe.py registers it, and an SDXL LoCon
     xl = sdxl_files(work, paths["checkpoints"])

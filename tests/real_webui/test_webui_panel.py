@@ -140,3 +140,13 @@ def test_a_pt_lora_reads_inside_the_webui(webui):
     assert "AddNet Model 1: alpha_pt(" in _infotext(answer) or "AddNet Model 1: alpha_pt" in _infotext(answer)
     assert (st - pt).abs().max() < 1e-6
     _gen(webui)
+
+
+def test_a_dora_file_is_applied_as_the_builtin_applies_it(webui):
+    """The built-in's weight decomposition is the reference users see: with dora_scale the panel gives the
+    same latents as `<lora:dora:w>`, unlike the same LoRA without its magnitudes."""
+    _, plain = _gen(webui)
+    _, builtin = _gen(webui, f"{PROMPT} <lora:dora:0.8>")
+    _, _ = _gen(webui)
+    _, ours = _gen(webui, slots=[_slot("dora.safetensors", 0.8)])
+    _close(ours, builtin, plain)
