@@ -136,6 +136,11 @@ def _read(path: str, arch: naming.Arch | None) -> LoraFile:
         bad = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise FileProblem(f"entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+        unsupported = formats.unsupported_types(raw)
+        if unsupported:
+            raise FileProblem(f"it holds LyCORIS {', '.join(sorted(unsupported))} modules (e.g. "
+                              f"{next(iter(unsupported.values()))}), which lora_ext does not apply yet (it applies "
+                              "LoRA, LoCon, LoHa, LoKr and DoRA); the webui's built-in <lora:name:weight> does")
         style = formats.key_style(raw)
         if style is None:
             sample = ", ".join(list(raw)[:3])

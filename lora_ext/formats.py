@@ -21,6 +21,25 @@ _TE_LEAF = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
 
 
+# LyCORIS module types the webui's built-in Lora applies and lora_ext does not (yet): a part that only that
+# type stores -> its name. A file holding one is refused by name, never applied as something else.
+UNSUPPORTED_PARTS = {"on_input": "IA3", "oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "BOFT",
+                     "a1.weight": "GLoRA", "b1.weight": "GLoRA", "diff": "full (diff)", "diff_b": "full (diff)",
+                     "w_norm": "norm", "b_norm": "norm"}
+
+
+def unsupported_types(keys) -> dict:
+    """{type name: an example key} of the LyCORIS types we cannot apply among `keys` (IA3 also by its lone
+    `weight` part on a kohya module name)."""
+    found = {}
+    for key in keys:
+        module, _, part = key.partition(".")
+        kind = UNSUPPORTED_PARTS.get(part) or ("IA3" if part == "weight" and module.startswith("lora_") else None)
+        if kind:
+            found.setdefault(kind, key)
+    return found
+
+
 def group_kohya(tensors: dict) -> tuple[dict, list]:
     """{module: {part: tensor}} for kohya-style keys; keys with an unknown part are returned apart."""
     modules, stray = {}, []

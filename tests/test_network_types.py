@@ -1,6 +1,8 @@
 """DoRA files (weight-decomposed LoRA: `dora_scale` beside the LoRA tensors) are applied as the webui's
 built-in Lora applies them, never as a plain LoRA; in merge and bypass modes, with exact restore; merged into
 checkpoints the same way; refused by name where the change cannot be expressed (resize, merge-LoRAs)."""
+import re
+
 import pytest
 import torch
 
@@ -122,3 +124,28 @@ def test_dora_is_refused_by_name_where_it_cannot_be_expressed(tmp_path):
     with pytest.raises(BadModule, match="dora_scale \\[1, 7\\] does not fit"):
         bad.delta(m.parts["lora_up.weight"].shape[:1] + m.parts["lora_down.weight"].shape[1:],
                   torch.ones(m.parts["lora_up.weight"].shape[0], m.parts["lora_down.weight"].shape[1]))
+
+
+@pytest.mark.parametrize("parts, kind", [
+    ({"weight": (8, 1), "on_input": ()}, "IA3"),
+    ({"oft_blocks": (4, 2, 2)}, "OFT"),
+    ({"oft_diag": (4, 2, 2), "alpha": ()}, "OFT"),
+    ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)}, "GLoRA"),
+    ({"diff": (8, 8), "diff_b": (8,)}, "full (diff)"),
+    ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
+])
+def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind):
+    """A file holding a type we do not apply is refused naming it (panel, inspect), never read as another
+    type or half applied: here its modules sit beside a plain LoRA module."""
+    from safetensors.torch import save_file
+
+    tensors = {f"lora_unet_down_blocks_0_attentions_0_proj_in.{p}": torch.ones(s) if s else torch.tensor(1.0)
+               for p, s in parts.items()}
+    tensors.update({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(4, 32),
+                    "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(32, 4)})
+    path = str(tmp_path / "x.safetensors")
+    save_file(tensors, path)
+    with pytest.raises(files.LoraFileError, match=f"LyCORIS {re.escape(kind)} modules .* does not apply yet"):
+        files.read(path)
+    report = Engine().apply(WebuiHost(tiny_model("sd1")), [Request(path)])
+    assert report.applied == [] and kind in report.warnings[0]
