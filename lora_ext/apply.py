@@ -208,8 +208,7 @@ class Engine:
             # fp32, plain LoRAs over the whole weight: W = W0 + sum w*s*up@down in place, no temporaries
             out = param.view(param.shape[0], -1)
             for i, c in enumerate(contributions):
-                up = c.module.parts["lora_up.weight"].to(param.device, torch.float32)
-                down = c.module.parts["lora_down.weight"].to(param.device, torch.float32)
+                up, down = (t.to(param.device, torch.float32) for t in c.module.low_rank())
                 up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
                 if i == 0:
                     torch.addmm(original.view(param.shape[0], -1), up, down, alpha=c.weight * c.module.scale, out=out)
@@ -246,8 +245,7 @@ class Engine:
 
 
 def _fast_path(param, contributions) -> bool:
-    return (param.dtype == torch.float32 and all(c.rows is None and c.module.network == "lora" and not c.module.is_dora
-                                                 and "lora_mid.weight" not in c.module.parts for c in contributions))
+    return param.dtype == torch.float32 and all(c.rows is None and c.module.low_rank() is not None for c in contributions)
 
 
 def _bypass_hook(hooked: _Hooked):
@@ -258,10 +256,9 @@ def _bypass_hook(hooked: _Hooked):
         conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
                 if isinstance(layer, torch.nn.Conv2d) else None)
         for c in hooked.contributions:
-            p = c.module.parts
-            if c.module.network == "lora" and "lora_mid.weight" not in p and not c.module.is_dora:
-                up = p["lora_up.weight"].to(x.device, x.dtype)
-                down = p["lora_down.weight"].to(x.device, x.dtype)
+            pair = c.module.low_rank()
+            if pair is not None:
+                up, down = (t.to(x.device, x.dtype) for t in pair)
                 output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
             else:
                 w0 = layer.weight.float() if c.module.is_dora else None

@@ -73,8 +73,7 @@ def _as_stored(f: Factors, like: StoredModule | None, kernel_shape) -> StoredMod
 
 def _lora_factors(m: StoredModule, weight: float = 1.0):
     """(up [out, r] scaled by weight*scale, down [r, in*k*k], kernel shape or None) of a plain LoRA module."""
-    up = m.parts["lora_up.weight"].double()
-    down = m.parts["lora_down.weight"].double()
+    up, down = (t.double() for t in m.low_rank())
     kernel = tuple(down.shape[1:]) if down.ndim == 4 else None
     return up.reshape(up.shape[0], -1) * (weight * m.scale), down.reshape(down.shape[0], -1), kernel
 
@@ -91,7 +90,7 @@ def resize(modules: dict, rank: int | None = None, energy: float | None = None, 
     out, kept = {}, {}
     for name, m in modules.items():
         _refuse_dora(name, m, "resized")
-        if m.network == "lora" and "lora_mid.weight" not in m.parts:
+        if m.low_rank() is not None:
             up, down, kernel = _lora_factors(m)
             f = reduce_factors(up, down, rank, energy)
         else:
@@ -111,7 +110,7 @@ def merge_loras(loras: list, rank: int | None = None) -> tuple:
     for modules, weight in loras:
         for name, m in modules.items():
             _refuse_dora(name, m, "merged with other LoRAs")
-            if m.network != "lora" or "lora_mid.weight" in m.parts:
+            if m.low_rank() is None:
                 raise ValueError(f"{name}: merging {m.network} modules into a LoRA is not supported")
             by_name.setdefault(name, []).append(_lora_factors(m, weight))
     out, kept = {}, {}

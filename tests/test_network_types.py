@@ -149,3 +149,19 @@ def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind
         files.read(path)
     report = Engine().apply(WebuiHost(tiny_model("sd1")), [Request(path)])
     assert report.applied == [] and kind in report.warnings[0]
+
+
+def test_one_registry_of_types_each_detected_by_its_own_parts():
+    from lora_ext.networks import kinds
+
+    assert [t.name for t in kinds.TYPES] == ["lora", "loha", "lokr"]
+    for t in kinds.TYPES:
+        parts = {p: torch.ones(2, 2) for p in t.parts}
+        assert kinds.detect(parts) is t
+        assert set(t.parts) <= kinds.KNOWN_PARTS
+    with pytest.raises(BadModule, match="form no LoRA, LoHa, LoKr module"):
+        kinds.detect({"something": torch.ones(1)})
+    plain = StoredModule.from_parts({"lora_down.weight": torch.ones(2, 4), "lora_up.weight": torch.ones(3, 2)})
+    assert plain.low_rank() is not None
+    assert StoredModule("lora", {**plain.parts, "dora_scale": torch.ones(1, 4)}).low_rank() is None
+    assert StoredModule("lora", {**plain.parts, "lora_mid.weight": torch.ones(2, 2, 3, 3)}).low_rank() is None

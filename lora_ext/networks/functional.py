@@ -74,5 +74,5 @@ def dora_delta(delta: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor)
     try:
         return merged * (magnitude.to(merged.dtype) / norm) - base
     except RuntimeError:
-        from .stored import BadModule
+        from .kinds import BadModule
         raise BadModule(f"dora_scale {list(magnitude.shape)} does not fit the layer's {list(base.shape)}") from None

@@ -157,7 +157,10 @@ def _run(run: Run) -> Result:
     _caches(run)
     loop = _Loop(run)
     if cfg.network_weights:
-        run.network.load_stored(files.read(cfg.network_weights, run.host.arch).modules)
+        left = run.network.load_stored(files.read(cfg.network_weights, run.host.arch).modules)
+        if left:
+            run.emit(Event("message", text=f"network_weights: {len(left)} modules start from zero instead (another "
+                                           f"type, rank layout or layer than this run trains; e.g. {left[0]})"))
     if cfg.resume:
         loop.step, epoch0, batch0, loop.losses = _load_state(cfg.resume, run.network, run.optimizer)
         loop.at = (epoch0, batch0)

@@ -112,11 +112,13 @@ class TrainableNetwork(nn.Module):
         with torch.no_grad():
             for name, m in modules.items():
                 lora = self.loras[name] if name in self.loras else None
-                if lora is None or m.network != "lora":
+                pair = m.low_rank()         # None for other types, CP cores and DoRA: not what is trained here
+                if lora is None or pair is None:
                     missing.append(name)
                     continue
-                lora.lora_down.weight.copy_(m.parts["lora_down.weight"].reshape(lora.lora_down.weight.shape))
-                lora.lora_up.weight.copy_(m.parts["lora_up.weight"].reshape(lora.lora_up.weight.shape))
+                up, down = pair
+                lora.lora_down.weight.copy_(down.reshape(lora.lora_down.weight.shape))
+                lora.lora_up.weight.copy_(up.reshape(lora.lora_up.weight.shape))
         return missing
 
 

@@ -1,0 +1,26 @@
+"""The network types a file can hold, one class per type, in one list (the way LyCORIS's MODULE_LIST and the
+webui's `module_types` do it). Each type owns its file parts (and so its detection), its shape checks, its
+rank, its weight delta and whether it is a plain low-rank pair (what resize, merge-LoRAs and the fast merge
+path take). A new type is one new file here plus its line in TYPES."""
+from __future__ import annotations
+
+from .base import BadModule, NetworkType
+from .loha import LoHa
+from .lokr import LoKr
+from .lora import LoRA
+
+TYPES: tuple[NetworkType, ...] = (LoRA(), LoHa(), LoKr())
+BY_NAME = {t.name: t for t in TYPES}
+# every part a kohya-style file may hold for a module of a type we read (DoRA's magnitude rides on any)
+KNOWN_PARTS = frozenset(p for t in TYPES for p in t.parts) | {"alpha", "dora_scale"}
+
+
+def detect(parts: dict) -> NetworkType:
+    for t in TYPES:
+        if t.detect(parts):
+            return t
+    names = ", ".join(t.title for t in TYPES)
+    raise BadModule(f"its tensors ({', '.join(sorted(parts)) or 'none'}) form no {names} module")
+
+
+__all__ = ["TYPES", "BY_NAME", "KNOWN_PARTS", "BadModule", "NetworkType", "detect"]

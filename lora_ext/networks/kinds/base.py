@@ -1,0 +1,47 @@
+"""What every stored network type answers, given a module's parts {name: tensor} (alpha apart)."""
+from __future__ import annotations
+
+import torch
+
+
+class BadModule(ValueError):
+    """A module whose tensors do not form a network; the message names the problem."""
+
+
+class NetworkType:
+    name = ""               # as StoredModule.network and the files' ss_network_module say it
+    title = ""              # in messages
+    parts: tuple = ()       # the file parts this type stores
+    conv_parts: tuple = ()  # parts only a kxk-convolution module has
+    main_part = ""          # the part whose kernel tells a kxk convolution
+
+    def detect(self, parts: dict) -> bool:
+        return any(p in parts for p in self.parts)
+
+    def need(self, parts: dict, *names) -> None:
+        missing = [n for n in names if n not in parts]
+        if missing:
+            raise BadModule(f"{self.name} module lacks {', '.join(missing)}")
+
+    def check(self, parts: dict) -> None:
+        """Raises BadModule when the parts cannot form a module of this type."""
+
+    def rank(self, parts: dict) -> int | None:
+        return None
+
+    def delta(self, parts: dict, scale: float, shape: tuple) -> torch.Tensor:
+        raise NotImplementedError
+
+    def out_in(self, parts: dict) -> tuple[int, int] | None:
+        """(out, in) features where the tensors tell them without the layer."""
+        return None
+
+    def low_rank(self, parts: dict):
+        """(up, down) when the module is a plain low-rank pair (delta = up @ down * scale), else None."""
+        return None
+
+    def is_conv(self, parts: dict) -> bool:
+        if any(p in parts for p in self.conv_parts):
+            return True
+        main = parts.get(self.main_part)
+        return main is not None and main.ndim == 4 and main.shape[2] * main.shape[3] > 1
