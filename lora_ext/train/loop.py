@@ -146,7 +146,9 @@ def _caches(run: Run) -> None:
         run.latent_cache = batches.LatentCache(lambda px: host.encode_images(px, [cfg.seed] * len(px)),
                                                to_disk=cfg.cache_latents_to_disk)
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        folder = os.path.join(cfg.output_dir, "text-cache") if cfg.cache_text_encoder_outputs_to_disk else None
+        # beside the states (in the webui models/lora_ext_states, out of the LoRA folder), else the output's
+        folder = (os.path.join(cfg.state_dir or cfg.output_dir, "text-cache")
+                  if cfg.cache_text_encoder_outputs_to_disk else None)
         settings = f"{fingerprint(host)}:{cfg.clip_skip}:{cfg.max_token_length}"
         run.text_cache = TextCache(lambda c: host.encode_text(c, cfg.clip_skip, cfg.max_token_length), settings, folder)
 
