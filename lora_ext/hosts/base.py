@@ -66,3 +66,19 @@ def bind(root: nn.Module, targets, path_of=lambda t: t.webui) -> dict:
             owner = parent if isinstance(parent, nn.MultiheadAttention) else None
         bound[t.kohya] = Bound(t, module, owner)
     return bound
+
+
+class ConditioningMixin:
+    """What every host computes the same way from its own encode_text and UNet: the conditioning of texts and
+    sizes, prompts straight to conditioning, and fused attention while training."""
+
+    def condition(self, text, sizes: list | None = None):
+        from .conditioning import condition
+        return condition(text, sizes)
+
+    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None):
+        return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
+
+    def attention_patches(self) -> list:
+        from .ldm_attention import sdpa_patches
+        return sdpa_patches(self.unet)

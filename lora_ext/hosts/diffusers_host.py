@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from .. import naming
-from . import conditioning, text_encoding
-from .base import bind, sample_latents
+from . import text_encoding
+from .base import ConditioningMixin, bind, sample_latents
 from .conditioning import Cond, Text
-from .ldm_attention import sdpa_patches
 
 
 class DiffusersError(ValueError):
@@ -40,7 +39,7 @@ class _Pipeline(nn.Module):
             self.text_encoder_2 = text_encoder_2
 
 
-class DiffusersHost:
+class DiffusersHost(ConditioningMixin):
     def __init__(self, folder: str):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -129,12 +128,6 @@ class DiffusersHost:
     def encode_text(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75) -> Text:
         return text_encoding.encode(self._holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
 
-    def condition(self, text: Text, sizes: list | None = None) -> Cond:
-        return conditioning.condition(text, sizes)
-
-    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None) -> Cond:
-        return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
-
     @property
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
@@ -156,9 +149,6 @@ class DiffusersHost:
                          **extra).sample
 
     # --- nothing else patches these layers ----------------------------------------------------------------
-
-    def attention_patches(self) -> list:
-        return sdpa_patches(self.unet)
 
     def pristine_weight(self, bound):
         return None

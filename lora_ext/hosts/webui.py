@@ -8,13 +8,12 @@ from functools import cached_property
 import torch
 
 from .. import naming
-from . import builtin_lora, conditioning, text_encoding
-from .base import bind, sample_latents
+from . import builtin_lora, text_encoding
+from .base import ConditioningMixin, bind, sample_latents
 from .conditioning import Cond, Text
-from .ldm_attention import sdpa_patches
 
 
-class WebuiHost:
+class WebuiHost(ConditioningMixin):
     def __init__(self, sd_model):
         self.model = sd_model
 
@@ -90,12 +89,6 @@ class WebuiHost:
             return None
         return (self.unet.label_emb[0][0].in_features - self.pooled_width) // 6
 
-    def condition(self, text: Text, sizes: list | None = None) -> Cond:
-        return conditioning.condition(text, sizes)
-
-    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None) -> Cond:
-        return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
-
     def encode_images(self, pixels, seeds=None):
         """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
         that image's seed (the distribution's mean without seeds)."""
@@ -118,9 +111,6 @@ class WebuiHost:
         return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=c.crossattn, **extra)
 
     # --- living beside the webui's built-in Lora, and its faster attention -------------------------------
-
-    def attention_patches(self) -> list:
-        return sdpa_patches(self.unet)
 
     def pristine_weight(self, bound):
         """The weight before any network (the built-in Lora's backup when it holds one), or None = the live one."""
