@@ -77,11 +77,7 @@ class _ModelState:
 
 
 def _fits(bound, module) -> bool:
-    out_in = module.out_in()
-    if out_in is None:
-        return True
-    shape = bound.shape
-    return (shape[0], shape[1]) == out_in
+    return module.fits(bound.shape)
 
 
 class Engine:

@@ -12,7 +12,8 @@ import time
 import torch
 
 from . import naming
-from .networks.lora import LoRAModule
+from .networks.kinds.lora import LoRAModule
+from .networks.kinds.trainable import Geometry
 from .networks.stored import StoredModule
 
 
@@ -28,7 +29,7 @@ def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int
             dim = layer.embed_dim
             layer = torch.nn.Linear(dim, dim, bias=False)
         r = conv_rank if t.kind == naming.CONV else rank
-        m = LoRAModule(layer, r, alpha if t.kind != naming.CONV else 1.0)
+        m = LoRAModule(Geometry.of(layer), r, alpha if t.kind != naming.CONV else 1.0)
         torch.nn.init.normal_(m.lora_up.weight, std=0.01)
         modules[t.kohya] = m.stored()
     return modules

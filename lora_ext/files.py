@@ -220,12 +220,17 @@ def write_kohya(path: str, tensors: dict, metadata: dict | None = None, overwrit
     return meta
 
 
-def network_metadata(network: str, dim: int, alpha: float, arch: naming.Arch, **extra) -> dict:
-    """The ss_* keys kohya writes that describe the network itself (training keys come from the trainer)."""
+def network_metadata(network: str, dim: int, alpha: float, arch: naming.Arch, module: str = "networks.lora",
+                     args: dict | None = None, **extra) -> dict:
+    """The ss_* keys kohya writes that describe the network itself (training keys come from the trainer);
+    `args` are the network_args (LyCORIS's algo and options), else LoCon's conv_dim/conv_alpha from extra."""
     base = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[arch.name]
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha,
+    meta = {"ss_network_module": module, "ss_network_dim": dim, "ss_network_alpha": alpha,
             "ss_base_model_version": base, "ss_v2": arch.name == "sd2"}
+    conv_dim, conv_alpha = extra.pop("conv_dim", None), extra.pop("conv_alpha", None)
     if network == "locon":
-        meta["ss_network_args"] = {"conv_dim": str(extra.pop("conv_dim")), "conv_alpha": str(extra.pop("conv_alpha"))}
+        meta["ss_network_args"] = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_alpha)}
+    if args:
+        meta["ss_network_args"] = {k: str(v) for k, v in args.items()}
     meta.update(extra)
     return meta

@@ -169,10 +169,9 @@ def _plan(base, arch, items):
             if t.qkv is not None:
                 n = shape[0] // 3
                 rows, shape = slice(t.qkv * n, (t.qkv + 1) * n), (n,) + tuple(shape[1:])
-            out_in = module.out_in()
-            if out_in is not None and out_in != (shape[0], shape[1]):
-                raise MergeError(f"{item.path}: layer {name} is {out_in[0]}x{out_in[1]} in the LoRA, "
-                                 f"{shape[0]}x{shape[1]} in the checkpoint: it was made for another model")
+            if not module.fits(shape):
+                raise MergeError(f"{item.path}: layer {name} does not fit the checkpoint's "
+                                 f"{'x'.join(map(str, shape))} weight: it was made for another model")
             if ratio:
                 plan.setdefault(key, []).append((module, float(ratio), rows))
                 used += 1

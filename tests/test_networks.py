@@ -7,8 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_ext.networks import functional as fn
-from lora_ext.networks.lora import LoRAModule
+from lora_ext.networks.kinds.lora import LoRAModule as _LoRAModule
+from lora_ext.networks.kinds.trainable import Geometry, Options
 from lora_ext.networks.stored import StoredModule
+
+def LoRAModule(layer, rank, alpha=None, **options):
+    return _LoRAModule(Geometry.of(layer), rank, alpha, Options(**options))
+
 
 LAYERS = {
     "linear": lambda: nn.Linear(24, 40),

@@ -5,6 +5,8 @@ deltas (for training and bypass). Shapes follow the files: kohya LoRA `down` [r,
 All deltas are returned unscaled by the user's weight; `scale` is alpha / rank of the file."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,15 +66,47 @@ def lokr_factor(full, a, b, t=None) -> torch.Tensor:
     return a @ b.reshape(b.shape[0], -1) if b.ndim == 2 else torch.einsum("or,rikl->oikl", a, b)
 
 
+def dora_norm(weight: torch.Tensor, per_output: bool = False) -> torch.Tensor:
+    """The norms DoRA's magnitude replaces: one per input channel (over every other axis; the webui's
+    built-in Lora and our files), shaped [1, in, 1..], or with `per_output` one per output channel [out, 1..]
+    (LyCORIS's default, wd_on_output)."""
+    if per_output:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *[1] * (weight.ndim - 1))
+    norm = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1, keepdim=True)
+    return norm.reshape(weight.shape[1], *[1] * (weight.ndim - 1)).transpose(0, 1)
+
+
+def dora_axis(magnitude: torch.Tensor, weight_shape) -> bool | None:
+    """Which norms a stored magnitude holds, told by its shape: False = per input channel [1, in, 1..],
+    True = per output channel [out, 1..] (the axis LyCORIS calls wd_on_output; ComfyUI tells it the same
+    way), None when the shape fits neither."""
+    shape, ndim = tuple(magnitude.shape), len(weight_shape)
+    if shape == (1, weight_shape[1], *[1] * (ndim - 2)):
+        return False
+    if shape == (weight_shape[0], *[1] * (ndim - 1)):
+        return True
+    return None
+
+
 def dora_delta(delta: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA (weight-decomposed LoRA) as the webui's built-in Lora applies it: the merged weight W0 + delta is
-    rescaled per input channel (the norm over every other axis) to the stored magnitude `dora_scale`, and the
-    change is that minus W0. `delta` is already scaled by alpha/rank (the built-in scales before it decomposes)."""
-    merged = base + delta
-    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
-    norm = norm.reshape(merged.shape[1], *[1] * (merged.ndim - 1)).transpose(0, 1)
-    try:
-        return merged * (magnitude.to(merged.dtype) / norm) - base
-    except RuntimeError:
+    rescaled to the stored magnitude `dora_scale` along its norms' axis, and the change is that minus W0.
+    `delta` is already scaled by alpha/rank (the built-in scales before it decomposes). The built-in always
+    takes per-input-channel norms; a per-output magnitude (LyCORIS's wd_on_output) would only broadcast
+    there into a wrong weight, so its axis is read from its shape instead, as ComfyUI does."""
+    per_output = dora_axis(magnitude, base.shape)
+    if per_output is None:
         from .kinds import BadModule
-        raise BadModule(f"dora_scale {list(magnitude.shape)} does not fit the layer's {list(base.shape)}") from None
+        raise BadModule(f"dora_scale {list(magnitude.shape)} does not fit the layer's {list(base.shape)}")
+    merged = base + delta
+    return merged * (magnitude.to(merged.dtype) / dora_norm(merged, per_output)) - base
+
+
+def factorize(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LoKr's split of one dimension into (m, n), m * n = dim, m <= n: `factor` itself when it divides dim,
+    else the divisor nearest the square root that is no larger than `factor` (any, for -1)."""
+    if factor > 0 and dim % factor == 0:
+        return tuple(sorted((factor, dim // factor)))
+    limit = dim if factor <= 0 else factor
+    m = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0 and d <= limit)
+    return m, dim // m

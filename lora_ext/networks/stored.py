@@ -88,6 +88,10 @@ class StoredModule:
             d = fn.dora_delta(d, base.to(d.dtype), p["dora_scale"])
         return d
 
+    def fits(self, shape) -> bool:
+        """Whether the module can be for a layer whose weight has `shape`, as far as its tensors tell."""
+        return self.kind.fits(self.parts, tuple(shape))
+
     def out_in(self) -> tuple[int, int] | None:
         """(out, in) features the module was made for, where the tensors tell it without the layer."""
         return self.kind.out_in(self.parts)

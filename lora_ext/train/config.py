@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from . import network_args
+
 
 class ConfigError(ValueError):
     pass
@@ -152,12 +154,10 @@ class TrainConfig:
         for name in ("mixed_precision", "save_precision"):
             if getattr(self, name) not in ("fp16", "bf16", "fp32", "no", "float", "float16", "bfloat16"):
                 problems.append(f"{name} must be fp16, bf16 or fp32")
-        if self.network_module not in ("networks.lora", "lora"):
-            problems.append(f"network_module {self.network_module!r}: lora_ext trains networks.lora (LoRA/LoCon)")
         if self.save_model_as != "safetensors":
             problems.append("save_model_as: lora_ext saves safetensors")
         try:
-            problems += _net_arg_problems(self.net_args)
+            problems += network_args.problems(self)
         except ConfigError as e:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:
@@ -201,8 +201,6 @@ RANGES = {
     "min_snr_gamma": (0, None), "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
     "bucket_reso_steps": (8, None),
 }
-NET_ARG_RANGES = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "rank_dropout": (0, 0.99, float),
-                  "module_dropout": (0, 0.99, float), "dropout": (0, 0.99, float)}
 
 
 def _out_of_range(name: str, v, lo, hi) -> str | None:
@@ -228,22 +226,6 @@ def _range_problems(cfg) -> list:
                 problems.append(problem)
     if isinstance(cfg.text_encoder_lr, list) and not 1 <= len(cfg.text_encoder_lr) <= 2:
         problems.append(f"text_encoder_lr takes one value, or two (SDXL's two encoders), not {len(cfg.text_encoder_lr)}")
-    return problems
-
-
-def _net_arg_problems(args: dict) -> list:
-    unknown = set(args) - set(NET_ARG_RANGES)
-    problems = [f"network_args not supported: {', '.join(sorted(unknown))}"] if unknown else []
-    for name, (lo, hi, kind) in NET_ARG_RANGES.items():
-        if name in args:
-            try:
-                value = _number(args[name], kind)
-            except ValueError:
-                problems.append(f"network_args {name}={args[name]!r} is not {'a whole' if kind is int else 'a'} number")
-                continue
-            problem = _out_of_range(f"network_args {name}", value, lo, hi)
-            if problem:
-                problems.append(problem)
     return problems
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, optim, state, step as step_math
+from . import batches, dataset, network_args, optim, state, step as step_math
 from .config import TrainConfig
 from .distributed import Dist
 from .events import Event, Result
@@ -102,6 +102,7 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
+    messages += network_args.spec(cfg).notes
     if cfg.clip_skip > 1 and host.arch.name == "sdxl":
         messages.append(f"clip_skip {cfg.clip_skip} has no effect on SDXL: both text encoders give their "
                         "penultimate layer, as SDXL was trained (kohya and the webui's default do the same)")

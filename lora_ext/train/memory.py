@@ -171,10 +171,29 @@ def estimate(host, cfg) -> dict:
                                        te_trained, dtype, meta=False)
             activations += te["total"] * batch
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
-             "optimizer": lora_params * state_bytes, "activations": activations}
+             "optimizer": lora_params * state_bytes, "activations": activations,
+             "formed weights": formed_weights(network)}
     return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
             "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def formed_weights(network) -> int:
+    """Bytes the weight-form modules (LoHa, LoKr, DoRA: each step they build their layer's whole weight
+    change) hold for the backward pass, measured by building each one on the meta device."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for m in network.loras.values():
+            if m.forms_weight:
+                d = m.weight_delta(torch.empty(m.geo.shape, device="meta"))
+                total += d.numel() * d.element_size()      # the change itself, which the layer's op keeps
+    return total
 
 
 def _meta_cond(host, batch: int, tokens: int, dtype):

@@ -11,21 +11,22 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import naming
-from ..networks.lora import LoRAModule
-from ..networks.stored import StoredModule
+from ..networks.kinds import BY_NAME
+from ..networks.kinds.trainable import Geometry, Options
+from . import network_args
 
 
 class _AddDelta(nn.Module):
-    """Parametrization of an MHA weight: W + the deltas of the LoRAs on its row blocks (or on all of it)."""
+    """Parametrization of an MHA weight: W + the deltas of the modules on its row blocks (or on all of it)."""
 
     def __init__(self, parts):
         super().__init__()
-        self.parts = parts      # [(LoRAModule, rows slice or None)]; not registered: the network owns them
+        self.parts = parts      # [(TrainedModule, rows slice or None)]; not registered: the network owns them
 
     def forward(self, weight):
         deltas = torch.zeros_like(weight)
         for lora, rows in self.parts:
-            d = lora.weight_delta().to(weight.dtype)
+            d = lora.weight_delta(weight if rows is None else weight[rows]).to(weight.dtype)
             if rows is None:
                 deltas = deltas + d
             else:
@@ -33,29 +34,35 @@ class _AddDelta(nn.Module):
         return weight + deltas
 
 
-def _shape_layer(bound) -> nn.Module:
-    """The layer whose shape a LoRA takes: the target itself, or for a q/k/v row block a Linear of that shape."""
-    if bound.target.qkv is None:
-        return bound.module if not isinstance(bound.module, nn.MultiheadAttention) else bound.module.out_proj
-    out_rows, in_f = bound.shape
-    return nn.Linear(in_f, out_rows, bias=False, device="meta")
+def _geometry(bound) -> Geometry:
+    """The weight a module is made for: the target's own, or for a q/k/v row block a Linear's of that shape."""
+    if bound.target.qkv is not None:
+        return Geometry(bound.shape)
+    layer = bound.module if not isinstance(bound.module, nn.MultiheadAttention) else bound.module.out_proj
+    return Geometry.of(layer)
+
+
+def _base(bound):
+    w = bound.param
+    return w[bound.rows] if bound.rows is not None else w
 
 
 class TrainableNetwork(nn.Module):
+    """One trained module (of `algo`'s type) per target layer; kxk convolutions (LoCon) only with a conv_dim."""
+
     def __init__(self, targets: dict, dim: int, alpha: float | None = None, conv_dim: int | None = None,
-                 conv_alpha: float | None = None, dropout: float = 0.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0, trained=lambda target: True):
+                 conv_alpha: float | None = None, options: Options = Options(), algo: str = "lora",
+                 trained=lambda target: True):
         super().__init__()
         self.bound = {}
         self.loras = nn.ModuleDict()
+        make = BY_NAME[algo].trainable()
         for name, bound in targets.items():
             t = bound.target
-            if not trained(t):
-                continue
-            if t.locon and not conv_dim:
+            if not trained(t) or (t.locon and not conv_dim):
                 continue
             rank, a = (conv_dim, conv_alpha) if t.kind == naming.CONV else (dim, alpha)
-            self.loras[name] = LoRAModule(_shape_layer(bound), rank, a, dropout, rank_dropout, module_dropout)
+            self.loras[name] = make(_geometry(bound), rank, a, options, _base(bound) if options.dora else None)
             self.bound[name] = bound
         self._handles = []
         self._parametrized = []
@@ -80,7 +87,7 @@ class TrainableNetwork(nn.Module):
                 mha_parts.setdefault((bound.module, "weight"), []).append((lora, None))
             else:
                 self._handles.append(bound.module.register_forward_hook(
-                    lambda layer, args, out, lora=lora: out + lora(args[0]).to(out.dtype)))
+                    lambda layer, args, out, lora=lora: out + lora(args[0], layer.weight).to(out.dtype)))
         for (layer, pname), parts in mha_parts.items():
             order = list(layer._parameters)
             parametrize.register_parametrization(layer, pname, _AddDelta(parts), unsafe=True)
@@ -98,37 +105,23 @@ class TrainableNetwork(nn.Module):
         self._parametrized.clear()
 
     def stored(self, dtype=None) -> dict:
-        """{kohya name: StoredModule} of the current weights (cast to `dtype` for saving)."""
+        """{kohya name: StoredModule} of the current weights (copies on the CPU, cast to `dtype` for saving)."""
         out = {}
         for name, lora in self.loras.items():
             s = lora.stored()
             parts = {k: v.detach().to("cpu", dtype or v.dtype, copy=True) for k, v in s.parts.items()}
-            out[name] = StoredModule("lora", parts, s.alpha)
+            out[name] = type(s)(s.network, parts, s.alpha)
         return out
 
     def load_stored(self, modules: dict) -> list:
-        """Start from saved weights (resume, or `network_weights`); returns the names that fit nothing."""
-        missing = []
-        with torch.no_grad():
-            for name, m in modules.items():
-                lora = self.loras[name] if name in self.loras else None
-                pair = m.low_rank()         # None for other types, CP cores and DoRA: not what is trained here
-                if lora is None or pair is None:
-                    missing.append(name)
-                    continue
-                up, down = pair
-                lora.lora_down.weight.copy_(down.reshape(lora.lora_down.weight.shape))
-                lora.lora_up.weight.copy_(up.reshape(lora.lora_up.weight.shape))
-        return missing
+        """Start from saved weights (resume, or `network_weights`); returns the names that fit nothing (absent
+        here, or another type or layout)."""
+        return [name for name, m in modules.items() if name not in self.loras or not self.loras[name].load(m)]
 
 
 def network_for(host, cfg) -> TrainableNetwork:
-    """The network a run's options ask for (LoCon's conv_dim/conv_alpha and the dropouts in network_args),
-    on the parts whose learning rate is not 0."""
-    args = cfg.net_args
+    """The network a run's options ask for (network_args.spec), on the parts whose learning rate is not 0."""
+    spec = network_args.spec(cfg)
     lrs = cfg.component_lrs()
-    return TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha,
-                            int(args["conv_dim"]) if "conv_dim" in args else None,
-                            float(args.get("conv_alpha", 1.0)), cfg.network_dropout,
-                            float(args.get("rank_dropout", 0)), float(args.get("module_dropout", 0)),
-                            trained=lambda t: lrs[t.component] > 0)
+    return TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha, spec.conv_dim, spec.conv_alpha,
+                            spec.options, spec.algo, trained=lambda t: lrs[t.component] > 0)

@@ -9,7 +9,7 @@ import os
 import random
 
 from .. import files
-from . import optim
+from . import network_args, optim
 from .config import TrainConfig
 from .events import Event
 
@@ -65,12 +65,11 @@ def _checkpoint_hashes(path: str, mtime_ns: int, size: int) -> dict:
 
 
 def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dict:
-    args = cfg.net_args
-    network = "locon" if "conv_dim" in args else "lora"
-    extra = dict(conv_dim=args.get("conv_dim"), conv_alpha=args.get("conv_alpha", 1.0)) if network == "locon" else {}
     w, h = cfg.size
+    spec = network_args.spec(cfg)
     return files.network_metadata(
-        network, cfg.network_dim, cfg.network_alpha, host.arch, **extra,
+        "locon" if spec.conv_dim else "lora", cfg.network_dim, cfg.network_alpha, host.arch, spec.module,
+        spec.file_args(), conv_dim=spec.conv_dim, conv_alpha=spec.conv_alpha,
         ss_output_name=cfg.output_name, ss_learning_rate=cfg.learning_rate, ss_unet_lr=cfg.lrs()[0],
         ss_text_encoder_lr=cfg.text_encoder_lr if isinstance(cfg.text_encoder_lr, list) else cfg.lrs()[1],
         ss_zero_terminal_snr=cfg.zero_terminal_snr or None, ss_num_train_images=report["train_images"],

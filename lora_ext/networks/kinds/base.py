@@ -36,6 +36,11 @@ class NetworkType:
         """(out, in) features where the tensors tell them without the layer."""
         return None
 
+    def fits(self, parts: dict, shape: tuple) -> bool:
+        """Whether the module can be for a layer whose weight has `shape` (as far as its tensors tell)."""
+        out_in = self.out_in(parts)
+        return out_in is None or out_in == (shape[0], shape[1])
+
     def low_rank(self, parts: dict):
         """(up, down) when the module is a plain low-rank pair (delta = up @ down * scale), else None."""
         return None
@@ -45,3 +50,7 @@ class NetworkType:
             return True
         main = parts.get(self.main_part)
         return main is not None and main.ndim == 4 and main.shape[2] * main.shape[3] > 1
+
+    def trainable(self):
+        """The TrainedModule class that trains this type (None: read and applied only)."""
+        return None

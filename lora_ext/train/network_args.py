@@ -1,0 +1,177 @@
+"""What network a run trains, from the options kohya's and LyCORIS's users already write:
+`--network_module networks.lora` (kohya: LoRA, LoCon with conv_dim) or `--network_module lycoris.kohya` with
+`--network_args "algo=loha" "conv_dim=8" ...` (LyCORIS: lora/locon, loha, lokr; DoRA with dora_wd=True).
+The names mean what they mean there, defaults included (LyCORIS trains the kxk convolutions at network_dim
+unless told otherwise; kohya only with conv_dim)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..networks.kinds.trainable import Options
+
+KOHYA, LYCORIS = "networks.lora", "lycoris.kohya"
+MODULES = {"networks.lora": KOHYA, "lora": KOHYA, "lycoris.kohya": LYCORIS, "lycoris": LYCORIS}
+# LyCORIS algo -> the kinds.TYPES name that trains it
+ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+NOT_TRAINED = {"ia3": "IA3", "full": "full (native fine-tuning)", "diag-oft": "OFT", "oft": "OFT", "boft": "BOFT",
+               "glora": "GLoRA", "dylora": "DyLoRA", "tlora": "TLoRA"}
+TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+_FRACTION = (0, 0.99, float)
+NUMBERS = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "dropout": _FRACTION,
+           "rank_dropout": _FRACTION, "module_dropout": _FRACTION, "factor": (-1, 4096, int)}
+FLAGS = ("dora_wd", "wd_on_output", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
+         "full_matrix")
+KOHYA_ARGS = {"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"}
+# LyCORIS options that would change the result and that we do not train: named, never ignored
+LYCORIS_UNSUPPORTED = ("use_scalar", "train_norm", "bypass_mode", "rs_lora", "rescaled", "constraint",
+                       "unbalanced_factorization", "block_size", "weight_decompose_rank")
+
+
+class NetworkArgsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    module: str                 # KOHYA | LYCORIS: what ss_network_module says
+    algo: str                   # 'lora' | 'loha' | 'lokr'
+    conv_dim: int | None        # None: the kxk convolutions are not trained
+    conv_alpha: float | None
+    options: Options
+    args: dict                  # the network_args as given (ss_network_args)
+    notes: tuple = ()
+
+    def file_args(self) -> dict | None:
+        """ss_network_args: LyCORIS's as given, with the algorithm and the conv rank it ran with spelled out
+        (None for kohya's module: LoCon's conv_dim/conv_alpha are written from the spec)."""
+        if self.module != LYCORIS:
+            return None
+        return {**self.args, "algo": self.args.get("algo", "lora"), "conv_dim": self.conv_dim,
+                "conv_alpha": self.conv_alpha}
+
+    @property
+    def title(self) -> str:
+        name = "LoCon" if self.algo == "lora" and self.conv_dim else TITLES[self.algo]
+        return name + (" + DoRA" if self.options.dora else "")
+
+
+def _flag(args: dict, name: str, default: bool = False) -> bool:
+    v = str(args.get(name, default)).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", "none", ""):
+        return False
+    raise NetworkArgsError(f"network_args {name}={args[name]!r} is not true or false")
+
+
+def _number(text, kind):
+    x = float(text)
+    if math.isfinite(x) and kind is int:
+        if x != int(x):
+            raise ValueError(text)
+        return int(x)
+    return x
+
+
+def _numbers(args: dict) -> tuple[dict, list]:
+    values, problems = {}, []
+    for name, (lo, hi, kind) in NUMBERS.items():
+        if name not in args:
+            continue
+        try:
+            v = _number(args[name], kind)
+        except ValueError:
+            problems.append(f"network_args {name}={args[name]!r} is not {'a whole' if kind is int else 'a'} number")
+            continue
+        if not math.isfinite(v):
+            problems.append(f"network_args {name} = {v!r} is not a finite number")
+        elif v < lo or (hi is not None and v > hi):
+            problems.append(f"network_args {name} = {v:g} is out of range "
+                            f"({f'from {lo} to {hi}' if hi is not None else f'at least {lo}'})")
+        values[name] = v
+    if values.get("factor") == 0:
+        problems.append("network_args factor = 0: give -1 (as balanced as the size allows) or a divisor")
+    return values, problems
+
+
+def _unknown(module: str, args: dict) -> list:
+    known = KOHYA_ARGS if module == KOHYA else set(NUMBERS) | set(FLAGS) | {"algo", "preset"}
+    problems = []
+    unknown = sorted(set(args) - known)
+    lyco_only = [a for a in unknown if module == KOHYA and (a in NUMBERS or a in FLAGS or a in ("algo", "preset"))]
+    if lyco_only:
+        problems.append(f"network_args {', '.join(lyco_only)}: LyCORIS options; add --network_module lycoris.kohya")
+    unsupported = [a for a in unknown if a in LYCORIS_UNSUPPORTED]
+    if unsupported:
+        problems.append(f"network_args {', '.join(unsupported)}: LyCORIS options lora_ext does not train")
+    rest = [a for a in unknown if a not in lyco_only and a not in unsupported]
+    if rest:
+        problems.append(f"network_args not supported: {', '.join(rest)}")
+    return problems
+
+
+def _algo(args: dict) -> str:
+    algo = str(args.get("algo", "lora")).strip().lower()
+    if algo in NOT_TRAINED:
+        raise NetworkArgsError(f"algo={algo}: {NOT_TRAINED[algo]} is not trained by lora_ext (it trains lora, "
+                               "locon, loha and lokr, each with DoRA by dora_wd=True)")
+    if algo not in ALGOS:
+        raise NetworkArgsError(f"algo={algo!r} is not a LyCORIS algorithm lora_ext knows (lora, locon, loha, lokr)")
+    return ALGOS[algo]
+
+
+def spec(cfg) -> NetworkSpec:
+    """The network cfg asks for; NetworkArgsError naming every problem."""
+    module = MODULES.get(str(cfg.network_module).strip())
+    if module is None:
+        raise NetworkArgsError(f"network_module {cfg.network_module!r}: lora_ext trains networks.lora (kohya's "
+                               "LoRA / LoCon) and lycoris.kohya (algo=lora, locon, loha, lokr)")
+    args = cfg.net_args
+    values, problems = _numbers(args)
+    problems += _unknown(module, args)
+    if str(args.get("preset", "full")).strip().lower() != "full":
+        problems.append(f"network_args preset={args['preset']}: lora_ext trains LyCORIS's full preset "
+                        "(kohya's layers); choose the parts with the learning rates")
+    try:
+        algo = _algo(args) if module == LYCORIS else "lora"
+        flags = {f: _flag(args, f) for f in FLAGS if f != "wd_on_output"}
+        on_output = _flag(args, "wd_on_output")
+    except NetworkArgsError as e:
+        problems.append(str(e))
+    if problems:
+        raise NetworkArgsError("; ".join(problems))
+    return _build(cfg, module, algo, values, flags, on_output, args)
+
+
+def _build(cfg, module, algo, values, flags, on_output, args) -> NetworkSpec:
+    notes = []
+    if module == LYCORIS:       # LyCORIS: convolutions at network_dim / network_alpha unless told
+        conv_dim = values.get("conv_dim", cfg.network_dim)
+        conv_alpha = values.get("conv_alpha", cfg.network_alpha)
+    else:
+        conv_dim = values.get("conv_dim")
+        conv_alpha = values.get("conv_alpha", 1.0) if conv_dim else None
+    dropout = values.get("dropout", 0.0) or cfg.network_dropout
+    if dropout and algo != "lora":
+        notes.append(f"network_dropout has no effect on {TITLES[algo]} (LyCORIS has none for it either): "
+                     "use rank_dropout or module_dropout")
+    if on_output and flags["dora_wd"]:
+        notes.append("wd_on_output=True: the DoRA magnitude is saved per output channel, which the webui's "
+                     "built-in Lora misapplies (it reads one per input channel); lora_ext and ComfyUI read both")
+    tucker = (flags["use_tucker"] or flags["use_cp"] or flags["use_conv_cp"]
+              or ("disable_conv_cp" in args and not flags["disable_conv_cp"]))
+    opts = Options(dropout=dropout if algo == "lora" else 0.0, rank_dropout=values.get("rank_dropout", 0.0),
+                   module_dropout=values.get("module_dropout", 0.0), dora=flags["dora_wd"],
+                   dora_on_output=on_output, tucker=tucker, factor=int(values.get("factor", -1)),
+                   decompose_both=flags["decompose_both"], full_matrix=flags["full_matrix"])
+    return NetworkSpec(module, algo, conv_dim, conv_alpha, opts, dict(args), tuple(notes))
+
+
+def problems(cfg) -> list:
+    try:
+        spec(cfg)
+    except NetworkArgsError as e:
+        return [str(e)]
+    return []

@@ -1,0 +1,200 @@
+"""The LyCORIS reference implementation (the `lycoris-lora` package, test-only) as the oracle for every type we
+train: a module it makes reads in ours with the same weight change, a module we make loads in it with the same
+change, and our forward equals its forward on the same weights; across types x layer kinds x options."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# a plain import, not importorskip: without the oracle these tests must fail, not vanish (.ci/setup installs it)
+from lycoris.functional import factorization
+from lycoris.modules.locon import LoConModule
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
+
+from lora_ext.networks import functional as fn
+from lora_ext.networks.kinds import BY_NAME
+from lora_ext.networks.kinds.trainable import Geometry, Options
+from lora_ext.networks.stored import StoredModule
+
+LAYERS = {
+    "linear": lambda: nn.Linear(48, 40),
+    "conv1x1": lambda: nn.Conv2d(32, 24, 1),
+    "conv3x3": lambda: nn.Conv2d(16, 24, 3, padding=1),
+    "conv3x3_stride2": lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1),
+}
+# (our type, LyCORIS class, options): ours are Options fields, LyCORIS's its keyword arguments
+VARIANTS = {
+    "locon": ("lora", LoConModule, {}, {}),
+    "locon_tucker": ("lora", LoConModule, {"tucker": True}, {"use_tucker": True}),
+    "dora": ("lora", LoConModule, {"dora": True}, {"weight_decompose": True, "wd_on_out": False}),
+    "dora_on_output": ("lora", LoConModule, {"dora": True, "dora_on_output": True},
+                       {"weight_decompose": True, "wd_on_out": True}),
+    "loha": ("loha", LohaModule, {}, {}),
+    "loha_tucker": ("loha", LohaModule, {"tucker": True}, {"use_tucker": True}),
+    "loha_dora": ("loha", LohaModule, {"dora": True}, {"weight_decompose": True, "wd_on_out": False}),
+    "lokr": ("lokr", LokrModule, {}, {}),
+    "lokr_factor4": ("lokr", LokrModule, {"factor": 4}, {"factor": 4}),
+    "lokr_decompose_both": ("lokr", LokrModule, {"decompose_both": True, "factor": 2}, {"decompose_both": True, "factor": 2}),
+    "lokr_full_matrix": ("lokr", LokrModule, {"full_matrix": True}, {"full_matrix": True}),
+    "lokr_tucker": ("lokr", LokrModule, {"tucker": True, "factor": 2}, {"use_tucker": True, "factor": 2}),
+    "lokr_dora": ("lokr", LokrModule, {"dora": True}, {"weight_decompose": True, "wd_on_out": False}),
+}
+RANK, ALPHA = 4, 2.0
+
+
+def _randomize(module: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != "dora_scale":        # the magnitude stays near the layer's norms, as in training
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            else:
+                p.mul_(1 + 0.1 * torch.rand(p.shape, generator=g))
+
+
+def _theirs(variant: str, layer: nn.Module):
+    _, cls, _, kwargs = VARIANTS[variant]
+    torch.manual_seed(0)
+    return cls("lora_unet_x", layer, 1.0, RANK, ALPHA, **kwargs)
+
+
+def _ours(variant: str, layer: nn.Module):
+    network, _, options, _ = VARIANTS[variant]
+    return BY_NAME[network].trainable()(Geometry.of(layer), RANK, ALPHA, Options(**options), layer.weight)
+
+
+def _their_delta(module, layer) -> torch.Tensor:
+    """The weight change LyCORIS's forward (its training) makes: alpha/rank applied once, as the webui's built-in
+    Lora applies it. (Its get_diff_weight / get_merged_weight apply it twice for LoHa and LoKr in 4.1.3: a
+    helper, not what training or any loader computes.)"""
+    w0 = layer.weight
+    if isinstance(module, LoConModule):
+        diff = module.make_weight(w0.device) * module.scale
+    else:
+        diff = module.get_weight(module.shape)
+    diff = diff.reshape(w0.shape)
+    return module.apply_weight_decompose(w0 + diff, 1) - w0 if module.wd else diff
+
+
+def _input(layer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    shape = (3, layer.in_features) if isinstance(layer, nn.Linear) else (2, layer.in_channels, 8, 8)
+    return torch.randn(shape, generator=g)
+
+
+def _applies(variant: str, layer_kind: str) -> bool:
+    # LyCORIS makes a Tucker core only for kxk kernels; a 1x1 conv or a Linear with tucker is the plain variant
+    return "tucker" not in variant or layer_kind.startswith("conv3x3")
+
+
+CASES = [(v, k) for v in VARIANTS for k in LAYERS if _applies(v, k)]
+
+
+@pytest.mark.parametrize("dims", [(-1,), (2,), (4,), (8,), (16,)])
+def test_lokr_factorization_matches_lycoris(dims):
+    factor = dims[0]
+    for d in range(1, 1300):
+        assert fn.factorize(d, factor) == factorization(d, factor), (d, factor)
+
+
+@pytest.mark.parametrize("variant,layer_kind", CASES)
+def test_a_module_lycoris_makes_reads_in_ours_with_its_delta(variant, layer_kind):
+    layer = LAYERS[layer_kind]()
+    theirs = _theirs(variant, layer)
+    _randomize(theirs, 1)
+    parts = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    stored = StoredModule.from_parts(parts)
+    assert stored.network == VARIANTS[variant][0]
+    ours = stored.delta(layer.weight.shape, layer.weight.detach())
+    torch.testing.assert_close(ours, _their_delta(theirs, layer).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,layer_kind", CASES)
+def test_a_module_we_make_loads_in_lycoris_with_our_delta(variant, layer_kind):
+    layer = LAYERS[layer_kind]()
+    ours = _ours(variant, layer)
+    _randomize(ours, 2)
+    theirs = _theirs(variant, layer)
+    stored = ours.stored()
+    # exactly the parts LyCORIS makes for these options: same names, same shapes
+    their_parts = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k != "alpha"}
+    assert {k: tuple(v.shape) for k, v in stored.parts.items()} == their_parts
+    theirs.load_state_dict({**stored.parts, "alpha": ours.alpha.clone()})
+    assert float(theirs.scale) == pytest.approx(ours.scale)
+    torch.testing.assert_close(ours.weight_delta(layer.weight).detach(), _their_delta(theirs, layer).detach(),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,layer_kind", CASES)
+def test_our_forward_equals_lycoris_forward(variant, layer_kind):
+    layer = LAYERS[layer_kind]()
+    ours = _ours(variant, layer)
+    _randomize(ours, 3)
+    x = _input(layer)
+    with torch.no_grad():
+        our_out = layer(x) + ours(x, layer.weight)
+        theirs = _theirs(variant, layer)
+        theirs.load_state_dict({**ours.stored().parts, "alpha": ours.alpha.clone()})
+        theirs.apply_to()
+        their_out = layer(x)
+    torch.testing.assert_close(our_out, their_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fresh_modules_change_nothing(variant):
+    """Each type's init (the one LyCORIS uses) leaves the layer as it was: training starts from the model."""
+    for kind, make in LAYERS.items():
+        layer = make()
+        ours = _ours(variant, layer)
+        torch.testing.assert_close(ours.weight_delta(layer.weight).detach(), torch.zeros_like(layer.weight),
+                                   rtol=0, atol=1e-6)
+        assert any(p.abs().sum() > 0 for p in ours.parameters()), "every factor zero: nothing could learn"
+
+
+def test_lokr_with_both_factors_full_is_not_scaled_by_alpha():
+    layer = nn.Linear(16, 16)
+    ours = _ours("lokr_full_matrix", layer)
+    theirs = _theirs("lokr_full_matrix", layer)
+    assert ours.scale == 1.0 == float(theirs.scale)
+    assert StoredModule.from_parts({**ours.stored().parts, "alpha": ours.alpha}).scale == 1.0
+
+
+def test_dora_follows_the_builtin_axis_and_reads_lycoris_output_axis_by_shape():
+    """Where LyCORIS and the webui's built-in Lora differ (DoRA's axis), the files we write take the built-in's
+    (one magnitude per input channel, [1, in, ...]); a LyCORIS default file ([out, 1, ...], wd_on_output) is read
+    by its shape, as LyCORIS means it, where the built-in's formula would broadcast it into another weight."""
+    layer = nn.Linear(48, 40)
+    ours = _ours("dora", layer)
+    assert tuple(ours.dora_scale.shape) == (1, 48)
+    theirs = _theirs("dora_on_output", layer)
+    _randomize(theirs, 4)
+    parts = {k: v.detach() for k, v in theirs.state_dict().items()}
+    assert tuple(parts["dora_scale"].shape) == (40, 1)
+    stored = StoredModule.from_parts(parts)
+    w0 = layer.weight.detach()
+    ours_delta = stored.delta(w0.shape, w0)
+    torch.testing.assert_close(ours_delta, _their_delta(theirs, layer).detach(), rtol=1e-4, atol=1e-5)
+    merged = w0 + StoredModule(stored.network, {k: v for k, v in parts.items() if k not in ("dora_scale", "alpha")},
+                               stored.alpha).delta(w0.shape)
+    builtin_norm = merged.transpose(0, 1).reshape(48, -1).norm(dim=1, keepdim=True).reshape(48, 1).transpose(0, 1)
+    builtin = merged * (parts["dora_scale"] / builtin_norm) - w0
+    assert not torch.allclose(builtin, ours_delta, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("variant", ["loha", "loha_tucker", "lokr", "lokr_tucker", "dora", "locon_tucker"])
+def test_forward_equals_merged_weight_across_layers_and_dtypes(variant, dtype, tol):
+    for kind, make in LAYERS.items():
+        if not _applies(variant, kind):
+            continue
+        layer = make().to(dtype)
+        ours = _ours(variant, layer).to(dtype)
+        _randomize(ours, 6)
+        x = _input(layer).to(dtype)
+        with torch.no_grad():
+            bypass = layer(x) + ours(x, layer.weight)
+            w = layer.weight + ours.weight_delta(layer.weight).to(dtype)
+            merged = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else \
+                F.conv2d(x, w, layer.bias, layer.stride, layer.padding)
+        torch.testing.assert_close(bypass.float(), merged.float(), rtol=tol, atol=tol)
