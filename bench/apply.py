@@ -7,6 +7,7 @@ Prints JSON. Every ratio is against a baseline measured in the same run:
   delta formed as a separate tensor, added in the weight's dtype), re-implemented here for the comparison.
 
     .venv/bin/python bench/apply.py [--rank 32] [--size 256] [--rounds 3]
+    .venv/bin/python bench/apply.py --network loha,lokr,ia3,oft,boft,dora     (each type against LoCon)
 """
 from __future__ import annotations
 
@@ -123,13 +124,49 @@ def warm_memory(nbytes: int) -> None:
     gc.collect()
 
 
+def compare_networks(names: list, model, host) -> dict:
+    """Apply, weight change and restore in merge mode for one file of each type (rank 4, every Linear and Conv
+    layer; IA3 on the Linear ones), against a plain LoCon of the same layers measured in the same run."""
+    from lora_ext.demo import make_random_dora, make_random_network
+
+    targets = host.lora_targets()
+    folder = tempfile.mkdtemp(prefix="lora_ext_bench_types_")
+    results = {}
+    for name in ["lora"] + [n for n in names if n != "lora"]:
+        modules = make_random_dora(model) if name == "dora" else make_random_network(model, name, conv=name != "ia3")
+        path = os.path.join(folder, f"{name}.safetensors")
+        files.write_kohya(path, files.kohya_tensors(modules, torch.float16), {"ss_output_name": name})
+        snapshot = {n: targets[n].param.clone() for n in list(modules)[:5]}
+        engine = Engine()
+        r = {"modules": len(modules), "file_bytes": os.path.getsize(path),
+             "first_apply_s": timed(lambda: engine.apply(host, [Request(path, 1.0, 1.0)])),
+             "weight_change_s": timed(lambda: engine.apply(host, [Request(path, 0.5, 0.5)])),
+             "restore_s": timed(lambda: engine.restore(host))}
+        r["bit_exact_after_restore"] = all(torch.equal(targets[n].param, v) for n, v in snapshot.items())
+        results[name] = r
+    base = results["lora"]
+    return {"model": "SD1.5-shaped, random weights, fp32", "threads": torch.get_num_threads(), "results": results,
+            "ratios_against_locon_in_this_run": {
+                n: {k: r[k] / base[k] for k in ("first_apply_s", "weight_change_s", "restore_s")}
+                for n, r in results.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--size", type=int, default=256, help="image size for the UNet step timing (latent = size/8)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (2 steps without, 2 with) per mode")
+    ap.add_argument("--network", help="compare apply costs of these types against LoCon instead: "
+                                      "comma-separated, of loha,lokr,ia3,oft,boft,dora")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.network:
+        model = tiny.build("sd1-full")
+        model.requires_grad_(False)
+        names = [n.strip() for n in args.network.split(",") if n.strip()]
+        print(json.dumps(compare_networks(names, model, WebuiHost(model)), indent=2,
+                         default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
+        return
 
     t0 = time.perf_counter()
     model = tiny.build("sd1-full")

@@ -11,6 +11,10 @@ the reference figures the issue gives for kohya's sd-scripts on the same job (no
 job (UNet only, rank 16, gradient checkpointing, cached latents), with and without cached text-encoder
 outputs; also the memory estimate against the measured peak. About 14 GB of weights in fp32: one
 configuration at a time fits in 24 GB.
+
+`--network lora,loha,lokr,dora`: the reference job (with checkpointing and cached latents) for each network
+type on the same layers (the 3x3 convolutions included, dim 16 alpha 8 everywhere), s/step, peak RSS and the
+memory estimate, with ratios against LoCon (kohya's networks.lora with conv_dim) measured in the same run.
 """
 from __future__ import annotations
 
@@ -32,15 +36,20 @@ KOHYA_REFERENCE = {"step_s_with_checkpointing": 7.0, "step_s_without": 5.1, "pea
 CONFIGS = {"gc_cache": (True, True), "gc_nocache": (True, False), "nogc_cache": (False, True),
            "nogc_nocache": (False, False)}
 SDXL_CONFIGS = {"unet_only_te_cached": True, "unet_only": False}     # cache_text_encoder_outputs
+_CONV = ["conv_dim=16", "conv_alpha=8"]
+NETWORKS = {"lora": ("networks.lora", _CONV), "loha": ("lycoris.kohya", ["algo=loha"] + _CONV),
+            "lokr": ("lycoris.kohya", ["algo=lokr"] + _CONV), "dora": ("lycoris.kohya", ["algo=locon", "dora_wd=True"] + _CONV)}
 
 
-def one(name: str, steps: int, images: int) -> dict:
+def one(name: str, steps: int, images: int, network: str | None = None) -> dict:
     from lora_ext.hosts.webui import WebuiHost
     from lora_ext.testing import sample_data, tiny
+    from lora_ext.train import memory
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
 
     gc_on, cache = CONFIGS[name]
+    module, args = NETWORKS[network] if network else ("networks.lora", [])
     t0 = time.perf_counter()
     host = WebuiHost(tiny.build("sd1-full"))
     build_s = time.perf_counter() - t0
@@ -51,14 +60,17 @@ def one(name: str, steps: int, images: int) -> dict:
                       train_batch_size=1, max_train_steps=steps, network_dim=16, network_alpha=8,
                       learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=5e-5, optimizer_type="AdamW",
                       mixed_precision="no", save_precision="fp16", gradient_checkpointing=gc_on, cache_latents=cache,
-                      lr_scheduler="constant")
+                      lr_scheduler="constant", network_module=module, network_args=args)
+    est = memory.estimate(host, cfg)
     stamps = []
     start = time.perf_counter()
     train(host, cfg, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"config": name, "gradient_checkpointing": gc_on, "cache_latents": cache, "build_s": round(build_s, 1),
             "first_step_s": stamps[0] - start, "median_step_s": statistics.median(step_times),
-            "step_s": step_times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            "step_s": step_times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "network": network or "lora", "estimate_gb": est["total"] / 2 ** 30,
+            "network_parameters": est["lora_parameters"]}
 
 
 def one_sdxl(name: str, steps: int, images: int) -> dict:
@@ -92,15 +104,35 @@ def one_sdxl(name: str, steps: int, images: int) -> dict:
             "estimate_over_peak_rss": est["total"] / 2 ** 30 / peak}
 
 
-def _run_each(configs, args) -> dict:
+def _run_each(configs, args, network=None) -> dict:
     results = {}
     for name in configs:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--images",
-                              str(args.images), "--arch", args.arch], capture_output=True, text=True, cwd=ROOT)
+                              str(args.images), "--arch", args.arch] + (["--network", network] if network else []),
+                             capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(out.stderr)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
+
+
+def compare_networks(args) -> dict:
+    names = [n.strip() for n in args.network.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        raise SystemExit(f"--network: unknown {', '.join(unknown)} (known: {', '.join(NETWORKS)})")
+    if "lora" not in names:
+        names.insert(0, "lora")         # the baseline, measured in the same run
+    r = {n: _run_each(["gc_cache"], args, n)["gc_cache"] for n in names}
+    base = r["lora"]
+    return {"job": "SD1.5-shaped random weights, 256 px, batch 1, dim 16 alpha 8 (convolutions too), text encoder "
+                   "trained, gradient checkpointing, cached latents, AdamW fp32, CPU",
+            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), "results": r,
+            "ratios_against_locon_in_this_run": {
+                n: {"step": r[n]["median_step_s"] / base["median_step_s"],
+                    "peak_rss": r[n]["peak_rss_gb"] / base["peak_rss_gb"],
+                    "parameters": r[n]["network_parameters"] / base["network_parameters"],
+                    "estimate_over_peak_rss": r[n]["estimate_gb"] / r[n]["peak_rss_gb"]} for n in names}}
 
 
 def main() -> None:
@@ -108,11 +140,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
+    ap.add_argument("--network", help="comma-separated network types to compare: " + ",".join(NETWORKS))
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        fn = one_sdxl if args.arch == "sdxl" else one
-        print(json.dumps(fn(args.one, args.steps, args.images)))
+        if args.arch == "sdxl":
+            print(json.dumps(one_sdxl(args.one, args.steps, args.images)))
+        else:
+            print(json.dumps(one(args.one, args.steps, args.images, args.network)))
+        return
+    if args.network:
+        print(json.dumps(compare_networks(args), indent=2, default=lambda v: round(v, 3)))
         return
     if args.arch == "sdxl":
         r = _run_each(SDXL_CONFIGS, args)

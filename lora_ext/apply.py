@@ -211,16 +211,19 @@ class Engine:
                 else:
                     out.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
-            # other dtypes and network types: the delta in fp32, added, then cast once
-            acc = original.to(torch.float32, copy=True)
+            # other dtypes and network types: the deltas in fp32, added, then cast once (an fp32 weight takes
+            # them in place: two passes over the weight fewer)
+            wide = param.dtype == torch.float32
+            acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
             base = original.to(torch.float32)
             for c in contributions:
                 view = acc[c.rows] if c.rows is not None else acc
-                # DoRA rescales W0 + delta: W0 is the weight before any network (the built-in's own rule is
-                # the weight before this network; the same for one DoRA on a layer)
-                w0 = (base[c.rows] if c.rows is not None else base) if c.module.is_dora else None
+                # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it: W0 is the weight before any network
+                # (the built-in's own rule is the weight before this network; the same for one on a layer)
+                w0 = (base[c.rows] if c.rows is not None else base) if c.module.needs_base else None
                 view.add_(c.module.delta(view.shape, w0).to(acc.device), alpha=c.weight)
-            param.copy_(acc)
+            if not wide:
+                param.copy_(acc)
         host.weight_written(entry.bound, param)
 
     # --- bypass mode --------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def _bypass_hook(hooked: _Hooked):
                 up, down = (t.to(x.device, x.dtype) for t in pair)
                 output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
             else:
-                w0 = layer.weight.float() if c.module.is_dora else None
+                w0 = layer.weight.float() if c.module.needs_base else None
                 delta = c.module.delta(layer.weight.shape, w0).to(x.device, x.dtype) * c.weight
                 output = output + (torch.nn.functional.conv2d(x, delta, **conv) if conv is not None
                                    else torch.nn.functional.linear(x, delta))

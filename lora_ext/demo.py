@@ -144,3 +144,41 @@ def run_demo(out: str) -> int:
     print(f"wrote {result.lora_path}, demo_lora.json, loss.png, samples_w0_w05_w1.png in {out} "
           f"({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True) -> dict:
+    """{kohya name: StoredModule} of one type with random nonzero weights on every Linear / Conv target of
+    `sd_model` (its Conv2d layers, 1x1 ones too, only with `conv`), for tests and benchmarks: 'loha' and 'lokr' from their
+    trained modules (rank 4), 'ia3' (per output channel), 'oft' and 'boft' (blocks of 4; BOFT 2 stages)."""
+    from .hosts.webui import WebuiHost
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, bound in WebuiHost(sd_model).lora_targets().items():
+        if (len(bound.shape) == 4 and not conv) or bound.target.qkv is not None or bound.owner is not None:
+            continue
+        parts = _random_parts(network, bound.shape, g)
+        if parts is not None:
+            out[name] = StoredModule.from_parts(parts)
+    return out
+
+
+def _random_parts(network: str, shape: tuple, g) -> dict | None:
+    from .networks.kinds import BY_NAME
+    from .networks.kinds.trainable import Geometry
+
+    noise = lambda *s: torch.randn(s, generator=g) * 0.1  # noqa: E731
+    out = shape[0]
+    if network == "ia3":
+        return {"weight": noise(out), "on_input": torch.tensor(0)}
+    if network in ("oft", "boft"):
+        if out % 8:
+            return None
+        blocks = noise(out // 4, 4, 4) if network == "oft" else noise(2, out // 4, 4, 4)
+        return {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
+    conv = dict(stride=1, padding=1, dilation=1) if len(shape) == 4 else None
+    module = BY_NAME[network].trainable()(Geometry(tuple(shape), conv), 4, 2.0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return {**module.stored().parts, "alpha": module.alpha.clone()}

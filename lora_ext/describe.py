@@ -42,7 +42,7 @@ def describe_lora(lora: files.LoraFile) -> dict:
         "container": lora.container,
         "arch": lora.arch.name,
         "network": lora.network,
-        "rank": lora.ranks(),
+        "rank": _full(lora.ranks()),
         "alpha": lora.alphas(),
         "by_kind": lora.by_kind(),
         "modules": lora.file_counts(),
@@ -70,8 +70,20 @@ def block_of(name: str) -> str:
 
 
 def _span(values) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+    """'4', '4-8'; 'full' for modules without a rank (LoKr with both factors full), ', full' where mixed."""
+    numbers = [v for v in values if v is not None]
+    if not numbers:
+        return "full"
+    lo, hi = min(numbers), max(numbers)
+    span = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+    return span + (", full" if len(numbers) < len(values) else "")
+
+
+def _full(ranks):
+    """lora.ranks() for the report: a module without a rank (full LoKr factors) says 'full', not null."""
+    if isinstance(ranks, dict):
+        return {n: "full" if r is None else r for n, r in ranks.items()}
+    return "full" if ranks is None else ranks
 
 
 def block_rows(lora) -> list:

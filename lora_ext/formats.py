@@ -23,18 +23,21 @@ _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out"
 
 # LyCORIS module types the webui's built-in Lora applies and lora_ext does not (yet): a part that only that
 # type stores -> its name. A file holding one is refused by name, never applied as something else.
-UNSUPPORTED_PARTS = {"on_input": "IA3", "oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "BOFT",
+UNSUPPORTED_PARTS = {"oft_R": "BOFT",
                      "a1.weight": "GLoRA", "b1.weight": "GLoRA", "diff": "full (diff)", "diff_b": "full (diff)",
                      "w_norm": "norm", "b_norm": "norm"}
 
 
 def unsupported_types(keys) -> dict:
-    """{type name: an example key} of the LyCORIS types we cannot apply among `keys` (IA3 also by its lone
-    `weight` part on a kohya module name)."""
+    """{type name: an example key} of the LyCORIS types we cannot apply among `keys` (and a lone `weight` on a
+    kohya module name: IA3 without its on_input flag, which no loader can read)."""
+    keys = list(keys)
     found = {}
+    with_flag = {k.partition(".")[0] for k in keys if k.endswith(".on_input")}
     for key in keys:
         module, _, part = key.partition(".")
-        kind = UNSUPPORTED_PARTS.get(part) or ("IA3" if part == "weight" and module.startswith("lora_") else None)
+        lone_weight = part == "weight" and module.startswith("lora_") and module not in with_flag
+        kind = UNSUPPORTED_PARTS.get(part) or ("IA3 without on_input" if lone_weight else None)
         if kind:
             found.setdefault(kind, key)
     return found

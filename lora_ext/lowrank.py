@@ -79,8 +79,9 @@ def _lora_factors(m: StoredModule, weight: float = 1.0):
 
 
 def _refuse_dora(name: str, m, what: str) -> None:
-    if m.is_dora:
-        raise ValueError(f"{name}: a DoRA module (dora_scale) cannot be {what}: its change depends on the base "
+    if m.needs_base:
+        kind = "DoRA module (dora_scale)" if m.is_dora else f"{m.kind.title} module"
+        raise ValueError(f"{name}: a {kind} cannot be {what}: its change depends on the base "
                          "model's weights; merge it into a checkpoint instead")
 
 

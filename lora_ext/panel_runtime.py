@@ -91,7 +91,9 @@ class PanelRuntime:
         kinds = lora.by_kind()
         for kind, label in (("linear", "rank"), ("conv", "conv rank")):
             if kinds.get(kind):
-                parts.append(f"{label} {kinds[kind]['rank']} (alpha {kinds[kind]['alpha']:g})")
+                rank, alpha = kinds[kind]["rank"], kinds[kind]["alpha"]
+                # a LoKr with both factors full has no rank, and alpha does not scale it
+                parts.append(f"{label} {rank} (alpha {alpha:g})" if rank is not None else f"{label} full")
         if "linear" in kinds and kinds["linear"] is None:
             parts.append("ranks vary")
         h = self.library.short_hash(name)

@@ -198,3 +198,60 @@ def test_forward_equals_merged_weight_across_layers_and_dtypes(variant, dtype, t
             merged = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else \
                 F.conv2d(x, w, layer.bias, layer.stride, layer.padding)
         torch.testing.assert_close(bypass.float(), merged.float(), rtol=tol, atol=tol)
+
+
+# --- the types we apply and do not train: LyCORIS makes the module, ours reads its file ----------------------
+from lycoris.modules.boft import ButterflyOFTModule  # noqa: E402
+from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
+from lycoris.modules.ia3 import IA3Module  # noqa: E402
+
+OFT_LAYERS = {      # BOFT's butterfly needs a power-of-two share of the output channels
+    "linear": lambda: nn.Linear(24, 32),
+    "conv1x1": lambda: nn.Conv2d(16, 32, 1),
+    "conv3x3": lambda: nn.Conv2d(16, 64, 3, padding=1),
+}
+APPLIED = {     # id: (our type, LyCORIS class, its keyword arguments)
+    "ia3": ("ia3", IA3Module, {}),
+    "ia3_on_input": ("ia3", IA3Module, {"train_on_input": True}),
+    "oft": ("oft", DiagOFTModule, {}),
+    "oft_constrained": ("oft", DiagOFTModule, {"constraint": 1e-4}),
+    "oft_rescaled": ("oft", DiagOFTModule, {"rescaled": True}),
+    "boft": ("oft", ButterflyOFTModule, {}),
+    "boft_constrained_rescaled": ("oft", ButterflyOFTModule, {"constraint": 1e-4, "rescaled": True}),
+}
+
+
+@pytest.mark.parametrize("layer_kind", sorted(OFT_LAYERS))
+@pytest.mark.parametrize("variant", sorted(APPLIED))
+def test_an_ia3_oft_or_boft_module_lycoris_makes_reads_in_ours_with_its_delta(variant, layer_kind):
+    network, cls, kwargs = APPLIED[variant]
+    layer = OFT_LAYERS[layer_kind]()
+    torch.manual_seed(0)
+    theirs = cls("lora_unet_x", layer, 1.0, 4, 1.0, **kwargs)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.05 if name == "rescale" else 0.2))
+    parts = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    stored = StoredModule.from_parts(parts)
+    w0 = layer.weight.detach()
+    assert stored.network == network and stored.fits(w0.shape) and stored.needs_base
+    theirs_delta = theirs.get_diff_weight(multiplier=1)[0].reshape(w0.shape).detach()
+    torch.testing.assert_close(stored.delta(w0.shape, w0), theirs_delta, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(theirs_delta, torch.zeros_like(theirs_delta))
+
+
+def test_ia3_on_a_convolution_follows_lycoris_where_the_builtin_cannot_broadcast():
+    """The built-in reshapes an output-channel IA3 factor to [out, 1], which broadcasts over a Linear weight but
+    not over a conv kernel [out, in, kh, kw]; LyCORIS means one factor per output channel, and so do we."""
+    layer = nn.Conv2d(16, 32, 3, padding=1)
+    theirs = IA3Module("lora_unet_x", layer, 1.0, 4, 1.0)
+    with torch.no_grad():
+        theirs.weight.normal_(0, 0.2)
+    parts = {k: v.detach() for k, v in theirs.state_dict().items()}
+    w0 = layer.weight.detach()
+    with pytest.raises(RuntimeError):
+        w0 * parts["weight"].reshape(-1, 1)          # the built-in's formula
+    ours = StoredModule.from_parts(parts).delta(w0.shape, w0)
+    torch.testing.assert_close(ours, w0 * parts["weight"].reshape(32, 1, 1, 1) * 1.0)
+    torch.testing.assert_close(ours, theirs.get_diff_weight(1)[0].detach())

@@ -124,9 +124,12 @@ def test_memory_estimate_knows_each_type(data, tmp_path):
         cfg = _cfg(data, tmp_path, network_module=module, network_args=args)
         est[run] = memory.estimate(host, cfg)
         assert est[run]["lora_parameters"] == sum(p.numel() for p in network_for(host, cfg).parameters())
-    # the weight-form types keep their layers' formed weight changes for the backward pass; LoRA forms none
-    assert est["kohya_lora"]["parts"]["formed weights"] == 0
-    assert all(est[r]["parts"]["formed weights"] > 0 for r in ("loha", "lokr_full", "dora"))
+    # the weight-form types keep their layers' whole changed weights for the backward pass; LoRA keeps its
+    # small rank activations only
+    lora_kept = est["kohya_lora"]["parts"]["activations"]
+    weights = sum(b.param.numel() * 4 for b in host.lora_targets().values())
+    for r in ("loha", "lokr_full", "dora"):
+        assert est[r]["parts"]["activations"] - lora_kept > 0.5 * weights, r
 
 
 @pytest.mark.parametrize("args,message", [
@@ -148,3 +151,49 @@ def test_lycoris_defaults_are_lycoris_and_kohyas_are_kohyas(data, tmp_path):
                                   network_dropout=0.1))
     assert dora.title == "LoKr + DoRA" and dora.options.dora and not dora.options.dora_on_output
     assert any("network_dropout has no effect on LoKr" in n for n in dora.notes)
+
+
+def test_a_lokr_with_full_factors_is_described_not_crashed_on(data, tmp_path):
+    """Its modules have no rank (both Kronecker factors full): inspect, the block table and the panel's info
+    line say 'full' (min() of None and numbers, and 'None:g', were what they met before)."""
+    import os
+    import shutil
+
+    from lora_ext import describe
+    from lora_ext.library import LoraLibrary
+    from lora_ext.panel_runtime import PanelRuntime
+
+    module, args, _, _ = RUNS["lokr_full"]
+    result = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path, network_module=module, network_args=args,
+                                                      max_train_steps=1))
+    report = describe.describe_lora(files.read(result.lora_path))
+    assert report["network"] == "lokr" and report["rank"] == "full"
+    assert all(row[2] == "full" for row in describe.block_rows(files.read(result.lora_path)))
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(result.lora_path, folder / "full.safetensors")
+    line = PanelRuntime(LoraLibrary(lambda: [str(folder)])).info_line("full.safetensors")
+    assert "SD1 · lokr · rank full · conv rank full" in line, line
+    assert os.path.exists(result.lora_path)
+
+
+def test_a_kohya_lycoris_command_line_trains_as_written(data, tmp_path):
+    """The command line a kohya + LyCORIS guide gives (`--network_module lycoris.kohya --network_args ...`)."""
+    import os
+
+    from lora_ext.testing import tiny
+    from test_train import _cli
+
+    tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
+    out = _cli("train", "--pretrained_model_name_or_path", "tiny.safetensors", "--train_data_dir", data["train"],
+               "--resolution", "64", "--max_train_steps", "2", "--network_dim", "4", "--network_alpha", "1",
+               "--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "factor=4", "conv_dim=2",
+               "dora_wd=True", "--network_dropout", "0.1", "--output_dir", "o", "--output_name", "k",
+               "--mixed_precision", "no", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "network_dropout has no effect on LoKr" in out.stdout + out.stderr
+    lora = files.read(str(tmp_path / "o" / "k.safetensors"))
+    assert lora.network == "lokr+dora" and lora.metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(lora.metadata["ss_network_args"]) == {"algo": "lokr", "factor": "4", "conv_dim": "2",
+                                                             "dora_wd": "True", "conv_alpha": "1"}
+    assert os.path.getsize(str(tmp_path / "o" / "k.safetensors")) > 0

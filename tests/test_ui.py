@@ -45,6 +45,41 @@ def test_the_form_round_trips_through_a_config(data, tmp_path):
     assert all(f.tip for f in train_fields.FIELDS) and len(train_fields.GROUPS) == 8
 
 
+def _set(values, **fields):
+    values = list(values)
+    names = [f.name for f in train_fields.FIELDS]
+    for k, v in fields.items():
+        values[names.index(k)] = v
+    return values
+
+
+def test_the_network_type_controls_write_lycoris_options(data, tmp_path):
+    values = _set(_values(data, tmp_path), algo="loha", dora_wd=True, network_args="conv_dim=2\nalgo=lokr")
+    cfg, msg = train_tab.form_to_config(values)
+    assert msg == "" and cfg.network_module == "lycoris.kohya"      # the module that trains LoHa, chosen for the user
+    assert cfg.net_args == {"algo": "loha", "conv_dim": "2", "dora_wd": "True"}      # the control wins over the text
+    shown = train_fields.options_to_values(cfg)
+    assert shown == _set(values, network_module="lycoris.kohya", network_args="conv_dim=2")
+    assert train_tab.form_to_config(shown)[0].net_args == cfg.net_args
+    # kohya's own LoRA stays kohya's, without an algo entry
+    plain, _ = train_tab.form_to_config(_values(data, tmp_path, network_args=["conv_dim=4"]))
+    assert plain.network_module == "networks.lora" and plain.network_args == ["conv_dim=4"]
+
+
+def test_a_lycoris_preset_loads_into_the_type_controls(data, tmp_path):
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    toml = (f'train_data_dir = "{data["train"]}"\noutput_dir = "{tmp_path}"\nnetwork_module = "lycoris.kohya"\n'
+            'network_args = ["algo=LoKr", "factor=8", "dora_wd=true"]\n')
+    (folder / "lokr.toml").write_text(toml)
+    values, msg = train_tab.load_preset(str(folder), "lokr")
+    names = [f.name for f in train_fields.FIELDS]
+    assert values[names.index("algo")] == "lokr" and values[names.index("dora_wd")] is True, msg
+    assert values[names.index("network_args")] == "factor=8"
+    cfg, msg = train_tab.form_to_config(values)
+    assert msg == "" and cfg.net_args == {"algo": "lokr", "factor": "8", "dora_wd": "True"}
+
+
 def test_presets_are_the_toml_the_cli_reads(data, tmp_path):
     values = _values(data, tmp_path, learning_rate=3e-4)
     msg = train_tab.save_preset(str(tmp_path / "presets"), "my char", values)
@@ -66,6 +101,11 @@ def test_dataset_check_reports_concepts_steps_and_problems(data, tmp_path):
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path))
     assert report is not None and "**4 steps**" in text and "redcircle: 2 images, 1 without caption" in text
     assert "Estimated memory: about **" in text and "on cpu (weights" in text
+    assert "Network: **LoRA** (networks.lora), dim 4 alpha" in text
+    _, text = train_tab.check_dataset(lambda: host, _set(_values(data, tmp_path, network_dropout=0.1), algo="lokr",
+                                                         dora_wd=True))
+    assert "Network: **LoKr + DoRA** (lycoris.kohya), dim 4" in text
+    assert "note: network_dropout has no effect on LoKr" in text
     # the count is the run's: optimizer steps, so gradient accumulation divides it
     report, text = train_tab.check_dataset(lambda: host, _values(data, tmp_path, max_train_steps=0, max_train_epochs=2,
                                                                  gradient_accumulation_steps=3), None, False)

@@ -66,6 +66,11 @@ class StoredModule:
         """Weight-decomposed (DoRA): its change depends on the layer's own weight (`delta(shape, base)`)."""
         return "dora_scale" in self.parts
 
+    @property
+    def needs_base(self) -> bool:
+        """Its change depends on the layer's own weight (DoRA's magnitude; IA3 and OFT scale or turn it)."""
+        return self.is_dora or self.kind.needs_base
+
     def low_rank(self):
         """(up, down) of a plain low-rank module (delta = up @ down * scale: what resize, merge-LoRAs and the
         fast merge path compute with), else None (other types, CP cores, DoRA)."""
@@ -74,17 +79,21 @@ class StoredModule:
     def delta(self, shape, base: torch.Tensor | None = None) -> torch.Tensor:
         """The weight change at weight 1 (alpha/rank applied), in fp32 (fp64 for fp64 parts: never narrower
         than fp32, so fp16/bf16 files lose nothing more in the product), reshaped to the target `shape`.
-        A DoRA module needs `base`, the layer's weight before it."""
+        A module that `needs_base` needs `base`, the layer's weight before it."""
         wide = torch.float64 if any(v.dtype == torch.float64 for v in self.parts.values()) else torch.float32
         p = {k: v.to(wide) for k, v in self.parts.items()}
         shape = tuple(shape)
-        d = self.kind.delta(p, self.scale, shape)
+        if self.needs_base and base is None:
+            raise BadModule(f"a {'DoRA' if self.is_dora else self.kind.title} module's change depends on the "
+                            "layer's weight, which was not given")
+        if self.kind.needs_base:
+            d = self.kind.delta_on(p, self.scale, shape, base.to(wide).reshape(shape), self.alpha)
+        else:
+            d = self.kind.delta(p, self.scale, shape)
         if d.numel() != _numel(shape):
             raise BadModule(f"its delta has {list(d.shape)} elements, the layer {list(shape)}")
         d = d.reshape(shape)
         if self.is_dora:
-            if base is None:
-                raise BadModule("a DoRA module's change depends on the layer's weight, which was not given")
             d = fn.dora_delta(d, base.to(d.dtype), p["dora_scale"])
         return d
 

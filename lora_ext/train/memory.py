@@ -52,7 +52,8 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: bool = True) -> dict:
+def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: bool = True,
+                      not_activations: set = frozenset()) -> dict:
     """Bytes autograd keeps for backward while `call()` runs: 'total', and for each of `blocks` its 'inputs'
     and what it 'saved' (gradient checkpointing's arithmetic). With `meta`, on meta copies of the host
     model's tensors; else on the model itself, for code that cannot run on meta tensors (autograd keeps
@@ -64,6 +65,7 @@ def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: 
         params = {id(p) for p in host.model.parameters()}
         for p in host.model.parameters():
             p.requires_grad_(id(p) in trained_weights)      # put back by the caller's HostSession
+    params = params | set(not_activations)      # e.g. the network's own parameters: counted as such
     current, per_block, totals, seen = [], {}, {"total": 0, "largest_tensor": 0}, {}
 
     def pack(t):
@@ -159,9 +161,16 @@ def estimate(host, cfg) -> dict:
         noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
         return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), _meta_cond(host, batch, tokens, dtype))
 
-    # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers)
+    # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); the meta
+    # network on the UNet's layers, so that what its modules keep (a weight-form type's whole changed weight)
+    # is counted where it is kept: inside a checkpointed block only while that block is recomputed
     with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
-        unet = saved_activations(host, unet_forward, unet_trained, dtype, blocks)
+        network.attach(lambda bound: bound.target.is_unet)
+        try:
+            unet = saved_activations(host, unet_forward, unet_trained, dtype, blocks,
+                                     not_activations={id(p) for p in network.parameters()})
+        finally:
+            network.detach()
         activations = _kept(unet, cfg.gradient_checkpointing)
         if te_lr > 0:
             # transformers' CLIP cannot run on meta tensors: one real caption, its saved tensors dropped at once
@@ -169,18 +178,18 @@ def estimate(host, cfg) -> dict:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda"):
                 te = saved_activations(host, lambda: host.encode_text(["a"], cfg.clip_skip, cfg.max_token_length).tokens,
                                        te_trained, dtype, meta=False)
-            activations += te["total"] * batch
+            activations += te["total"] * batch + formed_weights(network, lambda b: not b.target.is_unet)
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
-             "optimizer": lora_params * state_bytes, "activations": activations,
-             "formed weights": formed_weights(network)}
+             "optimizer": lora_params * state_bytes, "activations": activations}
     return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
             "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def formed_weights(network) -> int:
-    """Bytes the weight-form modules (LoHa, LoKr, DoRA: each step they build their layer's whole weight
-    change) hold for the backward pass, measured by building each one on the meta device."""
+def formed_weights(network, only) -> int:
+    """Bytes the weight-form modules of the layers `only(bound)` picks (LoHa, LoKr, DoRA: each step they build
+    their layer's whole changed weight) hold for the backward pass, measured by building each on the meta
+    device (the text encoders', whose activations are measured on the real model without the network)."""
     total = 0
 
     def pack(t):
@@ -189,8 +198,8 @@ def formed_weights(network) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for m in network.loras.values():
-            if m.forms_weight:
+        for name, m in network.loras.items():
+            if m.forms_weight and only(network.bound[name]):
                 d = m.weight_delta(torch.empty(m.geo.shape, device="meta"))
                 total += d.numel() * d.element_size()      # the change itself, which the layer's op keeps
     return total

@@ -1,8 +1,8 @@
-"""The LoRA being trained, attached to a host's layers for the length of a run.
+"""The network being trained, attached to a host's layers for the length of a run.
 
-Linear and Conv2d layers get a forward hook that adds the LoRA branch to their output. Weights that an
-nn.MultiheadAttention uses directly (open_clip's q/k/v rows and out_proj) get a parametrization W + delta
-instead: no hook could see those. `detach()` removes both, leaving the layers as they were (same Parameter
+Linear and Conv2d layers with a low-rank module get a forward hook that adds the LoRA branch to their
+output. Weight-form modules (LoHa, LoKr, DoRA), and weights an nn.MultiheadAttention uses directly (open_clip's
+q/k/v rows and out_proj; no hook could see those), get a parametrization W + delta instead. `detach()` removes both, leaving the layers as they were (same Parameter
 objects, same classes)."""
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class _AddDelta(nn.Module):
     def forward(self, weight):
         deltas = torch.zeros_like(weight)
         for lora, rows in self.parts:
+            if lora.dropped():
+                continue
             d = lora.weight_delta(weight if rows is None else weight[rows]).to(weight.dtype)
             if rows is None:
                 deltas = deltas + d
@@ -77,18 +79,24 @@ class TrainableNetwork(nn.Module):
         """The LoRA parameters on one part: 'unet', 'te' (SD1/SD2), 'te1' or 'te2' (SDXL)."""
         return [p for n, m in self.loras.items() if self.bound[n].target.component == component for p in m.parameters()]
 
-    def attach(self) -> None:
-        mha_parts: dict = {}
+    def attach(self, only=lambda bound: True) -> None:
+        """Hooks the low-rank modules onto their layers' outputs; the weight-form ones (LoHa, LoKr, DoRA) and
+        the weights an nn.MultiheadAttention uses directly become W + delta parametrizations instead: the layer
+        then makes one product with its changed weight, where a hook would make a second one with the change
+        (forward, and again in backward). `only(bound)` picks the layers (the memory estimate's UNet)."""
+        weight_parts: dict = {}
         for name, lora in self.loras.items():
             bound = self.bound[name]
+            if not only(bound):
+                continue
             if bound.target.qkv is not None:
-                mha_parts.setdefault((bound.module, "in_proj_weight"), []).append((lora, bound.rows))
-            elif bound.owner is not None:
-                mha_parts.setdefault((bound.module, "weight"), []).append((lora, None))
+                weight_parts.setdefault((bound.module, "in_proj_weight"), []).append((lora, bound.rows))
+            elif bound.owner is not None or lora.forms_weight:
+                weight_parts.setdefault((bound.module, "weight"), []).append((lora, None))
             else:
                 self._handles.append(bound.module.register_forward_hook(
                     lambda layer, args, out, lora=lora: out + lora(args[0], layer.weight).to(out.dtype)))
-        for (layer, pname), parts in mha_parts.items():
+        for (layer, pname), parts in weight_parts.items():
             order = list(layer._parameters)
             parametrize.register_parametrization(layer, pname, _AddDelta(parts), unsafe=True)
             self._parametrized.append((layer, pname, order))

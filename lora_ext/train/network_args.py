@@ -49,7 +49,7 @@ class NetworkSpec:
         if self.module != LYCORIS:
             return None
         return {**self.args, "algo": self.args.get("algo", "lora"), "conv_dim": self.conv_dim,
-                "conv_alpha": self.conv_alpha}
+                "conv_alpha": f"{self.conv_alpha:g}"}
 
     @property
     def title(self) -> str:

@@ -15,6 +15,7 @@ class Field:
     tip: str
     kind: str = "text"          # text | number | int | bool | choice | lines
     choices: tuple = ()
+    arg: bool = False           # a network_args entry with its own control (LyCORIS's algo, dora_wd)
 
 
 F = Field
@@ -37,7 +38,23 @@ FIELDS = (
     F("network_dim", "Network", "Network dim (rank)",
       "128 is the guide's default; 32-64 is usually enough. Higher needs more VRAM.", "int"),
     F("network_alpha", "Network", "Network alpha", "Scales the LoRA by alpha/dim; 1 or dim/2 are common.", "number"),
-    F("network_args", "Network", "Network args", "e.g. conv_dim=8 conv_alpha=4 for LoCon (one per line).", "lines"),
+    F("algo", "Network", "Network type",
+      "LoRA: the guide's type, small and fast. LoCon: LoRA on the 3x3 convolutions too, often better for styles "
+      "(conv_dim=8 conv_alpha=4 in the args). LoHa: a Hadamard product of two LoRAs, more expressive at the same dim "
+      "(dim 4-32, alpha 1 to dim). LoKr: a Kronecker product, the smallest files (factor=4 to 16 in the args; -1 = "
+      "balanced). LoCon, LoHa and LoKr are LyCORIS's: the module switches to lycoris.kohya, which trains the "
+      "convolutions at the network dim unless conv_dim says otherwise.", "choice", ("lora", "locon", "loha", "lokr"),
+      arg=True),
+    F("dora_wd", "Network", "DoRA (weight-decomposed)",
+      "Also learns each layer's magnitude apart from its direction; often closer to a full fine-tune at the same "
+      "dim, but slower and heavier (the whole weight is rebuilt every step). Any type; switches to lycoris.kohya.",
+      "bool", arg=True),
+    F("network_module", "Network", "Network module",
+      "networks.lora: kohya's LoRA / LoCon. lycoris.kohya: LyCORIS's types (chosen for you by the type above).",
+      "choice", ("networks.lora", "lycoris.kohya")),
+    F("network_args", "Network", "Network args",
+      "One per line, as kohya and LyCORIS take them: conv_dim=8, conv_alpha=4, rank_dropout=0.1, module_dropout=0.1; "
+      "LyCORIS: use_tucker=True, factor=8, decompose_both=True, full_matrix=True.", "lines"),
     F("network_dropout", "Network", "Dropout", "Dropout on the LoRA branch (0 = none).", "number"),
     F("network_train_unet_only", "Network", "Train the UNet only",
       "The usual choice for SDXL: both text encoders stay as they are (less memory, faster).", "bool"),
@@ -86,10 +103,20 @@ FIELDS = (
 GROUPS = tuple(dict.fromkeys(f.group for f in FIELDS))
 
 
+ARG_FIELDS = tuple(f.name for f in FIELDS if f.arg)
+
+
+def _arg_name(entry: str) -> str:
+    return str(entry).partition("=")[0].strip()
+
+
 def values_to_options(values: list) -> dict:
     """The form's values (in FIELDS order) as config options, blanks left out."""
-    out = {}
+    out, picked = {}, {}
     for field, value in zip(FIELDS, values):
+        if field.arg:
+            picked[field.name] = value
+            continue
         if value is None or value == "":
             continue
         if field.kind == "lines":
@@ -97,14 +124,38 @@ def values_to_options(values: list) -> dict:
         elif field.name == "max_token_length":
             value = int(value)
         out[field.name] = value
+    return _with_network_type(out, picked.get("algo") or "lora", bool(picked.get("dora_wd")))
+
+
+def _with_network_type(out: dict, algo: str, dora: bool) -> dict:
+    """The type controls written into network_module / network_args: LyCORIS's types and DoRA need its module."""
+    rest = [a for a in out.get("network_args", []) if _arg_name(a) not in ARG_FIELDS]
+    if algo != "lora" or dora:
+        out["network_module"] = "lycoris.kohya"
+    lycoris = out.get("network_module", "networks.lora") in ("lycoris.kohya", "lycoris")
+    args = ([f"algo={algo}"] if lycoris else []) + rest + (["dora_wd=True"] if dora else [])
+    if args or "network_args" in out:
+        out["network_args"] = args
     return out
+
+
+def _arg_value(cfg, name: str):
+    given = {_arg_name(a): str(a).partition("=")[2].strip() for a in cfg.network_args}
+    if name == "algo":
+        return given.get("algo", "lora").lower()
+    return given.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
 def options_to_values(cfg) -> list:
     """A config's options as the form's values."""
     values = []
     for field in FIELDS:
+        if field.arg:
+            values.append(_arg_value(cfg, field.name))
+            continue
         v = getattr(cfg, field.name)
+        if field.name == "network_args":
+            v = [a for a in v if _arg_name(a) not in ARG_FIELDS]
         if field.kind == "lines":
             v = "\n".join(v)
         elif isinstance(v, list):

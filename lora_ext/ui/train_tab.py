@@ -31,7 +31,7 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not, the
     step count and the estimated memory need. `lock` (a context manager) keeps the host's model to us while
     the estimate borrows it (in the webui: its generation lock)."""
-    from ..train import memory
+    from ..train import memory, network_args
     from ..train.dataset import DatasetError
     from ..train.loop import prepare_data, schedule
 
@@ -46,13 +46,20 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     _, _, steps, _ = schedule(scan, buckets, cfg)      # as the run counts them (buckets, accumulation)
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
              f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
-             f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}."]
+             f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}.",
+             _network_line(network_args.spec(cfg), cfg)]
     lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
               + (f", {c['share_of_train']:.0%} of each epoch" if c["share_of_train"] is not None else " (regularization)")
               for c in report["concepts"]]
     lines += [f"- skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
     lines += [f"- warning: {w}" for w in report["warnings"]]
     return report, "\n".join(lines)
+
+
+def _network_line(spec, cfg) -> str:
+    conv = f", convolutions at dim {spec.conv_dim} alpha {spec.conv_alpha:g}" if spec.conv_dim else ""
+    notes = "".join(f"\n- note: {n}" for n in spec.notes)
+    return f"Network: **{spec.title}** ({spec.module}), dim {cfg.network_dim} alpha {cfg.network_alpha:g}{conv}.{notes}"
 
 
 def preset_path(folder: str, name: str) -> str:

@@ -34,6 +34,9 @@ CHECKPOINT = "tiny.safetensors"
 OTHER_CHECKPOINT = "tiny_other.safetensors"
 LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
 DORA = "dora.safetensors"       # a LoCon with DoRA magnitudes
+# one file of each other type the built-in applies, random weights on every Linear / Conv layer (IA3 on the
+# Linear ones: the built-in's IA3 cannot broadcast a per-channel factor over a conv kernel)
+TYPE_FILES = {"loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True}
 
 
 class Unavailable(Exception):
@@ -121,6 +124,10 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     from lora_ext.demo import make_random_dora
     files.write_kohya(os.path.join(paths["loras"], DORA), files.kohya_tensors(make_random_dora(model)),
                       {"ss_output_name": "dora"})
+    from lora_ext.demo import make_random_network
+    for network, conv in TYPE_FILES.items():
+        files.write_kohya(os.path.join(paths["loras"], f"{network}.safetensors"),
+                          files.kohya_tensors(make_random_network(model, network, conv=conv)), {"ss_output_name": network})
     # the tiny SDXL beside it (a server started with --ckpt loads it), the open_clip config its bigG is built
     # from where webui_probe.py registers it, and an SDXL LoCon
     xl = sdxl_files(work, paths["checkpoints"])

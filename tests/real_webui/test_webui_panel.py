@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from . import harness
+
 PROMPT = "a photo of a cat"
 
 
@@ -140,6 +142,21 @@ def test_a_pt_lora_reads_inside_the_webui(webui):
     assert "AddNet Model 1: alpha_pt(" in _infotext(answer) or "AddNet Model 1: alpha_pt" in _infotext(answer)
     assert (st - pt).abs().max() < 1e-6
     _gen(webui)
+
+
+@pytest.mark.parametrize("network", sorted(harness.TYPE_FILES))
+def test_each_type_is_applied_as_the_builtin_applies_it(webui, network):
+    """LoHa, LoKr, IA3, OFT and BOFT files: the panel gives the latents `<lora:name:w>` gives, and the model's
+    weights back bit-exact after."""
+    before = webui.weights()
+    _, plain = _gen(webui)
+    _, builtin = _gen(webui, f"{PROMPT} <lora:{network}:0.8>")
+    _, _ = _gen(webui)
+    answer, ours = _gen(webui, slots=[_slot(f"{network}.safetensors", 0.8)])
+    assert "AddNet Warning" not in json.loads(answer["info"])["extra_generation_params"]
+    _close(ours, builtin, plain)
+    _gen(webui)
+    assert webui.weights() == before
 
 
 def test_a_dora_file_is_applied_as_the_builtin_applies_it(webui):

@@ -14,6 +14,7 @@ class NetworkType:
     parts: tuple = ()       # the file parts this type stores
     conv_parts: tuple = ()  # parts only a kxk-convolution module has
     main_part = ""          # the part whose kernel tells a kxk convolution
+    needs_base = False      # its change depends on the layer's own weight: delta_on(), not delta()
 
     def detect(self, parts: dict) -> bool:
         return any(p in parts for p in self.parts)
@@ -30,6 +31,10 @@ class NetworkType:
         return None
 
     def delta(self, parts: dict, scale: float, shape: tuple) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_on(self, parts: dict, scale: float, shape: tuple, base: torch.Tensor, alpha: float | None) -> torch.Tensor:
+        """The change of a type that scales or turns the layer's weight `base` (IA3, OFT)."""
         raise NotImplementedError
 
     def out_in(self, parts: dict) -> tuple[int, int] | None:
