@@ -211,17 +211,21 @@ class Engine:
                 else:
                     out.addmm_(up, down, alpha=c.weight * c.module.scale)
         else:
-            # other dtypes and network types: the deltas in fp32, added, then cast once (an fp32 weight takes
-            # them in place: two passes over the weight fewer)
-            wide = param.dtype == torch.float32
-            acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
+            # other dtypes and network types: the deltas in fp32, all formed before the weight is touched (a
+            # module that turns out bad leaves it as it was), added, then cast once; an fp32 weight takes them
+            # in place (two passes over the weight fewer than through a copy)
             base = original.to(torch.float32)
+            deltas = []
             for c in contributions:
-                view = acc[c.rows] if c.rows is not None else acc
                 # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it: W0 is the weight before any network
                 # (the built-in's own rule is the weight before this network; the same for one on a layer)
                 w0 = (base[c.rows] if c.rows is not None else base) if c.module.needs_base else None
-                view.add_(c.module.delta(view.shape, w0).to(acc.device), alpha=c.weight)
+                shape = base[c.rows].shape if c.rows is not None else base.shape
+                deltas.append(c.module.delta(shape, w0).to(param.device))
+            wide = param.dtype == torch.float32
+            acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
+            for c, d in zip(contributions, deltas):
+                (acc[c.rows] if c.rows is not None else acc).add_(d, alpha=c.weight)
             if not wide:
                 param.copy_(acc)
         host.weight_written(entry.bound, param)

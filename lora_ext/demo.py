@@ -148,8 +148,9 @@ def run_demo(out: str) -> int:
 
 def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True) -> dict:
     """{kohya name: StoredModule} of one type with random nonzero weights on every Linear / Conv target of
-    `sd_model` (its Conv2d layers, 1x1 ones too, only with `conv`), for tests and benchmarks: 'loha' and 'lokr' from their
-    trained modules (rank 4), 'ia3' (per output channel), 'oft' and 'boft' (blocks of 4; BOFT 2 stages)."""
+    `sd_model` (its Conv2d layers, 1x1 ones too, only with `conv`), for tests and benchmarks: 'lora', 'loha' and
+    'lokr' from their trained modules (rank 4), 'ia3' (per output channel), 'oft' and 'boft' (blocks of 4; BOFT
+    2 stages)."""
     from .hosts.webui import WebuiHost
 
     g = torch.Generator().manual_seed(seed)

@@ -122,7 +122,8 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
             original = t.to(torch.float32)
             for module, ratio, rows in plan[name]:
                 view = acc[rows] if rows is not None else acc
-                w0 = (original[rows] if rows is not None else original) if module.needs_base else None   # DoRA's, IA3's, OFT's W0
+                # DoRA, IA3 and OFT compute with the weight before any network
+                w0 = (original[rows] if rows is not None else original) if module.needs_base else None
                 view.add_(module.delta(view.shape, w0), alpha=ratio)
             t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
             if not bool(torch.isfinite(t).all()):

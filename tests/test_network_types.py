@@ -165,3 +165,19 @@ def test_one_registry_of_types_each_detected_by_its_own_parts():
     assert plain.low_rank() is not None
     assert StoredModule("lora", {**plain.parts, "dora_scale": torch.ones(1, 4)}).low_rank() is None
     assert StoredModule("lora", {**plain.parts, "lora_mid.weight": torch.ones(2, 2, 3, 3)}).low_rank() is None
+
+
+def test_a_dora_magnitude_that_fits_no_axis_is_refused_before_any_weight_changes(tmp_path):
+    """A file that lies about its magnitude's size is told at planning ('does not fit'), and the model keeps
+    every bit: nothing is half written."""
+    model = tiny_model("sd1")
+    modules = make_random_dora(model)
+    name = next(n for n, m in modules.items() if m.parts["dora_scale"].numel() > 2)
+    m = modules[name]
+    modules[name] = StoredModule("lora", {**m.parts, "dora_scale": m.parts["dora_scale"].flatten()[:-1][None]}, m.alpha)
+    path = str(tmp_path / "liar.safetensors")
+    files.write_kohya(path, files.kohya_tensors(modules), {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = Engine().apply(WebuiHost(model), [Request(path)])
+    assert report.applied == [] and "does not fit the loaded model" in report.warnings[0] and name in report.warnings[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

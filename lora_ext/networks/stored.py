@@ -98,8 +98,12 @@ class StoredModule:
         return d
 
     def fits(self, shape) -> bool:
-        """Whether the module can be for a layer whose weight has `shape`, as far as its tensors tell."""
-        return self.kind.fits(self.parts, tuple(shape))
+        """Whether the module can be for a layer whose weight has `shape`, as far as its tensors tell (a DoRA
+        magnitude included: one per input or per output channel)."""
+        shape = tuple(shape)
+        if self.is_dora and fn.dora_axis(self.parts["dora_scale"], shape) is None:
+            return False
+        return self.kind.fits(self.parts, shape)
 
     def out_in(self) -> tuple[int, int] | None:
         """(out, in) features the module was made for, where the tensors tell it without the layer."""

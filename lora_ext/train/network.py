@@ -2,8 +2,8 @@
 
 Linear and Conv2d layers with a low-rank module get a forward hook that adds the LoRA branch to their
 output. Weight-form modules (LoHa, LoKr, DoRA), and weights an nn.MultiheadAttention uses directly (open_clip's
-q/k/v rows and out_proj; no hook could see those), get a parametrization W + delta instead. `detach()` removes both, leaving the layers as they were (same Parameter
-objects, same classes)."""
+q/k/v rows and out_proj; no hook could see those), get a parametrization W + delta instead. `detach()` removes
+both, leaving the layers as they were (same Parameter objects, same classes)."""
 from __future__ import annotations
 
 import torch

@@ -33,7 +33,8 @@ class NetworkType:
     def delta(self, parts: dict, scale: float, shape: tuple) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_on(self, parts: dict, scale: float, shape: tuple, base: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    def delta_on(self, parts: dict, scale: float, shape: tuple, base: torch.Tensor,
+                 alpha: float | None) -> torch.Tensor:
         """The change of a type that scales or turns the layer's weight `base` (IA3, OFT)."""
         raise NotImplementedError
 

@@ -78,7 +78,7 @@ class LoKrModule(TrainedModule):
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(b, rank))
             self.lokr_w2_b = nn.Parameter(torch.empty(rank, d * math.prod(k)))
-        for name, p in self.named_parameters(recurse=False):
+        for p in self.parameters(recurse=False):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         nn.init.zeros_(self.lokr_w2 if self.w2_full else self.lokr_w2_b)
         if self.w2_full and not w1_low:

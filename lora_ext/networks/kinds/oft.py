@@ -53,7 +53,8 @@ class OFT(NetworkType):
 
     def check(self, parts):
         blocks = parts.get("oft_blocks", parts.get("oft_diag"))
-        if blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2] or ("oft_diag" in parts and blocks.ndim != 3):
+        square = blocks.ndim in (3, 4) and blocks.shape[-1] == blocks.shape[-2]
+        if not square or ("oft_diag" in parts and blocks.ndim != 3):
             raise BadModule(f"its blocks {list(blocks.shape)} are not square blocks")
         if blocks.ndim == 4 and blocks.shape[-1] % 2:
             raise BadModule(f"BOFT blocks of odd size {blocks.shape[-1]}")

@@ -80,7 +80,8 @@ class TrainedModule(nn.Module):
             if base is None:
                 raise ValueError("a DoRA module starts from the layer's weight, which was not given")
             # the layer's own norms: a fresh module changes nothing
-            self.dora_scale = nn.Parameter(fn.dora_norm(base.detach().float(), opts.dora_on_output).to(self.alpha.device))
+            norm = fn.dora_norm(base.detach().float(), opts.dora_on_output)
+            self.dora_scale = nn.Parameter(norm.to(self.alpha.device))
 
     def build(self, geo: Geometry, rank: int, opts: Options) -> None:
         raise NotImplementedError
