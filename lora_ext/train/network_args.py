@@ -2,7 +2,8 @@
 `--network_module networks.lora` (kohya: LoRA, LoCon with conv_dim) or `--network_module lycoris.kohya` with
 `--network_args "algo=loha" "conv_dim=8" ...` (LyCORIS: lora/locon, loha, lokr; DoRA with dora_wd=True).
 The names mean what they mean there, defaults included (LyCORIS trains the kxk convolutions at network_dim
-unless told otherwise; kohya only with conv_dim)."""
+unless told otherwise; kohya only with conv_dim). One default differs on purpose: DoRA's magnitude is kept per
+input channel, the one axis the webui's built-in Lora reads, unless wd_on_output=True (LyCORIS's default)."""
 from __future__ import annotations
 
 import math
