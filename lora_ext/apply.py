@@ -76,10 +76,6 @@ class _ModelState:
         self.text_encoder = ()      # what the text encoder's layers are asked to compute
 
 
-def _fits(bound, module) -> bool:
-    return module.fits(bound.shape)
-
-
 class Engine:
     def __init__(self, cache: LoraCache | None = None, mode: str = MERGE):
         self.cache = cache or LoraCache()
@@ -151,7 +147,7 @@ class Engine:
                 report.warnings.append(f"{name}: skipped: {e.problem}")
                 continue
             missing = [n for n in lora.modules if n not in targets]
-            misfit = [n for n in lora.modules if n in targets and not _fits(targets[n], lora.modules[n])]
+            misfit = [n for n in lora.modules if n in targets and not lora.modules[n].fits(targets[n].shape)]
             if misfit or len(missing) * 2 > len(lora.modules):
                 why = (f"{len(misfit)} layers have other sizes than the model's (e.g. {misfit[0]})" if misfit
                        else f"{len(missing)} of its {len(lora.modules)} layers are not in the model")
@@ -214,14 +210,12 @@ class Engine:
             # other dtypes and network types: the deltas in fp32, all formed before the weight is touched (a
             # module that turns out bad leaves it as it was), added, then cast once; an fp32 weight takes them
             # in place (two passes over the weight fewer than through a copy)
-            base = original.to(torch.float32)
             deltas = []
             for c in contributions:
                 # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it: W0 is the weight before any network
                 # (the built-in's own rule is the weight before this network; the same for one on a layer)
-                w0 = (base[c.rows] if c.rows is not None else base) if c.module.needs_base else None
-                shape = base[c.rows].shape if c.rows is not None else base.shape
-                deltas.append(c.module.delta(shape, w0).to(param.device))
+                w0 = original[c.rows] if c.rows is not None else original
+                deltas.append(c.module.delta(w0.shape, w0).to(param.device))
             wide = param.dtype == torch.float32
             acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
             for c, d in zip(contributions, deltas):
@@ -264,8 +258,7 @@ def _bypass_hook(hooked: _Hooked):
                 up, down = (t.to(x.device, x.dtype) for t in pair)
                 output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
             else:
-                w0 = layer.weight.float() if c.module.needs_base else None
-                delta = c.module.delta(layer.weight.shape, w0).to(x.device, x.dtype) * c.weight
+                delta = c.module.delta(layer.weight.shape, layer.weight).to(x.device, x.dtype) * c.weight
                 output = output + (torch.nn.functional.conv2d(x, delta, **conv) if conv is not None
                                    else torch.nn.functional.linear(x, delta))
         return output

@@ -44,9 +44,7 @@ def make_random_dora(sd_model, seed: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, m in make_random_lora(sd_model, rank=4, alpha=4.0, conv_rank=2, seed=seed).items():
-        bound = targets[name]
-        w0 = bound.param.detach().float()
-        w0 = w0[bound.rows] if bound.rows is not None else w0
+        w0 = targets[name].weight.detach().float()
         norms = (w0 + m.delta(w0.shape)).transpose(0, 1).reshape(w0.shape[1], -1).norm(dim=1)
         magnitude = (norms * (1 + 0.2 * torch.rand(norms.shape, generator=g))).reshape(1, -1, *[1] * (w0.ndim - 2))
         out[name] = StoredModule("lora", {**m.parts, "dora_scale": magnitude}, m.alpha)
@@ -166,7 +164,6 @@ def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True
 
 def _random_parts(network: str, shape: tuple, g) -> dict | None:
     from .networks.kinds import BY_NAME
-    from .networks.kinds.trainable import Geometry
 
     noise = lambda *s: torch.randn(s, generator=g) * 0.1  # noqa: E731
     out = shape[0]

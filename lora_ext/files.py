@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from . import formats, naming
 from .library import LORA_EXT, PICKLE_EXT, SAFETENSORS_EXT
+from .networks.kinds import TYPES
 from .networks.stored import BadModule, StoredModule
 from .safetensors_io import FileProblem, addnet_hashes, atomic_write, file_hashes, load_pickle_safely
 from .safetensors_io import load as load_safetensors
@@ -140,7 +141,8 @@ def _read(path: str, arch: naming.Arch | None) -> LoraFile:
         if unsupported:
             raise FileProblem(f"it holds LyCORIS {', '.join(sorted(unsupported))} modules (e.g. "
                               f"{next(iter(unsupported.values()))}), which lora_ext does not apply yet (it applies "
-                              "LoRA, LoCon, LoHa, LoKr and DoRA); the webui's built-in <lora:name:weight> does")
+                              f"{', '.join(t.title for t in TYPES)}, each with DoRA); the webui's built-in "
+                              "<lora:name:weight> does")
         style = formats.key_style(raw)
         if style is None:
             sample = ", ".join(list(raw)[:3])

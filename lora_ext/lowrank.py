@@ -78,7 +78,7 @@ def _lora_factors(m: StoredModule, weight: float = 1.0):
     return up.reshape(up.shape[0], -1) * (weight * m.scale), down.reshape(down.shape[0], -1), kernel
 
 
-def _refuse_dora(name: str, m, what: str) -> None:
+def _refuse_base_dependent(name: str, m, what: str) -> None:
     if m.needs_base:
         kind = "DoRA module (dora_scale)" if m.is_dora else f"{m.kind.title} module"
         raise ValueError(f"{name}: a {kind} cannot be {what}: its change depends on the base "
@@ -90,7 +90,7 @@ def resize(modules: dict, rank: int | None = None, energy: float | None = None, 
     keeping `energy` of it). LoHa/LoKr modules (whose deltas are full) need the layer `shapes`."""
     out, kept = {}, {}
     for name, m in modules.items():
-        _refuse_dora(name, m, "resized")
+        _refuse_base_dependent(name, m, "resized")
         if m.low_rank() is not None:
             up, down, kernel = _lora_factors(m)
             f = reduce_factors(up, down, rank, energy)
@@ -110,7 +110,7 @@ def merge_loras(loras: list, rank: int | None = None) -> tuple:
     by_name: dict = {}
     for modules, weight in loras:
         for name, m in modules.items():
-            _refuse_dora(name, m, "merged with other LoRAs")
+            _refuse_base_dependent(name, m, "merged with other LoRAs")
             if m.low_rank() is None:
                 raise ValueError(f"{name}: merging {m.network} modules into a LoRA is not supported")
             by_name.setdefault(name, []).append(_lora_factors(m, weight))

@@ -119,12 +119,10 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         out_dtype = target_dtype if target_dtype is not None and t.is_floating_point() else t.dtype
         if name in plan:
             acc = t.to(torch.float32, copy=True)
-            original = t.to(torch.float32)
             for module, ratio, rows in plan[name]:
                 view = acc[rows] if rows is not None else acc
                 # DoRA, IA3 and OFT compute with the weight before any network
-                w0 = (original[rows] if rows is not None else original) if module.needs_base else None
-                view.add_(module.delta(view.shape, w0), alpha=ratio)
+                view.add_(module.delta(view.shape, t[rows] if rows is not None else t), alpha=ratio)
             t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
             if not bool(torch.isfinite(t).all()):
                 raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "

@@ -33,6 +33,11 @@ class Bound:
         return slice(self.target.qkv * n, (self.target.qkv + 1) * n)
 
     @property
+    def weight(self):
+        """This target's weight (for q/k/v: its row block, a view)."""
+        return self.param[self.rows] if self.rows is not None else self.param
+
+    @property
     def shape(self) -> tuple:
         """Shape of this target's weight (for q/k/v: its row block)."""
         shape = tuple(self.param.shape)

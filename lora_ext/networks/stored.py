@@ -4,6 +4,7 @@ its own file under kinds/ (the registry); this class holds one module of any of 
 (`dora_scale`), which rescales any type's merged weight."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from .kinds import BY_NAME, KNOWN_PARTS, BadModule, detect  # noqa: F401  (KNOWN
 
 @dataclass
 class StoredModule:
-    network: str                    # a kinds.TYPES name: 'lora' | 'loha' | 'lokr'
+    network: str                    # a kinds.TYPES name: 'lora' | 'loha' | 'lokr' | 'ia3' | 'oft'
     parts: dict = field(default_factory=dict)    # kohya part name -> tensor
     alpha: float | None = None
 
@@ -79,7 +80,7 @@ class StoredModule:
     def delta(self, shape, base: torch.Tensor | None = None) -> torch.Tensor:
         """The weight change at weight 1 (alpha/rank applied), in fp32 (fp64 for fp64 parts: never narrower
         than fp32, so fp16/bf16 files lose nothing more in the product), reshaped to the target `shape`.
-        A module that `needs_base` needs `base`, the layer's weight before it."""
+        `base` is the layer's weight before it (any dtype, taken only by a module that `needs_base`)."""
         wide = torch.float64 if any(v.dtype == torch.float64 for v in self.parts.values()) else torch.float32
         p = {k: v.to(wide) for k, v in self.parts.items()}
         shape = tuple(shape)
@@ -90,7 +91,7 @@ class StoredModule:
             d = self.kind.delta_on(p, self.scale, shape, base.to(wide).reshape(shape), self.alpha)
         else:
             d = self.kind.delta(p, self.scale, shape)
-        if d.numel() != _numel(shape):
+        if d.numel() != math.prod(shape):
             raise BadModule(f"its delta has {list(d.shape)} elements, the layer {list(shape)}")
         d = d.reshape(shape)
         if self.is_dora:
@@ -108,10 +109,3 @@ class StoredModule:
     def out_in(self) -> tuple[int, int] | None:
         """(out, in) features the module was made for, where the tensors tell it without the layer."""
         return self.kind.out_in(self.parts)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

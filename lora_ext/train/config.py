@@ -10,8 +10,6 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from . import network_args
-
 
 class ConfigError(ValueError):
     pass
@@ -157,7 +155,8 @@ class TrainConfig:
         if self.save_model_as != "safetensors":
             problems.append("save_model_as: lora_ext saves safetensors")
         try:
-            problems += network_args.problems(self)
+            from .network_args import problems as network_problems     # it reads numbers with ours
+            problems += network_problems(self)
         except ConfigError as e:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:

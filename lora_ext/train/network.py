@@ -44,11 +44,6 @@ def _geometry(bound) -> Geometry:
     return Geometry.of(layer)
 
 
-def _base(bound):
-    w = bound.param
-    return w[bound.rows] if bound.rows is not None else w
-
-
 class TrainableNetwork(nn.Module):
     """One trained module (of `algo`'s type) per target layer; kxk convolutions (LoCon) only with a conv_dim."""
 
@@ -64,7 +59,7 @@ class TrainableNetwork(nn.Module):
             if not trained(t) or (t.locon and not conv_dim):
                 continue
             rank, a = (conv_dim, conv_alpha) if t.kind == naming.CONV else (dim, alpha)
-            self.loras[name] = make(_geometry(bound), rank, a, options, _base(bound) if options.dora else None)
+            self.loras[name] = make(_geometry(bound), rank, a, options, bound.weight if options.dora else None)
             self.bound[name] = bound
         self._handles = []
         self._parametrized = []

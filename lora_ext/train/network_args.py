@@ -6,10 +6,11 @@ unless told otherwise; kohya only with conv_dim). One default differs on purpose
 input channel, the one axis the webui's built-in Lora reads, unless wd_on_output=True (LyCORIS's default)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from ..networks.kinds import BY_NAME
 from ..networks.kinds.trainable import Options
+from .config import _number, _out_of_range
 
 KOHYA, LYCORIS = "networks.lora", "lycoris.kohya"
 MODULES = {"networks.lora": KOHYA, "lora": KOHYA, "lycoris.kohya": LYCORIS, "lycoris": LYCORIS}
@@ -17,7 +18,6 @@ MODULES = {"networks.lora": KOHYA, "lora": KOHYA, "lycoris.kohya": LYCORIS, "lyc
 ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 NOT_TRAINED = {"ia3": "IA3", "full": "full (native fine-tuning)", "diag-oft": "OFT", "oft": "OFT", "boft": "BOFT",
                "glora": "GLoRA", "dylora": "DyLoRA", "tlora": "TLoRA"}
-TITLES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 _FRACTION = (0, 0.99, float)
 NUMBERS = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "dropout": _FRACTION,
@@ -54,26 +54,24 @@ class NetworkSpec:
 
     @property
     def title(self) -> str:
-        name = "LoCon" if self.algo == "lora" and self.conv_dim else TITLES[self.algo]
+        name = "LoCon" if self.algo == "lora" and self.conv_dim else BY_NAME[self.algo].title
         return name + (" + DoRA" if self.options.dora else "")
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "none", "")
+
+
+def is_lycoris(module: str) -> bool:
+    return MODULES.get(str(module).strip()) == LYCORIS
 
 
 def _flag(args: dict, name: str, default: bool = False) -> bool:
     v = str(args.get(name, default)).strip().lower()
-    if v in ("1", "true", "yes", "on"):
+    if v in TRUE:
         return True
-    if v in ("0", "false", "no", "off", "none", ""):
+    if v in FALSE:
         return False
     raise NetworkArgsError(f"network_args {name}={args[name]!r} is not true or false")
-
-
-def _number(text, kind):
-    x = float(text)
-    if math.isfinite(x) and kind is int:
-        if x != int(x):
-            raise ValueError(text)
-        return int(x)
-    return x
 
 
 def _numbers(args: dict) -> tuple[dict, list]:
@@ -86,11 +84,9 @@ def _numbers(args: dict) -> tuple[dict, list]:
         except ValueError:
             problems.append(f"network_args {name}={args[name]!r} is not {'a whole' if kind is int else 'a'} number")
             continue
-        if not math.isfinite(v):
-            problems.append(f"network_args {name} = {v!r} is not a finite number")
-        elif v < lo or (hi is not None and v > hi):
-            problems.append(f"network_args {name} = {v:g} is out of range "
-                            f"({f'from {lo} to {hi}' if hi is not None else f'at least {lo}'})")
+        problem = _out_of_range(f"network_args {name}", v, lo, hi)
+        if problem:
+            problems.append(problem)
         values[name] = v
     if values.get("factor") == 0:
         problems.append("network_args factor = 0: give -1 (as balanced as the size allows) or a divisor")
@@ -156,7 +152,7 @@ def _build(cfg, module, algo, values, flags, on_output, args) -> NetworkSpec:
         conv_alpha = values.get("conv_alpha", 1.0) if conv_dim else None
     dropout = values.get("dropout", 0.0) or cfg.network_dropout
     if dropout and algo != "lora":
-        notes.append(f"network_dropout has no effect on {TITLES[algo]} (LyCORIS has none for it either): "
+        notes.append(f"network_dropout has no effect on {BY_NAME[algo].title} (LyCORIS has none for it either): "
                      "use rank_dropout or module_dropout")
     if on_output and flags["dora_wd"]:
         notes.append("wd_on_output=True: the DoRA magnitude is saved per output channel, which the webui's "

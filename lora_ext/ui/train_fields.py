@@ -129,10 +129,12 @@ def values_to_options(values: list) -> dict:
 
 def _with_network_type(out: dict, algo: str, dora: bool) -> dict:
     """The type controls written into network_module / network_args: LyCORIS's types and DoRA need its module."""
+    from ..train import network_args     # here, not at import: it brings torch, and the webui loads this early
+
     rest = [a for a in out.get("network_args", []) if _arg_name(a) not in ARG_FIELDS]
     if algo != "lora" or dora:
-        out["network_module"] = "lycoris.kohya"
-    lycoris = out.get("network_module", "networks.lora") in ("lycoris.kohya", "lycoris")
+        out["network_module"] = network_args.LYCORIS
+    lycoris = network_args.is_lycoris(out.get("network_module", network_args.KOHYA))
     args = ([f"algo={algo}"] if lycoris else []) + rest + (["dora_wd=True"] if dora else [])
     if args or "network_args" in out:
         out["network_args"] = args
@@ -140,10 +142,12 @@ def _with_network_type(out: dict, algo: str, dora: bool) -> dict:
 
 
 def _arg_value(cfg, name: str):
-    given = {_arg_name(a): str(a).partition("=")[2].strip() for a in cfg.network_args}
+    from ..train import network_args
+
+    given = cfg.net_args
     if name == "algo":
         return given.get("algo", "lora").lower()
-    return given.get(name, "").lower() in ("1", "true", "yes", "on")
+    return given.get(name, "").lower() in network_args.TRUE
 
 
 def options_to_values(cfg) -> list:

@@ -1,6 +1,8 @@
 """LoHa (LyCORIS): the Hadamard product of two low-rank products, optionally with CP cores for kxk kernels."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,7 +35,7 @@ class LoHa(NetworkType):
         # without CP cores a kxk kernel is flattened into the b factors' columns
         if "hada_t1" in parts:
             return (parts["hada_w1_a"].shape[1], parts["hada_w1_b"].shape[1]) == (shape[0], shape[1])
-        return (parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]) == (shape[0], _prod(shape[1:]))
+        return (parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]) == (shape[0], math.prod(shape[1:]))
 
     def out_in(self, parts):
         if "hada_t1" in parts:
@@ -52,7 +54,7 @@ class LoHaModule(TrainedModule):
 
     def build(self, geo, rank, opts):
         self.tucker = opts.tucker and geo.kxk
-        cols = geo.inp * (1 if self.tucker else _prod(geo.kernel))
+        cols = geo.inp * (1 if self.tucker else math.prod(geo.kernel))
         for i in ("1", "2"):
             if self.tucker:
                 setattr(self, f"hada_t{i}", nn.Parameter(torch.empty(rank, rank, *geo.kernel)))
@@ -73,10 +75,3 @@ class LoHaModule(TrainedModule):
         t = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
         return fn.loha_weight_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, 1.0,
                                     self.geo.shape, *t)
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
