@@ -6,6 +6,7 @@ and a grid of samples at LoRA weights 0 / 0.5 / 1 with the weight-1 change ampli
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -148,7 +149,7 @@ def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True
     """{kohya name: StoredModule} of one type with random nonzero weights on every Linear / Conv target of
     `sd_model` (its Conv2d layers, 1x1 ones too, only with `conv`), for tests and benchmarks: 'lora', 'loha' and
     'lokr' from their trained modules (rank 4), 'ia3' (per output channel), 'oft' and 'boft' (blocks of 4; BOFT
-    2 stages)."""
+    2 stages), 'glora' (LyCORIS's layout, rank 4) and 'glora_v1' (the first GLoRA layout; Linear and 1x1 only)."""
     from .hosts.webui import WebuiHost
 
     g = torch.Generator().manual_seed(seed)
@@ -174,9 +175,24 @@ def _random_parts(network: str, shape: tuple, g) -> dict | None:
             return None
         blocks = noise(out // 4, 4, 4) if network == "oft" else noise(2, out // 4, 4, 4)
         return {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
+    if network.startswith("glora"):
+        return _random_glora(shape, network == "glora_v1", noise)
     conv = dict(stride=1, padding=1, dilation=1) if len(shape) == 4 else None
     module = BY_NAME[network].trainable()(Geometry(tuple(shape), conv), 4, 2.0)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return {**module.stored().parts, "alpha": module.alpha.clone()}
+
+
+def _random_glora(shape: tuple, first_layout: bool, noise) -> dict | None:
+    out, inp, flat = shape[0], shape[1], math.prod(shape[1:])
+    if first_layout:        # a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]
+        if flat != inp:
+            return None
+        return {"a1.weight": noise(4, inp), "a2.weight": noise(inp, 4), "b1.weight": noise(4, inp),
+                "b2.weight": noise(out, 4), "alpha": torch.tensor(4.0)}
+    kernel = tuple(shape[2:])       # a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in, kh, kw]
+    ones = (1,) * len(kernel)
+    return {"a1.weight": noise(inp, 4, *ones), "a2.weight": noise(4, inp, *ones), "b1.weight": noise(out, 4, *ones),
+            "b2.weight": noise(4, inp, *kernel), "alpha": torch.tensor(2.0)}

@@ -23,8 +23,7 @@ _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out"
 
 # LyCORIS module types the webui's built-in Lora applies and lora_ext does not (yet): a part that only that
 # type stores -> its name. A file holding one is refused by name, never applied as something else.
-UNSUPPORTED_PARTS = {"oft_R": "BOFT",
-                     "a1.weight": "GLoRA", "b1.weight": "GLoRA", "diff": "full (diff)", "diff_b": "full (diff)",
+UNSUPPORTED_PARTS = {"oft_R": "BOFT", "diff": "full (diff)", "diff_b": "full (diff)",
                      "w_norm": "norm", "b_norm": "norm"}
 
 

@@ -15,7 +15,7 @@ from lycoris.modules.lokr import LokrModule
 from lora_ext.networks import functional as fn
 from lora_ext.networks.kinds import BY_NAME
 from lora_ext.networks.kinds.trainable import Geometry, Options
-from lora_ext.networks.stored import StoredModule
+from lora_ext.networks.stored import BadModule, StoredModule
 
 LAYERS = {
     "linear": lambda: nn.Linear(48, 40),
@@ -255,3 +255,68 @@ def test_ia3_on_a_convolution_follows_lycoris_where_the_builtin_cannot_broadcast
     ours = StoredModule.from_parts(parts).delta(w0.shape, w0)
     torch.testing.assert_close(ours, w0 * parts["weight"].reshape(32, 1, 1, 1) * 1.0)
     torch.testing.assert_close(ours, theirs.get_diff_weight(1)[0].detach())
+
+
+# --- GLoRA: LyCORIS writes the current layout; the first layout is read as the webui's built-in reads it --------
+from lycoris.modules.glora import GLoRAModule  # noqa: E402
+
+from lora_ext.networks.kinds.glora import is_old_layout  # noqa: E402
+
+GLORA_LAYERS = {**LAYERS, "square_linear": lambda: nn.Linear(32, 32), "conv3x3_tucker": lambda: nn.Conv2d(16, 24, 3, padding=1)}
+
+
+def _their_glora(layer_kind: str, alpha: float = ALPHA):
+    layer = GLORA_LAYERS[layer_kind]()
+    torch.manual_seed(0)
+    theirs = GLoRAModule("lora_unet_x", layer, 1.0, RANK, alpha, use_tucker=layer_kind.endswith("tucker"))
+    _randomize(theirs, 3)
+    return layer, theirs, {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("layer_kind", sorted(GLORA_LAYERS))
+def test_a_glora_module_lycoris_makes_reads_in_ours_with_its_delta_and_forward(layer_kind):
+    layer, theirs, parts = _their_glora(layer_kind)
+    stored = StoredModule.from_parts(parts)
+    w0 = layer.weight.detach()
+    assert stored.network == "glora" and not is_old_layout(parts) and stored.rank == RANK
+    assert stored.fits(w0.shape) and stored.needs_base and stored.low_rank() is None
+    assert stored.is_conv == (w0.ndim == 4 and w0.shape[-1] > 1)
+    theirs_delta = theirs.get_diff_weight(multiplier=1)[0].reshape(w0.shape).detach()
+    ours = stored.delta(w0.shape, w0)
+    torch.testing.assert_close(ours, theirs_delta, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(theirs_delta, torch.zeros_like(theirs_delta))
+    x = _input(layer)
+    theirs.apply_to()
+    with torch.no_grad():
+        op = F.linear if w0.ndim == 2 else (lambda x, w, b: F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding))
+        torch.testing.assert_close(op(x, w0 + ours, layer.bias), theirs(x), rtol=1e-4, atol=1e-4)
+    other = {"linear": (40, 47), "conv1x1": (24, 33, 1, 1)}.get(layer_kind)
+    if other:
+        assert not stored.fits(other)
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "square_linear", "conv1x1"])
+def test_the_first_glora_layout_is_applied_as_the_builtin_applies_it(layer_kind):
+    """The first GLoRA files hold the same four matrices the other way round (a1 [r, in], a2 [in, r], b1
+    [r, in], b2 [out, r]). The webui's built-in computes b2 @ b1 + W0 @ a2 @ a1 and leaves alpha out (its
+    GLoRA has no rank): we follow it, so alpha = 2 * r changes nothing here, where LyCORIS's current layout
+    would double. The same numbers as LyCORIS's layout at alpha = r give LyCORIS's delta."""
+    layer, theirs, new = _their_glora(layer_kind, alpha=float(RANK))
+    flat = {k: v.reshape(v.shape[0], -1) for k, v in new.items() if k != "alpha"}
+    old = {"a1.weight": flat["a2.weight"], "a2.weight": flat["a1.weight"], "b1.weight": flat["b2.weight"],
+           "b2.weight": flat["b1.weight"], "alpha": torch.tensor(2.0 * RANK)}
+    stored = StoredModule.from_parts(old)
+    w0 = layer.weight.detach()
+    assert is_old_layout(old) and stored.rank == RANK and stored.fits(w0.shape)
+    builtin = old["b2.weight"] @ old["b1.weight"] + (w0.reshape(w0.shape[0], -1) @ old["a2.weight"]) @ old["a1.weight"]
+    ours = stored.delta(w0.shape, w0)
+    torch.testing.assert_close(ours, builtin.reshape(w0.shape), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, theirs.get_diff_weight(1)[0].reshape(w0.shape).detach(), rtol=1e-4, atol=1e-5)
+    assert not stored.fits((w0.shape[0], w0.shape[1], 3, 3))      # W0 @ a2 cannot take a kxk kernel
+
+
+def test_glora_parts_that_share_no_rank_are_refused_by_name():
+    parts = {"a1.weight": torch.ones(8, 4), "a2.weight": torch.ones(3, 8), "b1.weight": torch.ones(6, 4),
+             "b2.weight": torch.ones(4, 8)}
+    with pytest.raises(BadModule, match="GLoRA a1 \\[8, 4\\], a2 \\[3, 8\\].* share no rank"):
+        StoredModule.from_parts(parts)

@@ -128,7 +128,6 @@ def test_dora_is_refused_by_name_where_it_cannot_be_expressed(tmp_path):
 
 @pytest.mark.parametrize("parts, kind", [
     ({"weight": (8, 1)}, "IA3 without on_input"),
-    ({"a1.weight": (2, 8), "a2.weight": (8, 2), "b1.weight": (2, 8), "b2.weight": (8, 2)}, "GLoRA"),
     ({"diff": (8, 8), "diff_b": (8,)}, "full (diff)"),
     ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
 ])
@@ -152,14 +151,14 @@ def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind
 def test_one_registry_of_types_each_detected_by_its_own_parts():
     from lora_ext.networks import kinds
 
-    assert [t.name for t in kinds.TYPES] == ["lora", "loha", "lokr", "ia3", "oft"]
+    assert [t.name for t in kinds.TYPES] == ["lora", "loha", "lokr", "ia3", "oft", "glora"]
     for t in kinds.TYPES:
         parts = {p: torch.ones(2, 2) for p in t.parts}
         if t.name == "oft":
             parts.pop("oft_diag")
         assert kinds.detect(parts) is t
         assert set(t.parts) <= kinds.KNOWN_PARTS
-    with pytest.raises(BadModule, match="form no LoRA, LoHa, LoKr, IA3, OFT module"):
+    with pytest.raises(BadModule, match="form no LoRA, LoHa, LoKr, IA3, OFT, GLoRA module"):
         kinds.detect({"something": torch.ones(1)})
     plain = StoredModule.from_parts({"lora_down.weight": torch.ones(2, 4), "lora_up.weight": torch.ones(3, 2)})
     assert plain.low_rank() is not None

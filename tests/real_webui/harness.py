@@ -36,7 +36,7 @@ LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
 DORA = "dora.safetensors"       # a LoCon with DoRA magnitudes
 # one file of each other type the built-in applies, random weights on every Linear / Conv layer (IA3 on the
 # Linear ones: the built-in's IA3 cannot broadcast a per-channel factor over a conv kernel)
-TYPE_FILES = {"loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True}
+TYPE_FILES = {"loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True, "glora_v1": False}
 
 
 class Unavailable(Exception):
