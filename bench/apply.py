@@ -7,7 +7,7 @@ Prints JSON. Every ratio is against a baseline measured in the same run:
   delta formed as a separate tensor, added in the weight's dtype), re-implemented here for the comparison.
 
     .venv/bin/python bench/apply.py [--rank 32] [--size 256] [--rounds 3]
-    .venv/bin/python bench/apply.py --network loha,lokr,ia3,oft,boft,dora     (each type against LoCon)
+    .venv/bin/python bench/apply.py --network loha,lokr,ia3,oft,boft,glora,full,norm,dora   (each type against LoCon)
 """
 from __future__ import annotations
 
@@ -126,14 +126,16 @@ def warm_memory(nbytes: int) -> None:
 
 def compare_networks(names: list, model, host) -> dict:
     """Apply, weight change and restore in merge mode for one file of each type (rank 4, every Linear and Conv
-    layer; IA3 on the Linear ones), against a plain LoCon of the same layers measured in the same run."""
+    layer; IA3 and the first GLoRA layout on the Linear ones; full also on conv_in / conv_out / the time
+    embedding, biases included; norm on every norm layer), against a plain LoCon of the same layers measured in the same run."""
     from lora_ext.demo import make_random_dora, make_random_network
 
-    targets = host.lora_targets()
+    targets = host.applied_targets()
     folder = tempfile.mkdtemp(prefix="lora_ext_bench_types_")
     results = {}
     for name in ["lora"] + [n for n in names if n != "lora"]:
-        modules = make_random_dora(model) if name == "dora" else make_random_network(model, name, conv=name != "ia3")
+        linear_only = name in ("ia3", "glora_v1")
+        modules = make_random_dora(model) if name == "dora" else make_random_network(model, name, conv=not linear_only)
         path = os.path.join(folder, f"{name}.safetensors")
         files.write_kohya(path, files.kohya_tensors(modules, torch.float16), {"ss_output_name": name})
         snapshot = {n: targets[n].param.clone() for n in list(modules)[:5]}
@@ -157,7 +159,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image size for the UNet step timing (latent = size/8)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (2 steps without, 2 with) per mode")
     ap.add_argument("--network", help="compare apply costs of these types against LoCon instead: "
-                                      "comma-separated, of loha,lokr,ia3,oft,boft,dora")
+                                      "comma-separated, of loha,lokr,ia3,oft,boft,glora,glora_v1,full,norm,dora")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.network:

@@ -50,10 +50,15 @@ class _Contribution:
     module: object         # StoredModule
     weight: float
     rows: slice | None
+    part: str = "weight"   # or 'bias': full/diff and norm modules change the layer's bias too
 
     @property
     def signature(self):
         return (self.source, self.name, self.weight)
+
+    def delta(self, shape, base):
+        """The change at weight 1 to what this contribution's key holds (`base`: that tensor before any network)."""
+        return self.module.bias_delta(shape) if self.part == "bias" else self.module.delta(shape, base)
 
 
 @dataclass
@@ -135,7 +140,7 @@ class Engine:
 
     def _plan(self, host, requests, report) -> dict:
         """{(layer id, param name): (bound, [contributions])} of what the model should compute."""
-        targets = host.lora_targets()
+        targets = host.applied_targets()
         wanted: dict = {}
         for req in requests:
             name = req.name or req.path
@@ -147,7 +152,7 @@ class Engine:
                 report.warnings.append(f"{name}: skipped: {e.problem}")
                 continue
             missing = [n for n in lora.modules if n not in targets]
-            misfit = [n for n in lora.modules if n in targets and not lora.modules[n].fits(targets[n].shape)]
+            misfit = [n for n in lora.modules if n in targets and not _fits(lora.modules[n], targets[n])]
             if misfit or len(missing) * 2 > len(lora.modules):
                 why = (f"{len(misfit)} layers have other sizes than the model's (e.g. {misfit[0]})" if misfit
                        else f"{len(missing)} of its {len(lora.modules)} layers are not in the model")
@@ -161,9 +166,11 @@ class Engine:
                 weight = req.unet if bound is None or bound.target.is_unet else req.te
                 if bound is None or weight == 0:
                     continue
-                key = (id(bound.module), bound.param_name)
-                wanted.setdefault(key, (bound, []))[1].append(
-                    _Contribution((req.path, stamp), module_name, module, float(weight), bound.rows))
+                # full/diff and norm modules change the layer's bias too: a key (and a contribution) of its own
+                changes_bias = module.kind.bias_delta(module.parts) is not None
+                for held in (bound, bound.bias()) if changes_bias else (bound,):
+                    wanted.setdefault((id(held.module), held.param_name), (held, []))[1].append(_Contribution(
+                        (req.path, stamp), module_name, module, float(weight), held.rows, held.part))
                 used += 1
             report.applied.append({"name": name, "modules": used})
         return wanted
@@ -212,10 +219,10 @@ class Engine:
             # in place (two passes over the weight fewer than through a copy)
             deltas = []
             for c in contributions:
-                # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it: W0 is the weight before any network
-                # (the built-in's own rule is the weight before this network; the same for one on a layer)
+                # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it, GLoRA maps it: W0 is the weight before
+                # any network (the built-in's own rule is the weight before this network; the same for one on a layer)
                 w0 = original[c.rows] if c.rows is not None else original
-                deltas.append(c.module.delta(w0.shape, w0).to(param.device))
+                deltas.append(c.delta(w0.shape, w0).to(param.device))
             wide = param.dtype == torch.float32
             acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
             for c, d in zip(contributions, deltas):
@@ -227,9 +234,9 @@ class Engine:
     # --- bypass mode --------------------------------------------------------------------------------------
 
     def _sync_hooks(self, state, wanted) -> None:
-        by_layer = {}
+        by_layer = {}           # a layer's weight and bias contributions go to its one hook
         for bound, contributions in wanted.values():
-            by_layer[id(bound.module)] = (bound, contributions)
+            by_layer.setdefault(id(bound.module), (bound, []))[1].extend(contributions)
         for layer_id in [k for k in state.hooked if k not in by_layer]:
             state.hooked.pop(layer_id).handle.remove()
         for layer_id, (bound, contributions) in by_layer.items():
@@ -241,25 +248,44 @@ class Engine:
             hooked.contributions[:] = contributions      # the hook reads this list: a weight change is free
 
 
+def _fits(module, bound) -> bool:
+    bias = bound.bias()
+    return module.fits(bound.shape) and module.fits_bias(bias.shape if bias is not None else None)
+
+
 def _fast_path(param, contributions) -> bool:
-    return param.dtype == torch.float32 and all(c.rows is None and c.module.low_rank() is not None for c in contributions)
+    return param.dtype == torch.float32 and all(
+        c.rows is None and c.part == "weight" and c.module.low_rank() is not None for c in contributions)
 
 
 def _bypass_hook(hooked: _Hooked):
-    from .networks import functional as fn
-
     def hook(layer, args, output):
-        x = args[0]
-        conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-                if isinstance(layer, torch.nn.Conv2d) else None)
         for c in hooked.contributions:
-            pair = c.module.low_rank()
-            if pair is not None:
-                up, down = (t.to(x.device, x.dtype) for t in pair)
-                output = output + fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, conv)
-            else:
-                delta = c.module.delta(layer.weight.shape, layer.weight).to(x.device, x.dtype) * c.weight
-                output = output + (torch.nn.functional.conv2d(x, delta, **conv) if conv is not None
-                                   else torch.nn.functional.linear(x, delta))
+            output = output + _output_change(layer, args[0], c)
         return output
     return hook
+
+
+def _output_change(layer, x, c):
+    """What contribution `c` adds to the layer's output on input `x`: the layer's own operation with the weight
+    change (a low-rank pair through its two factors, never formed), or a bias change along its channels."""
+    from torch.nn import functional as F
+
+    from .networks import functional as fn
+
+    conv = isinstance(layer, torch.nn.Conv2d)
+    if c.part == "bias":
+        d = c.module.bias_delta(layer.bias.shape).to(x.device, x.dtype) * c.weight
+        per_channel = conv or isinstance(layer, torch.nn.GroupNorm)        # channels on axis 1, else last
+        return d.reshape(1, -1, *[1] * (x.ndim - 2)) if per_channel else d
+    kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation) if conv else None
+    pair = c.module.low_rank()
+    if pair is not None:
+        up, down = (t.to(x.device, x.dtype) for t in pair)
+        return fn.lora_forward_delta(x, up, down, c.module.scale * c.weight, kw)
+    delta = c.module.delta(layer.weight.shape, layer.weight).to(x.device, x.dtype) * c.weight
+    if isinstance(layer, torch.nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, delta, None, layer.eps)     # normalised x times the change
+    if isinstance(layer, torch.nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, delta, None, layer.eps)
+    return F.conv2d(x, delta, **kw) if conv else F.linear(x, delta)

@@ -149,25 +149,34 @@ def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True
     """{kohya name: StoredModule} of one type with random nonzero weights on every Linear / Conv target of
     `sd_model` (its Conv2d layers, 1x1 ones too, only with `conv`), for tests and benchmarks: 'lora', 'loha' and
     'lokr' from their trained modules (rank 4), 'ia3' (per output channel), 'oft' and 'boft' (blocks of 4; BOFT
-    2 stages), 'glora' (LyCORIS's layout, rank 4) and 'glora_v1' (the first GLoRA layout; Linear and 1x1 only)."""
+    2 stages), 'glora' (LyCORIS's layout, rank 4) and 'glora_v1' (the first GLoRA layout; Linear and 1x1 only);
+    'full' (diff, and diff_b where the layer has a bias) also on the UNet's conv_in / conv_out / embeddings, and
+    'norm' on every norm layer."""
     from .hosts.webui import WebuiHost
 
+    host = WebuiHost(sd_model)
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, bound in WebuiHost(sd_model).lora_targets().items():
+    targets = host.applied_targets() if network in ("full", "norm") else host.lora_targets()
+    for name, bound in targets.items():
         if (len(bound.shape) == 4 and not conv) or bound.target.qkv is not None or bound.owner is not None:
             continue
-        parts = _random_parts(network, bound.shape, g)
+        if (bound.target.kind == naming.NORM) != (network == "norm"):
+            continue
+        parts = _random_parts(network, bound.shape, g, bound.bias())
         if parts is not None:
             out[name] = StoredModule.from_parts(parts)
     return out
 
 
-def _random_parts(network: str, shape: tuple, g) -> dict | None:
+def _random_parts(network: str, shape: tuple, g, bias=None) -> dict | None:
     from .networks.kinds import BY_NAME
 
     noise = lambda *s: torch.randn(s, generator=g) * 0.1  # noqa: E731
     out = shape[0]
+    if network in ("full", "norm"):
+        w, b = ("diff", "diff_b") if network == "full" else ("w_norm", "b_norm")
+        return {w: noise(*shape), **({b: noise(*bias.shape)} if bias is not None else {})}
     if network == "ia3":
         return {"weight": noise(out), "on_input": torch.tensor(0)}
     if network in ("oft", "boft"):

@@ -69,11 +69,12 @@ class LoraFile:
         return _same_or_map({n: (m.alpha if m.alpha is not None else m.rank) for n, m in self.modules.items()})
 
     def by_kind(self) -> dict:
-        """{'linear' | 'conv': {'rank': r, 'alpha': a}} where each kind of layer has one rank and alpha (the
+        """{'linear' | 'conv' | 'norm': {'rank': r, 'alpha': a}} where each kind of layer has one rank and alpha (the
         usual case: network dim/alpha and conv dim/alpha); a kind with mixed values maps to None."""
         out = {}
-        for kind in ("linear", "conv"):
-            mods = [m for n, m in self.modules.items() if (self.targets[n].kind == naming.CONV) == (kind == "conv")]
+        sort = {naming.CONV: "conv", naming.NORM: "norm"}
+        for kind in ("linear", "conv", "norm"):
+            mods = [m for n, m in self.modules.items() if sort.get(self.targets[n].kind, "linear") == kind]
             if mods:
                 ranks = {m.rank for m in mods}
                 alphas = {m.alpha if m.alpha is not None else m.rank for m in mods}
@@ -139,10 +140,9 @@ def _read(path: str, arch: naming.Arch | None) -> LoraFile:
             raise FileProblem(f"entries that are not tensors: {', '.join(map(str, bad[:5]))}")
         unsupported = formats.unsupported_types(raw)
         if unsupported:
-            raise FileProblem(f"it holds LyCORIS {', '.join(sorted(unsupported))} modules (e.g. "
+            raise FileProblem(f"it holds {', '.join(sorted(unsupported))} modules (e.g. "
                               f"{next(iter(unsupported.values()))}), which lora_ext does not apply yet (it applies "
-                              f"{', '.join(t.title for t in TYPES)}, each with DoRA); the webui's built-in "
-                              "<lora:name:weight> does")
+                              f"{', '.join(t.title for t in TYPES)}, each with DoRA)")
         style = formats.key_style(raw)
         if style is None:
             sample = ", ".join(list(raw)[:3])

@@ -21,14 +21,14 @@ _TE_LEAF = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
 
 
-# LyCORIS module types the webui's built-in Lora applies and lora_ext does not (yet): a part that only that
-# type stores -> its name. A file holding one is refused by name, never applied as something else.
-UNSUPPORTED_PARTS = {"oft_R": "BOFT", "diff": "full (diff)", "diff_b": "full (diff)",
-                     "w_norm": "norm", "b_norm": "norm"}
+# module types lora_ext does not apply: a part that only that type stores -> its name (PEFT's OFT keeps its
+# rotation in oft_R; the webui's built-in reads it neither). A file holding one is refused by name, never
+# applied as something else.
+UNSUPPORTED_PARTS = {"oft_R": "PEFT OFT (oft_R)"}
 
 
 def unsupported_types(keys) -> dict:
-    """{type name: an example key} of the LyCORIS types we cannot apply among `keys` (and a lone `weight` on a
+    """{type name: an example key} of the module types we cannot apply among `keys` (and a lone `weight` on a
     kohya module name: IA3 without its on_input flag, which no loader can read)."""
     keys = list(keys)
     found = {}

@@ -78,11 +78,17 @@ def _lora_factors(m: StoredModule, weight: float = 1.0):
     return up.reshape(up.shape[0], -1) * (weight * m.scale), down.reshape(down.shape[0], -1), kernel
 
 
-def _refuse_base_dependent(name: str, m, what: str) -> None:
+def _refuse_inexpressible(name: str, m, what: str) -> None:
+    """A module whose change no LoRA can hold: one that depends on the base model's weights (DoRA, IA3, OFT,
+    GLoRA), changes a bias (full/diff with diff_b) or a norm layer."""
+    kind = "DoRA module (dora_scale)" if m.is_dora else f"{m.kind.title} module"
     if m.needs_base:
-        kind = "DoRA module (dora_scale)" if m.is_dora else f"{m.kind.title} module"
         raise ValueError(f"{name}: a {kind} cannot be {what}: its change depends on the base "
                          "model's weights; merge it into a checkpoint instead")
+    if m.network == "norm" or m.kind.bias_delta(m.parts) is not None:
+        raise ValueError(f"{name}: a {kind} cannot be {what}: it changes a "
+                         f"{'norm layer' if m.network == 'norm' else 'bias'}, which a LoRA cannot hold; merge it "
+                         "into a checkpoint instead")
 
 
 def resize(modules: dict, rank: int | None = None, energy: float | None = None, shapes: dict | None = None) -> tuple:
@@ -90,7 +96,7 @@ def resize(modules: dict, rank: int | None = None, energy: float | None = None, 
     keeping `energy` of it). LoHa/LoKr modules (whose deltas are full) need the layer `shapes`."""
     out, kept = {}, {}
     for name, m in modules.items():
-        _refuse_base_dependent(name, m, "resized")
+        _refuse_inexpressible(name, m, "resized")
         if m.low_rank() is not None:
             up, down, kernel = _lora_factors(m)
             f = reduce_factors(up, down, rank, energy)
@@ -110,7 +116,7 @@ def merge_loras(loras: list, rank: int | None = None) -> tuple:
     by_name: dict = {}
     for modules, weight in loras:
         for name, m in modules.items():
-            _refuse_base_dependent(name, m, "merged with other LoRAs")
+            _refuse_inexpressible(name, m, "merged with other LoRAs")
             if m.low_rank() is None:
                 raise ValueError(f"{name}: merging {m.network} modules into a LoRA is not supported")
             by_name.setdefault(name, []).append(_lora_factors(m, weight))

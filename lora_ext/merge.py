@@ -119,10 +119,12 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         out_dtype = target_dtype if target_dtype is not None and t.is_floating_point() else t.dtype
         if name in plan:
             acc = t.to(torch.float32, copy=True)
-            for module, ratio, rows in plan[name]:
+            for module, ratio, rows, part in plan[name]:
                 view = acc[rows] if rows is not None else acc
-                # DoRA, IA3 and OFT compute with the weight before any network
-                view.add_(module.delta(view.shape, t[rows] if rows is not None else t), alpha=ratio)
+                # DoRA, IA3, OFT and GLoRA compute with the weight before any network
+                delta = (module.bias_delta(view.shape) if part == "bias" else
+                         module.delta(view.shape, t[rows] if rows is not None else t))
+                view.add_(delta, alpha=ratio)
             t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
             if not bool(torch.isfinite(t).all()):
                 raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
@@ -148,7 +150,7 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
 
 
 def _plan(base, arch, items):
-    """{checkpoint key: [(StoredModule, ratio, rows)]} and the record of what is merged."""
+    """{checkpoint key: [(StoredModule, ratio, rows, part)]} (part: weight or bias) and the record of what is merged."""
     plan, record = {}, []
     shapes = base.shapes
     for item in items:
@@ -171,8 +173,19 @@ def _plan(base, arch, items):
             if not module.fits(shape):
                 raise MergeError(f"{item.path}: layer {name} does not fit the checkpoint's "
                                  f"{'x'.join(map(str, shape))} weight: it was made for another model")
+            bias_key = t.checkpoint_bias_key if module.kind.bias_delta(module.parts) is not None else None
+            if bias_key is not None:
+                bias_shape = shapes.get(bias_key)
+                if rows is not None and bias_shape is not None:
+                    bias_shape = (bias_shape[0] // 3,)
+                if not module.fits_bias(bias_shape):
+                    raise MergeError(f"{item.path}: layer {name} changes a bias the checkpoint's layer "
+                                     f"{'does not have' if bias_shape is None else 'has another size of'}: it was "
+                                     "made for another model")
             if ratio:
-                plan.setdefault(key, []).append((module, float(ratio), rows))
+                plan.setdefault(key, []).append((module, float(ratio), rows, "weight"))
+                if bias_key is not None:
+                    plan.setdefault(bias_key, []).append((module, float(ratio), rows, "bias"))
                 used += 1
         record.append({"file": os.path.basename(item.path), "unet": item.unet, "te": item.te, "modules": used,
                        "sshs_model_hash": lora.metadata.get("sshs_model_hash")})

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-# kinds of layer, as kohya sorts them: Linear and 1x1 Conv take the network dim, kxk Conv the conv dim
-LINEAR, CONV1X1, CONV = "linear", "conv1x1", "conv"
+# kinds of layer, as kohya sorts them: Linear and 1x1 Conv take the network dim, kxk Conv the conv dim; and the
+# norm layers (GroupNorm, LayerNorm), which only full/diff and norm modules change
+LINEAR, CONV1X1, CONV, NORM = "linear", "conv1x1", "conv", "norm"
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,20 @@ class Target:
     kind: str           # LINEAR | CONV1X1 | CONV
     locon: bool         # only targeted when conv layers are trained (inside res blocks, down/up samplers)
     qkv: int | None = None  # row block of an nn.MultiheadAttention in_proj_weight (0 q, 1 k, 2 v)
+    extra: bool = False     # read and applied, never trained: see extra_targets()
 
     @property
     def checkpoint_key(self) -> str:
         """Key of this target's weight in a webui single-file checkpoint."""
-        path = self.webui.replace(".wrapped.", ".")
-        return path + (".in_proj_weight" if self.qkv is not None else ".weight")
+        return self.checkpoint_path + (".in_proj_weight" if self.qkv is not None else ".weight")
+
+    @property
+    def checkpoint_bias_key(self) -> str:
+        return self.checkpoint_path + (".in_proj_bias" if self.qkv is not None else ".bias")
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.webui.replace(".wrapped.", ".")
 
     @property
     def is_unet(self) -> bool:
@@ -138,11 +147,36 @@ def _unet_targets(arch: Arch) -> Iterator[Target]:
         else:
             children = [("op" if kind == "down" else "conv", "conv", CONV, True)]
         for ldm_child, diff_child, layer_kind, locon in children:
-            ldm_path, diff_path = f"{ldm}.{ldm_child}", f"{diff}.{diff_child}"
-            sgm, dif = kohya_key("lora_unet", ldm_path), kohya_key("lora_unet", diff_path)
-            yield Target(kohya=sgm if arch.sgm_style else dif, alias=dif if arch.sgm_style else sgm,
-                         webui=f"model.diffusion_model.{ldm_path}", diffusers=f"unet.{diff_path}",
-                         component="unet", kind=layer_kind, locon=locon)
+            yield _unet_target(arch, f"{ldm}.{ldm_child}", f"{diff}.{diff_child}", layer_kind, locon)
+
+
+# layers outside the LoRA targets that LyCORIS files also change (its conv_in / conv_out / time embedding names;
+# with train_norm, full/diff and norm modules, the norm layers inside each block): (ldm child, diffusers child)
+_RES_NORMS = (("in_layers.0", "norm1"), ("out_layers.0", "norm2"))
+_UNET_SINGLES = (("input_blocks.0.0", "conv_in", CONV), ("out.2", "conv_out", CONV), ("out.0", "conv_norm_out", NORM),
+                 ("time_embed.0", "time_embedding.linear_1", LINEAR), ("time_embed.2", "time_embedding.linear_2", LINEAR))
+_SDXL_SINGLES = (("label_emb.0.0", "add_embedding.linear_1", LINEAR), ("label_emb.0.2", "add_embedding.linear_2", LINEAR))
+
+
+def _unet_target(arch: Arch, ldm_path: str, diff_path: str, kind: str, locon: bool, extra: bool = False) -> Target:
+    sgm, dif = kohya_key("lora_unet", ldm_path), kohya_key("lora_unet", diff_path)
+    return Target(kohya=sgm if arch.sgm_style else dif, alias=dif if arch.sgm_style else sgm,
+                  webui=f"model.diffusion_model.{ldm_path}", diffusers=f"unet.{diff_path}",
+                  component="unet", kind=kind, locon=locon, extra=extra)
+
+
+def _unet_extra(arch: Arch) -> Iterator[Target]:
+    for ldm, diff, kind in _UNET_SINGLES + (_SDXL_SINGLES if arch.name == "sdxl" else ()):
+        yield _unet_target(arch, ldm, diff, kind, kind == CONV, extra=True)
+    for kind, ldm, diff, depth in _unet_containers(arch):
+        if kind == "res":
+            norms = _RES_NORMS
+        elif kind == "attn":
+            norms = [("norm", "norm")] + [(f"transformer_blocks.{j}.norm{k}",) * 2 for j in range(depth) for k in (1, 2, 3)]
+        else:
+            continue
+        for ldm_child, diff_child in norms:
+            yield _unet_target(arch, f"{ldm}.{ldm_child}", f"{diff}.{diff_child}", NORM, False, extra=True)
 
 
 # --- text encoders --------------------------------------------------------------------------------------
@@ -152,12 +186,22 @@ _OPENCLIP_LEAF = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", 
 _QKV = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
 
 
-def _te_targets(arch: Arch) -> Iterator[Target]:
+def _text_encoders(arch: Arch) -> Iterator[tuple]:
+    """(shape, component, webui holder path, diffusers root) of each text encoder."""
     several = len(arch.text_encoders) > 1
     for i, te in enumerate(arch.text_encoders):
-        component = f"te{i + 1}" if several else "te"
         holder = f"conditioner.embedders.{i}.wrapped" if arch.name == "sdxl" else "cond_stage_model.wrapped"
-        diffusers_root = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        yield te, f"te{i + 1}" if several else "te", holder, "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+
+
+def _te_target(component: str, hf_path: str, webui: str, diffusers_root: str, kind: str, **kw) -> Target:
+    name = kohya_key(f"lora_{component}", hf_path)
+    return Target(kohya=name, alias=name, webui=webui, diffusers=f"{diffusers_root}.{hf_path}",
+                  component=component, kind=kind, locon=False, **kw)
+
+
+def _te_targets(arch: Arch) -> Iterator[Target]:
+    for te, component, holder, diffusers_root in _text_encoders(arch):
         for layer in range(te.layers):
             for leaf in _HF_LEAVES:
                 hf_path = f"text_model.encoder.layers.{layer}.{leaf}"
@@ -168,14 +212,27 @@ def _te_targets(arch: Arch) -> Iterator[Target]:
                     webui, qkv = f"{holder}.model.transformer.resblocks.{layer}.attn", _QKV[leaf]
                 else:
                     webui = f"{holder}.model.transformer.resblocks.{layer}.{_OPENCLIP_LEAF[leaf]}"
-                name = kohya_key(f"lora_{component}", hf_path)
-                yield Target(kohya=name, alias=name, webui=webui, diffusers=f"{diffusers_root}.{hf_path}",
-                             component=component, kind=LINEAR, locon=False, qkv=qkv)
+                yield _te_target(component, hf_path, webui, diffusers_root, LINEAR, qkv=qkv)
+
+
+def _te_norms(arch: Arch) -> Iterator[Target]:
+    for te, component, holder, diffusers_root in _text_encoders(arch):
+        pairs = [(f"text_model.encoder.layers.{n}.layer_norm{k}", f"model.transformer.resblocks.{n}.ln_{k}")
+                 for n in range(te.layers) for k in (1, 2)] + [("text_model.final_layer_norm", "model.ln_final")]
+        for hf_path, openclip_path in pairs:
+            webui = f"{holder}.{'transformer.' + hf_path if te.kind == 'hf' else openclip_path}"
+            yield _te_target(component, hf_path, webui, diffusers_root, NORM, extra=True)
 
 
 def targets(arch: Arch) -> list[Target]:
     """Every LoRA target of the architecture: text encoder(s) first, then the UNet, in module order."""
     return list(_te_targets(arch)) + list(_unet_targets(arch))
+
+
+def extra_targets(arch: Arch) -> list[Target]:
+    """The layers files may change beyond the LoRA targets, which we read and apply but never train: the UNet's
+    conv_in, conv_out, time (and SDXL's label) embedding, and every norm layer of the UNet and text encoders."""
+    return list(_te_norms(arch)) + list(_unet_extra(arch))
 
 
 class NameIndex:
@@ -184,7 +241,7 @@ class NameIndex:
 
     def __init__(self, arch: Arch):
         self.arch = arch
-        self.targets = targets(arch)
+        self.targets = targets(arch) + extra_targets(arch)
         self.by_kohya = {t.kohya: t for t in self.targets}
         self._lookup: dict[str, Target] = {}
         for t in self.targets:

@@ -320,3 +320,48 @@ def test_glora_parts_that_share_no_rank_are_refused_by_name():
              "b2.weight": torch.ones(4, 8)}
     with pytest.raises(BadModule, match="GLoRA a1 \\[8, 4\\], a2 \\[3, 8\\].* share no rank"):
         StoredModule.from_parts(parts)
+
+
+# --- full (diff) and norm: the change itself, weight and bias -------------------------------------------------
+from lycoris.modules.full import FullModule  # noqa: E402
+from lycoris.modules.norms import NormModule  # noqa: E402
+
+BIAS_LAYERS = {**LAYERS, "linear_no_bias": lambda: nn.Linear(48, 40, bias=False),
+               "groupnorm": lambda: nn.GroupNorm(4, 32), "layernorm": lambda: nn.LayerNorm(40)}
+
+
+def _layer_op(layer, x, weight, bias):
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, stride=layer.stride, padding=layer.padding)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+
+
+@pytest.mark.parametrize("layer_kind", sorted(BIAS_LAYERS))
+def test_a_full_or_norm_module_lycoris_makes_reads_in_ours_with_its_weight_and_bias_change(layer_kind):
+    layer = BIAS_LAYERS[layer_kind]()
+    norm = layer_kind.endswith("norm")
+    w0, b0 = layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone()
+    theirs = (NormModule if norm else FullModule)("lora_unet_x", layer, 1.0)
+    _randomize(theirs, 11)
+    theirs.apply_to()       # its file parts are the differences once it is on the layer (full: weight - W0)
+    parts = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    stored = StoredModule.from_parts(parts)
+    assert stored.network == ("norm" if norm else "full") and stored.rank is None and not stored.needs_base
+    assert stored.fits(w0.shape) and stored.fits_bias(None if b0 is None else b0.shape)
+    their_w, their_b = theirs.get_diff_weight(multiplier=1)
+    torch.testing.assert_close(stored.delta(w0.shape, w0), their_w.reshape(w0.shape).detach())
+    assert not torch.allclose(their_w, torch.zeros_like(their_w))
+    if b0 is None:
+        assert their_b is None and stored.bias_delta((40,)) is None and "diff_b" not in parts
+    else:
+        torch.testing.assert_close(stored.bias_delta(b0.shape), their_b.reshape(b0.shape).detach())
+        assert not stored.fits_bias(None)           # a bias change for a layer without a bias does not fit
+    x = (torch.randn(2, 32, 4, 4) if layer_kind == "groupnorm" else torch.randn(3, 40) if norm else _input(layer))
+    with torch.no_grad():
+        ours = _layer_op(layer, x, w0 + stored.delta(w0.shape, w0),
+                         None if b0 is None else b0 + stored.bias_delta(b0.shape))
+        torch.testing.assert_close(ours, theirs(x), rtol=1e-4, atol=1e-5)

@@ -175,3 +175,31 @@ def test_tiny_checkpoint_on_disk_rebuilds_from_its_yaml(tmp_path, any_arch):
     assert any(k.startswith(te_prefix) for k in sd) and any(k.startswith("first_stage_model.encoder.") for k in sd)
     assert not any(".wrapped." in k for k in sd) and "alphas_cumprod" in sd
     assert cfg["parameterization"] == model.parameterization
+
+
+def test_extra_layers_are_found_in_both_unet_styles_and_never_trained():
+    """Norm layers, conv_in / conv_out and the embeddings answer to kohya's diffusers-style and sgm-style names
+    (and diffusers paths), with the module path and kind of the layer; targets() (what training takes) holds
+    none of them."""
+    from lora_ext import naming
+
+    for arch in (naming.SD1, naming.SDXL):
+        index = naming.NameIndex(arch)
+        extra = naming.extra_targets(arch)
+        assert not {t.kohya for t in extra} & {t.kohya for t in naming.targets(arch)}
+        assert all(t.extra for t in extra) and not any(t.extra for t in naming.targets(arch))
+        for diffusers_style, sgm_style, webui, kind in [
+                ("lora_unet_down_blocks_0_resnets_0_norm1", "lora_unet_input_blocks_1_0_in_layers_0",
+                 "model.diffusion_model.input_blocks.1.0.in_layers.0", naming.NORM),
+                ("lora_unet_conv_in", "lora_unet_input_blocks_0_0", "model.diffusion_model.input_blocks.0.0", naming.CONV),
+                ("lora_unet_conv_norm_out", "lora_unet_out_0", "model.diffusion_model.out.0", naming.NORM),
+                ("lora_unet_time_embedding_linear_2", "lora_unet_time_embed_2", "model.diffusion_model.time_embed.2",
+                 naming.LINEAR)]:
+            t = index.find(diffusers_style)
+            assert t is index.find(sgm_style) and t.webui == webui and t.kind == kind
+        te = "lora_te1" if arch.name == "sdxl" else "lora_te"
+        t = index.find(f"{te}_text_model_encoder_layers_0_layer_norm1")
+        assert t.kind == naming.NORM and t.webui.endswith("transformer.text_model.encoder.layers.0.layer_norm1")
+    xl = naming.NameIndex(naming.SDXL)
+    assert xl.find("lora_te2_text_model_final_layer_norm").webui == "conditioner.embedders.1.wrapped.model.ln_final"
+    assert xl.find("lora_unet_label_emb_0_0").diffusers == "unet.add_embedding.linear_1"

@@ -128,10 +128,9 @@ def test_dora_is_refused_by_name_where_it_cannot_be_expressed(tmp_path):
 
 @pytest.mark.parametrize("parts, kind", [
     ({"weight": (8, 1)}, "IA3 without on_input"),
-    ({"diff": (8, 8), "diff_b": (8,)}, "full (diff)"),
-    ({"w_norm": (8,), "b_norm": (8,)}, "norm"),
+    ({"oft_R": (2, 4, 4)}, "PEFT OFT (oft_R)"),
 ])
-def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind):
+def test_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind):
     """A file holding a type we do not apply is refused naming it (panel, inspect), never read as another
     type or half applied: here its modules sit beside a plain LoRA module."""
     from safetensors.torch import save_file
@@ -142,7 +141,7 @@ def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind
                     "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(32, 4)})
     path = str(tmp_path / "x.safetensors")
     save_file(tensors, path)
-    with pytest.raises(files.LoraFileError, match=f"LyCORIS {re.escape(kind)} modules .* does not apply yet"):
+    with pytest.raises(files.LoraFileError, match=f"it holds {re.escape(kind)} modules .* does not apply yet"):
         files.read(path)
     report = Engine().apply(WebuiHost(tiny_model("sd1")), [Request(path)])
     assert report.applied == [] and kind in report.warnings[0]
@@ -151,14 +150,14 @@ def test_lycoris_types_we_cannot_apply_are_refused_by_name(tmp_path, parts, kind
 def test_one_registry_of_types_each_detected_by_its_own_parts():
     from lora_ext.networks import kinds
 
-    assert [t.name for t in kinds.TYPES] == ["lora", "loha", "lokr", "ia3", "oft", "glora"]
+    assert [t.name for t in kinds.TYPES] == ["lora", "loha", "lokr", "ia3", "oft", "glora", "full", "norm"]
     for t in kinds.TYPES:
         parts = {p: torch.ones(2, 2) for p in t.parts}
         if t.name == "oft":
             parts.pop("oft_diag")
         assert kinds.detect(parts) is t
         assert set(t.parts) <= kinds.KNOWN_PARTS
-    with pytest.raises(BadModule, match="form no LoRA, LoHa, LoKr, IA3, OFT, GLoRA module"):
+    with pytest.raises(BadModule, match="form no LoRA, LoHa, LoKr, IA3, OFT, GLoRA, full \\(diff\\), norm module"):
         kinds.detect({"something": torch.ones(1)})
     plain = StoredModule.from_parts({"lora_down.weight": torch.ones(2, 4), "lora_up.weight": torch.ones(3, 2)})
     assert plain.low_rank() is not None

@@ -1,7 +1,7 @@
 """What every host adapter hands the engines: its targets bound to the live layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -12,14 +12,22 @@ from .. import naming
 class Bound:
     """A LoRA target bound to the layer that holds its weight. For an open_clip q/k/v target the layer is the
     nn.MultiheadAttention and the weight a row block of its in_proj_weight; for an out_proj inside one,
-    `owner` is that MultiheadAttention (it computes with out_proj's weight directly)."""
+    `owner` is that MultiheadAttention (it computes with out_proj's weight directly). `part` 'bias' binds the
+    layer's bias instead (full/diff and norm modules change it too)."""
     target: naming.Target
     module: nn.Module
     owner: nn.Module | None = None
+    part: str = "weight"
 
     @property
     def param_name(self) -> str:
-        return "in_proj_weight" if self.target.qkv is not None else "weight"
+        prefix = "in_proj_" if self.target.qkv is not None else ""
+        return prefix + self.part
+
+    def bias(self) -> "Bound | None":
+        """The same target's bias, or None where the layer has none."""
+        bound = replace(self, part="bias")
+        return bound if getattr(self.module, bound.param_name, None) is not None else None
 
     @property
     def param(self):
@@ -39,7 +47,7 @@ class Bound:
 
     @property
     def shape(self) -> tuple:
-        """Shape of this target's weight (for q/k/v: its row block)."""
+        """Shape of this target's weight or bias (for q/k/v: its row block)."""
         shape = tuple(self.param.shape)
         return (shape[0] // 3,) + shape[1:] if self.target.qkv is not None else shape
 

@@ -29,6 +29,9 @@ def _slot(bound: Bound):
 
 def backup_of(bound: Bound):
     layer, index = _slot(bound)
+    if bound.part == "bias":
+        # one bias backup per layer (an out_proj's in its MultiheadAttention's); an in_proj_bias has none
+        return None if index == 0 else getattr(layer, "network_bias_backup", None)
     backup = getattr(layer, "network_weights_backup", None)
     if backup is None:
         return None

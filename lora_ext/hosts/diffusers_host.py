@@ -105,6 +105,13 @@ class DiffusersHost(ConditioningMixin):
     def lora_targets(self) -> dict:
         return self._bound
 
+    @cached_property
+    def _applied(self) -> dict:
+        return {**self._bound, **bind(self.model, naming.extra_targets(self.arch), path_of=lambda t: t.diffusers)}
+
+    def applied_targets(self) -> dict:
+        return self._applied
+
     def checkpoint_blocks(self) -> list:
         return list(self.unet.down_blocks) + [self.unet.mid_block] + list(self.unet.up_blocks)
 

@@ -35,7 +35,8 @@ class Host(Protocol):
     def pooled_width(self) -> int | None: ...           # SDXL: the pooled text width; None otherwise
 
     # --- layers LoRAs go on (apply, merge, train) ---------------------------------------------------------
-    def lora_targets(self) -> dict[str, Bound]: ...     # {kohya name: the live layer}
+    def lora_targets(self) -> dict[str, Bound]: ...     # {kohya name: the live layer} that training targets
+    def applied_targets(self) -> dict[str, Bound]: ...  # those and naming.extra_targets (norms, conv_in ...)
     def text_encoders(self) -> list[nn.Module]: ...     # to move off the device once their outputs are cached
     def checkpoint_blocks(self) -> list[nn.Module]: ...  # what gradient checkpointing wraps
     def attention_patches(self) -> list: ...            # (module, forward) pairs: fused attention while training

@@ -37,6 +37,14 @@ class WebuiHost(ConditioningMixin):
         """{kohya name: Bound} for every target of the loaded model."""
         return self._bound
 
+    @cached_property
+    def _applied(self) -> dict:
+        return {**self._bound, **bind(self.model, naming.extra_targets(self.arch))}
+
+    def applied_targets(self) -> dict:
+        """lora_targets and the layers files may change beyond them (naming.extra_targets)."""
+        return self._applied
+
     # --- what training and sampling need ----------------------------------------------------------------
 
     @property

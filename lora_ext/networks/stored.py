@@ -15,7 +15,7 @@ from .kinds import BY_NAME, KNOWN_PARTS, BadModule, detect  # noqa: F401  (KNOWN
 
 @dataclass
 class StoredModule:
-    network: str                    # a kinds.TYPES name: 'lora' | 'loha' | 'lokr' | 'ia3' | 'oft'
+    network: str                    # a kinds.TYPES name: 'lora' | 'loha' | 'lokr' | 'ia3' | 'oft' | ...
     parts: dict = field(default_factory=dict)    # kohya part name -> tensor
     alpha: float | None = None
 
@@ -97,6 +97,20 @@ class StoredModule:
         if self.is_dora:
             d = fn.dora_delta(d, base.to(d.dtype), p["dora_scale"])
         return d
+
+    def bias_delta(self, shape) -> torch.Tensor | None:
+        """The change to the layer's bias at weight 1 (full/diff, norm), fp32 or wider, in `shape`; else None."""
+        b = self.kind.bias_delta(self.parts)
+        if b is None:
+            return None
+        if b.numel() != math.prod(shape):
+            raise BadModule(f"its bias change has {list(b.shape)} elements, the layer's bias {list(shape)}")
+        return b.to(torch.float64 if b.dtype == torch.float64 else torch.float32).reshape(tuple(shape))
+
+    def fits_bias(self, shape) -> bool:
+        """Whether its bias change (if any) fits a bias of `shape` (None: the layer has no bias)."""
+        b = self.kind.bias_delta(self.parts)
+        return b is None or (shape is not None and b.numel() == math.prod(shape))
 
     def fits(self, shape) -> bool:
         """Whether the module can be for a layer whose weight has `shape`, as far as its tensors tell (a DoRA

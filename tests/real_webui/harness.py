@@ -36,7 +36,11 @@ LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
 DORA = "dora.safetensors"       # a LoCon with DoRA magnitudes
 # one file of each other type the built-in applies, random weights on every Linear / Conv layer (IA3 on the
 # Linear ones: the built-in's IA3 cannot broadcast a per-channel factor over a conv kernel)
-TYPE_FILES = {"loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True, "glora_v1": False}
+TYPE_FILES = {"loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True, "glora_v1": False, "full": True,
+              "norm": False}
+# layers we read under their diffusers names that the built-in finds only under others (it converts no
+# `conv_norm_out` or `final_layer_norm` name): left out of the files compared with it
+BUILTIN_UNMAPPED = ("_conv_norm_out", "_final_layer_norm")
 
 
 class Unavailable(Exception):
@@ -126,8 +130,10 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
                       {"ss_output_name": "dora"})
     from lora_ext.demo import make_random_network
     for network, conv in TYPE_FILES.items():
-        files.write_kohya(os.path.join(paths["loras"], f"{network}.safetensors"),
-                          files.kohya_tensors(make_random_network(model, network, conv=conv)), {"ss_output_name": network})
+        modules = {n: m for n, m in make_random_network(model, network, conv=conv).items()
+                   if not n.endswith(BUILTIN_UNMAPPED)}
+        files.write_kohya(os.path.join(paths["loras"], f"{network}.safetensors"), files.kohya_tensors(modules),
+                          {"ss_output_name": network})
     # the tiny SDXL beside it (a server started with --ckpt loads it), the open_clip config its bigG is built
     # from where webui_probe.py registers it, and an SDXL LoCon
     xl = sdxl_files(work, paths["checkpoints"])

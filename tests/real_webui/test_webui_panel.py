@@ -146,8 +146,9 @@ def test_a_pt_lora_reads_inside_the_webui(webui):
 
 @pytest.mark.parametrize("network", sorted(harness.TYPE_FILES))
 def test_each_type_is_applied_as_the_builtin_applies_it(webui, network):
-    """LoHa, LoKr, IA3, OFT, BOFT and (first layout, the one the built-in can apply) GLoRA files: the panel gives
-    the latents `<lora:name:w>` gives, and the model's weights back bit-exact after."""
+    """LoHa, LoKr, IA3, OFT, BOFT, (first layout, the one the built-in can apply) GLoRA, full/diff (weights and
+    biases, conv_in / conv_out / time embedding too) and norm files: the panel gives the latents `<lora:name:w>`
+    gives, and the model's weights back bit-exact after."""
     before = webui.weights()
     _, plain = _gen(webui)
     _, builtin = _gen(webui, f"{PROMPT} <lora:{network}:0.8>")

@@ -5,14 +5,16 @@ path take). A new type is one new file here plus its line in TYPES."""
 from __future__ import annotations
 
 from .base import BadModule, NetworkType
+from .full import Full
 from .glora import GLoRA
 from .ia3 import IA3
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
+from .norm import Norm
 from .oft import OFT
 
-TYPES: tuple[NetworkType, ...] = (LoRA(), LoHa(), LoKr(), IA3(), OFT(), GLoRA())
+TYPES: tuple[NetworkType, ...] = (LoRA(), LoHa(), LoKr(), IA3(), OFT(), GLoRA(), Full(), Norm())
 BY_NAME = {t.name: t for t in TYPES}
 # every part a kohya-style file may hold for a module of a type we read (DoRA's magnitude rides on any)
 KNOWN_PARTS = frozenset(p for t in TYPES for p in t.parts) | {"alpha", "dora_scale"}

@@ -38,6 +38,10 @@ class NetworkType:
         """The change of a type that scales or turns the layer's weight `base` (IA3, OFT)."""
         raise NotImplementedError
 
+    def bias_delta(self, parts: dict) -> torch.Tensor | None:
+        """The change to the layer's bias (full/diff, norm), None for the types that change the weight only."""
+        return None
+
     def out_in(self, parts: dict) -> tuple[int, int] | None:
         """(out, in) features where the tensors tell them without the layer."""
         return None

@@ -70,6 +70,7 @@ class GLoRA(NetworkType):
             return (b2 @ b1 + _flat(base) @ a2 @ a1).reshape(shape)
         from .. import functional as fn
         b = fn.lora_weight_delta(parts[_B1], parts[_B2], 1.0, parts.get(_BM)).reshape(shape)
-        # A acts on W0's input channels, the kernel's positions untouched
-        a = torch.einsum("oi...,ij->oj...", base, a1 @ a2)
+        # A acts on W0's input channels, the kernel's positions untouched; through the rank first (out*in*r
+        # products, not the in*in matrix a1 @ a2 times every kernel position)
+        a = torch.einsum("or...,rj->oj...", torch.einsum("oi...,ir->or...", base, a1), a2)
         return (a + b) * scale

@@ -1,0 +1,27 @@
+"""Full / diff (LyCORIS's algo=full, and full fine-tunes stored as differences): the weight change itself,
+`diff` (the layer's shape) and, where the layer has a bias, `diff_b`. No rank, so no alpha scale (the built-in
+and LyCORIS apply none)."""
+from __future__ import annotations
+
+import math
+
+from .base import NetworkType
+
+
+class Full(NetworkType):
+    name, title = "full", "full (diff)"
+    parts = ("diff", "diff_b")
+    main_part = "diff"
+
+    def check(self, parts):
+        self.need(parts, "diff")
+
+    def delta(self, parts, scale, shape):
+        return parts["diff"]
+
+    def fits(self, parts, shape):
+        diff = parts["diff"]
+        return diff.shape[0] == shape[0] and diff.numel() == math.prod(shape)
+
+    def bias_delta(self, parts):
+        return parts.get("diff_b")

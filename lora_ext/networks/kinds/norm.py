@@ -1,0 +1,28 @@
+"""Norm (LyCORIS's norm modules, with train_norm): a change to a GroupNorm / LayerNorm's scale `w_norm` and
+shift `b_norm`, one value per channel; no rank, no alpha scale."""
+from __future__ import annotations
+
+import math
+
+from .base import NetworkType
+
+
+class Norm(NetworkType):
+    name, title = "norm", "norm"
+    parts = ("w_norm", "b_norm")
+    main_part = "w_norm"
+
+    def check(self, parts):
+        self.need(parts, "w_norm")
+
+    def is_conv(self, parts):
+        return False
+
+    def delta(self, parts, scale, shape):
+        return parts["w_norm"]
+
+    def fits(self, parts, shape):
+        return len(shape) == 1 and parts["w_norm"].numel() == math.prod(shape)
+
+    def bias_delta(self, parts):
+        return parts.get("b_norm")
