@@ -1,4 +1,4 @@
-"""Every network type the engine applies, on the tiny SD1 and SDXL models: merge mode writes W0 + w * delta(W0)
+"""Every network type the engine applies, on the tiny SD1, SD2 and SDXL models: merge mode writes W0 + w * delta(W0)
 into each layer, bypass mode makes each layer compute what the merged weight computes without touching a
 weight, and both give the model back bit-exact."""
 import pytest
@@ -36,7 +36,7 @@ def _sampled(host, modules):
     return {kind: sorted({group[0], group[-1]}) for kind, group in groups.items() if group}
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("network", sorted(NETWORKS))
 def test_each_type_merges_and_bypasses_alike_and_restores_exactly(tmp_path, arch, network):
     model = tiny_model(arch)

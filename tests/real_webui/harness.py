@@ -140,6 +140,11 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     shutil.copytree(xl["openclip"], os.path.join(webui, OPENCLIP_FOLDER))
     paths["sdxl_checkpoint"] = xl["checkpoint"]
     _random_lora(xl["model"], os.path.join(paths["loras"], SDXL_LORA), 3)
+    # SDXL files of other types: DoRA (on the open_clip q/k/v row blocks too), LoHa, full/diff
+    for network in SDXL_TYPES:
+        modules = make_random_dora(xl["model"]) if network == "dora" else make_random_network(xl["model"], network)
+        files.write_kohya(os.path.join(paths["loras"], f"xl_{network}.safetensors"), files.kohya_tensors(modules),
+                          {"ss_output_name": f"xl_{network}", "ss_base_model_version": "sdxl_base_v1-0"})
     # the same tensors as alpha, as the kohya .pt state dict older tools wrote (read inside the webui,
     # whose torch.load is its own checker)
     import torch
@@ -150,6 +155,7 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
 
 SDXL_CHECKPOINT = "tiny_xl.safetensors"
 SDXL_LORA = "xl_alpha.safetensors"
+SDXL_TYPES = ("dora", "loha", "full")
 OPENCLIP_FOLDER = "lora_ext_test_openclip"      # in the webui folder; webui_probe.py registers what it holds
 
 

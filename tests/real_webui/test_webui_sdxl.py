@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from .harness import SDXL_CHECKPOINT, SDXL_LORA
+from .harness import SDXL_CHECKPOINT, SDXL_LORA, SDXL_TYPES
 from .test_webui_panel import _close, _slot
 
 PROMPT = "a photo of a cat"
@@ -34,6 +34,21 @@ def test_sdxl_panel_equals_the_builtin_lora(sdxl):
     te_only = _gen(sdxl, slots=[_slot(SDXL_LORA, unet=0.0, te=0.7)])
     builtin_te = _gen(sdxl, f"{PROMPT} <lora:{NAME}:0.7:0>")
     _close(te_only, builtin_te, plain)      # both text encoders' LoRAs reach the SDXL conditioning
+
+
+@pytest.mark.parametrize("network", SDXL_TYPES)
+def test_sdxl_types_equal_the_builtin_lora(sdxl, network):
+    """DoRA (with the open_clip text encoder's q/k/v row blocks of one in_proj_weight, each decomposed on its
+    own rows, as the built-in does), LoHa and full/diff (biases, conv_in, the label embedding) on SDXL: the
+    panel gives the latents `<lora:>` gives, and the weights come back bit-exact."""
+    plain = _gen(sdxl)      # a <lora:> left by the test before is taken off by this plain use of the built-in
+    before = sdxl.weights()
+    builtin = _gen(sdxl, f"{PROMPT} <lora:xl_{network}:0.7>")
+    _gen(sdxl)
+    ours = _gen(sdxl, slots=[_slot(f"xl_{network}.safetensors", 0.7)])
+    _close(ours, builtin, plain)
+    _gen(sdxl)
+    assert sdxl.weights() == before
 
 
 def test_sdxl_weights_bit_exact_after_the_panel(sdxl):
