@@ -32,6 +32,15 @@ class Request:
     unet: float = 1.0
     te: float = 1.0
     name: str = ""
+    blocks: tuple = ()      # ((block id, factor), ...): per-block weights (blocks.parse), folded into module weights
+
+    def weight_of(self, target) -> float:
+        """The weight of one module: the slot's UNet or text-encoder weight times its block's factor."""
+        weight = self.unet if target.is_unet else self.te
+        if self.blocks:
+            from .blocks import block_of
+            weight *= dict(self.blocks).get(block_of(target), 1.0)
+        return weight
 
 
 @dataclass
@@ -163,8 +172,8 @@ class Engine:
             used = 0
             for module_name, module in lora.modules.items():
                 bound = targets.get(module_name)
-                weight = req.unet if bound is None or bound.target.is_unet else req.te
-                if bound is None or weight == 0:
+                weight = req.weight_of(bound.target) if bound is not None else 0
+                if weight == 0:         # a block at 0 leaves its layers as they are
                     continue
                 # full/diff and norm modules change the layer's bias too: a key (and a contribution) of its own
                 changes_bias = module.kind.bias_delta(module.parts) is not None

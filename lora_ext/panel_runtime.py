@@ -2,6 +2,7 @@
 -> the model changed (or given back) -> infotext fields and messages. The webui script calls this."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from . import slots as slotlib
@@ -18,9 +19,23 @@ class Outcome:
 
 
 class PanelRuntime:
-    def __init__(self, library: LoraLibrary, cache_bytes: int = 1 << 30, mode: str = "merge"):
+    def __init__(self, library: LoraLibrary, cache_bytes: int = 1 << 30, mode: str = "merge",
+                 block_presets: str | None = None):
         self.library = library
         self.engine = Engine(LoraCache(cache_bytes), mode)
+        self.block_presets = block_presets      # a file of the user's block-weight presets (NAME:v1,v2,...)
+
+    def _block_factors(self, slot, arch_name: str) -> tuple:
+        """((block, factor), ...) of the slot's block weights; ValueError says what to write."""
+        from . import blocks
+
+        if not slot.block_weights:
+            return ()
+        user = {}
+        if self.block_presets and os.path.isfile(self.block_presets):
+            with open(self.block_presets, encoding="utf-8") as f:
+                user = blocks.parse_presets(f.read())
+        return tuple(blocks.parse(slot.block_weights, arch_name, user).items())
 
     def run(self, host, slots: list, mode: str | None = None) -> Outcome:
         """Makes the host's model compute what the active slots ask for (and nothing else)."""
@@ -34,8 +49,13 @@ class PanelRuntime:
             except (FileNotFoundError, UnsafeName) as e:
                 slot_errors.append(f"slot {i + 1}: {e}")
                 continue
+            try:
+                factors = self._block_factors(slot, host.arch.name)
+            except (ValueError, OSError) as e:
+                slot_errors.append(f"slot {i + 1}: skipped: {e}")
+                continue
             unet, te = slot.weights
-            requests.append(Request(path, unet, te, name=slot.model))
+            requests.append(Request(path, unet, te, name=slot.model, blocks=factors))
         report = self.engine.apply(host, requests, mode)
         outcome.report = report
         outcome.messages = [f"Additional Networks: {m}" for m in slot_errors + report.warnings]

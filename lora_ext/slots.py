@@ -3,7 +3,8 @@ arguments, the X/Y/Z axes and the infotext.
 
 Infotext uses the additional-networks extension's field names, so images made with it paste into ours:
 `AddNet Enabled`, `AddNet Module N` (LoRA), `AddNet Model N` (`name(hash)`), `AddNet Weight A N` (UNet),
-`AddNet Weight B N` (text encoder); its older single `AddNet Weight N` is read too.
+`AddNet Weight B N` (text encoder); its older single `AddNet Weight N` is read too. Ours adds
+`AddNet Block Weights N` (a preset name or the per-block factors) where a slot has them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Slot:
     separate: bool = False
     unet: float = 1.0
     te: float = 1.0
+    block_weights: str = ""     # a preset name or a comma list of per-block factors (blocks.parse); '' = none
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -47,7 +49,8 @@ class Slot:
             return cls()
         if not isinstance(value, dict):
             raise ValueError(f"a slot is given as a dict of {', '.join(f.name for f in fields(cls))}, not {value!r}")
-        aliases = {"unet_weight": "unet", "te_weight": "te", "text_encoder_weight": "te", "name": "model"}
+        aliases = {"unet_weight": "unet", "te_weight": "te", "text_encoder_weight": "te", "name": "model",
+                   "blocks": "block_weights", "lbw": "block_weights"}
         data = {aliases.get(k, k): v for k, v in value.items()}
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
@@ -58,6 +61,7 @@ class Slot:
         slot.enabled, slot.separate = bool(slot.enabled), bool(slot.separate)
         slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f"slot {f}") for f in ("weight", "unet", "te"))
         slot.model = str(slot.model or NONE)
+        slot.block_weights = str(slot.block_weights or "").strip()
         return slot
 
 
@@ -91,6 +95,8 @@ def to_infotext(slots: list, short_hash) -> dict:
         params[f"AddNet Model {i}"] = f"{display_name(slot.model)}({h})" if h else display_name(slot.model)
         params[f"AddNet Weight A {i}"] = _fmt(unet)
         params[f"AddNet Weight B {i}"] = _fmt(te)
+        if slot.block_weights:
+            params[f"AddNet Block Weights {i}"] = slot.block_weights
     if params:
         params = {"AddNet Enabled": "True", **params}
     return params
@@ -118,5 +124,7 @@ def from_infotext(params: dict, count: int, find) -> list:
         except ValueError:          # pasted text someone edited: the slot stays empty rather than guess
             slots.append(Slot())
             continue
-        slots.append(Slot(enabled=model != NONE, model=model, weight=unet, separate=unet != te, unet=unet, te=te))
+        blocks = str(params.get(f"AddNet Block Weights {i}", "")).strip().strip('"')
+        slots.append(Slot(enabled=model != NONE, model=model, weight=unet, separate=unet != te, unet=unet, te=te,
+                          block_weights=blocks))
     return slots

@@ -51,7 +51,8 @@ class Runtime:
     def get(cls):
         if cls._instance is None:
             from lora_ext.panel_runtime import PanelRuntime
-            cls._instance = PanelRuntime(LIBRARY, int(opt("lora_ext_cache_mb")) << 20)
+            presets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "block_presets.txt")
+            cls._instance = PanelRuntime(LIBRARY, int(opt("lora_ext_cache_mb")) << 20, block_presets=presets)
         return cls._instance
 
     @classmethod
@@ -226,6 +227,7 @@ def on_before_ui():
             xyz.AxisOption(f"[AddNet] Weight {n}", float, setter(i, "weight", {"separate": False})),
             xyz.AxisOption(f"[AddNet] UNet Weight {n}", float, setter(i, "unet", {"separate": True})),
             xyz.AxisOption(f"[AddNet] TEnc Weight {n}", float, setter(i, "te", {"separate": True})),
+            xyz.AxisOption(f"[AddNet] Block Weights {n}", str, setter(i, "block_weights", {})),
         ]
 
 

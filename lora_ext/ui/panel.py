@@ -63,10 +63,13 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
                     separate = gr.Checkbox(label="Separate UNet / text encoder", value=False, elem_id=f"{eid}_separate")
                     unet = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight", visible=False, elem_id=f"{eid}_unet")
                     te = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder weight", visible=False, elem_id=f"{eid}_te")
+                block_weights = gr.Textbox(label="Block weights", value="", lines=1, elem_id=f"{eid}_blocks",
+                                           placeholder="a preset (ALL, INS, MIDD, OUTALL ...) or factors per "
+                                                       "block: 17 / 26 values (SDXL 12 / 20)")
                 info = gr.Markdown(elem_id=f"{eid}_info")
                 module = gr.Textbox(value="LoRA", visible=False, elem_id=f"{eid}_module")
                 state = gr.State(slotlib.Slot().to_dict())
-            controls = [enabled, model, weight, separate, unet, te]
+            controls = [enabled, model, weight, separate, unet, te, block_weights]     # Slot's field order
             for c in controls:
                 c.change(lambda *v: slotlib.Slot(*v).to_dict(), inputs=controls, outputs=[state], show_progress=False)
             separate.change(_parts_shown, inputs=[separate, weight, unet, te], outputs=[weight, unet, te],
@@ -83,8 +86,9 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
                 (separate, lambda d, i=i: slot_of(d, i).separate),
                 (unet, f"AddNet Weight A {n}"),
                 (te, f"AddNet Weight B {n}"),
+                (block_weights, lambda d, i=i: slot_of(d, i).block_weights),
             ]
             ui.paste_field_names += [f"AddNet Module {n}", f"AddNet Model {n}", f"AddNet Weight A {n}",
-                                     f"AddNet Weight B {n}"]
+                                     f"AddNet Weight B {n}", f"AddNet Block Weights {n}"]
         refresh.click(lambda: [gr.update(choices=choices())] * count, outputs=ui.dropdowns, show_progress=False)
     return ui

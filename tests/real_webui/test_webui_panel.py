@@ -101,6 +101,27 @@ def test_infotext_written_and_read_back_from_the_png(webui):
     _gen(webui)
 
 
+def test_block_weights_reach_the_blocks_and_the_infotext(webui):
+    """A slot's `block_weights` through the API: BASE at 1 and every UNet block at 0 (26 values, the LoCon
+    layout) gives the latents of the built-in's text-encoder-only `<lora:alpha:0.8:0>`; the vector is in the
+    infotext and comes back from the PNG; the weights come back bit-exact."""
+    _gen(webui)
+    before = webui.weights()
+    _, plain = _gen(webui)
+    _, builtin = _gen(webui, f"{PROMPT} <lora:alpha:0.8:0>")
+    _gen(webui)
+    vector = "1" + ",0" * 25
+    answer, ours = _gen(webui, slots=[{**_slot("alpha.safetensors", 0.8), "block_weights": vector}])
+    assert "AddNet Warning" not in json.loads(answer["info"])["extra_generation_params"]
+    _close(ours, builtin, plain)
+    png = "data:image/png;base64," + answer["images"][0].split(",", 1)[-1]
+    assert webui.post("/sdapi/v1/png-info", {"image": png})["parameters"]["AddNet Block Weights 1"] == vector
+    answer, _ = _gen(webui, slots=[{**_slot("alpha.safetensors", 0.8), "block_weights": "1,2"}])
+    assert "block weights '1,2': SD1/SD2 takes 17 or 26 values" in _infotext(answer)
+    _gen(webui)
+    assert webui.weights() == before
+
+
 def test_api_routes(webui):
     listed = {item["name"]: item for item in webui.get("/lora_ext/v1/loras")}
     assert {"alpha.safetensors", "beta.safetensors"} <= set(listed)

@@ -1,0 +1,111 @@
+"""Per-block LoRA weights in the conventions users share for hako-mikan's lora-block-weight (LBW): a vector of
+factors, one per block, BASE (the text encoders) first, then the UNet's input blocks (IN00 ...), its middle
+block (M00) and its output blocks (OUT00 ...), numbered as the original (ldm/sgm) UNet numbers them.
+
+Vector lengths tell which blocks are meant: SD1/SD2 17 (the blocks a LoRA without conv layers touches) or 26
+(every block: LoCon), SDXL 12 or 20. Blocks a vector does not name, and the layers in no block (the time and
+label embeddings, the UNet's out layers), keep the slot's own weight (factor 1). A factor multiplies the slot's
+UNet weight (BASE: its text-encoder weight) in every module of that block, so merge and bypass modes cost
+nothing more per step than without block weights."""
+from __future__ import annotations
+
+import math
+import re
+
+SD_BLOCKS = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
+XL_BLOCKS = ("BASE",) + tuple(f"IN{i:02d}" for i in range(9)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(9))
+_SD_ATTENTION = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(3, 12))
+_XL_ATTENTION = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00") + tuple(f"OUT{i:02d}" for i in range(6))
+LAYOUTS = {"sd": {17: _SD_ATTENTION, 26: SD_BLOCKS}, "sdxl": {12: _XL_ATTENTION, 20: XL_BLOCKS}}
+
+# the common named presets, as sets of the 17 blocks at factor 1 (the others 0), BASE always in
+_IN, _OUT = _SD_ATTENTION[1:7], _SD_ATTENTION[8:]
+_PRESET_BLOCKS = {
+    "NONE": (), "ALL": _SD_ATTENTION,
+    "INS": ("BASE",) + _IN[:3], "IND": ("BASE",) + _IN[3:], "INALL": ("BASE",) + _IN,
+    "MIDD": ("BASE",) + _IN[3:] + ("M00",) + _OUT[:4], "OUTD": ("BASE",) + _OUT[:4],
+    "OUTS": ("BASE",) + _OUT[4:], "OUTALL": ("BASE",) + _OUT,
+}
+PRESETS = {name: tuple(1.0 if b in on else 0.0 for b in _SD_ATTENTION) for name, on in _PRESET_BLOCKS.items()}
+PRESETS["ALL0.5"] = (0.5,) * len(_SD_ATTENTION)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def family(arch_name: str) -> str:
+    return "sdxl" if arch_name == "sdxl" else "sd"
+
+
+def block_of(target) -> str | None:
+    """The block id of a naming.Target: BASE for the text encoders, INnn / M00 / OUTnn for the UNet's
+    blocks, None for UNet layers in no block."""
+    if not target.is_unet:
+        return "BASE"
+    path = target.webui.removeprefix("model.diffusion_model.")
+    head, _, rest = path.partition(".")
+    if head == "middle_block":
+        return "M00"
+    number = rest.partition(".")[0]
+    if head in ("input_blocks", "output_blocks") and number.isdigit():
+        return f"{'IN' if head == 'input_blocks' else 'OUT'}{int(number):02d}"
+    return None
+
+
+def parse_presets(text: str) -> dict:
+    """User presets, one `NAME:v1,v2,...` a line ('#' starts a comment); {NAME: text of the values}. A bad
+    line raises ValueError naming its number."""
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, values = line.partition(":")
+        if not sep or not _NAME.match(name.strip()) or not values.strip():
+            raise ValueError(f"block weight presets, line {n}: write NAME:v1,v2,... (got {line[:40]!r})")
+        out[name.strip().upper()] = values.strip()
+    return out
+
+
+def parse(text: str, arch_name: str, user_presets: dict | None = None) -> dict | None:
+    """{block id: factor} from a preset name or a comma list of numbers; None for an empty text (no block
+    weights). Raises ValueError with a message that says what to write."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    fam = family(arch_name)
+    named = {**PRESETS, **{k: v for k, v in (user_presets or {}).items()}}
+    value = named.get(text.upper(), text)
+    if value is text and "," not in text:
+        raise ValueError(f"block weights {text[:60]!r}: no preset has that name (presets: "
+                         f"{', '.join(sorted(named))}); or write the factors separated by commas")
+    if isinstance(value, str):
+        value = _numbers(value, text)
+    layout = LAYOUTS[fam].get(len(value))
+    if layout is None:
+        counts = " or ".join(str(c) for c in LAYOUTS[fam])
+        known = ", ".join(sorted(named))
+        raise ValueError(f"block weights {text[:60]!r}: {'SDXL' if fam == 'sdxl' else 'SD1/SD2'} takes {counts} "
+                         f"values (BASE, then the UNet's blocks), got {len(value)}; or a preset name: {known}")
+    return dict(zip(layout, value))
+
+
+def _numbers(values: str, text: str) -> tuple:
+    out = []
+    for item in values.replace(" ", "").split(","):
+        try:
+            x = float(item)
+        except ValueError:
+            raise ValueError(f"block weights {text[:60]!r}: {item!r} is not a number (write numbers separated "
+                             "by commas, or a preset name)") from None
+        if not math.isfinite(x):
+            raise ValueError(f"block weights {text[:60]!r}: {item} is not a finite number")
+        out.append(x)
+    return tuple(out)
+
+
+def text_of(factors: dict | None, arch_name: str) -> str:
+    """The comma list that parse() reads back to `factors` (for the infotext)."""
+    if not factors:
+        return ""
+    layout = next(b for b in LAYOUTS[family(arch_name)].values() if set(b) == set(factors))
+    return ",".join(f"{factors[b]:g}" for b in layout)
