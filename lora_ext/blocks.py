@@ -9,7 +9,6 @@ UNet weight (BASE: its text-encoder weight) in every module of that block, so me
 nothing more per step than without block weights."""
 from __future__ import annotations
 
-import math
 import re
 
 SD_BLOCKS = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
@@ -73,8 +72,12 @@ def parse(text: str, arch_name: str, user_presets: dict | None = None) -> dict |
     if not text:
         return None
     fam = family(arch_name)
-    named = {**PRESETS, **{k: v for k, v in (user_presets or {}).items()}}
+    # the common presets are 17-value (SD1/SD2) vectors; an SDXL slot takes the user's presets and vectors
+    named = {**(PRESETS if fam == "sd" else {}), **(user_presets or {})}
     value = named.get(text.upper(), text)
+    if value is text and text.upper() in PRESETS:
+        raise ValueError(f"block weights {text!r}: the common presets are for SD1/SD2; on SDXL write 12 or 20 "
+                         "factors (BASE, then the UNet's blocks), or add a preset of your own")
     if value is text and "," not in text:
         raise ValueError(f"block weights {text[:60]!r}: no preset has that name (presets: "
                          f"{', '.join(sorted(named))}); or write the factors separated by commas")
@@ -90,17 +93,13 @@ def parse(text: str, arch_name: str, user_presets: dict | None = None) -> dict |
 
 
 def _numbers(values: str, text: str) -> tuple:
-    out = []
-    for item in values.replace(" ", "").split(","):
-        try:
-            x = float(item)
-        except ValueError:
-            raise ValueError(f"block weights {text[:60]!r}: {item!r} is not a number (write numbers separated "
-                             "by commas, or a preset name)") from None
-        if not math.isfinite(x):
-            raise ValueError(f"block weights {text[:60]!r}: {item} is not a finite number")
-        out.append(x)
-    return tuple(out)
+    from .weights import weight_value
+
+    try:
+        return tuple(weight_value(item, "a factor") for item in values.replace(" ", "").split(","))
+    except ValueError as e:
+        raise ValueError(f"block weights {text[:60]!r}: {e} (write factors separated by commas, or a preset "
+                         "name)") from None
 
 
 def text_of(factors: dict | None, arch_name: str) -> str:

@@ -23,8 +23,10 @@ def test_vectors_and_presets_parse_and_mistakes_say_what_to_write():
     assert blocks.parse("face", "sd1", user)["OUT06"] == 1 and blocks.parse("face", "sd1", user)["OUT07"] == 0
     for text, arch, message in [("1,1,1", "sd1", "SD1/SD2 takes 17 or 26 values"),
                                 (",".join(["1"] * 17), "sdxl", "SDXL takes 12 or 20 values"),
-                                ("1,x,1", "sd1", "'x' is not a number"),
-                                ("1,nan" + ",1" * 15, "sd1", "not a finite number"),
+                                ("1,x,1", "sd1", "a factor 'x' is not a number"),
+                                ("1,nan" + ",1" * 15, "sd1", "a factor 'nan' must be a finite number"),
+                                ("1,1e9" + ",1" * 15, "sd1", "must be a finite number from -100 to 100"),
+                                ("OUTALL", "sdxl", "the common presets are for SD1/SD2; on SDXL write 12 or 20"),
                                 ("NOPE", "sd1", "no preset has that name \\(presets: ALL, ALL0.5")]:
         with pytest.raises(ValueError, match=message):
             blocks.parse(text, arch)
@@ -117,7 +119,7 @@ def test_a_slot_carries_block_weights_through_the_api_the_infotext_and_the_panel
         by_key = {b.target.webui + ".weight": blocks.block_of(b.target) for b in host.lora_targets().values()}
         assert changed and all(by_key[k] not in named for k in changed)
         out = runtime.run(host, [slotlib.Slot(True, "l.safetensors", block_weights="1,2,x")])
-        assert "slot 1: skipped: block weights '1,2,x': 'x' is not a number" in out.messages[0]
+        assert "slot 1: skipped: block weights '1,2,x': a factor 'x' is not a number" in out.messages[0]
         assert "AddNet Warning" in out.infotext and "AddNet Model 1" not in out.infotext
         assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
     finally:
