@@ -127,7 +127,8 @@ def warm_memory(nbytes: int) -> None:
 def compare_networks(names: list, model, host) -> dict:
     """Apply, weight change and restore in merge mode for one file of each type (rank 4, every Linear and Conv
     layer; IA3 and the first GLoRA layout on the Linear ones; full also on conv_in / conv_out / the time
-    embedding, biases included; norm on every norm layer), against a plain LoCon of the same layers measured in the same run."""
+    embedding, biases included; norm on every norm layer), against a plain LoCon of the same layers measured in
+    the same run."""
     from lora_ext.demo import make_random_dora, make_random_network
 
     targets = host.applied_targets()

@@ -65,10 +65,6 @@ class _Contribution:
     def signature(self):
         return (self.source, self.name, self.weight)
 
-    def delta(self, shape, base):
-        """The change at weight 1 to what this contribution's key holds (`base`: that tensor before any network)."""
-        return self.module.bias_delta(shape) if self.part == "bias" else self.module.delta(shape, base)
-
 
 @dataclass
 class _Merged:
@@ -176,8 +172,7 @@ class Engine:
                 if weight == 0:         # a block at 0 leaves its layers as they are
                     continue
                 # full/diff and norm modules change the layer's bias too: a key (and a contribution) of its own
-                changes_bias = module.kind.bias_delta(module.parts) is not None
-                for held in (bound, bound.bias()) if changes_bias else (bound,):
+                for held in (bound, bound.bias()) if module.changes_bias else (bound,):
                     wanted.setdefault((id(held.module), held.param_name), (held, []))[1].append(_Contribution(
                         (req.path, stamp), module_name, module, float(weight), held.rows, held.part))
                 used += 1
@@ -231,7 +226,7 @@ class Engine:
                 # DoRA rescales W0 + delta, IA3 scales W0, OFT turns it, GLoRA maps it: W0 is the weight before
                 # any network (the built-in's own rule is the weight before this network; the same for one on a layer)
                 w0 = original[c.rows] if c.rows is not None else original
-                deltas.append(c.delta(w0.shape, w0).to(param.device))
+                deltas.append(c.module.change(c.part, w0.shape, w0).to(param.device))
             wide = param.dtype == torch.float32
             acc = param.copy_(original) if wide else original.to(torch.float32, copy=True)
             for c, d in zip(contributions, deltas):
@@ -284,7 +279,7 @@ def _output_change(layer, x, c):
 
     conv = isinstance(layer, torch.nn.Conv2d)
     if c.part == "bias":
-        d = c.module.bias_delta(layer.bias.shape).to(x.device, x.dtype) * c.weight
+        d = c.module.change("bias", layer.bias.shape).to(x.device, x.dtype) * c.weight
         per_channel = conv or isinstance(layer, torch.nn.GroupNorm)        # channels on axis 1, else last
         return d.reshape(1, -1, *[1] * (x.ndim - 2)) if per_channel else d
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation) if conv else None

@@ -101,10 +101,3 @@ def _numbers(values: str, text: str) -> tuple:
         raise ValueError(f"block weights {text[:60]!r}: {e} (write factors separated by commas, or a preset "
                          "name)") from None
 
-
-def text_of(factors: dict | None, arch_name: str) -> str:
-    """The comma list that parse() reads back to `factors` (for the infotext)."""
-    if not factors:
-        return ""
-    layout = next(b for b in LAYOUTS[family(arch_name)].values() if set(b) == set(factors))
-    return ",".join(f"{factors[b]:g}" for b in layout)

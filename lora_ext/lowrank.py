@@ -85,7 +85,7 @@ def _refuse_inexpressible(name: str, m, what: str) -> None:
     if m.needs_base:
         raise ValueError(f"{name}: a {kind} cannot be {what}: its change depends on the base "
                          "model's weights; merge it into a checkpoint instead")
-    if m.network == "norm" or m.kind.bias_delta(m.parts) is not None:
+    if m.network == "norm" or m.changes_bias:
         raise ValueError(f"{name}: a {kind} cannot be {what}: it changes a "
                          f"{'norm layer' if m.network == 'norm' else 'bias'}, which a LoRA cannot hold; merge it "
                          "into a checkpoint instead")

@@ -122,9 +122,7 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
             for module, ratio, rows, part in plan[name]:
                 view = acc[rows] if rows is not None else acc
                 # DoRA, IA3, OFT and GLoRA compute with the weight before any network
-                delta = (module.bias_delta(view.shape) if part == "bias" else
-                         module.delta(view.shape, t[rows] if rows is not None else t))
-                view.add_(delta, alpha=ratio)
+                view.add_(module.change(part, view.shape, t[rows] if rows is not None else t), alpha=ratio)
             t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
             if not bool(torch.isfinite(t).all()):
                 raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
@@ -173,7 +171,7 @@ def _plan(base, arch, items):
             if not module.fits(shape):
                 raise MergeError(f"{item.path}: layer {name} does not fit the checkpoint's "
                                  f"{'x'.join(map(str, shape))} weight: it was made for another model")
-            bias_key = t.checkpoint_bias_key if module.kind.bias_delta(module.parts) is not None else None
+            bias_key = t.checkpoint_bias_key if module.changes_bias else None
             if bias_key is not None:
                 bias_shape = shapes.get(bias_key)
                 if rows is not None and bias_shape is not None:

@@ -60,7 +60,7 @@ class Target:
     webui: str          # module path under the webui's sd_model
     diffusers: str      # module path under the diffusers pipeline
     component: str      # 'unet' | 'te' | 'te1' | 'te2'
-    kind: str           # LINEAR | CONV1X1 | CONV
+    kind: str           # LINEAR | CONV1X1 | CONV | NORM
     locon: bool         # only targeted when conv layers are trained (inside res blocks, down/up samplers)
     qkv: int | None = None  # row block of an nn.MultiheadAttention in_proj_weight (0 q, 1 k, 2 v)
     extra: bool = False     # read and applied, never trained: see extra_targets()

@@ -32,7 +32,6 @@ def test_vectors_and_presets_parse_and_mistakes_say_what_to_write():
             blocks.parse(text, arch)
     with pytest.raises(ValueError, match="line 2: write NAME:v1,v2"):
         blocks.parse_presets("A:1\nno colon here\n")
-    assert blocks.parse(blocks.text_of(sd17, "sd1"), "sd1") == sd17
 
 
 @pytest.mark.parametrize("arch", [naming.SD1, naming.SDXL])

@@ -107,6 +107,15 @@ class StoredModule:
             raise BadModule(f"its bias change has {list(b.shape)} elements, the layer's bias {list(shape)}")
         return b.to(torch.float64 if b.dtype == torch.float64 else torch.float32).reshape(tuple(shape))
 
+    @property
+    def changes_bias(self) -> bool:
+        """Whether it changes the layer's bias too (full/diff with diff_b, norm with b_norm)."""
+        return self.kind.bias_delta(self.parts) is not None
+
+    def change(self, part: str, shape, base: torch.Tensor | None = None) -> torch.Tensor:
+        """delta() for part 'weight', bias_delta() for 'bias': what the engines add to the tensor they hold."""
+        return self.bias_delta(shape) if part == "bias" else self.delta(shape, base)
+
     def fits_bias(self, shape) -> bool:
         """Whether its bias change (if any) fits a bias of `shape` (None: the layer has no bias)."""
         b = self.kind.bias_delta(self.parts)

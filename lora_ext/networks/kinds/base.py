@@ -64,3 +64,17 @@ class NetworkType:
     def trainable(self):
         """The TrainedModule class that trains this type (None: read and applied only)."""
         return None
+
+
+class StoredChange(NetworkType):
+    """A type whose file holds the change itself: `parts` = (the weight's change, the bias's change, which
+    only a layer with a bias has). No rank, so no alpha scale (full/diff, norm)."""
+
+    def check(self, parts):
+        self.need(parts, self.parts[0])
+
+    def delta(self, parts, scale, shape):
+        return parts[self.parts[0]]
+
+    def bias_delta(self, parts):
+        return parts.get(self.parts[1])

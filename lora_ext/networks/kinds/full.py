@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import math
 
-from .base import NetworkType
+from .base import StoredChange
 
 
-class Full(NetworkType):
+class Full(StoredChange):
     name, title = "full", "full (diff)"
     parts = ("diff", "diff_b")
     main_part = "diff"
 
-    def check(self, parts):
-        self.need(parts, "diff")
-
-    def delta(self, parts, scale, shape):
-        return parts["diff"]
-
     def fits(self, parts, shape):
         diff = parts["diff"]
         return diff.shape[0] == shape[0] and diff.numel() == math.prod(shape)
-
-    def bias_delta(self, parts):
-        return parts.get("diff_b")

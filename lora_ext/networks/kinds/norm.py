@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import math
 
-from .base import NetworkType
+from .base import StoredChange
 
 
-class Norm(NetworkType):
+class Norm(StoredChange):
     name, title = "norm", "norm"
     parts = ("w_norm", "b_norm")
     main_part = "w_norm"
 
-    def check(self, parts):
-        self.need(parts, "w_norm")
-
     def is_conv(self, parts):
         return False
 
-    def delta(self, parts, scale, shape):
-        return parts["w_norm"]
-
     def fits(self, parts, shape):
         return len(shape) == 1 and parts["w_norm"].numel() == math.prod(shape)
-
-    def bias_delta(self, parts):
-        return parts.get("b_norm")
