@@ -8,6 +8,7 @@ Prints JSON. Every ratio is against a baseline measured in the same run:
 
     .venv/bin/python bench/apply.py [--rank 32] [--size 256] [--rounds 3]
     .venv/bin/python bench/apply.py --network loha,lokr,ia3,oft,boft,glora,full,norm,dora   (each type against LoCon)
+    .venv/bin/python bench/apply.py --panel [--size 512]    (block weights, masks and step ranges against plain slots)
 """
 from __future__ import annotations
 
@@ -154,6 +155,69 @@ def compare_networks(names: list, model, host) -> dict:
                 for n, r in results.items()}}
 
 
+def step_medians(model, size: int, rounds: int, engine, host, setups: dict) -> dict:
+    """Median UNet step time of each setup {label: (requests, mode)}, the setups taking turns each round."""
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, size // 8, size // 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor([500])
+    times = {label: [] for label in setups}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for label, (requests, mode) in setups.items():
+                engine.apply(host, requests, mode=mode)
+                unet(x, t, context=ctx)         # the first step after a switch pays for the memory touched
+                times[label] += [timed(lambda: unet(x, t, context=ctx)) for _ in range(2)]
+    engine.restore(host)
+    return {label: statistics.median(v) for label, v in times.items()}
+
+
+def panel_features(model, host, path: str, size: int, rounds: int) -> dict:
+    """Block weights (first apply and a change of vector, merge mode), a masked slot and two masked slots
+    (per-step cost in bypass, whatever the mode, against the same slots unmasked in bypass and against no
+    LoRA), and a step range's boundary (merge: one re-merge; bypass: a list swap), each against the plain
+    slot's figure measured in the same run."""
+    from lora_ext import blocks, masks
+
+    engine = Engine()
+    engine.apply(host, [Request(path)])         # the file read once (cached): the timings below are the engine's
+    engine.restore(host)
+    vector = lambda *v: tuple(blocks.parse(",".join(map(str, v)), "sd1").items())  # noqa: E731
+    half, quarter = vector(1, *[0.5] * 16), vector(1, *[0.25] * 16)
+    r = {"plain_first_apply_s": timed(lambda: engine.apply(host, [Request(path)])),
+         "plain_weight_change_s": timed(lambda: engine.apply(host, [Request(path, 0.5, 0.5)]))}
+    engine.restore(host)
+    r["blocks_first_apply_s"] = timed(lambda: engine.apply(host, [Request(path, blocks=half)]))
+    r["blocks_change_s"] = timed(lambda: engine.apply(host, [Request(path, blocks=quarter)]))
+    engine.restore(host)
+    left = torch.zeros(size, size)
+    left[:, : size // 2] = 1
+    a, b = masks.Mask(left), masks.Mask(1 - left)
+    r["step_s"] = step_medians(model, size, rounds, engine, host, {
+        "no_lora": ([], "merge"), "merged": ([Request(path)], "merge"), "bypass": ([Request(path)], "bypass"),
+        "masked": ([Request(path, mask=a)], "merge"),
+        "two_masked": ([Request(path, 0.5, 0.5, mask=a), Request(path, 0.7, 0.7, mask=b)], "merge"),
+        "two_bypass": ([Request(path, 0.5, 0.5), Request(path, 0.7, 0.7)], "bypass")})
+    late = [Request(path, start=0.5)]
+    for mode in ("merge", "bypass"):
+        engine.apply(host, late, mode, at=0.0)
+        r[f"{mode}_boundary_s"] = timed(lambda: engine.apply(host, late, mode, at=0.5))
+        engine.restore(host)
+    s = r["step_s"]
+    r["ratios"] = {
+        "blocks_first_apply_over_plain": r["blocks_first_apply_s"] / r["plain_first_apply_s"],
+        "blocks_change_over_plain_change": r["blocks_change_s"] / r["plain_weight_change_s"],
+        "masked_step_over_bypass_step": s["masked"] / s["bypass"],
+        "masked_step_over_no_lora_step": s["masked"] / s["no_lora"],
+        "two_masked_step_over_two_bypass_step": s["two_masked"] / s["two_bypass"],
+        "bypass_step_over_merged_step": s["bypass"] / s["merged"],
+        "merge_boundary_over_plain_change": r["merge_boundary_s"] / r["plain_weight_change_s"],
+        "bypass_boundary_over_plain_change": r["bypass_boundary_s"] / r["plain_weight_change_s"],
+    }
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=32)
@@ -161,6 +225,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (2 steps without, 2 with) per mode")
     ap.add_argument("--network", help="compare apply costs of these types against LoCon instead: "
                                       "comma-separated, of loha,lokr,ia3,oft,boft,glora,glora_v1,full,norm,dora")
+    ap.add_argument("--panel", action="store_true", help="block weights, masks and step ranges instead")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.network:
@@ -190,6 +255,10 @@ def main() -> None:
               "touched_weights": touched, "file_bytes": os.path.getsize(path), "threads": torch.get_num_threads(),
               "build_s": round(build_s, 1)}
 
+    if args.panel:
+        result["panel"] = panel_features(model, host, path, args.size, args.rounds)
+        print(json.dumps(result, indent=2, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
+        return
     for mode in ("merge", "bypass"):
         engine = Engine()
         gc.collect()

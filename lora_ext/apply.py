@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import files
+from . import files, regions
 from .cache import LoraCache
 
 MERGE, BYPASS = "merge", "bypass"
@@ -33,6 +33,9 @@ class Request:
     te: float = 1.0
     name: str = ""
     blocks: tuple = ()      # ((block id, factor), ...): per-block weights (blocks.parse), folded into module weights
+    mask: object = None     # masks.Mask: the UNet part only where it is white (bypass hooks, whatever the mode)
+    start: float = 0.0      # the UNet part from this fraction of the sampling steps ...
+    stop: float = 1.0       # ... to this one (Engine.apply's `at`); the text encoder's acts on the whole prompt
 
     def weight_of(self, target) -> float:
         """The weight of one module: the slot's UNet or text-encoder weight times its block's factor."""
@@ -41,6 +44,14 @@ class Request:
             from .blocks import block_of
             weight *= dict(self.blocks).get(block_of(target), 1.0)
         return weight
+
+    @property
+    def scheduled(self) -> bool:
+        return self.start > 0 or self.stop < 1
+
+    def active_at(self, at: float | None) -> bool:
+        """Whether the UNet part acts at fraction `at` of the sampling steps (None: before sampling, = 0)."""
+        return self.start <= (at or 0.0) < self.stop
 
 
 @dataclass
@@ -60,6 +71,8 @@ class _Contribution:
     weight: float
     rows: slice | None
     part: str = "weight"   # or 'bias': full/diff and norm modules change the layer's bias too
+    mask: object = None    # masks.Mask of a UNet contribution: always hooked
+    spatial: bool = True   # its layer's output is over image positions (else regions masks it one level up)
 
     @property
     def signature(self):
@@ -84,6 +97,10 @@ class _ModelState:
         self.merged: dict = {}      # (id(layer), param name) -> _Merged
         self.hooked: dict = {}      # id(layer) -> _Hooked
         self.text_encoder = ()      # what the text encoder's layers are asked to compute
+        self.blends: dict = {}      # id(anchor) -> regions.Blend: masks of layers without image positions
+        self.suppressed: set = set()    # ids of contributions the hooks leave out (while a Blend re-runs)
+        self.latent = None          # (h, w) of the latent the UNet was last called with (masks need it)
+        self.latent_hook = None
 
 
 class Engine:
@@ -98,22 +115,29 @@ class Engine:
 
     # --- public -------------------------------------------------------------------------------------------
 
-    def apply(self, host, requests, mode: str | None = None) -> Report:
+    def apply(self, host, requests, mode: str | None = None, at: float | None = None) -> Report:
+        """Makes the model compute what `requests` ask for at fraction `at` of the sampling steps (None:
+        before sampling); a call that changes nothing writes nothing."""
         started = time.perf_counter()
         mode = mode or self.mode
         report = Report()
-        wanted = self._plan(host, requests, report)
+        wanted = self._plan(host, requests, report, at)
         state = self._states.setdefault(host.model, _ModelState())
         merge_wanted, hook_wanted = {}, {}
         for key, (bound, contributions) in wanted.items():
             # an nn.MultiheadAttention computes with its in_proj and out_proj weights directly, calling no
             # submodule: no hook could see those layers, so they are merged
-            bypassable = mode == BYPASS and bound.target.qkv is None and bound.owner is None
-            (hook_wanted if bypassable else merge_wanted)[key] = (bound, contributions)
-        if mode == BYPASS and len(hook_wanted) < len(wanted):
+            bypassable = bound.target.qkv is None and bound.owner is None
+            hooked = [c for c in contributions if bypassable and (mode == BYPASS or c.mask is not None)]
+            merged = [c for c in contributions if not any(c is h for h in hooked)]
+            if merged:
+                merge_wanted[key] = (bound, merged)
+            if hooked:
+                hook_wanted[key] = (bound, hooked)
+        if mode == BYPASS and any(not (b.target.qkv is None and b.owner is None) for b, _ in wanted.values()):
             report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
         self._sync_merged(host, state, merge_wanted, report)
-        self._sync_hooks(state, hook_wanted)
+        self._sync_hooks(host, state, hook_wanted)
         text_encoder = tuple(sorted((key, tuple(c.signature for c in contributions))
                                     for key, (bound, contributions) in wanted.items() if not bound.target.is_unet))
         if text_encoder != state.text_encoder:
@@ -134,17 +158,19 @@ class Engine:
         state = self._states.pop(model, None)
         self.text_encoder_edits += 1        # its weights, the text encoder's too, are not what they were
         if state is not None:
-            for hooked in state.hooked.values():
+            for hooked in [*state.hooked.values(), *state.blends.values()]:
                 hooked.handle.remove()
+            if state.latent_hook is not None:
+                state.latent_hook.remove()
 
     def active(self, model) -> bool:
         state = self._states.get(model)
-        return bool(state and (state.merged or state.hooked))
+        return bool(state and (state.merged or state.hooked or state.blends))
 
     # --- planning -----------------------------------------------------------------------------------------
 
-    def _plan(self, host, requests, report) -> dict:
-        """{(layer id, param name): (bound, [contributions])} of what the model should compute."""
+    def _plan(self, host, requests, report, at=None) -> dict:
+        """{(layer id, param name): (bound, [contributions])} of what the model should compute at `at`."""
         targets = host.applied_targets()
         wanted: dict = {}
         for req in requests:
@@ -169,12 +195,16 @@ class Engine:
             for module_name, module in lora.modules.items():
                 bound = targets.get(module_name)
                 weight = req.weight_of(bound.target) if bound is not None else 0
+                if bound is not None and bound.target.is_unet and not req.active_at(at):
+                    weight = 0          # outside its steps
                 if weight == 0:         # a block at 0 leaves its layers as they are
                     continue
+                mask = req.mask if bound.target.is_unet else None
                 # full/diff and norm modules change the layer's bias too: a key (and a contribution) of its own
                 for held in (bound, bound.bias()) if module.changes_bias else (bound,):
                     wanted.setdefault((id(held.module), held.param_name), (held, []))[1].append(_Contribution(
-                        (req.path, stamp), module_name, module, float(weight), held.rows, held.part))
+                        (req.path, stamp), module_name, module, float(weight), held.rows, held.part, mask,
+                        regions.spatial(bound.target)))
                 used += 1
             report.applied.append({"name": name, "modules": used})
         return wanted
@@ -237,7 +267,7 @@ class Engine:
 
     # --- bypass mode --------------------------------------------------------------------------------------
 
-    def _sync_hooks(self, state, wanted) -> None:
+    def _sync_hooks(self, host, state, wanted) -> None:
         by_layer = {}           # a layer's weight and bias contributions go to its one hook
         for bound, contributions in wanted.values():
             by_layer.setdefault(id(bound.module), (bound, []))[1].extend(contributions)
@@ -247,9 +277,20 @@ class Engine:
             hooked = state.hooked.get(layer_id)
             if hooked is None:
                 hooked = _Hooked(None, [])
-                hooked.handle = bound.module.register_forward_hook(_bypass_hook(hooked))
+                hooked.handle = bound.module.register_forward_hook(_bypass_hook(hooked, state))
                 state.hooked[layer_id] = hooked
             hooked.contributions[:] = contributions      # the hook reads this list: a weight change is free
+        masked = [(bound.module, c) for bound, cs in by_layer.values() for c in cs if c.mask is not None]
+        if masked or state.blends:
+            regions.sync(state, host.unet, [(layer, c) for layer, c in masked if not c.spatial])
+        if masked and state.latent_hook is None:
+            def note_latent(unet, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                state.latent = tuple(x.shape[-2:])
+            state.latent_hook = host.unet.register_forward_pre_hook(note_latent, with_kwargs=True)
+        elif not masked and state.latent_hook is not None:
+            state.latent_hook.remove()
+            state.latent_hook = None
 
 
 def _fits(module, bound) -> bool:
@@ -262,10 +303,18 @@ def _fast_path(param, contributions) -> bool:
         c.rows is None and c.part == "weight" and c.module.low_rank() is not None for c in contributions)
 
 
-def _bypass_hook(hooked: _Hooked):
+def _bypass_hook(hooked: _Hooked, state: _ModelState):
     def hook(layer, args, output):
         for c in hooked.contributions:
-            output = output + _output_change(layer, args[0], c)
+            if state.suppressed and id(c) in state.suppressed:
+                continue
+            change = _output_change(layer, args[0], c)
+            if c.mask is not None and c.spatial:
+                mask = c.mask.over(output, state.latent)
+                if mask is None:        # not a grid of the latent: a mask cannot say where, so nowhere
+                    continue
+                change = change * mask
+            output = output + change
         return output
     return hook
 

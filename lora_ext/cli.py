@@ -182,6 +182,41 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """The grid of a run's saves x weights x prompts (compare.py), on a checkpoint loaded here."""
+    import time
+
+    from . import compare
+    from .hosts.checkpoint import CheckpointError
+
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x")) if "x" in args.size else (int(args.size),) * 2
+        weights = [float(w) for w in args.weights.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(f"--size {args.size!r} is WxH or one number and --weights a comma list of numbers") from None
+    try:
+        plan = compare.check(compare.Plan(compare.run_saves(args.run_folder, args.name), weights, args.prompt or [],
+                                          args.seed, args.steps, args.cfg_scale, size, args.negative))
+        out = args.out or os.path.join(args.run_folder, time.strftime("compare-%Y%m%d-%H%M%S"))
+        if os.path.exists(out):
+            raise UsageError(f"{out} exists; give a new folder (--out)")
+        name = args.pretrained_model_name_or_path
+        if name and not name.startswith("tiny-") and not os.path.exists(name):
+            raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
+        host = _host_for(name)
+        stop = _StopOnSignal()
+        try:
+            result = compare.compare(plan, out, compare.preview_renderer(host), stop,
+                                     lambda done, total, text: print(f"[{done}/{total}] {text}", file=sys.stderr))
+        finally:
+            stop.restore()
+    except (compare.CompareError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({"folder": result.folder, "pages": result.pages, "images": result.cells,
+                      "cancelled": result.cancelled}, indent=2))
+    return 130 if result.cancelled else 0
+
+
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
@@ -257,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--conv_rank", type=int)
     _output_args(x)
     x.set_defaults(func=cmd_extract)
+    c = sub.add_parser("compare", help="a grid of a run's saved LoRAs x weights x prompts (one image per prompt)")
+    c.add_argument("run_folder", help="the run's output_dir: its NAME.safetensors and NAME-000003.safetensors ...")
+    c.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path",
+                   help="the checkpoint (or diffusers folder) to generate with; tiny-sd1 ... for a test model")
+    c.add_argument("--prompt", action="append", help="a test prompt (one page each); repeat for more")
+    c.add_argument("--weights", default="0.4,0.7,1.0", help="LoRA weights, the rows (default 0.4,0.7,1.0)")
+    c.add_argument("--name", help="the run's output_name, where the folder holds several runs")
+    c.add_argument("--negative", default="", help="negative prompt")
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--cfg_scale", type=float, default=7.0)
+    c.add_argument("--size", default="512", help="WxH or one side (default 512)")
+    c.add_argument("--out", help="a new folder for the grid (default: RUN_FOLDER/compare-<time>)")
+    c.set_defaults(func=cmd_compare)
     b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui); it prints JSON",
                        description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
                        add_help=False)      # so that `bench apply --help` reaches the benchmark

@@ -24,6 +24,19 @@ class PanelRuntime:
         self.library = library
         self.engine = Engine(LoraCache(cache_bytes), mode)
         self.block_presets = block_presets      # a file of the user's block-weight presets (NAME:v1,v2,...)
+        self._masks: dict = {}                  # the text of a slot's mask -> masks.Mask (its resized copies kept)
+        self._live = None                       # (host, requests, mode, UNet parts on) of the generation under way
+
+    def _mask(self, slot):
+        from . import masks
+
+        if not slot.mask:
+            return None
+        if slot.mask not in self._masks:
+            if len(self._masks) >= 32:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[slot.mask] = masks.decode(slot.mask)
+        return self._masks[slot.mask]
 
     def _block_factors(self, slot, arch_name: str) -> tuple:
         """((block, factor), ...) of the slot's block weights; ValueError says what to write."""
@@ -40,7 +53,7 @@ class PanelRuntime:
     def run(self, host, slots: list, mode: str | None = None) -> Outcome:
         """Makes the host's model compute what the active slots ask for (and nothing else)."""
         outcome = Outcome()
-        requests, slot_errors = [], []
+        requests, slot_errors, notes = [], [], []
         for i, slot in enumerate(slots):
             if not slot.active:
                 continue
@@ -51,22 +64,48 @@ class PanelRuntime:
                 continue
             try:
                 factors = self._block_factors(slot, host.arch.name)
+                mask = self._mask(slot)
             except (ValueError, OSError) as e:
                 slot_errors.append(f"slot {i + 1}: skipped: {e}")
                 continue
             unet, te = slot.weights
-            requests.append(Request(path, unet, te, name=slot.model, blocks=factors))
-        report = self.engine.apply(host, requests, mode)
+            if mask is not None and te != 0:
+                notes.append(f"slot {i + 1}: the mask limits the UNet part; the text encoder part acts on the whole "
+                             f"prompt (give it weight 0 to keep this LoRA out of the rest of the image)")
+            requests.append(Request(path, unet, te, name=slot.model, blocks=factors, mask=mask,
+                                    start=slot.start, stop=slot.stop))
+        report = self.engine.apply(host, requests, mode, at=0.0)
+        self._live = (host, requests, mode, tuple(r.active_at(0.0) for r in requests)) \
+            if any(r.scheduled for r in requests) else None
         outcome.report = report
-        outcome.messages = [f"Additional Networks: {m}" for m in slot_errors + report.warnings]
+        outcome.messages = [f"Additional Networks: {m}" for m in slot_errors + report.warnings + notes]
         refused = slot_errors + [w for w in report.warnings if ": skipped: " in w]
         used = {item["name"] for item in report.applied}
         kept = [s if s.active and s.model in used else slotlib.Slot() for s in slots]
-        outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash)
+        outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash,
+                                               self._mask_label)
         if refused:
             # the API's caller sees the generation parameters, not the console
             outcome.infotext["AddNet Warning"] = "; ".join(refused)
         return outcome
+
+    def _mask_label(self, slot) -> str:
+        mask = self._masks.get(slot.mask)
+        return mask.label if mask is not None else ""
+
+    def step(self, host, index: int, total: int):
+        """Sampling reached step `index` of `total`: slots with a step range switch their UNet part on or off
+        here (bypass: hook lists swapped; merge: the weights they touch rewritten once). None if nothing
+        changed. A second sampling pass (hires fix) follows the same schedule over its own steps."""
+        if self._live is None or self._live[0].model is not host.model or total <= 0:
+            return None
+        _, requests, mode, on = self._live
+        at = min(max(index / total, 0.0), 1.0)
+        now = tuple(r.active_at(at) for r in requests)
+        if now == on:
+            return None
+        self._live = (host, requests, mode, now)
+        return self.engine.apply(host, requests, mode, at=at)
 
     @property
     def text_encoder_edits(self) -> int:
@@ -85,6 +124,7 @@ class PanelRuntime:
                 outcome.messages.append(str(e))
         if outcome.messages:
             return outcome
+        self._live = None
         self.engine.restore(host)
         outcome.report = self.engine.apply(host, requests, "merge")
         self.engine.forget(host.model)
@@ -92,9 +132,11 @@ class PanelRuntime:
         return outcome
 
     def restore(self, host) -> None:
+        self._live = None
         self.engine.restore(host)
 
     def forget(self, model) -> None:
+        self._live = None
         self.engine.forget(model)
 
     def info_line(self, name: str) -> str:

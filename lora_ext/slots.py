@@ -4,7 +4,9 @@ arguments, the X/Y/Z axes and the infotext.
 Infotext uses the additional-networks extension's field names, so images made with it paste into ours:
 `AddNet Enabled`, `AddNet Module N` (LoRA), `AddNet Model N` (`name(hash)`), `AddNet Weight A N` (UNet),
 `AddNet Weight B N` (text encoder); its older single `AddNet Weight N` is read too. Ours adds
-`AddNet Block Weights N` (a preset name or the per-block factors) where a slot has them.
+`AddNet Block Weights N` (a preset name or the per-block factors), `AddNet Start N` / `AddNet Stop N` (the
+UNet part's share of the sampling steps) and `AddNet Mask N` (the mask's size and a digest of its pixels: a
+record, the image itself does not fit in the infotext and is not pasted back) where a slot has them.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ class Slot:
     unet: float = 1.0
     te: float = 1.0
     block_weights: str = ""     # a preset name or a comma list of per-block factors (blocks.parse); '' = none
+    mask: str = ""              # a mask image as base64 / a data URL (masks.decode); '' = the whole image
+    start: float = 0.0          # the UNet part acts from this fraction of the sampling steps ...
+    stop: float = 1.0           # ... up to this one
 
     @property
     def weights(self) -> tuple[float, float]:
@@ -62,7 +67,22 @@ class Slot:
         slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f"slot {f}") for f in ("weight", "unet", "te"))
         slot.model = str(slot.model or NONE)
         slot.block_weights = str(slot.block_weights or "").strip()
+        slot.mask = str(slot.mask or "").strip()
+        slot.start, slot.stop = _steps(slot.start, slot.stop)
         return slot
+
+
+def _steps(start, stop) -> tuple[float, float]:
+    """(start, stop) as fractions of the sampling steps; ValueError says what to write."""
+    values = []
+    for what, value in (("start", start), ("stop", stop)):
+        x = weight_value(value, f"slot {what}")
+        if not 0 <= x <= 1:
+            raise ValueError(f"slot {what} {value!r} is a fraction of the sampling steps: from 0 to 1")
+        values.append(x)
+    if values[0] >= values[1]:
+        raise ValueError(f"slot start {values[0]:g} must be below its stop {values[1]:g} (0.4 and 1 = the last 60 % of the steps)")
+    return values[0], values[1]
 
 
 def with_overrides(slots: list, overrides: dict) -> list:
@@ -78,13 +98,27 @@ def with_overrides(slots: list, overrides: dict) -> list:
     return out
 
 
+def from_args(args, overrides: dict) -> tuple[list, list]:
+    """(slots, problems) from a script's arguments with the X/Y/Z overrides on them: a slot whose arguments
+    are wrong stays empty and is said ('slot 2: ...'), the others still act."""
+    slots, problems = [], []
+    for i, value in enumerate(args):
+        try:
+            slots += with_overrides([Slot.from_any(value)], {0: overrides[i]} if i in overrides else {})
+        except ValueError as e:
+            slots.append(Slot())
+            problems.append(f"slot {i + 1}: {e}")
+    return slots, problems
+
+
 def display_name(model: str) -> str:
     """The name written into infotext: the path without its extension (as the old extension wrote it)."""
     return model.rsplit(".", 1)[0] if "." in model.rsplit("/", 1)[-1] else model
 
 
-def to_infotext(slots: list, short_hash) -> dict:
-    """AddNet fields for the active slots, numbered by slot. `short_hash(model)` gives 12 hex or None."""
+def to_infotext(slots: list, short_hash, mask_label=lambda slot: "") -> dict:
+    """AddNet fields for the active slots, numbered by slot. `short_hash(model)` gives 12 hex or None,
+    `mask_label(slot)` what to write of a slot's mask."""
     params = {}
     for i, slot in enumerate(slots, 1):
         if not slot.active:
@@ -97,6 +131,10 @@ def to_infotext(slots: list, short_hash) -> dict:
         params[f"AddNet Weight B {i}"] = _fmt(te)
         if slot.block_weights:
             params[f"AddNet Block Weights {i}"] = slot.block_weights
+        if slot.start > 0 or slot.stop < 1:
+            params[f"AddNet Start {i}"], params[f"AddNet Stop {i}"] = _fmt(slot.start), _fmt(slot.stop)
+        if slot.mask:
+            params[f"AddNet Mask {i}"] = mask_label(slot) or "yes"
     if params:
         params = {"AddNet Enabled": "True", **params}
     return params
@@ -121,10 +159,11 @@ def from_infotext(params: dict, count: int, find) -> list:
         try:
             unet = weight_value(params.get(f"AddNet Weight A {i}", legacy), "weight")
             te = weight_value(params.get(f"AddNet Weight B {i}", legacy), "weight")
+            start, stop = _steps(params.get(f"AddNet Start {i}", 0), params.get(f"AddNet Stop {i}", 1))
         except ValueError:          # pasted text someone edited: the slot stays empty rather than guess
             slots.append(Slot())
             continue
         blocks = str(params.get(f"AddNet Block Weights {i}", "")).strip().strip('"')
         slots.append(Slot(enabled=model != NONE, model=model, weight=unet, separate=unet != te, unet=unet, te=te,
-                          block_weights=blocks))
+                          block_weights=blocks, start=start, stop=stop))
     return slots

@@ -63,13 +63,15 @@ class Runtime:
         return cls._host
 
 
+def give_back(host):
+    """The panel's LoRAs out of the model's weights (before training or a comparison uses it)."""
+    if Runtime._instance is not None:
+        Runtime._instance.restore(host)
+
+
 def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
     """Training on the loaded model (the tab and the API call this): the panel's LoRAs are given back first."""
     from lora_ext.glue.webui_job import train_as_webui_job
-
-    def give_back(host):
-        if Runtime._instance is not None:
-            Runtime._instance.restore(host)
 
     if not cfg.state_dir:
         # resumable states stay out of models/Lora: its lists (ours, the built-in's cards) would offer them
@@ -160,6 +162,11 @@ def bake(items):
         return Outcome(messages=[str(e)])
 
 
+def compare_folder():
+    from modules import paths
+    return os.path.join(paths.data_path, "outputs", "lora_ext_compare")
+
+
 def tab_context():
     from lora_ext.ui.tab import TabContext
     from lora_ext.ui.training_session import TrainingSession
@@ -169,7 +176,8 @@ def tab_context():
                       lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
                       model_label_fn=model_label, lock=model_if_free, checkpoints_fn=checkpoint_names,
                       switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
-                      bake_fn=bake, progress_js="loraExtTrain")
+                      bake_fn=bake, progress_js="loraExtTrain", release_fn=give_back,
+                      compare_folder_fn=compare_folder)
 
 
 def info_line(name):
@@ -201,6 +209,18 @@ def on_script_unloaded():
         Runtime._instance.restore(Runtime.host(shared.sd_model))
 
 
+def on_cfg_denoiser(params):
+    """Before each model evaluation: slots with a step range switch their UNet part on or off. The step is
+    the denoiser's count of evaluations of its total, as the webui's own prompt editing counts them."""
+    if Runtime._instance is None or shared.sd_model is None:
+        return
+    denoiser = getattr(params, "denoiser", None)
+    step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+    if not isinstance(step, int) or not total:
+        step, total = params.sampling_step, params.total_sampling_steps
+    Runtime._instance.step(Runtime.host(shared.sd_model), step, total)
+
+
 def on_app_started(demo, app):
     from lora_ext.api import add_routes
     add_routes(app, LIBRARY, info_line)
@@ -228,6 +248,8 @@ def on_before_ui():
             xyz.AxisOption(f"[AddNet] UNet Weight {n}", float, setter(i, "unet", {"separate": True})),
             xyz.AxisOption(f"[AddNet] TEnc Weight {n}", float, setter(i, "te", {"separate": True})),
             xyz.AxisOption(f"[AddNet] Block Weights {n}", str, setter(i, "block_weights", {})),
+            xyz.AxisOption(f"[AddNet] Start {n}", float, setter(i, "start", {})),
+            xyz.AxisOption(f"[AddNet] Stop {n}", float, setter(i, "stop", {})),
         ]
 
 
@@ -235,6 +257,7 @@ script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_script_unloaded(on_script_unloaded)
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
 script_callbacks.on_before_ui(on_before_ui)
 script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(tab_context()), "LoRA", "lora_ext")])
 
@@ -263,15 +286,7 @@ class AdditionalNetworks(scripts.Script):
         return ui.states
 
     def process(self, p, *slot_args):
-        try:
-            slots = [slotlib.Slot.from_any(a) for a in slot_args]
-        except ValueError as e:
-            message = f"Additional Networks: {e}"
-            print(message)
-            p.comments[message] = 1
-            p.extra_generation_params["AddNet Warning"] = str(e)
-            return
-        slots = slotlib.with_overrides(slots, getattr(p, "lora_ext_overrides", {}))
+        slots, problems = slotlib.from_args(slot_args, getattr(p, "lora_ext_overrides", {}))
         runtime = Runtime.get()
         outcome = runtime.run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
         if runtime.text_encoder_edits != Runtime.edits_seen:
@@ -279,6 +294,9 @@ class AdditionalNetworks(scripts.Script):
             forget_conditioning(p)
             Runtime.edits_seen = runtime.text_encoder_edits
         p.extra_generation_params.update(outcome.infotext)
-        for message in outcome.messages:
+        if problems:
+            said = outcome.infotext.get("AddNet Warning")
+            p.extra_generation_params["AddNet Warning"] = "; ".join(problems + ([said] if said else []))
+        for message in [f"Additional Networks: {m}" for m in problems] + outcome.messages:
             print(message)
             p.comments[message] = 1

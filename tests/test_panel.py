@@ -60,8 +60,8 @@ def _generate(webui, slots=None, script_args=None, **kw):
     from modules import processing
 
     runner = webui["runner"]
-    p = processing.StableDiffusionProcessingTxt2Img(sd_model=webui["model"], prompt="a cat", seed=5, steps=3,
-                                                    width=64, height=64, **kw)
+    p = processing.StableDiffusionProcessingTxt2Img(**{**dict(sd_model=webui["model"], prompt="a cat", seed=5, steps=3,
+                                                              width=64, height=64), **kw})
     p.scripts = runner
     args = script_args or runner.default_args()
     if slots is not None:
@@ -303,3 +303,57 @@ def test_ticking_separate_keeps_pasted_parts():
     assert (unet["value"], te["value"]) == (0.7, 0.7) and weight["visible"] is False
     weight, unet, te = _parts_shown(False, 0.7, 0.2, 0.3)
     assert weight["visible"] and not unet["visible"] and (unet["value"], te["value"]) == (0.2, 0.3)
+
+
+def _png_text(array) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_masks_and_step_ranges_through_the_api_the_sampler_callback_and_xyz(webui):
+    """API slots with base64 masks and step ranges: black = no LoRA, two LoRAs in two halves differ from
+    either alone, a step range switches at its boundary through the webui's CFG denoiser callback (the
+    schedule is in the image), X/Y/Z's Start axis, a bad mask skips its slot with a message."""
+    from modules import scripts
+
+    runner = webui["runner"]
+    left = np.zeros((64, 64))
+    left[:, :32] = 255
+
+    def api(*slots):
+        return runner.args_for_api({"additional networks": {"args": list(slots)}})
+    _, plain = _generate(webui)
+    _, black = _generate(webui, script_args=api({"enabled": True, "model": "a.safetensors", "te_weight": 0, "mask": _png_text(left * 0)}))
+    assert np.array_equal(_pixels(black), _pixels(plain))
+    p, two = _generate(webui, script_args=api(
+        {"enabled": True, "model": "a.safetensors", "te_weight": 0, "mask": _png_text(left)},
+        {"enabled": True, "model": "sub/b.safetensors", "te_weight": 0, "mask": _png_text(255 - left)}))
+    assert p.extra_generation_params["AddNet Mask 1"].startswith("64x64 #")
+    assert p.extra_generation_params["AddNet Mask 1"] != p.extra_generation_params["AddNet Mask 2"]
+    _, only_a = _generate(webui, [Slot(True, "a.safetensors", separate=True, te=0)])
+    assert np.abs(_pixels(two) - _pixels(plain)).max() > 2 and np.abs(_pixels(two) - _pixels(only_a)).max() > 2
+    steps = dict(steps=4)
+    _, late = _generate(webui, script_args=api({"enabled": True, "model": "a.safetensors", "te_weight": 0, "start": 0.5}), **steps)
+    _, whole = _generate(webui, [Slot(True, "a.safetensors", separate=True, te=0)], **steps)
+    _, none = _generate(webui, **steps)
+    assert not np.array_equal(_pixels(late), _pixels(none)) and not np.array_equal(_pixels(late), _pixels(whole))
+    xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
+    axes = {a.label: a for a in xyz.axis_options}
+    from modules import processing
+    q = processing.StableDiffusionProcessingTxt2Img(sd_model=webui["model"], prompt="a cat", seed=5, steps=4, width=64, height=64)
+    q.scripts, q.script_args = runner, api({"enabled": True, "model": "a.safetensors", "te_weight": 0})
+    axes["[AddNet] Start 1"].apply(q, 0.5, None)
+    assert np.array_equal(_pixels(processing.process_images(q)), _pixels(late))
+    assert q.extra_generation_params["AddNet Start 1"] == "0.5"
+    p, _ = _generate(webui, script_args=api({"enabled": True, "model": "a.safetensors", "mask": "bm90"},
+                                            {"enabled": True, "model": "sub/b.safetensors", "start": 0.9, "stop": 0.1}))
+    warning = p.extra_generation_params["AddNet Warning"]
+    assert "slot 2: slot start 0.9 must be below its stop 0.1" in warning and "slot 1: skipped: the mask is not" in warning
+    _generate(webui)
+    assert _bit_exact(webui)

@@ -98,6 +98,8 @@ def test_a_normal_run_leaves_the_model_as_it_was(data, tmp_path, arch):
     assert any(not torch.equal(m.parts["lora_up.weight"], torch.zeros_like(m.parts["lora_up.weight"]))
                for m in lora.modules.values())
     assert lora.metadata["ss_network_dim"] == "4" and lora.metadata["ss_steps"] == "6"
+    # the loss the comparison grid shows beside this save: the average of the last 50 step losses
+    assert float(lora.metadata["lora_ext_avg_loss"]) == pytest.approx(sum(result.losses) / len(result.losses), rel=1e-4)
 
 
 def test_an_exception_at_step_k_leaves_the_model_as_it_was(data, tmp_path):

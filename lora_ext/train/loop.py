@@ -274,7 +274,8 @@ class _Loop:
             self._snapshot(_numbered(self.out_path, f"step{step:06d}"))
 
     def save(self, path: str) -> str:
-        return save_lora(self.r, self.step, self.epoch, path)
+        recent = self.losses[-50:]
+        return save_lora(self.r, self.step, self.epoch, path, sum(recent) / len(recent) if recent else None)
 
     def save_state(self, resume_at: tuple) -> str:
         return _save_state(self.r.cfg, self.r.network, self.r.optimizer, self.step, *resume_at, self.losses)

@@ -14,8 +14,12 @@ from .config import TrainConfig
 from .events import Event
 
 
-def save_lora(run, step: int, epoch: int, path: str) -> str:
+def save_lora(run, step: int, epoch: int, path: str, avg_loss: float | None = None) -> str:
+    """`avg_loss`: the average of the last 50 step losses, kept as lora_ext_avg_loss (what the comparison
+    grid shows beside each save; kohya's tools ignore keys that are not theirs)."""
     meta = {**metadata(run.host, run.cfg, run.report, step, epoch), **modelspec(run)}
+    if avg_loss is not None:
+        meta["lora_ext_avg_loss"] = f"{avg_loss:.6g}"
     stored = run.network.stored(optim.save_dtype(run.cfg.save_precision))
     files.write_kohya(path, files.kohya_tensors(stored), meta, overwrite=True)
     run.emit(Event("save", step, paths=[path]))

@@ -68,7 +68,8 @@ def make_app(folder: str, arch: str = "sd1"):
 
     ctx = TabContext(lambda: loras, lambda: ckpts, lib, TrainingSession(lambda cfg, ev, stop: train(host, cfg, ev, stop)),
                      lambda: host, presets, model_label_fn=model.label, lock=lambda: model.lock,
-                     checkpoints_fn=lambda: list_checkpoints(ckpts), switch_fn=model.switch, bake_fn=bake)
+                     checkpoints_fn=lambda: list_checkpoints(ckpts), switch_fn=model.switch, bake_fn=bake,
+                     release_fn=runtime.restore)
     css_path = os.path.join(os.path.dirname(__file__), "..", "..", "style.css")
     css = open(css_path, encoding="utf-8").read() if os.path.isfile(css_path) else None
     return build_tab(ctx, css), ctx

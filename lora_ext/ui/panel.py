@@ -34,6 +34,16 @@ def _slots_reader(count: int, find):
     return slot_of
 
 
+def _slot_dict(*values) -> dict:
+    """The slot's state from its controls (in Slot's field order); the mask upload is handed on as a PNG data
+    URL, the form API callers send it in."""
+    from .. import masks
+
+    slot = slotlib.Slot(*values)
+    slot.mask = masks.encode(slot.mask) if slot.mask is not None and not isinstance(slot.mask, str) else (slot.mask or "")
+    return slot.to_dict()
+
+
 def _parts_shown(separate: bool, weight: float, unet: float, te: float):
     """Separate ticked or unticked: show the part sliders or the linked one. Ticked by hand (both parts still
     alike), the parts start at the linked weight; ticked by a paste (parts that differ), they keep theirs."""
@@ -66,12 +76,20 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
                 block_weights = gr.Textbox(label="Block weights", value="", lines=1, elem_id=f"{eid}_blocks",
                                            placeholder="a preset (ALL, INS, MIDD, OUTALL ...) or factors per "
                                                        "block: 17 / 26 values (SDXL 12 / 20)")
+                with gr.Accordion("Mask and steps", open=False, elem_id=f"{eid}_region"):
+                    mask = gr.Image(label="Mask: the UNet part paints where it is white (empty = everywhere)",
+                                    type="pil", image_mode="RGBA", source="upload", elem_id=f"{eid}_mask")
+                    with gr.Row():
+                        start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of the steps)",
+                                          elem_id=f"{eid}_start")
+                        stop = gr.Slider(0, 1, value=1.0, step=0.05, label="Stop (share of the steps)",
+                                         elem_id=f"{eid}_stop")
                 info = gr.Markdown(elem_id=f"{eid}_info")
                 module = gr.Textbox(value="LoRA", visible=False, elem_id=f"{eid}_module")
                 state = gr.State(slotlib.Slot().to_dict())
-            controls = [enabled, model, weight, separate, unet, te, block_weights]     # Slot's field order
+            controls = [enabled, model, weight, separate, unet, te, block_weights, mask, start, stop]  # Slot's fields
             for c in controls:
-                c.change(lambda *v: slotlib.Slot(*v).to_dict(), inputs=controls, outputs=[state], show_progress=False)
+                c.change(_slot_dict, inputs=controls, outputs=[state], show_progress=False)
             separate.change(_parts_shown, inputs=[separate, weight, unet, te], outputs=[weight, unet, te],
                             show_progress=False)
             model.change(info_fn, inputs=[model], outputs=[info], show_progress=False)
@@ -87,8 +105,11 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
                 (unet, f"AddNet Weight A {n}"),
                 (te, f"AddNet Weight B {n}"),
                 (block_weights, lambda d, i=i: slot_of(d, i).block_weights),
+                (start, lambda d, i=i: slot_of(d, i).start),
+                (stop, lambda d, i=i: slot_of(d, i).stop),
             ]
             ui.paste_field_names += [f"AddNet Module {n}", f"AddNet Model {n}", f"AddNet Weight A {n}",
-                                     f"AddNet Weight B {n}", f"AddNet Block Weights {n}"]
+                                     f"AddNet Weight B {n}", f"AddNet Block Weights {n}", f"AddNet Start {n}",
+                                     f"AddNet Stop {n}"]
         refresh.click(lambda: [gr.update(choices=choices())] * count, outputs=ui.dropdowns, show_progress=False)
     return ui

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from . import concepts_tab, inspect_tab, merge_tab, train_tab
+from . import compare_tab, concepts_tab, inspect_tab, merge_tab, train_tab
 
 
 @dataclass
@@ -27,6 +27,8 @@ class TabContext:
     interrogators: dict = field(default_factory=dict)   # name -> (PIL image) -> caption
     bake_fn: object = None              # ([(lora name, unet ratio, te ratio)]) -> Outcome (in-memory merge)
     progress_js: str | None = None      # JS function giving the Train click a task id for the host's progress bar
+    compare_folder_fn: object = None    # () -> where comparison grids go (default: <LoRA folder>/compare)
+    release_fn: object = None           # (host) -> None: the panel's LoRAs given back before the tab uses the model
 
 
 def _unless_none(value):
@@ -44,6 +46,11 @@ def build_tab(ctx: TabContext, css: str | None = None) -> gr.Blocks:
                 block.load(lambda: train_tab.progress(ctx.session), outputs=polled, every=2, show_progress="hidden")
                 with gr.Tab("Concepts", elem_id="lora_ext_tab_concepts"):
                     concepts_tab.build(ctx.interrogators, form_fields)
+            if ctx.host_fn is not None:
+                with gr.Tab("Compare", elem_id="lora_ext_tab_compare"):
+                    compare_message, compare_job = compare_tab.build(ctx)
+                block.load(lambda: _unless_none(compare_job.poll()), outputs=[compare_message], every=2,
+                           show_progress="hidden")
             if ctx.ckpt_folder_fn is not None:
                 with gr.Tab("Merge", elem_id="lora_ext_tab_merge"):
                     merge_message, merge_job = merge_tab.build(ctx)

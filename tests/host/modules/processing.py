@@ -44,6 +44,12 @@ class Processed:
         self.extra_generation_params = p.extra_generation_params
 
 
+class _Denoiser:
+    """The webui's CFGDenoiser counts model evaluations (`step`) of `total_steps` (prompt editing reads them)."""
+    def __init__(self, total_steps):
+        self.step, self.total_steps = 0, total_steps
+
+
 def process_images(p):
     """A generation as the webui runs it, around a tiny deterministic sampler: script hooks, sampling with
     the loaded model's UNet on its text conditioning, VAE decode, infotext."""
@@ -51,7 +57,7 @@ def process_images(p):
     import torch
     from PIL import Image
 
-    from modules import infotext_utils, shared
+    from modules import infotext_utils, script_callbacks, shared
 
     model = p.sd_model or shared.sd_model
     if p.scripts is not None:
@@ -64,8 +70,13 @@ def process_images(p):
         unet_args = dict(context=cond["crossattn"], y=cond["vector"]) if isinstance(cond, dict) else dict(context=cond)
         g = torch.Generator().manual_seed(int(p.seed))
         latent = torch.randn(1, 4, p.height // 8, p.width // 8, generator=g)
-        for t in torch.linspace(900, 100, p.steps).long():
+        denoiser = _Denoiser(p.steps)
+        for i, t in enumerate(torch.linspace(900, 100, p.steps).long()):
+            shared.state.sampling_step, shared.state.sampling_steps = i, p.steps
+            script_callbacks.cfg_denoiser_callback(script_callbacks.CFGDenoiserParams(
+                latent, None, t, i, p.steps, cond, None, denoiser))
             eps = model.model.diffusion_model(latent, t[None], **unet_args)
+            denoiser.step += 1
             latent = latent - eps / p.steps
         image = model.first_stage_model.decode(latent)[0]
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()

@@ -40,6 +40,27 @@ def on_before_ui(callback, *, name=None):
     _add("callbacks_before_ui", callback)
 
 
+class CFGDenoiserParams:
+    """What the webui's CFG denoiser hands its callbacks before each model evaluation."""
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        self.x, self.image_cond, self.sigma = x, image_cond, sigma
+        self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
+        self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
+
+
+def on_cfg_denoiser(callback, *, name=None):
+    _add("callbacks_cfg_denoiser", callback)
+
+
+def cfg_denoiser_callback(params):
+    # the webui reports a callback's exception and goes on sampling
+    for c in callback_map["callbacks_cfg_denoiser"]:
+        try:
+            c(params)
+        except Exception as e:
+            print(f"Error executing callback cfg_denoiser_callback for {c}: {e}")
+
+
 def app_started_callback(demo, app):
     for c in callback_map["callbacks_app_started"]:
         c(demo, app)
