@@ -178,7 +178,8 @@ def panel_features(model, host, path: str, size: int, rounds: int) -> dict:
     (per-step cost in bypass, whatever the mode, against the same slots unmasked in bypass and against no
     LoRA), and a step range's boundary (merge: one re-merge; bypass: a list swap), each against the plain
     slot's figure measured in the same run."""
-    from lora_ext import blocks, masks
+    from lora_ext import blocks
+    from lora_ext.panel import masks
 
     engine = Engine()
     engine.apply(host, [Request(path)])         # the file read once (cached): the timings below are the engine's

@@ -35,8 +35,10 @@ def _status(field: str) -> int:
 def child(job: str, a: str, b: str, out: str) -> None:
     import torch  # noqa: F401  (the start-up cost every process pays, measured before the job)
 
-    from lora_ext import files, lowrank
-    from lora_ext.merge import Item, extract, merge_checkpoint
+    from lora_ext import files
+    from lora_ext.tools import lowrank
+    from lora_ext.merge import Item, merge_checkpoint
+    from lora_ext.tools.extract import extract
 
     start_rss = _status("VmHWM")
     t = time.perf_counter()

@@ -13,7 +13,7 @@ class UsageError(Exception):
 
 
 def cmd_inspect(args) -> int:
-    from .describe import describe
+    from .tools.describe import describe
 
     arch = _arch_of(args.model) if args.model else None
     report = describe(args.file, arch)
@@ -138,7 +138,7 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .lora_tools import parse_lora_arg
+    from .tools.lora_tools import parse_lora_arg
     from .merge import Item, MergeError, merge_checkpoint
 
     items = [Item(*parse_lora_arg(s)) for s in args.lora]
@@ -152,7 +152,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_resize(args) -> int:
-    from .lora_tools import resize_file
+    from .tools.lora_tools import resize_file
 
     if (args.rank is None) == (args.energy is None):
         raise UsageError("give --rank R or --energy F (0 < F <= 1)")
@@ -164,7 +164,7 @@ def cmd_resize(args) -> int:
 
 
 def cmd_merge_loras(args) -> int:
-    from .lora_tools import merge_lora_files, parse_lora_arg
+    from .tools.lora_tools import merge_lora_files, parse_lora_arg
 
     items = [parse_lora_arg(text)[:2] for text in args.lora]
     report = merge_lora_files(items, args.out, args.rank, args.precision, args.overwrite)
@@ -174,7 +174,7 @@ def cmd_merge_loras(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .lora_tools import extract_file
+    from .tools.lora_tools import extract_file
 
     report = extract_file(args.base, args.tuned, args.out, args.rank, args.conv_rank, args.precision, args.overwrite)
     report.pop("per_module")
@@ -186,7 +186,7 @@ def cmd_compare(args) -> int:
     """The grid of a run's saves x weights x prompts (compare.py), on a checkpoint loaded here."""
     import time
 
-    from . import compare
+    from .tools import compare
     from .hosts.checkpoint import CheckpointError
 
     try:

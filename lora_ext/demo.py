@@ -109,7 +109,7 @@ AMPLIFY = 8
 
 
 def run_demo(out: str) -> int:
-    from .describe import describe
+    from .tools.describe import describe
     from .hosts.webui import WebuiHost
     from .testing import sample_data, tiny
     from .train.config import TrainConfig

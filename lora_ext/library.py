@@ -117,7 +117,7 @@ class LoraLibrary:
     def find(self, label: str, short_hash: str | None = None) -> str | None:
         """The name for an infotext label (a path without extension, or a bare file name) and hash: the name
         first, then a file of another name with that hash."""
-        from .slots import display_name     # how infotext labels are written
+        from .panel.slots import display_name     # how infotext labels are written
 
         index = self._index()               # one walk of the folders for the whole search
         names = sorted(index, key=str.lower)

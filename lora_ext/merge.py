@@ -31,7 +31,7 @@ class Item:
     te: float = 1.0
 
 
-class _Base:
+class CheckpointReader:
     """The base checkpoint, tensor by tensor, in file order."""
 
     def __init__(self, path: str):
@@ -101,7 +101,7 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
     if base_yaml and os.path.exists(out_yaml) and not overwrite:
         raise MergeError(f"{out_yaml} exists (the merged checkpoint's config would go there); choose another "
                          "name or allow overwriting")
-    base = _Base(base_path)
+    base = CheckpointReader(base_path)
     try:
         arch = naming.arch_from_state_dict(base.shapes)
     except (KeyError, StopIteration, IndexError):
@@ -188,31 +188,3 @@ def _plan(base, arch, items):
         record.append({"file": os.path.basename(item.path), "unet": item.unet, "te": item.te, "modules": used,
                        "sshs_model_hash": lora.metadata.get("sshs_model_hash")})
     return plan, record
-
-
-def extract(base_path: str, tuned_path: str, rank: int, conv_rank: int | None = None, min_change: float = 1e-7):
-    """A LoRA approximating tuned - base, module by module (one pair of tensors in memory at a time): randomized
-    SVD to `rank` (`conv_rank` for 3x3 convs; without it, those are left out). Layers that did not change are
-    left out. Returns ({kohya name: StoredModule}, {name: kept energy}, arch)."""
-    from .lowrank import _as_stored, truncate
-
-    base, tuned = _Base(base_path), _Base(tuned_path)
-    arch = naming.arch_from_state_dict(base.shapes)
-    if naming.arch_from_state_dict(tuned.shapes) != arch:
-        raise MergeError(f"{tuned_path} and {base_path} are not the same architecture and size")
-    modules, kept = {}, {}
-    for t in naming.targets(arch):
-        if t.kind == naming.CONV and not conv_rank:
-            continue
-        key = t.checkpoint_key
-        delta = tuned.get(key).float() - base.get(key).float()
-        if t.qkv is not None:
-            n = delta.shape[0] // 3
-            delta = delta[t.qkv * n:(t.qkv + 1) * n]
-        scale = float(base.get(key).float().abs().mean()) or 1.0
-        if float(delta.abs().max()) <= min_change * scale:
-            continue
-        kernel = tuple(delta.shape[1:]) if delta.ndim == 4 else None
-        f = truncate(delta.reshape(delta.shape[0], -1), conv_rank if t.kind == naming.CONV else rank)
-        modules[t.kohya], kept[t.kohya] = _as_stored(f, None, kernel), f.energy
-    return modules, kept, arch

@@ -22,9 +22,9 @@ def spatial(target) -> bool:
     return target.is_unet and not any(part in target.webui for part in _NOT_SPATIAL)
 
 
-def anchor_of(layer, unet) -> torch.nn.Module:
-    """The nearest module above `layer` (inside `unet`) whose output is over image positions."""
-    parents = {id(child): parent for parent in unet.modules() for child in parent.children()}
+def anchor_of(layer, unet, parents: dict) -> torch.nn.Module:
+    """The nearest module above `layer` (inside `unet`; `parents`: id(child) -> parent) whose output is over
+    image positions."""
     module = layer
     while id(module) in parents:
         module = parents[id(module)]
@@ -71,8 +71,9 @@ def sync(state, unet, masked: list) -> None:
     """Anchors and their hooks for `masked`, the (layer, contribution) pairs of masked changes on layers that
     are not spatial; anchors no longer needed lose their hook."""
     wanted: dict = {}
+    parents = {id(child): parent for parent in unet.modules() for child in parent.children()} if masked else {}
     for layer, c in masked:
-        anchor = anchor_of(layer, unet)
+        anchor = anchor_of(layer, unet, parents)
         groups = wanted.setdefault(id(anchor), (anchor, {}))[1]
         groups.setdefault(id(c.mask), (c.mask, []))[1].append(c)
     for key in [k for k in state.blends if k not in wanted]:

@@ -7,9 +7,10 @@ import sys
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-from lora_ext import slots as slotlib
+from lora_ext.panel import slots as slotlib
 from lora_ext.library import LoraLibrary
-from lora_ext.ui import panel, tab
+from lora_ext.panel import ui as panel
+from lora_ext.ui import tab
 
 SECTION = ("lora_ext", "LoRA (lora_ext)")
 DEFAULTS = {"lora_ext_slots": 5, "lora_ext_extra_dirs": "", "lora_ext_cache_mb": 1024, "lora_ext_mode": "merge"}
@@ -50,7 +51,7 @@ class Runtime:
     @classmethod
     def get(cls):
         if cls._instance is None:
-            from lora_ext.panel_runtime import PanelRuntime
+            from lora_ext.panel.runtime import PanelRuntime
             presets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "block_presets.txt")
             cls._instance = PanelRuntime(LIBRARY, int(opt("lora_ext_cache_mb")) << 20, block_presets=presets)
         return cls._instance
@@ -154,7 +155,7 @@ def model_if_free():
 
 
 def bake(items):
-    from lora_ext.panel_runtime import Outcome
+    from lora_ext.panel.runtime import Outcome
     try:
         with model_if_free():
             return Runtime.get().bake(Runtime.host(shared.sd_model), items)
@@ -167,6 +168,40 @@ def compare_folder():
     return os.path.join(paths.data_path, "outputs", "lora_ext_compare")
 
 
+def compare_renderer():
+    """The comparison's cells made by the webui's own txt2img (its sampler, its scripts, its infotext), the
+    LoRA carried by our panel's first slot; the panel gives the weights back at the end."""
+    from modules import processing
+    from modules import scripts as webui_scripts
+
+    runner = webui_scripts.scripts_txt2img
+    ours = next(s for s in runner.alwayson_scripts if isinstance(s, AdditionalNetworks))
+    defaults = [None] * max(s.args_to for s in runner.scripts)
+    for script in runner.scripts:
+        components = runner.inputs[script.args_from:script.args_to]
+        defaults[script.args_from:script.args_to] = [getattr(c, "value", None) for c in components]
+    folder = os.path.abspath(lora_folders()[0])
+
+    def render(plan, save, weight, prompt):
+        args = list(defaults)
+        args[ours.args_from:ours.args_to] = [None] * (ours.args_to - ours.args_from)
+        name = os.path.relpath(os.path.abspath(save.path), folder).replace(os.sep, "/")
+        args[ours.args_from] = {"enabled": True, "model": name, "weight": weight}
+        width, height = plan.size
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, negative_prompt=plan.negative, seed=plan.seed, steps=plan.steps,
+            cfg_scale=plan.cfg_scale, width=width, height=height, sampler_name="Euler", do_not_save_samples=True,
+            do_not_save_grid=True)
+        p.is_api = True         # the webui's own seed / sampler scripts would set those from their UI defaults
+        p.scripts, p.script_args = runner, args
+        processed = processing.process_images(p)
+        image = processed.images[0]
+        image.info["parameters"] = processed.infotexts[0]
+        return image
+    render.close = lambda: give_back(Runtime.host(shared.sd_model))
+    return render
+
+
 def tab_context():
     from lora_ext.ui.tab import TabContext
     from lora_ext.ui.training_session import TrainingSession
@@ -177,7 +212,7 @@ def tab_context():
                       model_label_fn=model_label, lock=model_if_free, checkpoints_fn=checkpoint_names,
                       switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
                       bake_fn=bake, progress_js="loraExtTrain", release_fn=give_back,
-                      compare_folder_fn=compare_folder)
+                      compare_folder_fn=compare_folder, compare_renderer_fn=compare_renderer)
 
 
 def info_line(name):
@@ -222,7 +257,7 @@ def on_cfg_denoiser(params):
 
 
 def on_app_started(demo, app):
-    from lora_ext.api import add_routes
+    from lora_ext.panel.api import add_routes
     add_routes(app, LIBRARY, info_line)
 
 

@@ -121,8 +121,8 @@ def test_bias_and_norm_changes_that_fit_no_layer_are_refused_and_tools_say_what_
     hold a bias or a norm change and say so; inspect describes both types."""
     from safetensors.torch import save_file
 
-    from lora_ext import lowrank
-    from lora_ext.describe import describe
+    from lora_ext.tools import lowrank
+    from lora_ext.tools.describe import describe
 
     model = tiny_model("sd1")
     host = WebuiHost(model)

@@ -86,12 +86,16 @@ def test_a_slot_carries_block_weights_through_the_api_the_infotext_and_the_panel
     """The slot's `block_weights` (API name; `blocks` and `lbw` too) goes into the infotext and pastes back;
     the panel runtime folds the factors in, reads the user's presets file, and a bad text skips that slot
     with a message that says what to write (the model untouched)."""
-    from lora_ext import slots as slotlib
+    from lora_ext.panel import slots as slotlib
     from lora_ext.library import LoraLibrary
-    from lora_ext.panel_runtime import PanelRuntime
+    from lora_ext.panel.runtime import PanelRuntime
 
     slot = slotlib.Slot.from_any({"enabled": True, "model": "l.safetensors", "weight": 0.8, "lbw": " OUTALL "})
     assert slot.block_weights == "OUTALL"
+    listed = slotlib.Slot.from_any({"enabled": True, "model": "l.safetensors", "block_weights": [1, 0.5, 0] + [1] * 14})
+    assert listed.block_weights == "1,0.5,0" + ",1" * 14
+    with pytest.raises(ValueError, match="block weight 'x' is not a number"):
+        slotlib.Slot.from_any({"model": "l.safetensors", "block_weights": [1, "x"]})
     params = slotlib.to_infotext([slot], lambda m: None)
     assert params["AddNet Block Weights 1"] == "OUTALL"
     pasted = slotlib.from_infotext(params, 1, lambda n, h: "l.safetensors")[0]

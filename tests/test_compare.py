@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from lora_ext import compare, files
+from lora_ext.tools import compare
+from lora_ext import files
 from lora_ext.cli import main
 from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost

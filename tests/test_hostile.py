@@ -596,7 +596,7 @@ def client(tab):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from lora_ext.api import add_routes
+    from lora_ext.panel.api import add_routes
 
     app = FastAPI()
     add_routes(app, tab["lib"], lambda name: "")

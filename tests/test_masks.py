@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from lora_ext import files, masks, regions
-from lora_ext import slots as slotlib
+from lora_ext import files, regions
+from lora_ext.panel import masks
+from lora_ext.panel import slots as slotlib
 from lora_ext.apply import Engine, Request
 from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
@@ -43,8 +44,10 @@ def _unet_out(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, *LATENT, generator=g)
     ctx = torch.randn(1, 77, sum(w for _, w, _ in model.spec.te), generator=g)
+    unet = model.model.diffusion_model
+    y = torch.randn(1, unet.label_emb[0][0].in_features, generator=g) if model.is_sdxl else None
     with torch.no_grad():
-        return model.model.diffusion_model(x, torch.tensor([500]), context=ctx)
+        return unet(x, torch.tensor([500]), context=ctx, y=y)
 
 
 def test_a_mask_reads_from_base64_or_a_data_url_and_bad_ones_say_what_to_send():
@@ -123,8 +126,9 @@ def test_every_hooked_unet_layer_adds_nothing_where_the_mask_is_black(tmp_path, 
     assert not engine.active(model)
 
 
-def test_white_is_the_unmasked_bypass_and_black_is_no_lora(tmp_path):
-    model = tiny_model("sd1")
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_white_is_the_unmasked_bypass_and_black_is_no_lora(tmp_path, arch):
+    model = tiny_model(arch)
     host = WebuiHost(model)
     path = _file(tmp_path / "l.safetensors", model)
     engine = Engine()
@@ -254,7 +258,7 @@ def test_the_slot_carries_mask_start_and_stop_through_the_api_and_the_infotext()
 
 def test_the_panel_runtime_decodes_masks_switches_at_step_boundaries_and_says_what_the_text_encoder_does(tmp_path):
     from lora_ext.library import LoraLibrary
-    from lora_ext.panel_runtime import PanelRuntime
+    from lora_ext.panel.runtime import PanelRuntime
 
     model = tiny_model("sd1")
     host = WebuiHost(model)

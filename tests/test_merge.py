@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.apply import Engine, Request
-from lora_ext.lora_tools import parse_lora_arg
+from lora_ext.tools.lora_tools import parse_lora_arg
 from lora_ext.demo import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.merge import Item, MergeError, merge_checkpoint

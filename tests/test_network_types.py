@@ -110,7 +110,7 @@ def test_dora_merges_into_a_checkpoint_as_it_applies(tmp_path):
 
 
 def test_dora_is_refused_by_name_where_it_cannot_be_expressed(tmp_path):
-    from lora_ext import lowrank
+    from lora_ext.tools import lowrank
 
     modules = dora_file(tiny_model("sd1"), str(tmp_path / "dora.safetensors"))
     with pytest.raises(ValueError, match="DoRA module .* cannot be resized"):

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.demo import make_random_lora
-from lora_ext.slots import Slot
+from lora_ext.panel.slots import Slot
 
 
 def _write_lora(path, model, seed):
@@ -295,7 +295,7 @@ def test_the_tab_in_the_webui_estimates_under_the_lock_and_bakes(webui, tmp_path
 def test_ticking_separate_keeps_pasted_parts():
     """Found in the real webui: a pasted infotext with UNet 0.6 / TE 0.4 ticks Separate, whose change handler
     then overwrote both parts with the linked weight. By hand (parts alike) they start at the linked weight."""
-    from lora_ext.ui.panel import _parts_shown
+    from lora_ext.panel.ui import _parts_shown
 
     _, unet, te = _parts_shown(True, 0.6, 0.6, 0.4)
     assert (unet["value"], te["value"]) == (0.6, 0.4) and unet["visible"] and te["visible"]

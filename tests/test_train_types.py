@@ -159,9 +159,9 @@ def test_a_lokr_with_full_factors_is_described_not_crashed_on(data, tmp_path):
     import os
     import shutil
 
-    from lora_ext import describe
+    from lora_ext.tools import describe
     from lora_ext.library import LoraLibrary
-    from lora_ext.panel_runtime import PanelRuntime
+    from lora_ext.panel.runtime import PanelRuntime
 
     module, args, _, _ = RUNS["lokr_full"]
     result = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path, network_module=module, network_args=args,

@@ -318,8 +318,8 @@ def test_lora_tools_handlers(tmp_path):
 
 def test_bake_into_the_loaded_model(tmp_path):
     from lora_ext.apply import Engine, Request
-    from lora_ext.panel_runtime import PanelRuntime
-    from lora_ext import slots as slotlib
+    from lora_ext.panel.runtime import PanelRuntime
+    from lora_ext.panel import slots as slotlib
 
     _, loras, lib, _ = _tool_folders(tmp_path)
     host = WebuiHost(tiny.build("sd1"))         # baking changes the model for good: not the shared one

@@ -45,7 +45,7 @@ def make_app(folder: str, arch: str = "sd1"):
     """(gradio Blocks, TabContext) for a standalone tab over a tiny model, with its folders under `folder`."""
     from ..hosts.webui import WebuiHost
     from ..library import LoraLibrary, list_checkpoints
-    from ..panel_runtime import PanelRuntime
+    from ..panel.runtime import PanelRuntime
     from ..testing import tiny
     from ..train.loop import train
     from .tab import TabContext, build_tab

@@ -12,7 +12,7 @@ from .jobs import Job
 
 
 def _plan(folder: str, run: str, prompts: str, weights: str, seed, steps, size):
-    from .. import compare
+    from ..tools import compare
 
     try:
         numbers = [float(w) for w in str(weights).replace(";", ",").split(",") if w.strip()]
@@ -27,18 +27,21 @@ def _plan(folder: str, run: str, prompts: str, weights: str, seed, steps, size):
 
 def make_grid(ctx, job, cancel: threading.Event, run, prompts, weights, seed, steps, size) -> str:
     """The work: checks, takes the model (ctx.lock), renders, gives it back. Returns the message."""
-    from .. import compare
+    from ..tools import compare
 
     try:
         plan = _plan(ctx.lora_folder_fn(), run, prompts, weights, seed, steps, size)
         out = os.path.join(compare_folder(ctx), f"{run}-{time.strftime('%Y%m%d-%H%M%S')}")
+        progress = lambda done, total, text: setattr(job, "progress", f"{done} of {total}: {text}")  # noqa: E731
         with ctx.lock():
             host = ctx.host_fn()
-            if ctx.release_fn is not None:
-                ctx.release_fn(host)        # the panel's LoRAs out of the weights first
-            with host.training_weights():   # and the built-in's <lora:> deltas set aside
-                result = compare.compare(plan, out, compare.preview_renderer(host), cancel.is_set,
-                                         lambda done, total, text: setattr(job, "progress", f"{done} of {total}: {text}"))
+            if ctx.compare_renderer_fn is not None:         # the host's own generation (the webui's txt2img)
+                result = compare.compare(plan, out, ctx.compare_renderer_fn(), cancel.is_set, progress)
+            else:
+                if ctx.release_fn is not None:
+                    ctx.release_fn(host)        # the panel's LoRAs out of the weights first
+                with host.training_weights():   # and the built-in's <lora:> deltas set aside
+                    result = compare.compare(plan, out, compare.preview_renderer(host), cancel.is_set, progress)
     except (compare.CompareError, ValueError, OSError, RuntimeError) as e:
         return f"**Not done:** {e}"
     said = "Cancelled; what was done is" if result.cancelled else f"{result.cells} images"
@@ -66,7 +69,7 @@ def latest_pages(ctx) -> list:
 
 def build(ctx):
     """Adds the Compare controls; returns (its message box, its Job) for the tab's poll."""
-    from .. import compare
+    from ..tools import compare
 
     runs = lambda: compare.runs_in(ctx.lora_folder_fn())        # noqa: E731
     with gr.Row():

@@ -15,7 +15,7 @@ TAG_HEADERS = ["tag", "count", "folder"]
 def inspect_file(folder: str, name: str):
     """Handler: (summary markdown, block rows, setting rows, tag rows, full report or None). Never raises:
     a bad file is a message."""
-    from ..describe import block_rows, describe_lora, setting_rows, tag_rows
+    from ..tools.describe import block_rows, describe_lora, setting_rows, tag_rows
     from ..files import LoraFileError, read
 
     if not name:

@@ -18,7 +18,7 @@ ENERGY_HEADERS = ["module", "kept energy"]
 
 def parse_lora_lines(text: str) -> list:
     """'name[:ratio[:te ratio]]' per line -> [(name, unet, te)]."""
-    from ..lora_tools import parse_lora_arg
+    from ..tools.lora_tools import parse_lora_arg
 
     return [parse_lora_arg(line.strip()) for line in (text or "").splitlines() if line.strip()]
 
@@ -73,7 +73,7 @@ def merge(ckpt_folder: str, lora_library, base: str, lora_lines: str, out_name: 
 
 
 def bake(bake_fn, lora_lines: str) -> str:
-    """LoRAs into the loaded model, in memory; `bake_fn(items)` gives a panel_runtime Outcome."""
+    """LoRAs into the loaded model, in memory; `bake_fn(items)` gives a panel.runtime Outcome."""
     try:
         items = parse_lora_lines(lora_lines)
     except ValueError as e:
@@ -117,7 +117,7 @@ def _lora_tool(lora_folder: str, out_name: str, on_written, failure: str, work, 
 def merge_loras(lora_folder: str, lora_library, lora_lines: str, rank: float, out_name: str, precision: str,
                 overwrite: bool, on_written=None):
     """(message, energy rows): several LoRAs into one; rank 0 keeps every rank (concatenated)."""
-    from ..lora_tools import merge_lora_files
+    from ..tools.lora_tools import merge_lora_files
 
     def work(out):
         items = [(lora_library.path(name), unet) for name, unet, _ in parse_lora_lines(lora_lines)]
@@ -129,7 +129,7 @@ def merge_loras(lora_folder: str, lora_library, lora_lines: str, rank: float, ou
 def resize(lora_folder: str, lora_library, name: str, how: str, amount: float, out_name: str, precision: str,
            overwrite: bool, on_written=None):
     """(message, energy rows): a LoRA at a fixed rank, or at the fewest ranks keeping `amount` of the energy."""
-    from ..lora_tools import resize_file
+    from ..tools.lora_tools import resize_file
 
     def work(out):
         if not name:
@@ -144,7 +144,7 @@ def resize(lora_folder: str, lora_library, name: str, how: str, amount: float, o
 def extract(ckpt_folder: str, lora_folder: str, base: str, tuned: str, rank: float, conv_rank: float, out_name: str,
             precision: str, overwrite: bool, on_written=None):
     """(message, energy rows): a LoRA from the difference tuned - base."""
-    from ..lora_tools import extract_file
+    from ..tools.lora_tools import extract_file
 
     def work(out):
         base_path, tuned_path = library.resolve(ckpt_folder, base), library.resolve(ckpt_folder, tuned)

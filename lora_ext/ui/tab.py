@@ -29,6 +29,7 @@ class TabContext:
     progress_js: str | None = None      # JS function giving the Train click a task id for the host's progress bar
     compare_folder_fn: object = None    # () -> where comparison grids go (default: <LoRA folder>/compare)
     release_fn: object = None           # (host) -> None: the panel's LoRAs given back before the tab uses the model
+    compare_renderer_fn: object = None  # () -> render(plan, save, weight, prompt): the host's own generation
 
 
 def _unless_none(value):

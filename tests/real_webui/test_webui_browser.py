@@ -190,3 +190,52 @@ def test_merge_in_the_tab_then_switch_to_the_merged_checkpoint(webui, work, page
     webui.post("/sdapi/v1/options", {"sd_model_checkpoint": "tiny.safetensors"})
     assert webui.weights() == base_weights
     assert "Traceback" not in webui.log()
+
+
+def test_compare_a_run_in_the_tab_through_the_webuis_own_txt2img(webui, work, page, tmp_path):
+    """A run's two saves x two weights in the Compare sub-tab: each cell is what the webui's txt2img gives
+    with that save in our panel's slot (the same seed), the index holds the webui's infotext, and the weights
+    come back bit-exact."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    shutil.copy(os.path.join(work["loras"], "alpha.safetensors"), os.path.join(work["loras"], "cmp-000001.safetensors"))
+    shutil.copy(os.path.join(work["loras"], "beta.safetensors"), os.path.join(work["loras"], "cmp.safetensors"))
+    webui.txt2img("a photo of a cat")
+    before = webui.weights()
+    try:
+        page.goto(webui.url, timeout=120_000)
+        _tab(page, "LoRA")
+        _subtab(page, "Compare")
+        _choose(page, "lora_ext_compare_run", "cmp", refresh="lora_ext_compare_refresh")
+        page.locator("#lora_ext_compare_prompts textarea").fill("a photo of a cat")
+        page.locator("#lora_ext_compare_weights textarea").fill("0.5, 1")
+        for field, value in (("seed", 3), ("steps", 2), ("size", 64)):
+            box = page.locator(f"#lora_ext_compare_{field} input")
+            box.fill(str(value))
+            box.press("Tab")
+        page.locator("#lora_ext_compare_go").click()
+        expect(_md(page, "lora_ext_compare_message")).to_contain_text("4 images in", timeout=180_000)
+        _shot(page, tmp_path, "webui_6_compared")
+        said = _md(page, "lora_ext_compare_message").inner_text()
+    except Exception:
+        _shot(page, tmp_path, "webui_failed_compare")
+        raise
+    folder = re.search(r"in\s+(\S+lora_ext_compare\S+?)\s+\(", said).group(1)
+    index = json.load(open(os.path.join(folder, "index.json")))
+    assert [c["label"] for c in index["cells"]] == ["epoch 1", "epoch 1", "final", "final"]
+    cell = index["cells"][1]
+    assert "Steps: 2" in cell["infotext"] and "Seed: 3" in cell["infotext"] and "AddNet Model 1: cmp-000001(" in cell["infotext"]
+    assert webui.weights() == before
+    answer = webui.txt2img("a photo of a cat", [{"enabled": True, "model": "cmp-000001.safetensors", "weight": 1}],
+                           steps=2, seed=3, cfg_scale=7.0, sampler_name="Euler")
+    direct = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0].split(",", 1)[-1]))).convert("RGB"))
+    grid = np.asarray(Image.open(os.path.join(folder, "prompt_01.png")))
+    assert np.array_equal(grid[34 + 64: 34 + 128, 72: 72 + 64], direct)        # row weight 1, column epoch 1
+    webui.txt2img("a photo of a cat")
+    assert webui.weights() == before
+    assert "Traceback" not in webui.log()

@@ -122,6 +122,27 @@ def test_block_weights_reach_the_blocks_and_the_infotext(webui):
     assert webui.weights() == before
 
 
+def test_xyz_plot_takes_block_weights_and_steps_per_slot(webui):
+    """The webui's X/Y/Z plot script through its API: X = our slot's block weights (a preset and a quoted
+    vector), Y = its start: every cell's infotext records what that cell applied; weights back bit-exact."""
+    _gen(webui)
+    before = webui.weights()
+    index = lambda label: webui.get(f"/probe/xyz_index?label={label}")["index"]     # noqa: E731
+    vector = "1" + ",0" * 16
+    x_values, y_values = f'OUTALL, "{vector}"', "0, 0.5"
+    args = [index("[AddNet] Block Weights 1"), x_values, [], index("[AddNet] Start 1"), y_values, [], 0, "", [],
+            True, False, False, False, 0, 0, 0, 0, False]
+    answer = webui.txt2img(PROMPT, [_slot("alpha.safetensors", 0.8)], script_name="x/y/z plot", script_args=args,
+                           steps=2)
+    cells = [t for t in json.loads(answer["info"])["infotexts"] if "AddNet Model 1" in t]
+    assert len(cells) >= 4, cells
+    seen = {(re.search(r"AddNet Block Weights 1: (\"[^\"]*\"|[^,]+)", t).group(1).strip('"'),
+             (re.search(r"AddNet Start 1: ([^,]+)", t) or [None, "0"])[1]) for t in cells}
+    assert {("OUTALL", "0"), ("OUTALL", "0.5"), (vector, "0"), (vector, "0.5")} <= seen, seen
+    _gen(webui)
+    assert webui.weights() == before
+
+
 def _mask(left_white: bool, size=64) -> str:
     """A PNG, base64, white on the left half (or the right)."""
     import base64

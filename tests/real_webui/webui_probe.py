@@ -40,6 +40,14 @@ def routes(demo, app):
             return {"shape": None}
         return {"shape": list(x.shape), "step": LAST["step"], "data": base64.b64encode(x.numpy().tobytes()).decode()}
 
+    @app.get("/probe/xyz_index")
+    def xyz_index(label: str):
+        """The X/Y/Z script's txt2img index of an axis (its API args take the index, not the label)."""
+        from modules import scripts
+        xyz = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
+        options = [x for x in xyz.axis_options if type(x) == xyz.AxisOption or not x.is_img2img]
+        return {"index": [o.label for o in options].index(label)}
+
     @app.get("/probe/weights")
     def weights():
         info = getattr(shared.sd_model, "sd_checkpoint_info", None)

@@ -7,10 +7,11 @@ import json
 import math
 import os
 
-from . import files, lowrank
-from .library import LORA_EXT
-from .safetensors_io import refuse_inputs_as_output
-from .weights import weight_value
+from .. import files
+from . import lowrank
+from ..library import LORA_EXT
+from ..safetensors_io import refuse_inputs_as_output
+from ..weights import weight_value
 
 LORA_SUFFIXES = tuple(LORA_EXT) + (".ckpt",)
 
@@ -61,7 +62,7 @@ def energy_summary(kept: dict) -> dict:
 
 
 def _write(path, modules, metadata, overwrite, precision) -> None:
-    from .merge import PRECISIONS
+    from ..merge import PRECISIONS
     files.write_kohya(path, files.kohya_tensors(modules, PRECISIONS[precision]), metadata, overwrite=overwrite)
 
 
@@ -116,7 +117,8 @@ def merge_lora_files(items: list, out: str, rank: int | None = None, precision: 
 
 def extract_file(base: str, tuned: str, out: str, rank: int = 32, conv_rank: int | None = None,
                  precision: str = "fp16", overwrite: bool = False) -> dict:
-    from .merge import MergeError, extract
+    from ..merge import MergeError
+    from .extract import extract
 
     check_rank("the rank", rank, allow_none=False)
     check_rank("the conv rank", conv_rank)

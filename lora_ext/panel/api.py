@@ -11,9 +11,9 @@ def add_routes(app, library, info_line) -> None:
 
     @app.get("/lora_ext/v1/loras/{name:path}")
     def describe_lora(name: str):
-        from .describe import describe
-        from .files import LoraFileError
-        from .library import UnsafeName
+        from ..tools.describe import describe
+        from ..files import LoraFileError
+        from ..library import UnsafeName
 
         try:
             report = describe(library.path(name))

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass, field
 
 from . import slots as slotlib
-from .apply import Engine, Request
-from .cache import LoraCache
-from .library import LoraLibrary, UnsafeName
+from ..apply import Engine, Request
+from ..cache import LoraCache
+from ..library import LoraLibrary, UnsafeName
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PanelRuntime:
 
     def _block_factors(self, slot, arch_name: str) -> tuple:
         """((block, factor), ...) of the slot's block weights; ValueError says what to write."""
-        from . import blocks
+        from .. import blocks
 
         if not slot.block_weights:
             return ()
@@ -143,7 +143,7 @@ class PanelRuntime:
         """One line about a file for the panel: architecture, network, rank/alpha, hash, training figures."""
         if not name or name == slotlib.NONE:
             return ""
-        from .files import LoraFileError
+        from ..files import LoraFileError
 
         try:
             lora, _ = self.engine.cache.get(self.library.path(name), None)

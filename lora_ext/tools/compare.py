@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .weights import weight_value
+from ..weights import weight_value
 
 _NUMBERED = re.compile(r"^(?P<name>.+)-(?P<tag>step)?(?P<n>\d{6})$")
 MAX_CELLS = 2048
@@ -51,7 +51,7 @@ class Result:
 def run_saves(folder: str, name: str | None = None) -> list:
     """The LoRAs one run wrote into `folder` (NAME.safetensors and NAME-000003 / NAME-step000400 beside it),
     ordered by their training steps. A folder holding several runs needs `name`."""
-    from .safetensors_io import FileProblem, read_header
+    from ..safetensors_io import FileProblem, read_header
 
     if not os.path.isdir(folder):
         raise CompareError(f"{folder}: not a folder; give the run's output_dir")
@@ -144,8 +144,8 @@ def infotext(plan: Plan, save: Save, weight: float, prompt: str, short_hash: str
 def preview_renderer(host, engine=None):
     """render(plan, save, weight, prompt) -> PIL image: the LoRA applied to the host's model by our engine, the
     image from the training previews' sampler. Call .close() after: the model is given back."""
-    from .apply import Engine, Request
-    from .train.sampling import sample_image
+    from ..apply import Engine, Request
+    from ..train.sampling import sample_image
 
     engine = engine or Engine()
 
@@ -157,9 +157,11 @@ def preview_renderer(host, engine=None):
 
 
 def compare(plan: Plan, out_folder: str, render, should_stop=lambda: False, on_progress=None) -> Result:
-    """Renders every cell of `plan` with `render` and writes the pages and the index into `out_folder` (a new
-    folder). Stops between cells when `should_stop()`; what is done so far is written."""
-    from .safetensors_io import file_hashes
+    """Renders every cell of `plan` with `render(plan, save, weight, prompt) -> PIL image` (its info
+    'parameters', where it has them, is the cell's infotext) and writes the pages and the index into
+    `out_folder` (a new folder). Stops between cells when `should_stop()`; what is done so far is written;
+    `render.close()`, where it has one, is called at the end (it gives the model back)."""
+    from ..safetensors_io import file_hashes
 
     if os.path.exists(out_folder):
         raise CompareError(f"{out_folder} exists; give a new folder for the comparison")
@@ -175,11 +177,13 @@ def compare(plan: Plan, out_folder: str, render, should_stop=lambda: False, on_p
                     if should_stop():
                         result.cancelled = True
                         return result
-                    cells[save.path, weight] = render(plan, save, weight, prompt)
+                    image = render(plan, save, weight, prompt)
+                    # a host that generates its own way (the webui) hands its infotext over as image.info
+                    said = getattr(image, "info", {}).get("parameters") or infotext(plan, save, weight, prompt, hashes[save.path])
+                    cells[save.path, weight] = image.convert("RGB")
                     done += 1
                     index.append({"page": page, "prompt": prompt, "save": os.path.basename(save.path), "label": save.label,
-                                  "loss": save.loss, "weight": weight, "seed": plan.seed,
-                                  "infotext": infotext(plan, save, weight, prompt, hashes[save.path])})
+                                  "loss": save.loss, "weight": weight, "seed": plan.seed, "infotext": said})
                     if on_progress:
                         on_progress(done, total, f"{prompt[:40]} · {save.label} · weight {weight:g}")
             result.pages.append(_write_page(out_folder, page, plan, cells))
@@ -196,7 +200,7 @@ def _write_page(folder: str, page: int, plan: Plan, cells: dict) -> str:
     """One prompt's grid: a header row (save, loss), a label column (weight)."""
     from PIL import Image, ImageDraw
 
-    from .safetensors_io import atomic_write
+    from ..safetensors_io import atomic_write
 
     w, h = plan.size
     top, left = 34, 72
@@ -219,7 +223,7 @@ def _write_page(folder: str, page: int, plan: Plan, cells: dict) -> str:
 
 
 def _write_index(folder: str, plan: Plan, cells: list, result: Result) -> None:
-    from .safetensors_io import atomic_write
+    from ..safetensors_io import atomic_write
 
     data = {"prompts": plan.prompts, "weights": plan.weights, "seed": plan.seed, "steps": plan.steps,
             "size": list(plan.size), "cancelled": result.cancelled,

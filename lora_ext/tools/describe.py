@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import files, naming
+from .. import files, naming
 
 
 def _parse_metadata_value(value: str):

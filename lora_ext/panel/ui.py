@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from .. import slots as slotlib
+from . import slots as slotlib
 
 TITLE = "Additional Networks"
 
@@ -37,7 +37,7 @@ def _slots_reader(count: int, find):
 def _slot_dict(*values) -> dict:
     """The slot's state from its controls (in Slot's field order); the mask upload is handed on as a PNG data
     URL, the form API callers send it in."""
-    from .. import masks
+    from . import masks
 
     slot = slotlib.Slot(*values)
     slot.mask = masks.encode(slot.mask) if slot.mask is not None and not isinstance(slot.mask, str) else (slot.mask or "")

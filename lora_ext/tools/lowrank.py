@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .networks.stored import StoredModule
+from ..networks.stored import StoredModule
 
 
 @dataclass

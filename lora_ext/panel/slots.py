@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .weights import weight_value
+from ..weights import weight_value
 
 NONE = "None"
 _NAME_HASH = re.compile(r"^(?P<name>.*?)\s*\((?P<hash>[0-9a-fA-F]{6,64})\)$")
@@ -66,6 +66,8 @@ class Slot:
         slot.enabled, slot.separate = bool(slot.enabled), bool(slot.separate)
         slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f"slot {f}") for f in ("weight", "unet", "te"))
         slot.model = str(slot.model or NONE)
+        if isinstance(slot.block_weights, (list, tuple)):       # an API caller's JSON list of factors
+            slot.block_weights = ",".join(_fmt(weight_value(v, "block weight")) for v in slot.block_weights)
         slot.block_weights = str(slot.block_weights or "").strip()
         slot.mask = str(slot.mask or "").strip()
         slot.start, slot.stop = _steps(slot.start, slot.stop)
