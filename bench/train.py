@@ -12,6 +12,10 @@ job (UNet only, rank 16, gradient checkpointing, cached latents), with and witho
 outputs; also the memory estimate against the measured peak. About 14 GB of weights in fp32: one
 configuration at a time fits in 24 GB.
 
+`--precision no,bf16`: the reference job (checkpointing on and off, cached latents) in fp32 and in bf16 autocast
+(on a CPU with AMX / AVX512-BF16; the LoRA stays fp32), with the loss of each step, and ratios against fp32
+measured in the same run.
+
 `--network lora,loha,lokr,dora`: the reference job (with checkpointing and cached latents) for each network
 type on the same layers (the 3x3 convolutions included, dim 16 alpha 8 everywhere), s/step, peak RSS and the
 memory estimate, with ratios against LoCon (kohya's networks.lora with conv_dim) measured in the same run.
@@ -41,7 +45,7 @@ NETWORKS = {"lora": ("networks.lora", _CONV), "loha": ("lycoris.kohya", ["algo=l
             "lokr": ("lycoris.kohya", ["algo=lokr"] + _CONV), "dora": ("lycoris.kohya", ["algo=locon", "dora_wd=True"] + _CONV)}
 
 
-def one(name: str, steps: int, images: int, network: str | None = None) -> dict:
+def one(name: str, steps: int, images: int, network: str | None = None, precision: str = "no") -> dict:
     from lora_ext.hosts.webui import WebuiHost
     from lora_ext.testing import sample_data, tiny
     from lora_ext.train import memory
@@ -59,14 +63,15 @@ def one(name: str, steps: int, images: int, network: str | None = None) -> dict:
                       resolution="256",
                       train_batch_size=1, max_train_steps=steps, network_dim=16, network_alpha=8,
                       learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=5e-5, optimizer_type="AdamW",
-                      mixed_precision="no", save_precision="fp16", gradient_checkpointing=gc_on, cache_latents=cache,
-                      lr_scheduler="constant", network_module=module, network_args=args)
+                      mixed_precision=precision, save_precision="fp16", gradient_checkpointing=gc_on, cache_latents=cache,
+                      lr_scheduler="constant", network_module=module, network_args=args, seed=1)
     est = memory.estimate(host, cfg)
     stamps = []
     start = time.perf_counter()
-    train(host, cfg, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
+    result = train(host, cfg, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None)
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"config": name, "gradient_checkpointing": gc_on, "cache_latents": cache, "build_s": round(build_s, 1),
+            "precision": precision, "losses": result.losses, "messages": result.messages,
             "first_step_s": stamps[0] - start, "median_step_s": statistics.median(step_times),
             "step_s": step_times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "network": network or "lora", "estimate_gb": est["total"] / 2 ** 30,
@@ -104,11 +109,12 @@ def one_sdxl(name: str, steps: int, images: int) -> dict:
             "estimate_over_peak_rss": est["total"] / 2 ** 30 / peak}
 
 
-def _run_each(configs, args, network=None) -> dict:
+def _run_each(configs, args, network=None, precision="no") -> dict:
     results = {}
     for name in configs:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--images",
-                              str(args.images), "--arch", args.arch] + (["--network", network] if network else []),
+                              str(args.images), "--arch", args.arch, "--precision", precision]
+                             + (["--network", network] if network else []),
                              capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(out.stderr)
@@ -135,19 +141,49 @@ def compare_networks(args) -> dict:
                     "estimate_over_peak_rss": r[n]["estimate_gb"] / r[n]["peak_rss_gb"]} for n in names}}
 
 
+def compare_precisions(args) -> dict:
+    """fp32 and the other precisions, checkpointing on and off, alternating (fp32, bf16, fp32, bf16 ...)."""
+    from lora_ext.train.optim import cpu_bf16
+
+    names = [n.strip() for n in args.precision.split(",") if n.strip()]
+    if "no" not in names:
+        names.insert(0, "no")
+    r = {}
+    for config in ("gc_cache", "nogc_cache"):
+        for n in names:
+            r[f"{config}_{n}"] = _run_each([config], args, precision=n)[config]
+    ratios = {}
+    for config in ("gc_cache", "nogc_cache"):
+        base = r[f"{config}_no"]
+        for n in names[1:]:
+            x = r[f"{config}_{n}"]
+            ratios[f"{config}_{n}"] = {"step": x["median_step_s"] / base["median_step_s"],
+                                      "steps_per_second": base["median_step_s"] / x["median_step_s"],
+                                      "peak_rss": x["peak_rss_gb"] / base["peak_rss_gb"],
+                                      "first_step": x["first_step_s"] / base["first_step_s"],
+                                      "loss_last_over_fp32": x["losses"][-1] / base["losses"][-1]}
+    return {"job": "SD1.5-shaped random weights, 256 px, batch 1, rank 16 alpha 8, text encoder trained, cached latents, "
+                   "AdamW, CPU", "cpu_bf16": cpu_bf16(), "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+            "results": r, "ratios_against_fp32_in_this_run": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
     ap.add_argument("--network", help="comma-separated network types to compare: " + ",".join(NETWORKS))
+    ap.add_argument("--precision", default="no", help="mixed precisions to compare with fp32: e.g. no,bf16")
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         if args.arch == "sdxl":
             print(json.dumps(one_sdxl(args.one, args.steps, args.images)))
         else:
-            print(json.dumps(one(args.one, args.steps, args.images, args.network)))
+            print(json.dumps(one(args.one, args.steps, args.images, args.network, args.precision)))
+        return
+    if args.precision != "no":
+        print(json.dumps(compare_precisions(args), indent=2, default=lambda v: round(v, 4)))
         return
     if args.network:
         print(json.dumps(compare_networks(args), indent=2, default=lambda v: round(v, 3)))

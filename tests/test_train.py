@@ -273,7 +273,7 @@ train_batch_size = 2
 cache_latents = true
 [training_arguments]
 max_train_steps = 3
-mixed_precision = "bf16"
+mixed_precision = "fp16"
 [network_arguments]
 network_dim = 4
 network_alpha = 1
@@ -450,3 +450,30 @@ def test_resume_from_what_is_not_a_whole_state_is_one_clear_message(data, tmp_pa
         with pytest.raises(ValueError, match=said):
             train(WebuiHost(model), _cfg(data, tmp_path / "out", resume=path, max_train_steps=2))
     _assert_same(model, before)
+
+
+def test_bf16_on_a_cpu_that_has_it_trains_the_lora_in_fp32_and_says_so(data, tmp_path, monkeypatch):
+    """mixed_precision bf16 on the CPU: autocast bf16 where the CPU has AMX / AVX512-BF16 (said which), fp32
+    where it has neither (said so); the LoRA's parameters stay fp32, its loss follows fp32's, and the
+    model comes back bit-exact. fp16 stays fp32 on the CPU."""
+    from lora_ext.train import optim
+
+    cpu = torch.device("cpu")
+    said = []
+    assert optim.autocast_dtype("bf16", cpu, said, cpu_has=lambda: "AMX-BF16") == torch.bfloat16
+    assert optim.autocast_dtype("bf16", cpu, said, cpu_has=lambda: None) is None
+    assert optim.autocast_dtype("fp16", cpu, said, cpu_has=lambda: "AMX-BF16") is None
+    assert "it has AMX-BF16" in said[0] and "has neither" in said[1] and "training in fp32 on the cpu" in said[2]
+    model = tiny_model("sd1")
+    before = _model_state(model)
+    fp32 = train(WebuiHost(model), _cfg(data, tmp_path / "a", max_train_steps=4))
+    monkeypatch.setattr(optim, "cpu_bf16", lambda: "AVX512-BF16")      # whatever this machine has, the path is run
+    from lora_ext.train import memory
+    assert memory.estimate(WebuiHost(model), _cfg(data, tmp_path / "b", mixed_precision="bf16"))["total"] > 0
+    bf16 = train(WebuiHost(model), _cfg(data, tmp_path / "b", max_train_steps=4, mixed_precision="bf16"))
+    _assert_same(model, before)
+    assert any("bf16 on the CPU: it has AVX512-BF16" in m for m in bf16.messages)
+    assert all(abs(a - b) < 0.05 * abs(a) + 1e-3 for a, b in zip(fp32.losses, bf16.losses)), (fp32.losses, bf16.losses)
+    from safetensors import safe_open
+    with safe_open(bf16.lora_path, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}      # save_precision fp32: trained in fp32

@@ -82,8 +82,7 @@ class PanelRuntime:
         refused = slot_errors + [w for w in report.warnings if ": skipped: " in w]
         used = {item["name"] for item in report.applied}
         kept = [s if s.active and s.model in used else slotlib.Slot() for s in slots]
-        outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash,
-                                               self._mask_label)
+        outcome.infotext = slotlib.to_infotext(kept, self.library.short_hash, self._mask_label)
         if refused:
             # the API's caller sees the generation parameters, not the console
             outcome.infotext["AddNet Warning"] = "; ".join(refused)

@@ -48,14 +48,37 @@ def make_optimizer(name: str, groups: list, args: list, messages: list):
     raise ValueError(f"unknown optimizer_type {name!r}: AdamW, AdamW8bit, Lion, Prodigy or SGD")
 
 
-def autocast_dtype(mixed_precision: str, device: torch.device, messages: list):
-    """The autocast dtype for the run, or None for fp32."""
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 matrix instructions ('AMX-BF16', 'AVX512-BF16'), or None: without them bf16 on the CPU
+    is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device, messages: list, cpu_has=None):
+    """The autocast dtype for the run, or None for fp32. On the CPU: bf16 where it has bf16 instructions
+    (the LoRA's parameters, gradients and optimizer stay fp32, as in mixed precision on a GPU); fp16 never (the
+    CPU's fp16 paths are slower than fp32)."""
     want = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     dtype = want.get(mixed_precision)
     if dtype is None:
         return None
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        found = (cpu_has or cpu_bf16)()
+        if found:
+            messages.append(f"mixed precision bf16 on the CPU: it has {found} (matrix products in bf16, the "
+                            "LoRA kept in fp32)")
+            return torch.bfloat16
+        messages.append("mixed precision bf16 needs a CUDA GPU or a CPU with AMX / AVX512-BF16 (this one has "
+                        "neither); training in fp32")
+        return None
     if device.type != "cuda":
-        messages.append(f"mixed precision {mixed_precision} needs a CUDA GPU; training in fp32 on the {device.type}")
+        messages.append(f"mixed precision {mixed_precision} needs a CUDA GPU (or bf16 on a CPU with AMX / "
+                        f"AVX512-BF16); training in fp32 on the {device.type}")
         return None
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         messages.append("this GPU has no bf16; using fp16")
