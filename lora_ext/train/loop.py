@@ -122,7 +122,9 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None) ->
         run.messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
     for m in run.messages:
         run.emit(Event("message", text=m))
-    with HostSession(host.model, blocks if cfg.gradient_checkpointing else (), patches):
+    # under mixed precision the frozen UNet and text encoders compute in its dtype, held so (as kohya does)
+    frozen = ([host.unet] + list(host.text_encoders()), run.amp)
+    with HostSession(host.model, blocks if cfg.gradient_checkpointing else (), patches, frozen):
         run.network.attach()
         try:
             return _run(run)
@@ -150,8 +152,13 @@ def _caches(run: Run) -> None:
         # beside the states (in the webui models/lora_ext_states, out of the LoRA folder), else the output's
         folder = (os.path.join(cfg.state_dir or cfg.output_dir, "text-cache")
                   if cfg.cache_text_encoder_outputs_to_disk else None)
-        settings = f"{fingerprint(host)}:{cfg.clip_skip}:{cfg.max_token_length}"
-        run.text_cache = TextCache(lambda c: host.encode_text(c, cfg.clip_skip, cfg.max_token_length), settings, folder)
+        # under mixed precision the encoders compute in its dtype (their weights are held in it): so the cache
+        settings = f"{fingerprint(host)}:{cfg.clip_skip}:{cfg.max_token_length}" + (f":{run.amp}" if run.amp else "")
+
+        def encode(captions):
+            with step_math.autocast(run.device, run.amp):
+                return host.encode_text(captions, cfg.clip_skip, cfg.max_token_length)
+        run.text_cache = TextCache(encode, settings, folder)
 
 
 def _run(run: Run) -> Result:

@@ -133,6 +133,22 @@ def _context_width(host) -> int:
     raise ValueError("no cross-attention layer found in the UNet")
 
 
+def _held_in(host, amp, device) -> int:
+    """Bytes the run adds (or, on a GPU, saves) by holding the frozen Linear / Conv weights in the autocast
+    dtype (train.session): the cast copies; on a GPU the originals wait in CPU memory."""
+    if amp is None:
+        return 0
+    size = torch.empty((), dtype=amp).element_size()
+    change = 0
+    for root in [host.unet] + list(host.text_encoders()):
+        for m in root.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                for p in (m.weight, m.bias):
+                    if p is not None and p.dtype != amp and p.device == device:
+                        change += p.numel() * size - (0 if device.type == "cpu" else _nbytes(p))
+    return change
+
+
 def estimate(host, cfg) -> dict:
     """Estimated peak memory of a training run on the device the host's UNet is on, in bytes, by part."""
     from ..hosts.ldm_attention import fused_attention_shape_patches
@@ -147,7 +163,7 @@ def estimate(host, cfg) -> dict:
         network = network_for(host, cfg)
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
-    weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device)
+    weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device) + _held_in(host, amp, device)
     # the meta model computes in one dtype: a GPU's autocast dtype; on a CPU with bf16 autocast, its own dtype
     # (the meta tensors have no CPU autocast): the activations counted in fp32, an upper bound
     dtype = (amp if device.type == "cuda" else None) or next(host.unet.parameters()).dtype

@@ -70,8 +70,8 @@ def autocast_dtype(mixed_precision: str, device: torch.device, messages: list, c
     if device.type == "cpu" and dtype == torch.bfloat16:
         found = (cpu_has or cpu_bf16)()
         if found:
-            messages.append(f"mixed precision bf16 on the CPU: it has {found} (matrix products in bf16, the "
-                            "LoRA kept in fp32)")
+            messages.append(f"mixed precision bf16 on the CPU: it has {found} (the frozen weights held in bf16 "
+                            "for the run, the LoRA kept in fp32)")
             return torch.bfloat16
         messages.append("mixed precision bf16 needs a CUDA GPU or a CPU with AMX / AVX512-BF16 (this one has "
                         "neither); training in fp32")

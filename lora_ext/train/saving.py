@@ -106,9 +106,12 @@ def samples(run, step: int, epoch: int) -> None:
     paths = []
     folder = os.path.join(cfg.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
+    from .step import autocast
+
     for i, prompt in enumerate(cfg.sample_prompts):
-        image = sample_image(run.host, prompt, cfg.seed + i, cfg.sample_steps, size=cfg.size, clip_skip=cfg.clip_skip,
-                             max_tokens=cfg.max_token_length, schedule=(run.ac, run.prediction))
+        with autocast(run.device, run.amp):     # the frozen weights are held in the run's precision
+            image = sample_image(run.host, prompt, cfg.seed + i, cfg.sample_steps, size=cfg.size,
+                                 clip_skip=cfg.clip_skip, max_tokens=cfg.max_token_length, schedule=(run.ac, run.prediction))
         path = os.path.join(folder, f"{cfg.output_name}_e{epoch + 1:04d}_s{step:06d}_{i:02d}.png")
         image.save(path)
         paths.append(path)

@@ -15,12 +15,17 @@ _LDM_FLAGS = ("checkpoint", "use_checkpoint")
 
 class HostSession:
     """`blocks_for_checkpointing`: modules whose forward runs under torch's checkpoint for the session;
-    `patches`: (module, forward) pairs installed for the session (e.g. faster attention)."""
+    `patches`: (module, forward) pairs installed for the session (e.g. faster attention); `frozen` (modules,
+    dtype): their Linear / Conv2d weights held in `dtype` for the session (mixed precision: the products of
+    the frozen model need no fp32 copy cast at every use; the LoRA stays fp32); the originals are kept and
+    put back as they were, bit for bit."""
 
-    def __init__(self, root: nn.Module, blocks_for_checkpointing=(), patches=()):
+    def __init__(self, root: nn.Module, blocks_for_checkpointing=(), patches=(), frozen=((), None)):
         self.root = root
         self.blocks = list(blocks_for_checkpointing)
         self.patches = list(patches)
+        self.frozen_modules, self.frozen_dtype = frozen
+        self.originals: list = []
 
     def __enter__(self):
         self.requires_grad = {id(p): p.requires_grad for p in self.root.parameters()}
@@ -37,9 +42,23 @@ class HostSession:
             module.forward = forward
         for block in self.blocks:
             block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
+        self._hold_frozen()
         return self
 
+    def _hold_frozen(self) -> None:
+        for root in self.frozen_modules if self.frozen_dtype is not None else ():
+            for m in root.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    for p in (m.weight, m.bias):
+                        if p is not None and p.dtype != self.frozen_dtype:
+                            # on a GPU the original waits in CPU memory (VRAM holds the cast only)
+                            self.originals.append((p, p.data if p.device.type == "cpu" else p.data.to("cpu")))
+                            p.data = p.data.to(self.frozen_dtype)
+
     def __exit__(self, *exc):
+        for p, data in self.originals:
+            p.data = data.to(p.device)
+        self.originals.clear()
         for module in self.blocks + [m for m, _ in self.patches]:
             module.__dict__.pop("forward", None)
         for m, f, v in self.flags:
