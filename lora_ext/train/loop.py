@@ -22,7 +22,7 @@ from .network import network_for
 from .outputs import check_outputs
 from .saving import samples, save_lora
 from .schedules import lr_factor, zero_terminal_snr
-from .session import HostSession
+from .session import HostSession, frozen_roots
 from .text_cache import TextCache, fingerprint
 
 
@@ -123,7 +123,7 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None) ->
     for m in run.messages:
         run.emit(Event("message", text=m))
     # under mixed precision the frozen UNet and text encoders compute in its dtype, held so (as kohya does)
-    frozen = ([host.unet] + list(host.text_encoders()), run.amp)
+    frozen = (frozen_roots(host), run.amp)
     with HostSession(host.model, blocks if cfg.gradient_checkpointing else (), patches, frozen):
         run.network.attach()
         try:

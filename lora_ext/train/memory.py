@@ -136,17 +136,11 @@ def _context_width(host) -> int:
 def _held_in(host, amp, device) -> int:
     """Bytes the run adds (or, on a GPU, saves) by holding the frozen Linear / Conv weights in the autocast
     dtype (train.session): the cast copies; on a GPU the originals wait in CPU memory."""
-    if amp is None:
-        return 0
-    size = torch.empty((), dtype=amp).element_size()
-    change = 0
-    for root in [host.unet] + list(host.text_encoders()):
-        for m in root.modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                for p in (m.weight, m.bias):
-                    if p is not None and p.dtype != amp and p.device == device:
-                        change += p.numel() * size - (0 if device.type == "cpu" else _nbytes(p))
-    return change
+    from .session import frozen_roots, held_parameters
+
+    size = torch.empty((), dtype=amp).element_size() if amp is not None else 0
+    return sum(p.numel() * size - (0 if device.type == "cpu" else _nbytes(p))
+               for p in held_parameters(frozen_roots(host), amp) if p.device == device)
 
 
 def estimate(host, cfg) -> dict:

@@ -46,14 +46,10 @@ class HostSession:
         return self
 
     def _hold_frozen(self) -> None:
-        for root in self.frozen_modules if self.frozen_dtype is not None else ():
-            for m in root.modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    for p in (m.weight, m.bias):
-                        if p is not None and p.dtype != self.frozen_dtype:
-                            # on a GPU the original waits in CPU memory (VRAM holds the cast only)
-                            self.originals.append((p, p.data if p.device.type == "cpu" else p.data.to("cpu")))
-                            p.data = p.data.to(self.frozen_dtype)
+        for p in held_parameters(self.frozen_modules, self.frozen_dtype):
+            # on a GPU the original waits in CPU memory (VRAM holds the cast only)
+            self.originals.append((p, p.data if p.device.type == "cpu" else p.data.to("cpu")))
+            p.data = p.data.to(self.frozen_dtype)
 
     def __exit__(self, *exc):
         for p, data in self.originals:
@@ -73,6 +69,24 @@ class HostSession:
         for m in self.root.modules():
             m.training = self.training[id(m)]
         return False
+
+
+def frozen_roots(host) -> list:
+    """The modules whose weights a mixed-precision run holds in its dtype: the UNet and the text encoders."""
+    return [host.unet] + list(host.text_encoders())
+
+
+def held_parameters(roots, dtype):
+    """The Linear / Conv2d weights and biases under `roots` that a session holding them in `dtype` casts (norms
+    and embeddings stay as they are: CPU group_norm refuses bf16 parameters under fp32 input)."""
+    if dtype is None:
+        return
+    for root in roots:
+        for m in root.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                for p in (m.weight, m.bias):
+                    if p is not None and p.dtype != dtype:
+                        yield p
 
 
 def _checkpointed(forward, *args, **kwargs):
