@@ -19,12 +19,22 @@ measured in the same run.
 `--network lora,loha,lokr,dora`: the reference job (with checkpointing and cached latents) for each network
 type on the same layers (the 3x3 convolutions included, dim 16 alpha 8 everywhere), s/step, peak RSS and the
 memory estimate, with ratios against LoCon (kohya's networks.lora with conv_dim) measured in the same run.
+
+`--kohya DIR` (or $LORA_EXT_KOHYA; its venv's python from --kohya-python / $LORA_EXT_KOHYA_PYTHON, else a venv/
+inside or beside it): kohya's train_network.py and `python -m lora_ext train` side by side, each from the
+command line in its own process, with the same options (an fp16 SD1.5-shaped checkpoint with random weights,
+regularization images, 256 px, batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA,
+gradient checkpointing; `--both-checkpointing` also without), alternating runs (`--rounds N`), for each
+`--precision` (e.g. no,bf16). Prints each tool's seconds from launch to the first finished step, median seconds
+per step after it, wall time, peak RSS and average loss, and ours over kohya's. The checkout's code is run,
+never copied here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -167,6 +177,128 @@ def compare_precisions(args) -> dict:
             "results": r, "ratios_against_fp32_in_this_run": ratios}
 
 
+# --- side by side with kohya's sd-scripts ------------------------------------------------------------------
+
+_PROGRESS = re.compile(r"(\d+)/(\d+) \[")
+_MEASURED = ("first_step_s", "median_step_s", "later_half_step_s", "wall_s", "peak_rss_gb", "average_loss")
+# the running average each shows in its bar: kohya's over the epoch, ours over the last 50 steps (the same here)
+_LOSS = {"kohya": re.compile(r"avr_loss=([0-9.]+)"), "ours": re.compile(r"loss=([0-9.]+)")}
+
+
+def kohya_setup(args) -> tuple[str, str]:
+    """(checkout, its python) from --kohya / LORA_EXT_KOHYA and --kohya-python / LORA_EXT_KOHYA_PYTHON (default:
+    the venv beside or inside the checkout), or SystemExit saying what to provide."""
+    folder = args.kohya or os.environ.get("LORA_EXT_KOHYA")
+    if not folder or not os.path.isfile(os.path.join(folder, "train_network.py")):
+        raise SystemExit(f"--kohya {folder!r}: give a checkout of kohya-ss/sd-scripts (it has train_network.py)")
+    python = args.kohya_python or os.environ.get("LORA_EXT_KOHYA_PYTHON") or next(
+        (p for p in (os.path.join(folder, "venv", "bin", "python"), os.path.join(folder, "..", "venv", "bin", "python"))
+         if os.path.isfile(p)), None)
+    if not python:
+        raise SystemExit(f"no venv found for {folder}: give its python with --kohya-python")
+    return os.path.abspath(folder), python
+
+
+def kohya_inputs(folder: str, images: int) -> dict:
+    """A random-weight SD1.5-shaped checkpoint (fp16, as shared), a sample dataset with regularization
+    images, and the CLIP tokenizer saved where kohya's --tokenizer_cache_dir finds it (it cannot download)."""
+    from safetensors.torch import save_file
+
+    from lora_ext.hosts.ldm_layout import clip_tokenizer
+    from lora_ext.testing import sample_data, tiny
+
+    ckpt = os.path.join(folder, "sd15_random.safetensors")
+    model = tiny.build("sd1-full").half()
+    save_file({k: v.contiguous() for k, v in model.checkpoint_state_dict().items()}, ckpt)
+    del model
+    data = sample_data.make_sample_dataset(os.path.join(folder, "data"), size=256, per_concept=images // 2)
+    tok = clip_tokenizer()
+    tok.model_max_length = 77
+    tok.save_pretrained(os.path.join(folder, "tokenizers", "openai_clip-vit-large-patch14"))
+    return {"checkpoint": ckpt, "data": data, "tokenizers": os.path.join(folder, "tokenizers")}
+
+
+def _train_flags(inputs, out, steps, precision, gc) -> list:
+    """The one command line both tools get (kohya's option names)."""
+    return ["--pretrained_model_name_or_path", inputs["checkpoint"], "--train_data_dir", inputs["data"]["train"],
+            "--reg_data_dir", inputs["data"]["reg"], "--output_dir", out, "--output_name", "bench",
+            "--resolution", "256", "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8",
+            "--train_batch_size", "1", "--max_train_steps", str(steps), "--learning_rate", "1e-4",
+            "--optimizer_type", "AdamW", "--mixed_precision", precision, "--save_precision", "fp16",
+            "--cache_latents", "--caption_extension", ".txt", "--sdpa", "--seed", "1"] + (["--gradient_checkpointing"] if gc else [])
+
+
+def timed_run(cmd, cwd, env, tool) -> dict:
+    """Runs one training process; from its progress bar (tqdm, both tools) the time each step finished,
+    from the kernel its peak RSS (this child's alone: wait4)."""
+    start = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, losses, tail, buf = {}, [], [], b""
+    while chunk := p.stdout.read1(65536):
+        buf += chunk
+        *parts, buf = re.split(rb"[\r\n]", buf)
+        for part in parts:
+            line = part.decode("utf-8", "replace")
+            tail = (tail + [line])[-30:]
+            for m in _PROGRESS.finditer(line):
+                k = int(m.group(1))
+                if k and k not in seen and (tool == "ours" and line.startswith("training") or tool == "kohya" and line.startswith("steps")):
+                    seen[k] = time.perf_counter() - start
+                    loss = _LOSS[tool].search(line)
+                    losses.append(float(loss.group(1)) if loss else None)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - start
+    if status or not seen:
+        raise SystemExit(f"{tool} failed ({status}):\n" + "\n".join(tail))
+    stamps = [seen[k] for k in sorted(seen)]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    # ours caches each latent when a step first needs it, kohya's all before its first step: the first steps'
+    # gaps include encoding for ours; the later half of a run long enough to have seen every image does not
+    return {"first_step_s": stamps[0], "median_step_s": statistics.median(gaps),
+            "later_half_step_s": statistics.median(gaps[len(gaps) // 2:]),
+            "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, "average_loss": losses[-1]}
+
+
+def compare_kohya(args) -> dict:
+    """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
+    so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
+    folder, python = kohya_setup(args)
+    work = tempfile.mkdtemp(prefix="lora_ext_bench_kohya_")
+    inputs = kohya_inputs(work, args.images)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    results, ratios = {}, {}
+    for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
+        for gc in (True, False) if args.both_checkpointing else (True,):
+            name = f"{precision}_{'gc' if gc else 'nogc'}"
+            runs = {"kohya": [], "ours": []}
+            for r in range(args.rounds):
+                for tool in ("kohya", "ours"):
+                    out = os.path.join(work, f"{name}_{tool}_{r}")
+                    flags = _train_flags(inputs, out, args.steps, precision, gc)
+                    cmd = ([python, "train_network.py"] + flags + ["--tokenizer_cache_dir", inputs["tokenizers"]]
+                           if tool == "kohya" else [sys.executable, "-m", "lora_ext", "train"] + flags)
+                    runs[tool].append(timed_run(cmd, folder if tool == "kohya" else ROOT, env, tool))
+            med = {t: {k: statistics.median(run[k] for run in v) for k in _MEASURED}
+                   for t, v in runs.items()}
+            results[name] = {"runs": runs, "medians": med}
+            k, o = med["kohya"], med["ours"]
+            ratios[name] = {"steps_per_second_ours_over_kohya": k["median_step_s"] / o["median_step_s"],
+                            "peak_rss_ours_over_kohya": o["peak_rss_gb"] / k["peak_rss_gb"],
+                            "first_step_ours_over_kohya": o["first_step_s"] / k["first_step_s"],
+                            "wall_ours_over_kohya": o["wall_s"] / k["wall_s"],
+                            "average_loss_ours_over_kohya": o["average_loss"] / k["average_loss"]}
+    return {"job": f"SD1.5-shaped random weights (fp16 file), {args.images} images + regularization images at 256 px, "
+                   f"batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA, {args.steps} steps; "
+                   "each run its own process, started from the command line", "kohya": folder,
+            "cpu_bf16": _cpu_bf16(), "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+            "results": results, "ratios_in_this_run": ratios}
+
+
+def _cpu_bf16():
+    from lora_ext.train.optim import cpu_bf16
+    return cpu_bf16()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -174,6 +306,10 @@ def main() -> None:
     ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
     ap.add_argument("--network", help="comma-separated network types to compare: " + ",".join(NETWORKS))
     ap.add_argument("--precision", default="no", help="mixed precisions to compare with fp32: e.g. no,bf16")
+    ap.add_argument("--kohya", help="a checkout of kohya-ss/sd-scripts (or $LORA_EXT_KOHYA): run it side by side")
+    ap.add_argument("--kohya-python", help="its venv's python (or $LORA_EXT_KOHYA_PYTHON; default: venv/ in or beside it)")
+    ap.add_argument("--rounds", type=int, default=1, help="side by side: runs of each tool per configuration")
+    ap.add_argument("--both-checkpointing", action="store_true", help="side by side: with and without checkpointing")
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -181,6 +317,11 @@ def main() -> None:
             print(json.dumps(one_sdxl(args.one, args.steps, args.images)))
         else:
             print(json.dumps(one(args.one, args.steps, args.images, args.network, args.precision)))
+        return
+    if args.kohya or os.environ.get("LORA_EXT_KOHYA"):
+        if "--steps" not in sys.argv:
+            args.steps = 6
+        print(json.dumps(compare_kohya(args), indent=2, default=lambda v: round(v, 4)))
         return
     if args.precision != "no":
         print(json.dumps(compare_precisions(args), indent=2, default=lambda v: round(v, 4)))

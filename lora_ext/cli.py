@@ -53,20 +53,41 @@ def _train_values(args, extra: list) -> dict:
     return values
 
 
-def _host_for(name: str):
+def _host_for(name: str, mixed_precision: str = "no"):
+    """The host of a headless run, on the device it runs on (the process's GPU when there is one). Under
+    mixed precision the frozen UNet and text-encoder weights are loaded straight in its dtype: what the
+    run would cast them to anyway, without a full-precision copy first (nothing of this model is put back
+    afterwards: the process ends)."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
+    from .train.optim import autocast_dtype
+    from .train.session import frozen_roots, held_parameters
 
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
                          "diffusers folder)")
+    device = run_device()
     if name.startswith("tiny-"):
         from .testing import tiny
-        return WebuiHost(tiny.build(name.removeprefix("tiny-")))
-    if os.path.isdir(name):
+        host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
+    elif os.path.isdir(name):
         from .hosts.diffusers_host import DiffusersHost
-        return DiffusersHost(name)
-    return WebuiHost(load_checkpoint(name))
+        host = DiffusersHost(name)
+    else:
+        dtype = autocast_dtype(mixed_precision, device, [])
+        host = WebuiHost(load_checkpoint(name, hold=(
+            lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype), dtype) if dtype else None))
+    host.model.to(device)
+    return host
+
+
+def run_device():
+    """Where a headless run computes: this process's GPU (torchrun's LOCAL_RANK) when there is one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 class _StopOnSignal:
@@ -114,7 +135,7 @@ def cmd_train(args, extra) -> int:
             raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
         check_outputs(cfg)
         data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
-        host = _host_for(cfg.pretrained_model_name_or_path)
+        host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision)
         from .train import memory
         print(f"estimated memory: {memory.summary(host, cfg)}", file=sys.stderr)
         subscribers = [TqdmProgress()]
@@ -191,10 +212,10 @@ def cmd_compare(args) -> int:
 
     try:
         size = tuple(int(v) for v in args.size.lower().split("x")) if "x" in args.size else (int(args.size),) * 2
-        weights = [float(w) for w in args.weights.split(",") if w.strip()]
     except ValueError:
-        raise UsageError(f"--size {args.size!r} is WxH or one number and --weights a comma list of numbers") from None
+        raise UsageError(f"--size {args.size!r} is WxH or one number") from None
     try:
+        weights = compare.parse_weights(args.weights)
         plan = compare.check(compare.Plan(compare.run_saves(args.run_folder, args.name), weights, args.prompt or [],
                                           args.seed, args.steps, args.cfg_scale, size, args.negative))
         out = args.out or os.path.join(args.run_folder, time.strftime("compare-%Y%m%d-%H%M%S"))

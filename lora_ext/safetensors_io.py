@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -211,7 +212,72 @@ def _alive(pid: int) -> bool:
 
 
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class Stored:
+    """A tensor's entry in a file: its shape and dtype, without its data."""
+
+    def __init__(self, shape, dtype):
+        import torch
+
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+
+class Reader(Mapping):
+    """The tensors of a safetensors file by name (values: `Stored`, shape and dtype only), each read when
+    asked into a tensor the caller placed (`read_into`): plain reads, no mapping of the file, so a
+    checkpoint's pages never count as the process's memory, and no second copy of the whole file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = open(path, "rb")
+        try:
+            self.entries, self.metadata, self.start = read_header(self.f, os.path.getsize(path))
+        except BaseException:
+            self.f.close()
+            raise
+
+    def __getitem__(self, name):
+        import torch
+
+        e = self.entries[name]
+        if e["dtype"] not in TORCH_DTYPES:
+            raise FileProblem(f"tensor {name!r}: dtype {e['dtype']} is not one torch reads")
+        return Stored(e["shape"], getattr(torch, TORCH_DTYPES[e["dtype"]]))
+
+    def __contains__(self, name) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def read_into(self, name: str, dest) -> None:
+        """The tensor's values into `dest` (its shape; converted to its dtype and device)."""
+        import torch
+
+        stored, (begin, end) = self[name], self.entries[name]["data_offsets"]
+        direct = dest.dtype == stored.dtype and dest.device.type == "cpu" and dest.is_contiguous()
+        target = dest if direct else torch.empty(stored.shape, dtype=stored.dtype)
+        self.f.seek(self.start + begin)
+        if self.f.readinto(target.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+            raise FileProblem(f"tensor {name!r}: the file ended inside its data (truncated while read?)")
+        if not direct:
+            dest.copy_(target)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def write_streaming(path: str, entries: list, produce, metadata: dict, overwrite: bool = False) -> None:

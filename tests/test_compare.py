@@ -115,6 +115,7 @@ def test_the_cli_writes_the_grid_and_refuses_an_existing_folder(tmp_path, capsys
     assert answer["images"] == 6 and os.path.isfile(answer["pages"][0])
     assert main(args) == 2 and "exists; give a new folder" in capsys.readouterr().err
     assert main(args[:2] + ["--model", "tiny-sd1", "--prompt", "x", "--weights", "a,b"]) == 2
+    assert "write numbers separated by commas" in capsys.readouterr().err
 
 
 def test_the_compare_tab_makes_the_grid_on_the_model_and_says_what_is_wrong(tmp_path):

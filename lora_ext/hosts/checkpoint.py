@@ -11,6 +11,9 @@ import io
 import os
 import re
 
+import torch
+
+from ..safetensors_io import FileProblem
 from . import ldm_layout
 
 
@@ -132,11 +135,28 @@ def checkpoint_keys(model) -> dict:
     return {k.replace(".wrapped.", "."): k for k in model.state_dict()}
 
 
-def load_checkpoint(path: str):
-    """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights."""
+def load_checkpoint(path: str, hold=None):
+    """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights.
+    Built without initialising its weights (every one is then read from the file) and filled one tensor at
+    a time, so that loading needs the model's memory and no more. `hold` (select, dtype): the parameters
+    `select(model)` yields are made in `dtype` instead (a mixed-precision run's frozen weights, which
+    would otherwise be made in fp32 and then cast)."""
+    with _tensors_of(path) as sd:
+        try:
+            model = _build(path, sd)
+            if hold is not None:
+                select, dtype = hold
+                for p in list(select(model)):
+                    p.data = torch.empty(p.shape, dtype=dtype)
+            _fill(path, model, sd)
+        except FileProblem as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    return model
+
+
+def _build(path: str, sd):
     import yaml
 
-    sd = read_state_dict(path)
     arch = _arch_of(sd, path)
     yaml_path = os.path.splitext(path)[0] + ".yaml"
     params = {}
@@ -149,25 +169,84 @@ def load_checkpoint(path: str):
     heads = _text_encoder_heads(params)
     parameterization = params.get("parameterization") or _sgm_parameterization(params) or ("v" if arch == "sd2" else "eps")
     prefixes = ["conditioner.embedders.0.", "conditioner.embedders.1."] if arch == "sdxl" else ["cond_stage_model."]
-    try:
-        encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]
-    except KeyError as e:
-        raise CheckpointError(f"{path}: its text encoder lacks {e.args[0]}; the file is incomplete") from None
-    with contextlib.redirect_stdout(io.StringIO()):     # ldm prints a line per layer it builds
+    # ldm prints a line per layer it builds
+    with _weights_left_uninitialised(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            encoders = [_text_encoder(sd, p, heads[i] if i < len(heads) else None) for i, p in enumerate(prefixes)]
+        except KeyError as e:
+            raise CheckpointError(f"{path}: its text encoder lacks {e.args[0]}; the file is incomplete") from None
         unet = ldm_layout.unet_from_config(unet_cfg)
         vae = ldm_layout.LdmVAE(vae_cfg, sample_on_encode=arch == "sdxl")
-    model = ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
+    return ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
+
+
+def _fill(path: str, model, sd) -> None:
+    """Every parameter of `model` read from `sd` (buffers too where the file has them: they are constants
+    the model builds itself, position_ids, which current transformers no longer saves, alphas_cumprod)."""
     by_ckpt_key = checkpoint_keys(model)
-    # buffers are constants the model builds itself (position_ids, which current transformers no longer
-    # saves, alphas_cumprod): a checkpoint with or without them is the same model
     buffers = {k for k, _ in model.named_buffers()}
     missing = [k for k, model_key in by_ckpt_key.items() if k not in sd and model_key not in buffers]
     if missing:
+        arch = "sdxl" if model.is_sdxl else "sd2" if model.is_sd2 else "sd1"
         raise CheckpointError(f"{path}: {len(missing)} weights of a {arch.upper()} model are missing "
                               f"(e.g. {missing[0]}); is a .yaml with its shapes needed beside it?")
-    state = {model_key: sd[ckpt_key] for ckpt_key, model_key in by_ckpt_key.items() if ckpt_key in sd}
+    own = model.state_dict(keep_vars=True)
+    for ckpt_key, model_key in by_ckpt_key.items():
+        if ckpt_key not in sd:
+            continue
+        dest, shape = own[model_key].data, sd[ckpt_key].shape
+        if shape != dest.shape:
+            raise CheckpointError(f"{path}: its weights do not fit the shapes of its config ({ckpt_key} is "
+                                  f"{list(shape)} in the file, {list(dest.shape)} in the model)")
+        sd.read_into(ckpt_key, dest)
+
+
+@contextlib.contextmanager
+def _tensors_of(path: str):
+    """The file's tensors by name, each with `.shape`, and `read_into(name, tensor)`: a safetensors file
+    read tensor by tensor; a pickled one loaded whole (weights_only)."""
+    from ..safetensors_io import Reader
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
+                              f"{path}: not a regular file")
+    if not path.endswith(".safetensors"):
+        yield _InMemory(read_state_dict(path))
+        return
     try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: its weights do not fit the shapes of its config ({str(e).splitlines()[1:2]})") from None
-    return model
+        reader = Reader(path)
+    except FileProblem as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with reader:
+        yield reader
+
+
+class _InMemory(dict):
+    def read_into(self, name: str, dest) -> None:
+        dest.copy_(self[name])
+
+
+@contextlib.contextmanager
+def _weights_left_uninitialised():
+    """Modules built with their weights' memory allocated but not filled (random initialisation of a
+    billion weights takes seconds, and every one is overwritten from the file): torch.nn.init's fillers,
+    and transformers' own initialisation, do nothing meanwhile. Buffers are built as usual."""
+    from torch.nn import init
+
+    names = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+             "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+    saved = {n: getattr(init, n) for n in names}
+    stack = contextlib.ExitStack()
+    try:
+        from transformers.modeling_utils import no_init_weights
+        stack.enter_context(no_init_weights())
+    except ImportError:
+        pass
+    with stack:
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        try:
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)

@@ -226,10 +226,13 @@ def clip_tokenizer():
     that open-clip-torch ships (the same merges OpenAI's vocab.json/merges.txt are made of)."""
     if "hf" in _TOKENIZER_CACHE:
         return _TOKENIZER_CACHE["hf"]
-    import open_clip
+    import importlib.util
+
     from transformers import CLIPTokenizer
 
-    bpe_path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    # found, not imported: importing open_clip (timm and all) takes seconds
+    bpe_path = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0],
+                            "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = list(_bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]

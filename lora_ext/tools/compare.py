@@ -48,6 +48,23 @@ class Result:
     cancelled: bool = False
 
 
+def parse_weights(text) -> list:
+    """The LoRA weights of the columns, from "0.4, 0.7, 1" (commas or semicolons)."""
+    try:
+        return [float(w) for w in str(text).replace(";", ",").split(",") if w.strip()]
+    except ValueError:
+        raise CompareError(f"weights {text!r}: write numbers separated by commas (0.4, 0.7, 1)") from None
+
+
+def _lora_files(entries):
+    """(file name, run name, numbered-suffix match or None) of the LoRA files among `entries`."""
+    for entry in entries:
+        stem, ext = os.path.splitext(entry)
+        if ext == ".safetensors" and not entry.startswith("."):
+            m = _NUMBERED.match(stem)
+            yield entry, m["name"] if m else stem, m
+
+
 def run_saves(folder: str, name: str | None = None) -> list:
     """The LoRAs one run wrote into `folder` (NAME.safetensors and NAME-000003 / NAME-step000400 beside it),
     ordered by their training steps. A folder holding several runs needs `name`."""
@@ -56,12 +73,7 @@ def run_saves(folder: str, name: str | None = None) -> list:
     if not os.path.isdir(folder):
         raise CompareError(f"{folder}: not a folder; give the run's output_dir")
     runs: dict = {}
-    for entry in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(entry)
-        if ext != ".safetensors" or entry.startswith("."):
-            continue
-        m = _NUMBERED.match(stem)
-        base = m["name"] if m else stem
+    for entry, base, m in _lora_files(sorted(os.listdir(folder))):
         path = os.path.join(folder, entry)
         try:
             with open(path, "rb") as f:
@@ -87,12 +99,8 @@ def runs_in(folder: str, limit: int = 50) -> list:
         entries = os.listdir(folder)
     except OSError:
         return []
-    for entry in entries:
-        stem, ext = os.path.splitext(entry)
-        if ext == ".safetensors" and not entry.startswith("."):
-            m = _NUMBERED.match(stem)
-            name = m["name"] if m else stem
-            newest[name] = max(newest.get(name, 0), os.path.getmtime(os.path.join(folder, entry)))
+    for entry, name, _ in _lora_files(entries):
+        newest[name] = max(newest.get(name, 0), os.path.getmtime(os.path.join(folder, entry)))
     return sorted(newest, key=lambda n: -newest[n])[:limit]
 
 

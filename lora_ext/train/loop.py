@@ -273,16 +273,20 @@ class _Loop:
         self.micro_losses.clear()
         elapsed = time.perf_counter() - self.started
         rate = (step - self.done_at_start) / elapsed if elapsed > 0 else None
-        self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], sum(losses[-50:]) / len(losses[-50:]),
+        self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], self.average_loss(),
                           self.base_lrs[0] * factor, rate, (self.r.total - step) / rate if rate else None))
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and self.r.dist.main:
             samples(self.r, step, epoch)
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.r.total:
             self._snapshot(_numbered(self.out_path, f"step{step:06d}"))
 
-    def save(self, path: str) -> str:
+    def average_loss(self) -> float | None:
+        """Over the last 50 steps: what the progress shows and each save records."""
         recent = self.losses[-50:]
-        return save_lora(self.r, self.step, self.epoch, path, sum(recent) / len(recent) if recent else None)
+        return sum(recent) / len(recent) if recent else None
+
+    def save(self, path: str) -> str:
+        return save_lora(self.r, self.step, self.epoch, path, self.average_loss())
 
     def save_state(self, resume_at: tuple) -> str:
         return _save_state(self.r.cfg, self.r.network, self.r.optimizer, self.step, *resume_at, self.losses)

@@ -14,10 +14,7 @@ from .jobs import Job
 def _plan(folder: str, run: str, prompts: str, weights: str, seed, steps, size):
     from ..tools import compare
 
-    try:
-        numbers = [float(w) for w in str(weights).replace(";", ",").split(",") if w.strip()]
-    except ValueError:
-        raise compare.CompareError(f"weights {weights!r}: write numbers separated by commas (0.4, 0.7, 1)") from None
+    numbers = compare.parse_weights(weights)
     if not run:
         raise compare.CompareError("choose a run (a LoRA name; its numbered saves are the columns)")
     side = int(size or 0)

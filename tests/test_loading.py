@@ -1,0 +1,86 @@
+"""Headless loading of a single-file checkpoint: tensor by tensor into a model built without random
+initialisation, on the run's device, the frozen weights of a mixed-precision run made in its dtype."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import tiny_model
+from lora_ext import cli
+from lora_ext.hosts.checkpoint import CheckpointError, checkpoint_keys, load_checkpoint
+from lora_ext.testing import sample_data, tiny
+from lora_ext.train.config import TrainConfig
+
+
+def _half_checkpoint(model, path) -> dict:
+    """The model saved as most checkpoints are shared (fp16); returns what the file holds."""
+    tiny.save_checkpoint(model, path)
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
+    save_file(sd, path)
+    return sd
+
+
+def test_a_checkpoint_loads_tensor_by_tensor_to_the_file_s_values(tmp_path, any_arch):
+    """Every weight equals the file's (fp16 widened to the model's fp32); nothing of the skipped random
+    initialisation is left behind, in the model or in torch.nn.init."""
+    init_before = {n: getattr(nn.init, n) for n in ("kaiming_uniform_", "normal_", "uniform_", "zeros_")}
+    path = str(tmp_path / "m.safetensors")
+    sd = _half_checkpoint(tiny_model(any_arch), path)
+    model = load_checkpoint(path)
+    own = model.state_dict()
+    compared = 0
+    for ckpt_key, model_key in checkpoint_keys(model).items():
+        if ckpt_key in sd:
+            assert own[model_key].dtype == (torch.float32 if sd[ckpt_key].is_floating_point() else sd[ckpt_key].dtype)
+            assert torch.equal(own[model_key], sd[ckpt_key].to(own[model_key].dtype)), ckpt_key
+            compared += 1
+    assert compared == len([k for k in checkpoint_keys(model) if k in sd]) > 50
+    assert {n: getattr(nn.init, n) for n in init_before} == init_before
+    assert nn.Linear(3, 3).weight.abs().sum() > 0           # initialisation works again afterwards
+
+
+def test_a_file_whose_tensor_does_not_fit_is_refused_naming_it(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    sd = _half_checkpoint(tiny_model("sd1"), path)
+    key = next(k for k in sd if k.endswith("attn1.to_q.weight"))
+    sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1], dtype=torch.float16)
+    save_file(sd, path)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + r" is \["):
+        load_checkpoint(path)
+
+
+def test_a_mixed_precision_run_loads_its_frozen_weights_in_its_dtype_and_trains(tmp_path, monkeypatch):
+    """bf16 on a CPU that has it: the UNet's and text encoder's Linear / Conv weights come from the file
+    straight in bf16 (no fp32 copy first), norms, embeddings and the VAE in fp32; the run holds no second copy
+    of them (nothing to put back in a headless model) and trains."""
+    from lora_ext.train import optim
+    from lora_ext.train.loop import train
+
+    monkeypatch.setattr(optim, "cpu_bf16", lambda: "AMX-BF16")
+    path = str(tmp_path / "m.safetensors")
+    sd = _half_checkpoint(tiny_model("sd1"), path)
+    host = cli._host_for(path, "bf16")
+    unet, vae = host.unet, host.vae
+    assert {m.weight.dtype for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))} == {torch.bfloat16}
+    assert {m.weight.dtype for m in unet.modules() if isinstance(m, nn.GroupNorm)} == {torch.float32}
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    held = host.model.state_dict()[checkpoint_keys(host.model)[key]]
+    assert held.dtype == torch.bfloat16 and torch.equal(held, sd[key].to(torch.bfloat16))
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=2)
+    cfg = TrainConfig(train_data_dir=data["train"], caption_extension=".txt", output_dir=str(tmp_path / "out"),
+                      resolution="64", max_train_steps=2, network_dim=4, network_alpha=2, mixed_precision="bf16",
+                      save_precision="fp32", seed=3)
+    before = {k: v.clone() for k, v in host.model.state_dict().items()}
+    result = train(host, cfg)
+    assert result.steps == 2 and all(loss == loss for loss in result.losses)
+    after = host.model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+
+
+def test_a_headless_run_computes_on_the_process_s_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli.run_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.run_device() == torch.device("cpu")
