@@ -182,6 +182,7 @@ def compare_precisions(args) -> dict:
 _PROGRESS = re.compile(r"(\d+)/(\d+) \[")
 _MEASURED = ("first_step_s", "median_step_s", "later_half_step_s", "wall_s", "peak_rss_gb", "average_loss")
 # the running average each shows in its bar: kohya's over the epoch, ours over the last 50 steps (the same here)
+_BAR = {"kohya": "steps", "ours": "training"}       # the label of each tool's step bar
 _LOSS = {"kohya": re.compile(r"avr_loss=([0-9.]+)"), "ours": re.compile(r"loss=([0-9.]+)")}
 
 
@@ -240,9 +241,11 @@ def timed_run(cmd, cwd, env, tool) -> dict:
         for part in parts:
             line = part.decode("utf-8", "replace")
             tail = (tail + [line])[-30:]
+            if not line.startswith(_BAR[tool]):
+                continue
             for m in _PROGRESS.finditer(line):
                 k = int(m.group(1))
-                if k and k not in seen and (tool == "ours" and line.startswith("training") or tool == "kohya" and line.startswith("steps")):
+                if k and k not in seen:
                     seen[k] = time.perf_counter() - start
                     loss = _LOSS[tool].search(line)
                     losses.append(float(loss.group(1)) if loss else None)
@@ -262,6 +265,8 @@ def timed_run(cmd, cwd, env, tool) -> dict:
 def compare_kohya(args) -> dict:
     """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
     so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
+    from lora_ext.train.optim import cpu_bf16
+
     folder, python = kohya_setup(args)
     work = tempfile.mkdtemp(prefix="lora_ext_bench_kohya_")
     inputs = kohya_inputs(work, args.images)
@@ -269,7 +274,8 @@ def compare_kohya(args) -> dict:
     results, ratios = {}, {}
     for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
         for gc in (True, False) if args.both_checkpointing else (True,):
-            name = f"{precision}_{'gc' if gc else 'nogc'}"
+            # "no" is kohya's name for fp32
+            name = f"{'fp32' if precision == 'no' else precision}_{'checkpointing' if gc else 'no_checkpointing'}"
             runs = {"kohya": [], "ours": []}
             for r in range(args.rounds):
                 for tool in ("kohya", "ours"):
@@ -290,18 +296,13 @@ def compare_kohya(args) -> dict:
     return {"job": f"SD1.5-shaped random weights (fp16 file), {args.images} images + regularization images at 256 px, "
                    f"batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA, {args.steps} steps; "
                    "each run its own process, started from the command line", "kohya": folder,
-            "cpu_bf16": _cpu_bf16(), "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+            "cpu_bf16": cpu_bf16(), "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
             "results": results, "ratios_in_this_run": ratios}
-
-
-def _cpu_bf16():
-    from lora_ext.train.optim import cpu_bf16
-    return cpu_bf16()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, help="steps per run (default 5; side by side with kohya 6)")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1")
     ap.add_argument("--network", help="comma-separated network types to compare: " + ",".join(NETWORKS))
@@ -312,15 +313,16 @@ def main() -> None:
     ap.add_argument("--both-checkpointing", action="store_true", help="side by side: with and without checkpointing")
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    kohya = args.kohya or os.environ.get("LORA_EXT_KOHYA")
+    if args.steps is None:
+        args.steps = 6 if kohya and not args.one else 5
     if args.one:
         if args.arch == "sdxl":
             print(json.dumps(one_sdxl(args.one, args.steps, args.images)))
         else:
             print(json.dumps(one(args.one, args.steps, args.images, args.network, args.precision)))
         return
-    if args.kohya or os.environ.get("LORA_EXT_KOHYA"):
-        if "--steps" not in sys.argv:
-            args.steps = 6
+    if kohya:
         print(json.dumps(compare_kohya(args), indent=2, default=lambda v: round(v, 4)))
         return
     if args.precision != "no":

@@ -60,13 +60,14 @@ def _host_for(name: str, mixed_precision: str = "no"):
     afterwards: the process ends)."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
+    from .train.distributed import local_device
     from .train.optim import autocast_dtype
     from .train.session import frozen_roots, held_parameters
 
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
                          "diffusers folder)")
-    device = run_device()
+    device = local_device()
     if name.startswith("tiny-"):
         from .testing import tiny
         host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
@@ -79,15 +80,6 @@ def _host_for(name: str, mixed_precision: str = "no"):
             lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype), dtype) if dtype else None))
     host.model.to(device)
     return host
-
-
-def run_device():
-    """Where a headless run computes: this process's GPU (torchrun's LOCAL_RANK) when there is one."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 class _StopOnSignal:

@@ -79,8 +79,10 @@ def test_a_mixed_precision_run_loads_its_frozen_weights_in_its_dtype_and_trains(
 
 
 def test_a_headless_run_computes_on_the_process_s_gpu(monkeypatch):
+    from lora_ext.train.distributed import local_device
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert cli.run_device() == torch.device("cuda", 1)
+    assert local_device() == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.run_device() == torch.device("cpu")
+    assert local_device() == torch.device("cpu")

@@ -38,9 +38,7 @@ STANDARD_VAE = ldm_layout.FULL_VAE_DDCONFIG
 def read_state_dict(path: str) -> dict:
     from ..safetensors_io import FileProblem, load_pickle_safely, read_header
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
-                              f"{path}: not a regular file")
+    _regular_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -56,6 +54,12 @@ def read_state_dict(path: str) -> dict:
     except FileProblem as e:
         raise CheckpointError(f"{path}: cannot be read safely: {e}") from None
     return sd.get("state_dict", sd)
+
+
+def _regular_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
+                              f"{path}: not a regular file")
 
 
 def _arch_of(sd: dict, path: str) -> str:
@@ -207,12 +211,10 @@ def _tensors_of(path: str):
     read tensor by tensor; a pickled one loaded whole (weights_only)."""
     from ..safetensors_io import Reader
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
-                              f"{path}: not a regular file")
     if not path.endswith(".safetensors"):
         yield _InMemory(read_state_dict(path))
         return
+    _regular_file(path)
     try:
         reader = Reader(path)
     except FileProblem as e:

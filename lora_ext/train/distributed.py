@@ -9,6 +9,13 @@ import os
 import torch
 
 
+def local_device() -> torch.device:
+    """Where this process computes: its GPU (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 class Dist:
     def __init__(self, world: int = 1, rank: int = 0):
         self.world, self.rank = world, rank
@@ -24,7 +31,7 @@ class Dist:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_device())
         return cls(dist.get_world_size(), dist.get_rank())
 
     @property

@@ -158,10 +158,13 @@ def estimate(host, cfg) -> dict:
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
     weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device) + _held_in(host, amp, device)
-    # the meta model computes in one dtype: a GPU's autocast dtype; on a CPU with bf16 autocast, fp32 (the
-    # meta tensors have no CPU autocast): the activations counted in fp32, an upper bound
-    dtype = amp if amp is not None and device.type == "cuda" else torch.float32 if amp is not None else \
-        next(host.unet.parameters()).dtype
+    # the meta model computes in one dtype: without autocast the model's own; a GPU's autocast dtype; on a CPU
+    # with bf16 autocast fp32 (the meta tensors have no CPU autocast; the frozen weights may be held in bf16):
+    # the activations counted in fp32, an upper bound
+    if amp is None:
+        dtype = next(host.unet.parameters()).dtype
+    else:
+        dtype = amp if device.type == "cuda" else torch.float32
 
     w, h = cfg.size
     batch, tokens = cfg.train_batch_size, 77 * (cfg.max_token_length // 75)
