@@ -26,8 +26,11 @@ command line in its own process, with the same options (an fp16 SD1.5-shaped che
 regularization images, 256 px, batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA,
 gradient checkpointing; `--both-checkpointing` also without), alternating runs (`--rounds N`), for each
 `--precision` (e.g. no,bf16). Prints each tool's seconds from launch to the first finished step, median seconds
-per step after it, wall time, peak RSS and average loss, and ours over kohya's. The checkout's code is run,
-never copied here.
+per step after it (and over the later half of the run: ours caches each latent when a step first needs it,
+kohya's all before its first step), each gap between steps, wall time, peak RSS and average loss, and ours over
+kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
+weights stored in bf16, computed in fp32), kohya's as this CPU has it. The checkout's code is run, never
+copied here.
 """
 from __future__ import annotations
 
@@ -259,7 +262,20 @@ def timed_run(cmd, cwd, env, tool) -> dict:
     # gaps include encoding for ours; the later half of a run long enough to have seen every image does not
     return {"first_step_s": stamps[0], "median_step_s": statistics.median(gaps),
             "later_half_step_s": statistics.median(gaps[len(gaps) // 2:]),
-            "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, "average_loss": losses[-1]}
+            "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, "average_loss": losses[-1],
+            "step_s": [round(g, 3) for g in gaps]}
+
+
+# ours as on a CPU without bf16 instructions, whatever this one has: bf16 asked for, the frozen weights stored in
+# it and computed in fp32 (train.upcast)
+_WITHOUT_CPU_BF16 = ("import sys; import lora_ext.train.optim as o; o.cpu_bf16 = lambda: None; "
+                     "from lora_ext.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _ours(args) -> list:
+    if args.ours_without_cpu_bf16:
+        return [sys.executable, "-c", _WITHOUT_CPU_BF16, "train"]
+    return [sys.executable, "-m", "lora_ext", "train"]
 
 
 def compare_kohya(args) -> dict:
@@ -269,7 +285,11 @@ def compare_kohya(args) -> dict:
 
     folder, python = kohya_setup(args)
     work = tempfile.mkdtemp(prefix="lora_ext_bench_kohya_")
-    inputs = kohya_inputs(work, args.images)
+    # made in a child process: a child's peak RSS (wait4) starts from its parent's at fork, and building
+    # the checkpoint here would have set that floor under both tools' figures
+    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-inputs", work, "--images", str(args.images)],
+                          check=True, stdout=subprocess.PIPE, text=True)
+    inputs = json.loads(made.stdout.strip().splitlines()[-1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     results, ratios = {}, {}
     for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
@@ -282,7 +302,7 @@ def compare_kohya(args) -> dict:
                     out = os.path.join(work, f"{name}_{tool}_{r}")
                     flags = _train_flags(inputs, out, args.steps, precision, gc)
                     cmd = ([python, "train_network.py"] + flags + ["--tokenizer_cache_dir", inputs["tokenizers"]]
-                           if tool == "kohya" else [sys.executable, "-m", "lora_ext", "train"] + flags)
+                           if tool == "kohya" else _ours(args) + flags)
                     runs[tool].append(timed_run(cmd, folder if tool == "kohya" else ROOT, env, tool))
             med = {t: {k: statistics.median(run[k] for run in v) for k in _MEASURED}
                    for t, v in runs.items()}
@@ -296,7 +316,7 @@ def compare_kohya(args) -> dict:
     return {"job": f"SD1.5-shaped random weights (fp16 file), {args.images} images + regularization images at 256 px, "
                    f"batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA, {args.steps} steps; "
                    "each run its own process, started from the command line", "kohya": folder,
-            "cpu_bf16": cpu_bf16(), "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+            "cpu_bf16": cpu_bf16(), "ours_as_without_cpu_bf16": args.ours_without_cpu_bf16, "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
             "results": results, "ratios_in_this_run": ratios}
 
 
@@ -311,11 +331,17 @@ def main() -> None:
     ap.add_argument("--kohya-python", help="its venv's python (or $LORA_EXT_KOHYA_PYTHON; default: venv/ in or beside it)")
     ap.add_argument("--rounds", type=int, default=1, help="side by side: runs of each tool per configuration")
     ap.add_argument("--both-checkpointing", action="store_true", help="side by side: with and without checkpointing")
+    ap.add_argument("--ours-without-cpu-bf16", action="store_true",
+                    help="side by side: ours as on a CPU without bf16 instructions (kohya's as this CPU has it)")
+    ap.add_argument("--make-inputs", help=argparse.SUPPRESS)
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     kohya = args.kohya or os.environ.get("LORA_EXT_KOHYA")
     if args.steps is None:
         args.steps = 6 if kohya and not args.one else 5
+    if args.make_inputs:
+        print(json.dumps(kohya_inputs(args.make_inputs, args.images)))
+        return
     if args.one:
         if args.arch == "sdxl":
             print(json.dumps(one_sdxl(args.one, args.steps, args.images)))

@@ -57,11 +57,12 @@ def _host_for(name: str, mixed_precision: str = "no"):
     """The host of a headless run, on the device it runs on (the process's GPU when there is one). Under
     mixed precision the frozen UNet and text-encoder weights are loaded straight in its dtype: what the
     run would cast them to anyway, without a full-precision copy first (nothing of this model is put back
-    afterwards: the process ends)."""
+    afterwards: the process ends); on a CPU that computes in fp32 instead, in the asked-for dtype all the
+    same, for half their memory."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
     from .train.distributed import local_device
-    from .train.optim import autocast_dtype
+    from .train.optim import autocast_dtype, stored_dtype
     from .train.session import frozen_roots, held_parameters
 
     if not name:
@@ -75,9 +76,10 @@ def _host_for(name: str, mixed_precision: str = "no"):
         from .hosts.diffusers_host import DiffusersHost
         host = DiffusersHost(name)
     else:
-        dtype = autocast_dtype(mixed_precision, device, [])
+        dtype = stored_dtype(mixed_precision, device)
+        narrow_at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
         host = WebuiHost(load_checkpoint(name, hold=(
-            lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype), dtype) if dtype else None))
+            lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype, narrow_at_use), dtype) if dtype else None))
     host.model.to(device)
     return host
 
@@ -129,13 +131,14 @@ def cmd_train(args, extra) -> int:
         data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
         host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision)
         from .train import memory
-        print(f"estimated memory: {memory.summary(host, cfg)}", file=sys.stderr)
+        est, line = memory.estimated(host, cfg)
+        print(f"estimated memory: {line}", file=sys.stderr)
         subscribers = [TqdmProgress()]
         if cfg.logging_dir:
             subscribers.append(TensorBoardLog(cfg.logging_dir))
         stop = _StopOnSignal()
         try:
-            result = train(host, cfg, on_event=fan_out(*subscribers), should_stop=stop, scan=data)
+            result = train(host, cfg, on_event=fan_out(*subscribers), should_stop=stop, scan=data, estimate=est)
         finally:
             stop.restore()
     except (config.ConfigError, CheckpointError, DatasetError, StateError, ValueError, OSError) as e:

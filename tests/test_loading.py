@@ -86,3 +86,62 @@ def test_a_headless_run_computes_on_the_process_s_gpu(monkeypatch):
     assert local_device() == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert local_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                                   nn.Conv2d(3, 4, 1, bias=False)], ids=["linear", "conv3x3", "conv1x1"])
+def test_a_layer_stored_narrow_computes_in_fp32_and_keeps_only_its_narrow_weight_for_backward(layer):
+    """The patched forward gives what fp32 gives on the same (narrow) values, forward and the input's
+    gradient, bit for bit; what autograd keeps of the weight is the bf16 tensor, never an fp32 copy."""
+    from lora_ext.train.upcast import upcast_patches
+
+    layer = layer.to(torch.bfloat16).requires_grad_(False)
+    wide = {k: v.float() for k, v in layer.state_dict().items()}
+    reference = (nn.Linear(6, 5) if isinstance(layer, nn.Linear) else
+                 nn.Conv2d(3, 4, layer.kernel_size, stride=layer.stride, padding=layer.padding, bias=layer.bias is not None))
+    reference.load_state_dict(wide)
+    reference.requires_grad_(False)
+    (patched, forward), = upcast_patches([layer])
+    assert patched is layer
+    x = torch.randn((4, 6) if isinstance(layer, nn.Linear) else (2, 3, 9, 9), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = forward(x)
+    assert out.dtype == torch.float32 and torch.equal(out, reference(x))
+    assert [t.dtype for t in saved] == [torch.bfloat16] and saved[0] is layer.weight
+    g = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, g)
+    (theirs,) = torch.autograd.grad(reference(x), x, g)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert not upcast_patches([reference])          # an fp32 layer computes as it is
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_bf16_on_a_cpu_without_it_stores_the_frozen_weights_in_bf16_and_trains_in_fp32(tmp_path, monkeypatch, arch):
+    """mixed_precision bf16 headless on a CPU with no bf16 instructions: the frozen Linear / Conv weights
+    are loaded in bf16 (half their memory; an nn.MultiheadAttention's out_proj, which it reads directly,
+    in fp32), the run computes in fp32 and says so, its losses are an fp32 run's on the same (bf16-rounded)
+    weights, and the model's stored weights are left as they were."""
+    from lora_ext.train import optim
+    from lora_ext.train.loop import train
+
+    monkeypatch.setattr(optim, "cpu_bf16", lambda: None)
+    path = str(tmp_path / "m.safetensors")
+    _half_checkpoint(tiny_model(arch), path)
+    host = cli._host_for(path, "bf16")
+    layers = [m for m in host.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert {m.weight.dtype for m in layers} == {torch.bfloat16}
+    mha = [m for m in host.model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert bool(mha) == (arch == "sd2") and all(m.out_proj.weight.dtype == torch.float32 for m in mha)
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=2)
+    cfg = dict(train_data_dir=data["train"], caption_extension=".txt", resolution="64", max_train_steps=2,
+               network_dim=4, network_alpha=2, save_precision="fp32", seed=3)
+    before = {k: v.clone() for k, v in host.model.state_dict().items()}
+    narrow = train(host, TrainConfig(output_dir=str(tmp_path / "a"), mixed_precision="bf16", **cfg))
+    assert any("stored in bfloat16, are cast up to fp32" in m for m in narrow.messages)
+    after = host.model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    host.model.float()
+    wide = train(host, TrainConfig(output_dir=str(tmp_path / "b"), mixed_precision="no", **cfg))
+    assert not any("cast up" in m for m in wide.messages)
+    assert narrow.losses == pytest.approx(wide.losses, rel=1e-5)

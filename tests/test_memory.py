@@ -105,3 +105,31 @@ def test_estimating_leaves_the_model_as_it_was():
     assert flags == [(p.requires_grad, p.device, p.dtype) for p in host.model.parameters()]
     assert forwards == [m.__dict__.get("forward") for m in host.model.modules()]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in host.model.modules())
+
+
+def test_checkpointing_keeps_the_blocks_cheapest_to_keep_within_its_margin():
+    """Blocks are kept (not recomputed) smallest activations first while the run's memory stays within
+    (1 + margin) x that of recomputing every block; margin 0 recomputes all, a wide one none."""
+    blocks = [{"inputs": 10, "saved": s} for s in (400, 100, 50, 300)]
+    measured = {"total": 200 + 850, "largest_tensor": 20, "blocks": blocks}
+    every = memory._kept(measured, [True] * 4)
+    assert every == 200 + 40 + 400 + 40
+    assert memory.recomputed_blocks(measured, 0.0, 1000) == [True] * 4
+    plan = memory.recomputed_blocks(measured, 0.1, 1000)
+    assert plan == [True, False, False, True]       # 50 and 100 kept: 1810 of 1848 allowed; 300 would pass it
+    assert 1000 + memory._kept(measured, plan) <= 1.1 * (1000 + every)
+    assert memory.recomputed_blocks(measured, 10, 1000) == [False] * 4
+    assert memory._kept(measured, [False] * 4) == memory._kept(measured, None) == 1050 + 40
+
+
+def test_the_estimate_counts_the_blocks_the_run_recomputes():
+    host = WebuiHost(tiny_model("sd1"))
+    n = len(host.checkpoint_blocks())
+    all_of = memory.estimate(host, _cfg(gradient_checkpointing=True, checkpointing_margin=0))
+    assert all_of["recomputed"] == [True] * n and all_of["parts"]["activations"] == all_of["all_recomputed"]
+    none = memory.estimate(host, _cfg(gradient_checkpointing=True, checkpointing_margin=10))
+    assert none["recomputed"] == [False] * n
+    assert none["parts"]["activations"] == memory.estimate(host, _cfg())["parts"]["activations"]
+    some = memory.estimate(host, _cfg(gradient_checkpointing=True, checkpointing_margin=0.05))
+    full_total = all_of["total"]
+    assert some["total"] <= 1.05 * full_total and some["total"] >= full_total

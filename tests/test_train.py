@@ -477,3 +477,35 @@ def test_bf16_on_a_cpu_that_has_it_trains_the_lora_in_fp32_and_says_so(data, tmp
     from safetensors import safe_open
     with safe_open(bf16.lora_path, "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}      # save_precision fp32: trained in fp32
+
+
+def test_the_cli_bar_shows_every_step_when_it_ends(capsys):
+    """The first step is drawn (tqdm skips a redraw within 0.1 s of the bar's creation, which is at that
+    step's end), and each later one at once: the bar is what a user, and bench/train.py, reads step times from."""
+    from lora_ext.train.events import Event
+    from lora_ext.train.progress import TqdmProgress
+
+    bar = TqdmProgress()
+    for step in (1, 2):
+        bar(Event("step", step, 3, 1, 1.0, 1.0, 1e-4))
+        assert f"{step}/3 [" in capsys.readouterr().err.split("\r")[-1]
+    bar(Event("done", 2, 3))
+
+
+def test_checkpointing_recomputes_only_the_blocks_its_margin_does_not_keep(data, tmp_path, monkeypatch):
+    """margin 0: every block recomputed (kohya's checkpointing); a margin wide enough for all activations:
+    none, and the run says so; the losses are the same either way (recomputing changes no arithmetic)."""
+    from lora_ext.train import session
+
+    calls = []
+    real = session.checkpoint
+    monkeypatch.setattr(session, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    all_of = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path / "a", max_train_steps=2,
+                                                       gradient_checkpointing=True, checkpointing_margin=0))
+    recomputed, calls[:] = len(calls), []
+    assert recomputed >= 2 * len(WebuiHost(tiny_model("sd1")).checkpoint_blocks())
+    assert not any("blocks recomputed" in m for m in all_of.messages)
+    none = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path / "b", max_train_steps=2,
+                                                     gradient_checkpointing=True, checkpointing_margin=10))
+    assert not calls and any("0 of" in m and "keep their activations" in m for m in none.messages)
+    assert none.losses == pytest.approx(all_of.losses, rel=1e-6)

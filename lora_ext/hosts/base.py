@@ -52,6 +52,14 @@ class Bound:
         return (shape[0] // 3,) + shape[1:] if self.target.qkv is not None else shape
 
 
+def input_placement(module: nn.Module) -> tuple:
+    """(device, dtype) of what `module` computes on: its widest floating dtype, so that a model cast whole
+    takes its own and one whose frozen weights are stored narrower than its norms takes the norms' (those
+    weights are cast up at use: train.upcast; or autocast casts them)."""
+    floating = [p for p in module.parameters() if p.is_floating_point()]
+    return floating[0].device, max((p.dtype for p in floating), key=lambda d: d.itemsize)
+
+
 def sample_latents(mean, std, seeds, scale: float):
     """Latents from a VAE's distribution: one sample per image, drawn with that image's seed (the mean
     without seeds), times the latent scale."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import naming
 from . import text_encoding
-from .base import ConditioningMixin, bind, sample_latents
+from .base import ConditioningMixin, bind, input_placement, sample_latents
 from .conditioning import Cond, Text
 
 
@@ -149,10 +149,10 @@ class DiffusersHost(ConditioningMixin):
         return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype)).sample
 
     def predict(self, noisy, timesteps, cond: Cond):
-        p = next(self.unet.parameters())
-        c = cond.to(p.device, p.dtype)
+        device, dtype = input_placement(self.unet)
+        c = cond.to(device, dtype)
         extra = {} if c.pooled is None else {"added_cond_kwargs": {"text_embeds": c.pooled, "time_ids": c.sizes}}
-        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), encoder_hidden_states=c.crossattn,
+        return self.unet(noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=c.crossattn,
                          **extra).sample
 
     # --- nothing else patches these layers ----------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 from .. import naming
 from . import builtin_lora, text_encoding
-from .base import ConditioningMixin, bind, sample_latents
+from .base import ConditioningMixin, bind, input_placement, sample_latents
 from .conditioning import Cond, Text
 
 
@@ -113,10 +113,10 @@ class WebuiHost(ConditioningMixin):
         return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
 
     def predict(self, noisy, timesteps, cond: Cond):
-        p = next(self.unet.parameters())
-        c = cond.to(p.device, p.dtype)
+        device, dtype = input_placement(self.unet)
+        c = cond.to(device, dtype)
         extra = {} if c.pooled is None else {"y": c.vector(self.size_dim)}
-        return self.unet(noisy.to(p.device, p.dtype), timesteps.to(p.device), context=c.crossattn, **extra)
+        return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)
 
     # --- living beside the webui's built-in Lora, and its faster attention -------------------------------
 

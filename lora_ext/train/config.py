@@ -84,6 +84,9 @@ class TrainConfig:
     # precision & memory
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # with checkpointing: the share of the run's memory that may go to keeping blocks' activations instead of
+    # recomputing them (train.memory.recomputed_blocks); 0 = every block recomputed, as kohya does
+    checkpointing_margin: float = 0.1
     xformers: bool = False
     sdpa: bool = False
     # loss
@@ -198,7 +201,7 @@ RANGES = {
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
     "caption_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
     "min_snr_gamma": (0, None), "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
-    "bucket_reso_steps": (8, None),
+    "bucket_reso_steps": (8, None), "checkpointing_margin": (0, 10),
 }
 
 

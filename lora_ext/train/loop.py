@@ -24,6 +24,7 @@ from .saving import samples, save_lora
 from .schedules import lr_factor, zero_terminal_snr
 from .session import HostSession, frozen_roots
 from .text_cache import TextCache, fingerprint
+from .upcast import upcast_patches
 
 
 def prepare_data(host, cfg: TrainConfig, scan=None):
@@ -112,24 +113,64 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
     return run
 
 
-def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None) -> Result:
+def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None, estimate=None) -> Result:
+    """`estimate`: train.memory.estimate(host, cfg) when the caller has made it (it picks the blocks that
+    gradient checkpointing recomputes)."""
     run = prepare(host, cfg, on_event or (lambda e: None), should_stop or (lambda: False), scan)
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
     run.network = network_for(host, cfg).to(run.device)
-    blocks = host.checkpoint_blocks()
-    patches = host.attention_patches()
-    if cfg.xformers and patches:
-        run.messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
+    blocks = _checkpointed_blocks(run, estimate)
+    patches = _patches(run)
     for m in run.messages:
         run.emit(Event("message", text=m))
     # under mixed precision the frozen UNet and text encoders compute in its dtype, held so (as kohya does)
     frozen = (frozen_roots(host), run.amp)
-    with HostSession(host.model, blocks if cfg.gradient_checkpointing else (), patches, frozen):
+    with HostSession(host.model, blocks, patches, frozen):
         run.network.attach()
         try:
             return _run(run)
         finally:
             run.network.detach()
+
+
+def _checkpointed_blocks(run: Run, estimate=None) -> list:
+    """The UNet blocks recomputed in backward: none without gradient checkpointing; with it, those the memory
+    estimate picks within checkpointing_margin (all where it has no answer)."""
+    cfg, blocks = run.cfg, run.host.checkpoint_blocks()
+    if not cfg.gradient_checkpointing or not blocks:
+        return []
+    if cfg.checkpointing_margin > 0:
+        from . import memory
+        try:
+            estimate = estimate or memory.estimate(run.host, cfg)
+        except Exception as e:      # advisory: a host the estimate cannot measure recomputes every block
+            run.messages.append(f"gradient checkpointing: every block recomputed (no memory estimate: {e})")
+            return blocks
+        plan = estimate.get("recomputed")
+        if plan and len(plan) == len(blocks) and not all(plan):
+            more = estimate["parts"]["activations"] - estimate["all_recomputed"]
+            run.messages.append(f"gradient checkpointing: {sum(plan)} of {len(blocks)} blocks recomputed, the other "
+                                f"{len(blocks) - sum(plan)} keep their activations (about {more / 2**20:.0f} MB more, "
+                                f"within checkpointing_margin {cfg.checkpointing_margin:g} of the run's memory)")
+            return [b for b, again in zip(blocks, plan) if again]
+    return blocks
+
+
+def _patches(run: Run) -> list:
+    """The forwards the run installs: faster attention; on the CPU, each frozen layer stored in a half dtype
+    (a headless run loads them so when asked for one) computing in fp32."""
+    host, cfg = run.host, run.cfg
+    patches = host.attention_patches()
+    if cfg.xformers and patches:
+        run.messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
+    if run.amp is None and run.device.type == "cpu":
+        upcast = upcast_patches(frozen_roots(host))
+        if upcast:
+            narrow = ", ".join(sorted({str(m.weight.dtype).removeprefix("torch.") for m, _ in upcast}))
+            run.messages.append(f"the frozen weights, stored in {narrow}, are cast up to fp32 at each use (half "
+                                "their memory at the CPU's fp32 speed)")
+        patches = list(patches) + upcast
+    return patches
 
 
 def _optimizer(run: Run):

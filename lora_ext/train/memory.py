@@ -111,18 +111,36 @@ def saved_activations(host, call, trained_weights: set, dtype, blocks=(), meta: 
     return {**totals, "blocks": [per_block[i] for i in sorted(per_block)]}
 
 
-def _kept(measured: dict, checkpointing: bool) -> int:
+def _kept(measured: dict, recomputed) -> int:
     """Activation memory at the peak of backward. Backward frees what it has used as it goes, so the peak is
-    at its start: without checkpointing, all that was saved plus the gradients in flight (an activation's
-    and its input's: twice the largest saved tensor). With it: what lies outside the blocks, every block's
-    input, the largest block recomputed, and the gradients in flight."""
-    in_flight = 2 * measured["largest_tensor"]
+    at its start: what lies outside the blocks, each block's activations or, for a block recomputed
+    (`recomputed`: a bool per block, None without checkpointing), its input, the largest block recomputed,
+    and the gradients in flight (an activation's and its input's: twice the largest saved tensor)."""
     blocks = measured["blocks"]
-    if not checkpointing:
-        return measured["total"] + in_flight
-    inside = sum(b["saved"] for b in blocks)
-    largest_block = max((b["saved"] for b in blocks), default=0)
-    return measured["total"] - inside + sum(b["inputs"] for b in blocks) + largest_block + in_flight
+    recomputed = recomputed or [False] * len(blocks)
+    again = [b for b, r in zip(blocks, recomputed) if r]
+    kept = [b for b, r in zip(blocks, recomputed) if not r]
+    outside = measured["total"] - sum(b["saved"] for b in blocks)
+    return (outside + sum(b["saved"] for b in kept) + sum(b["inputs"] for b in again)
+            + max((b["saved"] for b in again), default=0) + 2 * measured["largest_tensor"])
+
+
+def recomputed_blocks(measured: dict, margin: float, rest: int) -> list:
+    """Which blocks a checkpointing run recomputes (a bool per block). Each recomputed block costs a second
+    forward of it; each kept one its activations. From all recomputed, blocks are kept, those with the least
+    activations first, while the run's memory (`rest` + activations) stays within (1 + margin) times what
+    recomputing every block needs: the memory asked for, and the recomputation that saves the least of it
+    skipped. margin 0: every block recomputed (kohya's gradient checkpointing)."""
+    blocks = measured["blocks"]
+    plan = [True] * len(blocks)
+    if margin <= 0:
+        return plan
+    budget = (rest + _kept(measured, plan)) * (1 + margin)
+    for i in sorted(range(len(blocks)), key=lambda i: blocks[i]["saved"]):
+        trial = plan[:i] + [False] + plan[i + 1:]
+        if rest + _kept(measured, trial) <= budget:
+            plan = trial
+    return plan
 
 
 def _context_width(host) -> int:
@@ -148,7 +166,8 @@ def estimate(host, cfg) -> dict:
     from ..hosts.ldm_attention import fused_attention_shape_patches
     from .network import network_for
     from .optim import autocast_dtype
-    from .session import HostSession
+    from .session import HostSession, frozen_roots
+    from .upcast import upcast_patches
 
     device = next(host.unet.parameters()).device
     amp = autocast_dtype(cfg.mixed_precision, device, [])
@@ -158,11 +177,11 @@ def estimate(host, cfg) -> dict:
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
     weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device) + _held_in(host, amp, device)
-    # the meta model computes in one dtype: without autocast the model's own; a GPU's autocast dtype; on a CPU
-    # with bf16 autocast fp32 (the meta tensors have no CPU autocast; the frozen weights may be held in bf16):
-    # the activations counted in fp32, an upper bound
+    # the meta model computes in one dtype: without autocast the model's own (on a CPU fp32, whatever the
+    # frozen weights are stored in: train.upcast); a GPU's autocast dtype; on a CPU with bf16 autocast fp32
+    # (the meta tensors have no CPU autocast, and ldm's UNet casts its input to fp32): an upper bound
     if amp is None:
-        dtype = next(host.unet.parameters()).dtype
+        dtype = torch.float32 if device.type == "cpu" else next(host.unet.parameters()).dtype
     else:
         dtype = amp if device.type == "cuda" else torch.float32
 
@@ -179,27 +198,33 @@ def estimate(host, cfg) -> dict:
 
     # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); the meta
     # network on the UNet's layers, so that what its modules keep (a weight-form type's whole changed weight)
-    # is counted where it is kept: inside a checkpointed block only while that block is recomputed
-    with HostSession(host.model, (), fused_attention_shape_patches(host.unet)):
+    # is counted where it is kept: inside a checkpointed block only while that block is recomputed; frozen
+    # weights stored narrow cast up as in the run (the text encoders' count runs them for real)
+    upcast = upcast_patches(frozen_roots(host)) if amp is None and device.type == "cpu" else []
+    with HostSession(host.model, (), fused_attention_shape_patches(host.unet) + upcast):
         network.attach(lambda bound: bound.target.is_unet)
         try:
             unet = saved_activations(host, unet_forward, unet_trained, dtype, blocks,
                                      not_activations={id(p) for p in network.parameters()})
         finally:
             network.detach()
-        activations = _kept(unet, cfg.gradient_checkpointing)
+        activations = 0
         if te_lr > 0:
             # transformers' CLIP cannot run on meta tensors: one real caption, its saved tensors dropped at once
             te_trained = {id(b.param) for b in targets.values() if not b.target.is_unet}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 te = saved_activations(host, lambda: host.encode_text(["a"], cfg.clip_skip, cfg.max_token_length).tokens,
                                        te_trained, dtype, meta=False)
             activations += te["total"] * batch + formed_weights(network, lambda b: not b.target.is_unet)
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
-             "optimizer": lora_params * state_bytes, "activations": activations}
+             "optimizer": lora_params * state_bytes}
+    recomputed = (recomputed_blocks(unet, cfg.checkpointing_margin, sum(parts.values()) + activations)
+                  if cfg.gradient_checkpointing and len(unet["blocks"]) == len(blocks) else None)
+    parts["activations"] = activations + _kept(unet, recomputed)
     return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
             "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
-            "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch.")}
+            "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
+            "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
 
 
 def formed_weights(network, only) -> int:
@@ -242,10 +267,16 @@ def describe(est: dict) -> str:
 def summary(host, cfg, lock=None) -> str:
     """describe(estimate(...)), or why there is none. `lock` (a context manager) keeps the host's model to
     us while the estimate borrows it (in the webui: its generation lock)."""
+    return estimated(host, cfg, lock)[1]
+
+
+def estimated(host, cfg, lock=None) -> tuple:
+    """(estimate or None, summary's line)."""
     import contextlib
 
     try:
         with lock or contextlib.nullcontext():
-            return describe(estimate(host, cfg))
+            est = estimate(host, cfg)
+        return est, describe(est)
     except Exception as e:      # advisory only: a host the estimate cannot run on must not block training
-        return f"not available ({type(e).__name__}: {e})"
+        return None, f"not available ({type(e).__name__}: {e})"

@@ -59,12 +59,14 @@ def cpu_bf16() -> str | None:
     return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
+_HALF = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
 def autocast_dtype(mixed_precision: str, device: torch.device, messages: list, cpu_has=None):
     """The autocast dtype for the run, or None for fp32. On the CPU: bf16 where it has bf16 instructions
     (the LoRA's parameters, gradients and optimizer stay fp32, as in mixed precision on a GPU); fp16 never (the
     CPU's fp16 paths are slower than fp32)."""
-    want = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    dtype = want.get(mixed_precision)
+    dtype = _HALF.get(mixed_precision)
     if dtype is None:
         return None
     if device.type == "cpu" and dtype == torch.bfloat16:
@@ -84,6 +86,14 @@ def autocast_dtype(mixed_precision: str, device: torch.device, messages: list, c
         messages.append("this GPU has no bf16; using fp16")
         return torch.float16
     return dtype
+
+
+def stored_dtype(mixed_precision: str, device: torch.device, cpu_has=None):
+    """The dtype a headless run loads its frozen UNet / text-encoder weights in (None: as the file has them,
+    in fp32): the autocast dtype; on a CPU that computes in fp32 instead, the asked-for half dtype all the
+    same (half the memory; train.upcast casts each layer's weight up at use)."""
+    amp = autocast_dtype(mixed_precision, device, [], cpu_has)
+    return _HALF.get(mixed_precision) if amp is None and device.type == "cpu" else amp
 
 
 def save_dtype(save_precision: str):

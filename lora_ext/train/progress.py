@@ -19,6 +19,9 @@ class TqdmProgress:
                 self.bar = tqdm(total=event.total, initial=event.step - 1, desc="training", unit="step")
             self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch, refresh=False)
             self.bar.update(1)
+            # each step shown when it ends: tqdm skips a redraw within 0.1 s of the last, and the bar is made
+            # at the first step's end, so step 1 was never shown
+            self.bar.refresh()
         elif event.kind in ("save", "sample"):
             tqdm.write(f"{event.kind}: {', '.join(event.paths)}", file=sys.stderr)
         elif event.kind in ("done", "cancelled") and self.bar is not None:

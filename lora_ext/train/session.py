@@ -38,10 +38,13 @@ class HostSession:
         # block would get no gradient. Ours (below) is torch's non-reentrant checkpoint, which sees them.
         for m, f, _ in self.flags:
             setattr(m, f, False)
+        # a forward already set on the instance (by the host or another extension) is put back afterwards
+        self.own_forwards = [(m, m.__dict__["forward"]) for m in self.blocks + [m for m, _ in self.patches]
+                             if "forward" in m.__dict__]
         for module, forward in self.patches:
             module.forward = forward
         for block in self.blocks:
-            block.forward = functools.partial(_checkpointed, type(block).forward.__get__(block))
+            block.forward = functools.partial(_checkpointed, block.forward)
         self._hold_frozen()
         return self
 
@@ -57,6 +60,8 @@ class HostSession:
         self.originals.clear()
         for module in self.blocks + [m for m, _ in self.patches]:
             module.__dict__.pop("forward", None)
+        for module, forward in self.own_forwards:
+            module.forward = forward
         for m, f, v in self.flags:
             setattr(m, f, v)
         params = {id(p): p for p in self.root.parameters()}
@@ -76,14 +81,17 @@ def frozen_roots(host) -> list:
     return [host.unet] + list(host.text_encoders())
 
 
-def held_parameters(roots, dtype):
+def held_parameters(roots, dtype, through_forward: bool = False):
     """The Linear / Conv2d weights and biases under `roots` that a session holding them in `dtype` casts (norms
-    and embeddings stay as they are: CPU group_norm refuses bf16 parameters under fp32 input)."""
+    and embeddings stay as they are: CPU group_norm refuses bf16 parameters under fp32 input).
+    `through_forward`: only layers whose weights are used through their own forward (what train.upcast can
+    cast up at use; an nn.MultiheadAttention reads its out_proj's weight directly)."""
     if dtype is None:
         return
     for root in roots:
+        direct = {id(m.out_proj) for m in root.modules() if isinstance(m, nn.MultiheadAttention)}
         for m in root.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not (through_forward and id(m) in direct):
                 for p in (m.weight, m.bias):
                     if p is not None and p.dtype != dtype:
                         yield p

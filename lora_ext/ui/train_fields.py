@@ -78,6 +78,9 @@ FIELDS = (
     F("save_precision", "Precision & memory", "Save precision", "fp16 files are half the size.", "choice",
       ("fp16", "bf16", "fp32")),
     F("gradient_checkpointing", "Precision & memory", "Gradient checkpointing", "Less memory, about 25% slower.", "bool"),
+    F("checkpointing_margin", "Precision & memory", "Checkpointing margin",
+      "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that "
+      "are cheapest to keep, for speed; 0 = recompute every block.", "number"),
     F("cache_latents", "Precision & memory", "Cache latents", "Encode each image once; faster, less VRAM.", "bool"),
     F("cache_text_encoder_outputs", "Precision & memory", "Cache text encoder outputs",
       "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption "

@@ -1,0 +1,52 @@
+"""Frozen layers whose weights are stored in a narrower dtype than the run computes in. A headless run on a
+CPU without bf16 instructions, asked for bf16 / fp16, loads the frozen UNet and text-encoder weights so (half
+their memory) and computes in fp32, the CPU's fast path: each use casts the layer's weight up to its input's
+dtype. Backward keeps the stored weight and casts it again, not the cast copy: autograd would otherwise keep
+an fp32 copy of every layer from its forward to its backward, the memory saved spent again."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _StoredNarrow(torch.autograd.Function):
+    """A frozen Linear (conv None) or Conv2d (conv: its stride/padding/dilation/groups) on a narrow weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv):
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.shape = conv, x.shape
+        w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, b) if conv is None else F.conv2d(x, w, b, **conv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        w = weight.to(grad.dtype)
+        if ctx.conv is None:
+            return grad @ w, None, None, None
+        return torch.nn.grad.conv2d_input(ctx.shape, w, grad, **ctx.conv), None, None, None
+
+
+def _forward(layer, x):
+    weight, bias = layer.weight, layer.bias
+    conv = (None if isinstance(layer, nn.Linear) else
+            dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups))
+    trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if trained or (conv is not None and (layer.padding_mode != "zeros" or isinstance(layer.padding, str))):
+        # a weight-form network's W + delta (autograd must see the cast), or a convolution conv2d_input
+        # cannot invert: the plain cast
+        w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, b) if conv is None else layer._conv_forward(x, w, b)
+    return _StoredNarrow.apply(x, weight, bias, conv)
+
+
+def upcast_patches(roots, compute=torch.float32) -> list:
+    """(layer, forward) for a HostSession: each Linear / Conv2d under `roots` whose weight is stored in
+    another floating dtype than `compute` casts it up at use."""
+    return [(m, functools.partial(_forward, m)) for root in roots for m in root.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.is_floating_point() and m.weight.dtype != compute]
+
