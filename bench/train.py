@@ -241,9 +241,10 @@ def timed_run(cmd, cwd, env, tool) -> dict:
     while chunk := p.stdout.read1(65536):
         buf += chunk
         *parts, buf = re.split(rb"[\r\n]", buf)
-        for part in parts:
+        tail = (tail + [part.decode("utf-8", "replace") for part in parts])[-30:]
+        # tqdm starts each redraw with "\r": a bar drawn whole ("...]") is read now, not at the next redraw
+        for part in parts + ([buf] if buf.endswith(b"]") else []):
             line = part.decode("utf-8", "replace")
-            tail = (tail + [line])[-30:]
             if not line.startswith(_BAR[tool]):
                 continue
             for m in _PROGRESS.finditer(line):

@@ -7,6 +7,9 @@ from `bash .ci/setup`). Prints JSON; every ratio is against a baseline measured 
   text-encoder layer): the time a generation takes over a plain one when it first uses the LoRA, when its
   weight changes, when it is turned off, and the webui process's RSS kept after the first use, for our panel
   and for the built-in `<lora:>`, each in a fresh webui (1 step at 64 px: what is timed is the LoRA work).
+- `--train` (alone): on the same full-size model, seconds from pressing Train in the LoRA tab to its status
+  showing the first step (headless Chromium; the model already loaded, no second copy), against the
+  headless `python -m lora_ext train` of the checkpoint with the same data and options, launch to first step.
 
     .venv/bin/python bench/webui.py [--skip-apply]
 """
@@ -114,14 +117,91 @@ def apply_run(paths, kind: str) -> dict:
         server.stop()
 
 
+TRAIN_STEPS = 3
+# the tab's own values (config.GUIDE_DEFAULTS) where the form below leaves them, as the command line's
+# options; mixed precision "no": on the CPU the tab's fp16 trains in fp32 on the webui's fp32 model, where a
+# headless fp16 run would store the frozen weights in fp16
+TRAIN_FLAGS = ["--resolution", "256", "--network_dim", "16", "--network_alpha", "8", "--train_batch_size", "1",
+               "--max_train_steps", str(TRAIN_STEPS), "--learning_rate", "1e-4", "--lr_scheduler", "cosine_with_restarts",
+               "--caption_extension", ".txt", "--mixed_precision", "no", "--save_precision", "fp16", "--seed", "42"]
+
+
+def _train_in_tab(server, data: str) -> float:
+    """Seconds from pressing Train in the LoRA tab to its status showing the first step (the status is polled
+    every 2 s: up to that much late), on the model the webui has loaded; then waits for the run's end."""
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_browser import ARGS, CHROMIUM
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url, timeout=300_000)
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=300_000)
+        page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*LoRA\s*$")).first.click()
+        page.locator("#tab_lora_ext .tab-nav button").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+        for group in ("network", "optimizer_schedule", "samples_saving"):
+            page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+        for field, value in (("train_data_dir", data), ("output_name", "bench_tab"), ("resolution", 256),
+                             ("max_train_epochs", 0), ("max_train_steps", TRAIN_STEPS), ("network_dim", 16),
+                             ("network_alpha", 8), ("train_batch_size", 1)):
+            box = page.locator(f"#lora_ext_train_{field} textarea, #lora_ext_train_{field} input").first
+            box.fill(str(value))
+            box.press("Tab")
+        status = page.locator("div.prose#lora_ext_train_status")
+        start = time.perf_counter()
+        page.locator("#lora_ext_train_start").click()
+        expect(status).to_contain_text(re.compile(rf"Step \d+/{TRAIN_STEPS}"), timeout=600_000)
+        first = time.perf_counter() - start
+        expect(status).to_contain_text(f"after {TRAIN_STEPS} steps", timeout=600_000)
+        browser.close()
+    return first
+
+
+def train_start(paths, work) -> dict:
+    """The LoRA tab's run on the webui's loaded full-size model against the headless run of the same
+    checkpoint, data and options (bench/train.py's reading of its bar): seconds to the first step."""
+    import importlib.util
+
+    from lora_ext.testing import sample_data
+
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    data = sample_data.make_sample_dataset(os.path.join(work, "data"), size=256, per_concept=4)["train"]
+    server = harness.Server(paths, free_port(), log_name="bench-train.log").start(timeout_s=900)
+    try:
+        tab = _train_in_tab(server, data)
+        log = server.log()
+    finally:
+        server.stop()
+    if "Traceback" in log:
+        raise SystemExit("the webui's log has a traceback:\n" + log[-3000:])
+    cmd = [sys.executable, "-m", "lora_ext", "train", "--pretrained_model_name_or_path",
+           os.path.join(paths["checkpoints"], FULL), "--train_data_dir", data, "--output_dir",
+           os.path.join(work, "headless"), "--output_name", "bench_cli"] + TRAIN_FLAGS
+    headless = bench_train.timed_run(cmd, ROOT, {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, "ours")
+    return {"tab_press_to_first_step_s": round(tab, 2), "headless_launch_to_first_step_s": round(headless["first_step_s"], 2),
+            "headless_peak_rss_gb": round(headless["peak_rss_gb"], 2),
+            "tab_over_headless": round(tab / headless["first_step_s"], 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-apply", action="store_true", help="only the start-up figures")
+    ap.add_argument("--train", action="store_true", help="only the LoRA tab's time to its first training step, "
+                                                          "against the headless run's")
     args = ap.parse_args()
     source = harness.webui_source()
     work = tempfile.mkdtemp(prefix="lora_ext_bench_webui_")
     try:
         paths = harness.make_work_copy(work, source, harness.repositories(source), harness.webui_python(source))
+        if args.train:
+            full_size(paths, work)
+            print(json.dumps({"train_full_sd15_256px": train_start(paths, work)}, indent=2))
+            return 0
         out = {"startup": startup(paths)}
         if not args.skip_apply:
             full_size(paths, work)

@@ -13,7 +13,10 @@ Not counted: the CUDA context and the allocator's fragmentation (a few hundred M
 the report names as a margin."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # optimizer state per trained parameter, in bytes (AdamW: two fp32 moments; 8-bit Adam: two bytes; Lion:
@@ -143,6 +146,27 @@ def recomputed_blocks(measured: dict, margin: float, rest: int) -> list:
     return plan
 
 
+class _AutocastOnMeta(torch.overrides.TorchFunctionMode):
+    """Autocast's casts where there is no autocast (meta tensors): the floating inputs of the products autocast
+    computes in its dtype (convolutions, linear layers, matrix products, attention) are cast to it before the
+    op, above autograd, so that what autograd keeps has the dtype it has in the run (the rest follows torch's
+    type promotion there as here). ldm's UNet casts its input to fp32, which autocast undoes op by op."""
+    PRODUCTS = {F.linear, F.conv2d, torch.conv2d, F.scaled_dot_product_attention, torch.matmul, torch.bmm,
+                torch.baddbmm, torch.mm, torch.addmm, torch.einsum, torch.Tensor.__matmul__, torch.Tensor.matmul}
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS:
+            cast = lambda t: (t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()  # noqa: E731
+                              and t.dtype != self.dtype else t)
+            args, kwargs = torch.utils._pytree.tree_map(cast, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def _context_width(host) -> int:
     """The cross-attention context width: the input width of the first cross-attention key projection."""
     for name, m in host.unet.named_modules():
@@ -177,13 +201,13 @@ def estimate(host, cfg) -> dict:
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
     weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device) + _held_in(host, amp, device)
-    # the meta model computes in one dtype: without autocast the model's own (on a CPU fp32, whatever the
-    # frozen weights are stored in: train.upcast); a GPU's autocast dtype; on a CPU with bf16 autocast fp32
-    # (the meta tensors have no CPU autocast, and ldm's UNet casts its input to fp32): an upper bound
+    # the meta model's weights in one dtype: without autocast the model's own (on a CPU fp32, whatever the
+    # frozen weights are stored in: train.upcast); under autocast its dtype (the frozen weights are held in
+    # it), with autocast's casts of the products' inputs made by _AutocastOnMeta
     if amp is None:
         dtype = torch.float32 if device.type == "cpu" else next(host.unet.parameters()).dtype
     else:
-        dtype = amp if device.type == "cuda" else torch.float32
+        dtype = amp
 
     w, h = cfg.size
     batch, tokens = cfg.train_batch_size, 77 * (cfg.max_token_length // 75)
@@ -194,7 +218,9 @@ def estimate(host, cfg) -> dict:
 
     def unet_forward():
         noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
-        return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"), _meta_cond(host, batch, tokens, dtype))
+        with _AutocastOnMeta(amp) if amp is not None else contextlib.nullcontext():
+            return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"),
+                                _meta_cond(host, batch, tokens, dtype))
 
     # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); the meta
     # network on the UNet's layers, so that what its modules keep (a weight-form type's whole changed weight)
@@ -272,8 +298,6 @@ def summary(host, cfg, lock=None) -> str:
 
 def estimated(host, cfg, lock=None) -> tuple:
     """(estimate or None, summary's line)."""
-    import contextlib
-
     try:
         with lock or contextlib.nullcontext():
             est = estimate(host, cfg)
