@@ -37,7 +37,7 @@
         "Clip skip": "1 for SD-based models, 2 for NAI-based ones.",
         "Mixed precision": "bf16 if the card has it (RTX 30xx+), else fp16.",
         "Save precision": "fp16 files are half the size.",
-        "Gradient checkpointing": "Less memory, about 25% slower.",
+        "Gradient checkpointing": "Less memory: UNet blocks are recomputed in backward (all of them: about 25% slower); the margin below keeps the activations of those it can afford.",
         "Checkpointing margin": "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that are cheapest to keep, for speed; 0 = recompute every block.",
         "Cache latents": "Encode each image once; faster, less VRAM.",
         "Cache text encoder outputs": "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption shuffle or dropout.",

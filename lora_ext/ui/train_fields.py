@@ -77,7 +77,9 @@ FIELDS = (
       "choice", ("fp16", "bf16", "no")),
     F("save_precision", "Precision & memory", "Save precision", "fp16 files are half the size.", "choice",
       ("fp16", "bf16", "fp32")),
-    F("gradient_checkpointing", "Precision & memory", "Gradient checkpointing", "Less memory, about 25% slower.", "bool"),
+    F("gradient_checkpointing", "Precision & memory", "Gradient checkpointing",
+      "Less memory: UNet blocks are recomputed in backward (all of them: about 25% slower); the margin below "
+      "keeps the activations of those it can afford.", "bool"),
     F("checkpointing_margin", "Precision & memory", "Checkpointing margin",
       "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that "
       "are cheapest to keep, for speed; 0 = recompute every block.", "number"),
