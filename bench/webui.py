@@ -131,32 +131,26 @@ def _train_in_tab(server, data: str) -> float:
     every 2 s: up to that much late), on the model the webui has loaded; then waits for the run's end."""
     import re
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from test_browser import ARGS, CHROMIUM
+    from real_webui.test_webui_browser import _subtab, browser_page
+    from test_browser import _fill, _md, _tab
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(server.url, timeout=300_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=300_000)
-        page.locator(".tab-nav button").filter(has_text=re.compile(r"^\s*LoRA\s*$")).first.click()
-        page.locator("#tab_lora_ext .tab-nav button").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+    with browser_page(server) as page:
+        _tab(page, "LoRA")
+        _subtab(page, "Train")
         for group in ("network", "optimizer_schedule", "samples_saving"):
             page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
         for field, value in (("train_data_dir", data), ("output_name", "bench_tab"), ("resolution", 256),
                              ("max_train_epochs", 0), ("max_train_steps", TRAIN_STEPS), ("network_dim", 16),
                              ("network_alpha", 8), ("train_batch_size", 1)):
-            box = page.locator(f"#lora_ext_train_{field} textarea, #lora_ext_train_{field} input").first
-            box.fill(str(value))
-            box.press("Tab")
-        status = page.locator("div.prose#lora_ext_train_status")
+            _fill(page, field, value)
+        status = _md(page, "lora_ext_train_status")
         start = time.perf_counter()
         page.locator("#lora_ext_train_start").click()
         expect(status).to_contain_text(re.compile(rf"Step \d+/{TRAIN_STEPS}"), timeout=600_000)
         first = time.perf_counter() - start
         expect(status).to_contain_text(f"after {TRAIN_STEPS} steps", timeout=600_000)
-        browser.close()
     return first
 
 

@@ -146,8 +146,8 @@ def _checkpointed_blocks(run: Run, estimate=None) -> list:
         except Exception as e:      # advisory: a host the estimate cannot measure recomputes every block
             run.messages.append(f"gradient checkpointing: every block recomputed (no memory estimate: {e})")
             return blocks
-        plan = estimate.get("recomputed")
-        if plan and len(plan) == len(blocks) and not all(plan):
+        plan = estimate["recomputed"]       # one per block of checkpoint_blocks(), or None
+        if plan and not all(plan):
             more = estimate["parts"]["activations"] - estimate["all_recomputed"]
             run.messages.append(f"gradient checkpointing: {sum(plan)} of {len(blocks)} blocks recomputed, the other "
                                 f"{len(blocks) - sum(plan)} keep their activations (about {more / 2**20:.0f} MB more, "

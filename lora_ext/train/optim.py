@@ -97,5 +97,4 @@ def stored_dtype(mixed_precision: str, device: torch.device, cpu_has=None):
 
 
 def save_dtype(save_precision: str):
-    return {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16}.get(save_precision, torch.float32)
+    return _HALF.get(save_precision, torch.float32)
