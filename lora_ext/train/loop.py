@@ -16,6 +16,7 @@ import torch
 from .. import files
 from . import batches, dataset, network_args, optim, state, step as step_math
 from .config import TrainConfig
+from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
 from .events import Event, Result
 from .network import network_for
@@ -77,6 +78,7 @@ class Run:
     optimizer: object = None
     latent_cache: object = None
     text_cache: object = None
+    convs: object = None        # on the CPU: the kernel each convolution shape was measured fastest on
 
     @property
     def train_te(self) -> bool:
@@ -158,7 +160,8 @@ def _checkpointed_blocks(run: Run, estimate=None) -> list:
 
 def _patches(run: Run) -> list:
     """The forwards the run installs: faster attention; on the CPU, each frozen layer stored in a half dtype
-    (a headless run loads them so when asked for one) computing in fp32."""
+    (a headless run loads them so when asked for one) computing in fp32, and each frozen fp32 convolution on
+    the faster CPU kernel for its shape (cpu_conv)."""
     host, cfg = run.host, run.cfg
     patches = host.attention_patches()
     if cfg.xformers and patches:
@@ -170,6 +173,9 @@ def _patches(run: Run) -> list:
             run.messages.append(f"the frozen weights, stored in {narrow}, are cast up to fp32 at each use (half "
                                 "their memory at the CPU's fp32 speed)")
         patches = list(patches) + upcast
+    if run.device.type == "cpu":
+        run.convs = Chooser()
+        patches = list(patches) + conv_patches(host.unet, run.convs)
     return patches
 
 
@@ -227,6 +233,9 @@ def _run(run: Run) -> Result:
         raise
     for part, device in placed.items():
         part.to(device)
+    summary = run.convs.summary() if run.convs is not None else None
+    if summary:
+        run.messages.append(summary)
     lora_path = loop.save(loop.out_path) if dist.main else None
     state_path = None
     if (loop.cancelled or cfg.save_state) and dist.main:

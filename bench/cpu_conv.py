@@ -1,0 +1,69 @@
+"""Benchmark of the CPU convolution rule (lora_ext/train/cpu_conv.py) on SD's frozen fp32 layer shapes.
+
+Prints one JSON line per (layer, input size, batch): the best time of a forward and its input gradient on
+oneDNN and on thnn, thnn / oneDNN (below 1: thnn faster), the rule's pick, and whether the pick was the faster
+kernel (or within `--tie` of it). The last line sums the time the rule's picks take / oneDNN everywhere.
+
+    .venv/bin/python bench/cpu_conv.py [--rounds 3] [--batch 1,2] [--tie 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_ext.train import cpu_conv  # noqa: E402
+
+# (in channels, out channels, input size, kernel, stride): SD1.5 / SDXL UNet layers at 256 to 1024 px
+SHAPES = [(320, 320, 64, 3, 1), (320, 320, 32, 3, 1), (640, 640, 32, 3, 1), (640, 640, 16, 3, 1),
+          (1280, 1280, 32, 3, 1), (1280, 1280, 16, 3, 1), (1280, 1280, 8, 3, 1), (1280, 1280, 4, 3, 1),
+          (640, 320, 32, 3, 1), (960, 320, 32, 3, 1), (1920, 640, 16, 3, 1), (2560, 1280, 8, 3, 1),
+          (2560, 1280, 4, 3, 1), (320, 320, 32, 3, 2), (640, 640, 16, 3, 2), (1280, 1280, 8, 3, 2),
+          (320, 640, 16, 1, 1), (2560, 1280, 8, 1, 1), (4, 320, 32, 3, 1), (320, 4, 32, 3, 1)]
+
+
+def seconds(kernel, x, layer, rounds: int) -> float:
+    """The best of `rounds` forward + input gradient, after one to warm up."""
+    best = float("inf")
+    for i in range(rounds + 1):
+        probe = x.detach().requires_grad_(True)
+        start = time.perf_counter()
+        kernel(probe, layer).sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", default="1,2")
+    ap.add_argument("--tie", type=float, default=0.1, help="a pick this close to the faster counts as right")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    total = {"rule": 0.0, "onednn": 0.0}
+    for ci, co, size, k, stride in SHAPES:
+        layer = nn.Conv2d(ci, co, k, padding=k // 2, stride=stride).requires_grad_(False)
+        for batch in map(int, args.batch.split(",")):
+            x = torch.randn(batch, ci, size, size)
+            t = {name: seconds(f, x, layer, args.rounds) for name, f in cpu_conv.KERNELS.items()}
+            pick = cpu_conv.kernel_name(x.shape, layer)
+            total["rule"] += t[pick]
+            total["onednn"] += t["onednn"]
+            print(json.dumps({"in": ci, "out": co, "size": size, "kernel": k, "stride": stride, "batch": batch,
+                              "onednn_ms": round(t["onednn"] * 1e3, 2), "thnn_ms": round(t["thnn"] * 1e3, 2),
+                              "thnn_over_onednn": round(t["thnn"] / t["onednn"], 3), "rule": pick,
+                              "rule_right": t[pick] <= (1 + args.tie) * min(t.values())}), flush=True)
+    print(json.dumps({"rule_over_onednn_total": round(total["rule"] / total["onednn"], 3),
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
