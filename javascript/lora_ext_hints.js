@@ -40,6 +40,7 @@
         "Gradient checkpointing": "Less memory: UNet blocks are recomputed in backward (all of them: about 25% slower); the margin below keeps the activations of those it can afford.",
         "Checkpointing margin": "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that are cheapest to keep, for speed; 0 = recompute every block.",
         "Cache latents": "Encode each image once; faster, less VRAM.",
+        "VAE in full precision": "With bf16: encode the images in the VAE's own precision, not bf16 (on a CPU twice the encode time).",
         "Cache text encoder outputs": "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption shuffle or dropout.",
         "Sample every N epochs": "Preview images (0 = none).",
         "Sample every N steps": "Preview images by steps (0 = none).",

@@ -152,7 +152,7 @@ def test_report(tmp_path):
     assert any("more than the max token length" in w for w in rep["warnings"])
 
 
-def test_latent_disk_cache_is_reused_until_the_image_or_bucket_changes(tmp_path):
+def test_latent_disk_cache_is_reused_until_the_image_bucket_or_precision_changes(tmp_path):
     import torch
 
     _img(str(tmp_path / "1_x" / "a.png"), size=(64, 64))
@@ -175,6 +175,9 @@ def test_latent_disk_cache_is_reused_until_the_image_or_bucket_changes(tmp_path)
     os.utime(tmp_path / "1_x" / "a.png", ns=(0, os.stat(tmp_path / "1_x" / "a.png").st_mtime_ns + 10 ** 9))
     changed = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)
     assert len(calls) == 3 and not torch.equal(changed, first)
+    batches.LatentCache(encode, to_disk=True, precision="bf16").get(s64, aug, False)  # encoded in another dtype
+    batches.LatentCache(encode, to_disk=True, precision="bf16").get(s64, aug, False)
+    assert len(calls) == 4
     folder = tmp_path / "cache"
     batches.LatentCache(encode, to_disk=True, folder=str(folder)).get(s64, aug, False)
     assert len(list(folder.iterdir())) == 1

@@ -311,11 +311,11 @@ def test_the_case_table_has_no_duplicates():
 
 def test_kohya_options_without_meaning_here_run_with_one_note_each(world, tmp_path, capsys):
     argv = _argv(T, {**world, "out": str(tmp_path)}) + [
-        "--max_train_steps", "1", "--network_dim", "2", "--caption_extension", ".txt", "--no_half_vae",
+        "--max_train_steps", "1", "--network_dim", "2", "--caption_extension", ".txt", "--lowram",
         "--max_data_loader_n_workers", "0", "--persistent_data_loader_workers", "--tokenizer_cache_dir", "/nowhere"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    for option in ("no_half_vae", "max_data_loader_n_workers", "persistent_data_loader_workers", "tokenizer_cache_dir"):
+    for option in ("lowram", "max_data_loader_n_workers", "persistent_data_loader_workers", "tokenizer_cache_dir"):
         assert err.count(f"note: --{option} has no effect here") == 1, err
     assert os.path.isfile(tmp_path / "last.safetensors")
 

@@ -501,6 +501,28 @@ def test_bf16_on_a_cpu_that_has_it_trains_the_lora_in_fp32_and_says_so(data, tmp
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}      # save_precision fp32: trained in fp32
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_bf16_run_encodes_its_latents_in_bf16_unless_no_half_vae(data, tmp_path, monkeypatch, cache):
+    from lora_ext.train import optim
+
+    monkeypatch.setattr(optim, "cpu_bf16", lambda: "AVX512-BF16")
+    model = tiny_model("sd1")
+    runs = []
+    for i, kw in enumerate(({"mixed_precision": "bf16"}, {"mixed_precision": "bf16", "no_half_vae": True}, {})):
+        host, seen = WebuiHost(model), set()
+        encode = host.encode_images
+
+        def spy(px, seeds=None):
+            latents = encode(px, seeds)
+            seen.add((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None, latents.dtype))
+            return latents
+        host.encode_images = spy
+        result = train(host, _cfg(data, tmp_path / str(i), max_train_steps=1, cache_latents=cache, **kw))
+        assert result.steps == 1
+        runs.append(seen)
+    assert runs == [{(torch.bfloat16, torch.bfloat16)}, {(None, torch.float32)}, {(None, torch.float32)}]
+
+
 def test_the_cli_bar_shows_every_step_when_it_ends(capsys):
     """The first step is drawn (tqdm skips a redraw within 0.1 s of the bar's creation, which is at that
     step's end), and each later one at once: the bar is what a user, and bench/train.py, reads step times from."""

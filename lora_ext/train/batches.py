@@ -94,11 +94,12 @@ def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tens
 class LatentCache:
     """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
     .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and
-    size; a changed image or another bucket (resolution) is encoded again. Only valid without random crops."""
+    size, and the encode's precision when not the VAE's own (`precision`, e.g. "bf16"); a changed image, another
+bucket (resolution) or precision is encoded again. Only valid without random crops."""
 
-    def __init__(self, encode, to_disk: bool = False, folder: str | None = None):
+    def __init__(self, encode, to_disk: bool = False, folder: str | None = None, precision: str = ""):
         self.encode = encode            # pixels [b, 3, h, w] -> latents
-        self.to_disk, self.folder = to_disk, folder
+        self.to_disk, self.folder, self.precision = to_disk, folder, precision
         self.memory: dict = {}
         self.encoded = 0
 
@@ -141,7 +142,7 @@ class LatentCache:
             return None
         try:
             with safe_open(path, framework="pt") as f:
-                if (f.metadata() or {}).get("stamp") != _stamp_text(stamp):
+                if (f.metadata() or {}).get("stamp") != self._stamp_text(stamp):
                     return None
                 return f.get_tensor("latent")
         except Exception:
@@ -154,8 +155,7 @@ class LatentCache:
 
         path = self._file(item, bucket, flip)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, save({"latent": latent.contiguous()}, {"stamp": _stamp_text(stamp)}), overwrite=True)
+        atomic_write(path, save({"latent": latent.contiguous()}, {"stamp": self._stamp_text(stamp)}), overwrite=True)
 
-
-def _stamp_text(stamp) -> str:
-    return f"{stamp[0]}:{stamp[1]}"
+    def _stamp_text(self, stamp) -> str:
+        return f"{stamp[0]}:{stamp[1]}" + (f":{self.precision}" if self.precision else "")

@@ -53,6 +53,7 @@ class TrainConfig:
     cache_latents_to_disk: bool = False
     cache_text_encoder_outputs: bool = False        # encode each caption once (needs the text encoders frozen)
     cache_text_encoder_outputs_to_disk: bool = False
+    no_half_vae: bool = False       # kohya's: a bf16 run's VAE encodes in its own precision, not in bf16
     # schedule
     train_batch_size: int = 1
     max_train_steps: int = 1600
@@ -257,7 +258,6 @@ KOHYA_UNSUPPORTED = {
 }
 # kohya options that mean nothing here: accepted, with one line saying why
 NO_EFFECT = {
-    "no_half_vae": "the VAE is never run in half precision here",
     "max_data_loader_n_workers": "images are loaded in the training process; there are no loader workers",
     "persistent_data_loader_workers": "there are no loader workers",
     "tokenizer_cache_dir": "the tokenizer comes with the model (the checkpoint's config), nothing is downloaded",

@@ -193,8 +193,9 @@ def _caches(run: Run) -> None:
     after the whole dataset's; text-encoder outputs likewise, per caption."""
     cfg, host = run.cfg, run.host
     if cfg.cache_latents:
-        run.latent_cache = batches.LatentCache(lambda px: host.encode_images(px, [cfg.seed] * len(px)),
-                                               to_disk=cfg.cache_latents_to_disk)
+        run.latent_cache = batches.LatentCache(lambda px: step_math.encode_images(run, px, [cfg.seed] * len(px)),
+                                               to_disk=cfg.cache_latents_to_disk,
+                                               precision="bf16" if step_math.vae_in_bf16(run) else "")
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         # beside the states (in the webui models/lora_ext_states, out of the LoRA folder), else the output's
         folder = (os.path.join(cfg.state_dir or cfg.output_dir, "text-cache")

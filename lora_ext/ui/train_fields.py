@@ -84,6 +84,8 @@ FIELDS = (
       "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that "
       "are cheapest to keep, for speed; 0 = recompute every block.", "number"),
     F("cache_latents", "Precision & memory", "Cache latents", "Encode each image once; faster, less VRAM.", "bool"),
+    F("no_half_vae", "Precision & memory", "VAE in full precision",
+      "With bf16: encode the images in the VAE's own precision, not bf16 (on a CPU twice the encode time).", "bool"),
     F("cache_text_encoder_outputs", "Precision & memory", "Cache text encoder outputs",
       "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption "
       "shuffle or dropout.", "bool"),
