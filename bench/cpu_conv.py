@@ -1,10 +1,11 @@
 """Benchmark of the CPU convolution rule (lora_ext/train/cpu_conv.py) on SD's frozen fp32 layer shapes.
 
-Prints one JSON line per (layer, input size, batch): the best time of a forward and its input gradient on
-oneDNN and on thnn, thnn / oneDNN (below 1: thnn faster), the rule's pick, and whether the pick was the faster
-kernel (or within `--tie` of it). The last line sums the time the rule's picks take / oneDNN everywhere.
+Prints one JSON line per (dtype, layer, input size, batch): the best time of a forward and its input gradient
+on oneDNN and on the dtype's GEMM kernel (fp32: torch's thnn; bf16, under autocast: unfold + matmul),
+gemm / oneDNN (below 1: the GEMM faster), the rule's pick, and whether the pick was the faster kernel (or within
+`--tie` of it). The last line sums, per dtype, the time the rule's picks take / oneDNN everywhere.
 
-    .venv/bin/python bench/cpu_conv.py [--rounds 3] [--batch 1,2] [--tie 0.1]
+    .venv/bin/python bench/cpu_conv.py [--rounds 3] [--batch 1,2] [--tie 0.1] [--dtype fp32,bf16]
 """
 from __future__ import annotations
 
@@ -29,13 +30,15 @@ SHAPES = [(320, 320, 64, 3, 1), (320, 320, 32, 3, 1), (640, 640, 32, 3, 1), (640
           (320, 640, 16, 1, 1), (2560, 1280, 8, 1, 1), (4, 320, 32, 3, 1), (320, 4, 32, 3, 1)]
 
 
-def seconds(kernel, x, layer, rounds: int) -> float:
+def seconds(kernel, x, layer, dtype, rounds: int) -> float:
     """The best of `rounds` forward + input gradient, after one to warm up."""
     best = float("inf")
     for i in range(rounds + 1):
         probe = x.detach().requires_grad_(True)
         start = time.perf_counter()
-        kernel(probe, layer).sum().backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = kernel(probe, layer, dtype)
+        out.float().sum().backward()
         if i:
             best = min(best, time.perf_counter() - start)
     return best
@@ -45,24 +48,29 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", default="1,2")
+    ap.add_argument("--dtype", default="fp32,bf16")
     ap.add_argument("--tie", type=float, default=0.1, help="a pick this close to the faster counts as right")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    total = {"rule": 0.0, "onednn": 0.0}
-    for ci, co, size, k, stride in SHAPES:
-        layer = nn.Conv2d(ci, co, k, padding=k // 2, stride=stride).requires_grad_(False)
-        for batch in map(int, args.batch.split(",")):
-            x = torch.randn(batch, ci, size, size)
-            t = {name: seconds(f, x, layer, args.rounds) for name, f in cpu_conv.KERNELS.items()}
-            pick = cpu_conv.kernel_name(x.shape, layer)
-            total["rule"] += t[pick]
-            total["onednn"] += t["onednn"]
-            print(json.dumps({"in": ci, "out": co, "size": size, "kernel": k, "stride": stride, "batch": batch,
-                              "onednn_ms": round(t["onednn"] * 1e3, 2), "thnn_ms": round(t["thnn"] * 1e3, 2),
-                              "thnn_over_onednn": round(t["thnn"] / t["onednn"], 3), "rule": pick,
-                              "rule_right": t[pick] <= (1 + args.tie) * min(t.values())}), flush=True)
-    print(json.dumps({"rule_over_onednn_total": round(total["rule"] / total["onednn"], 3),
-                      "threads": torch.get_num_threads()}))
+    for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtype.split(",")]:
+        total = {"rule": 0.0, "onednn": 0.0}
+        kernels = {"onednn": cpu_conv._onednn, "gemm": cpu_conv.GEMM[dtype]}
+        for ci, co, size, k, stride in SHAPES:
+            layer = nn.Conv2d(ci, co, k, padding=k // 2, stride=stride).requires_grad_(False)
+            for batch in map(int, args.batch.split(",")):
+                x = torch.randn(batch, ci, size, size)
+                t = {name: seconds(f, x, layer, dtype, args.rounds) for name, f in kernels.items()}
+                pick = cpu_conv.kernel_name(x.shape, layer, dtype)
+                total["rule"] += t[pick]
+                total["onednn"] += t["onednn"]
+                print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "in": ci, "out": co, "size": size,
+                                  "kernel": k, "stride": stride, "batch": batch,
+                                  "onednn_ms": round(t["onednn"] * 1e3, 2), "gemm_ms": round(t["gemm"] * 1e3, 2),
+                                  "gemm_over_onednn": round(t["gemm"] / t["onednn"], 3), "rule": pick,
+                                  "rule_right": t[pick] <= (1 + args.tie) * min(t.values())}), flush=True)
+        print(json.dumps({"dtype": str(dtype).removeprefix("torch."),
+                          "rule_over_onednn_total": round(total["rule"] / total["onednn"], 3),
+                          "threads": torch.get_num_threads()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ def _checkpointed_blocks(run: Run, estimate=None) -> list:
 
 def _patches(run: Run) -> list:
     """The forwards the run installs: faster attention; on the CPU, each frozen layer stored in a half dtype
-    (a headless run loads them so when asked for one) computing in fp32, and each frozen fp32 convolution on
-    the faster CPU kernel for its shape (cpu_conv)."""
+    (a headless run loads them so when asked for one) computing in fp32, and each frozen convolution on the
+    faster CPU kernel for its shape (cpu_conv)."""
     host, cfg = run.host, run.cfg
     patches = host.attention_patches()
     if cfg.xformers and patches:
@@ -175,7 +175,8 @@ def _patches(run: Run) -> list:
         patches = list(patches) + upcast
     if run.device.type == "cpu":
         run.convs = Chooser()
-        patches = list(patches) + conv_patches(host.unet, run.convs)
+        taken = {id(m) for m, _ in patches}     # a layer cast up at use keeps that forward
+        patches = list(patches) + [p for p in conv_patches(host.unet, run.convs) if id(p[0]) not in taken]
     return patches
 
 
