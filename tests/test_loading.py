@@ -116,6 +116,32 @@ def test_a_layer_stored_narrow_computes_in_fp32_and_keeps_only_its_narrow_weight
     assert not upcast_patches([reference])          # an fp32 layer computes as it is
 
 
+def test_a_deep_narrow_convolution_at_a_small_size_runs_forward_on_the_gemm_kernel(monkeypatch):
+    """train.cpu_conv's rule inside the upcast: the forward on thnn (counted), fp32's result and input gradient
+    to rounding, autograd still keeping only the bf16 weight; the same layer at a larger size stays on oneDNN."""
+    from lora_ext.train import cpu_conv
+    from lora_ext.train.upcast import upcast_patches
+
+    calls = []
+    thnn = cpu_conv.thnn
+    monkeypatch.setattr(cpu_conv, "thnn", lambda *a: calls.append(a[0].shape) or thnn(*a))
+    torch.manual_seed(0)
+    layer = nn.Conv2d(512, 4, 3, padding=1).to(torch.bfloat16).requires_grad_(False)    # a GEMM up to 10x10
+    reference = nn.Conv2d(512, 4, 3, padding=1).requires_grad_(False)
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    (_, forward), = upcast_patches([layer])
+    for size, expected_calls in ((8, 1), (16, 1)):
+        x = torch.randn(2, 512, size, size, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = forward(x)
+        assert len(calls) == expected_calls and [t.dtype for t in saved] == [torch.bfloat16]
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(reference(x), x, g)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["sd1", "sd2"])
 def test_bf16_on_a_cpu_without_it_stores_the_frozen_weights_in_bf16_and_trains_in_fp32(tmp_path, monkeypatch, arch):
     """mixed_precision bf16 headless on a CPU with no bf16 instructions: the frozen Linear / Conv weights

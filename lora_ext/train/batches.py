@@ -95,7 +95,7 @@ class LatentCache:
     """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
     .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and
     size, and the encode's precision when not the VAE's own (`precision`, e.g. "bf16"); a changed image, another
-bucket (resolution) or precision is encoded again. Only valid without random crops."""
+    bucket (resolution) or precision is encoded again. Only valid without random crops."""
 
     def __init__(self, encode, to_disk: bool = False, folder: str | None = None, precision: str = ""):
         self.encode = encode            # pixels [b, 3, h, w] -> latents

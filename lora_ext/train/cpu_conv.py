@@ -24,9 +24,14 @@ def _onednn(x, layer, dtype=None):
     return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
 
 
-def _thnn(x, layer, dtype=None):
-    return torch.ops.aten.thnn_conv2d(x, layer.weight, list(layer.kernel_size), layer.bias, list(layer.stride),
+def thnn(x, weight, bias, layer):
+    """torch's im2col + GEMM convolution of `layer`'s geometry on these weights (train.upcast: a cast copy)."""
+    return torch.ops.aten.thnn_conv2d(x, weight, list(layer.kernel_size), bias, list(layer.stride),
                                       list(layer.padding))
+
+
+def _thnn(x, layer, dtype=None):
+    return thnn(x, layer.weight, layer.bias, layer)
 
 
 def _unfold_mm(x, layer, dtype):
@@ -83,14 +88,14 @@ class Chooser:
                 "oneDNN for deep layers at small sizes)")
 
 
-def _plain(m) -> bool:
+def plain(m) -> bool:
     """A Conv2d the GEMM kernels compute the same: zero padding given in numbers, no dilation or groups."""
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.dilation) == (1, 1)
-            and m.padding_mode == "zeros" and not isinstance(m.padding, str) and m.weight.dtype in GEMM)
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
 def conv_patches(root, chooser: Chooser) -> list:
     """(layer, forward) for a HostSession: every plain fp32 / bf16 Conv2d under `root` (whether its weight is
     frozen, and in what it computes, is asked at each call: the session freezes and holds the weights after the
     patches are made)."""
-    return [(m, functools.partial(chooser.forward, m)) for m in root.modules() if _plain(m)]
+    return [(m, functools.partial(chooser.forward, m)) for m in root.modules() if plain(m) and m.weight.dtype in GEMM]

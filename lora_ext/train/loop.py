@@ -78,7 +78,7 @@ class Run:
     optimizer: object = None
     latent_cache: object = None
     text_cache: object = None
-    convs: object = None        # on the CPU: the kernel each convolution shape was measured fastest on
+    convs: object = None        # on the CPU: the kernel each convolution shape ran on (train.cpu_conv)
 
     @property
     def train_te(self) -> bool:
