@@ -58,7 +58,8 @@ def _host_for(name: str, mixed_precision: str = "no"):
     mixed precision the frozen UNet and text-encoder weights are loaded straight in its dtype: what the
     run would cast them to anyway, without a full-precision copy first (nothing of this model is put back
     afterwards: the process ends); on a CPU that computes in fp32 instead, in the asked-for dtype all the
-    same, for half their memory."""
+    same, for half their memory. The host is the process's own (disposable): a run may free what it no longer
+    needs of it."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
     from .train.distributed import local_device
@@ -81,6 +82,7 @@ def _host_for(name: str, mixed_precision: str = "no"):
         host = WebuiHost(load_checkpoint(name, hold=(
             lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype, narrow_at_use), dtype) if dtype else None))
     host.model.to(device)
+    host.disposable = True
     return host
 
 

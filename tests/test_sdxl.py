@@ -429,3 +429,59 @@ def test_clip_skip_is_sdxls_penultimate_layer_whatever_it_says(data, tmp_path):
     torch.testing.assert_close(a.tokens[..., :32], want)
     run = loop.prepare(host, _cfg(data, tmp_path, clip_skip=2), lambda e: None, lambda: False)
     assert any("clip_skip 2 has no effect on SDXL" in m for m in run.messages)
+
+
+def test_a_headless_run_frees_its_cached_text_encoders_before_the_first_step_and_trains_the_same(data, tmp_path):
+    from lora_ext.train import memory
+
+    common = dict(network_train_unet_only=True, cache_text_encoder_outputs=True, max_train_steps=3)
+    kept_host = WebuiHost(copy.deepcopy(tiny_model("sdxl")))
+    before = _model_state(kept_host.model)
+    said = []
+    kept = train(kept_host, _cfg(data, tmp_path / "a", **common), on_event=said.append)
+    _assert_same(kept_host.model, before)        # the webui's model: its encoders stay, given back as they were
+    assert not any(e.kind == "message" and "text encoders are" in e.text for e in said)
+
+    host = WebuiHost(copy.deepcopy(tiny_model("sdxl")))
+    host.disposable = True                      # as the CLI's own model
+    te_bytes = sum(p.numel() * p.element_size() for m in host.text_encoders() for p in m.parameters())
+    est_kept = memory.estimate(kept_host, _cfg(data, tmp_path / "c", **common))
+    est = memory.estimate(host, _cfg(data, tmp_path / "c", **common))
+    assert est_kept["parts"]["weights"] - est["parts"]["weights"] == te_bytes > 0
+    assert est["encoders_until_cached"] == te_bytes and est_kept["encoders_until_cached"] == 0
+    assert est["total"] == max(sum(est["parts"].values()), est_kept["parts"]["weights"])
+    assert "until every caption is encoded" in memory.describe(est)
+    events = []
+    freed = train(host, _cfg(data, tmp_path / "b", **common), on_event=events.append)
+    assert all(p.numel() == 0 for m in host.text_encoders() for p in m.parameters())
+    assert any(e.kind == "message" and "the text encoders are freed" in e.text for e in events)
+    # every caption encoded first, in one order, instead of as the steps meet them: the same run
+    assert freed.losses == kept.losses
+    from safetensors.torch import load_file
+    a, b = load_file(kept.lora_path), load_file(freed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("options", [dict(sample_prompts=["a cat"], sample_every_n_steps=2, sample_steps=2),
+                                     dict(cache_text_encoder_outputs=False)])
+def test_text_encoders_stay_when_previews_need_them_or_nothing_is_cached(data, tmp_path, options):
+    host = WebuiHost(copy.deepcopy(tiny_model("sdxl")))
+    host.disposable = True
+    before = {k: v.clone() for m in host.text_encoders() for k, v in m.state_dict().items()}
+    cfg = _cfg(data, tmp_path, **{**dict(network_train_unet_only=True, cache_text_encoder_outputs=True,
+                                         max_train_steps=2), **options})
+    said = []
+    train(host, cfg, on_event=said.append)
+    after = {k: v for m in host.text_encoders() for k, v in m.state_dict().items()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(e.kind == "message" and "text encoders are" in e.text for e in said)
+
+
+def test_a_cancel_while_captions_are_encoded_first_stops_there_and_keeps_the_encoders(data, tmp_path):
+    host = WebuiHost(copy.deepcopy(tiny_model("sdxl")))
+    host.disposable = True
+    asked = []
+    result = train(host, _cfg(data, tmp_path, network_train_unet_only=True, cache_text_encoder_outputs=True,
+                              save_state=True), should_stop=lambda: asked.append(1) or len(asked) >= 2)
+    assert result.cancelled and result.steps == 0
+    assert all(p.numel() > 0 for m in host.text_encoders() for p in m.parameters())

@@ -93,6 +93,10 @@ class ConditioningMixin:
     """What every host computes the same way from its own encode_text and UNet: the conditioning of texts and
     sizes, prompts straight to conditioning, and fused attention while training."""
 
+    # True where the process owns the model (a headless run): a run may free the parts it no longer needs,
+    # since nothing of it is put back; the webui's loaded model is never so
+    disposable = False
+
     def condition(self, text, sizes: list | None = None):
         from .conditioning import condition
         return condition(text, sizes)

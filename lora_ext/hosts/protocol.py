@@ -17,6 +17,7 @@ from .conditioning import Cond, Size, Text
 @runtime_checkable
 class Host(Protocol):
     model: nn.Module                # the root every trained or patched layer lives under
+    disposable: bool                # the process owns the model (headless): a run may free parts of it
 
     # --- what the model is ------------------------------------------------------------------------------
     @property

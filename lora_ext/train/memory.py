@@ -191,6 +191,7 @@ def estimate(host, cfg) -> dict:
     from .network import network_for
     from .optim import autocast_dtype
     from .session import HostSession, frozen_roots
+    from .text_cache import encoders_leave
     from .upcast import upcast_patches
 
     device = next(host.unet.parameters()).device
@@ -200,7 +201,12 @@ def estimate(host, cfg) -> dict:
         network = network_for(host, cfg)
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
-    weights = sum(_nbytes(p) for p in host.model.parameters() if p.device == device) + _held_in(host, amp, device)
+    # text encoders that leave before the first step (outputs cached, not trained: train.text_cache) count not
+    gone = ({id(p) for m in host.text_encoders() for p in m.parameters()}
+            if encoders_leave(host, cfg, bool(network.te_parameters()), device) else set())
+    on_device = [p for p in host.model.parameters() if p.device == device]
+    weights = sum(_nbytes(p) for p in on_device if id(p) not in gone) + _held_in(host, amp, device)
+    leaving = sum(_nbytes(p) for p in on_device if id(p) in gone)
     # the meta model's weights in one dtype: without autocast the model's own (on a CPU fp32, whatever the
     # frozen weights are stored in: train.upcast); under autocast its dtype (the frozen weights are held in
     # it), with autocast's casts of the products' inputs made by _AutocastOnMeta
@@ -247,8 +253,10 @@ def estimate(host, cfg) -> dict:
     recomputed = (recomputed_blocks(unet, cfg.checkpointing_margin, sum(parts.values()) + activations)
                   if cfg.gradient_checkpointing and len(unet["blocks"]) == len(blocks) else None)
     parts["activations"] = activations + _kept(unet, recomputed)
-    return {"device": str(device), "parts": parts, "margin": CONTEXT_MARGIN if device.type == "cuda" else 0,
-            "total": sum(parts.values()) + (CONTEXT_MARGIN if device.type == "cuda" else 0),
+    margin = CONTEXT_MARGIN if device.type == "cuda" else 0
+    # until every caption is encoded the leaving encoders are there too: the peak may be that moment's
+    return {"device": str(device), "parts": parts, "margin": margin, "encoders_until_cached": leaving,
+            "total": max(sum(parts.values()), weights + leaving) + margin,
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
             "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
 
@@ -287,7 +295,10 @@ def describe(est: dict) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"  # noqa: E731
     parts = ", ".join(f"{k} {gib(v)}" for k, v in est["parts"].items())
     margin = f" + {gib(est['margin'])} CUDA context" if est["margin"] else ""
-    return f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']})"
+    leaving = (f"; the text encoders' {gib(est['encoders_until_cached'])} until every caption is encoded, "
+               "then they leave" if est.get("encoders_until_cached") else "")
+    return (f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']}"
+            f"{leaving})")
 
 
 def summary(host, cfg, lock=None) -> str:
