@@ -260,8 +260,7 @@ class _Loop:
         self.cancelled = False
         self.needed = {(s.item.path, s.bucket) for batch in run.plan(0) for s in batch}
         self.captions = {batches.caption_of(s, run.aug) for batch in run.plan(0) for s in batch}
-        self.encoders_leave = (encoders_leave(run.host, run.cfg, run.train_te, run.device)
-                               if run.text_cache is not None else None)
+        self.encoders_leave = encoders_leave(run.host, run.cfg, run.train_te, run.device)
         self.out_path = os.path.join(run.cfg.output_dir, f"{run.cfg.output_name}.safetensors")
 
     def run(self, epochs: int) -> None:
