@@ -447,9 +447,11 @@ def test_a_headless_run_frees_its_cached_text_encoders_before_the_first_step_and
     te_bytes = sum(p.numel() * p.element_size() for m in host.text_encoders() for p in m.parameters())
     est_kept = memory.estimate(kept_host, _cfg(data, tmp_path / "c", **common))
     est = memory.estimate(host, _cfg(data, tmp_path / "c", **common))
-    assert est_kept["parts"]["weights"] - est["parts"]["weights"] == te_bytes > 0
+    # the headless run frees its VAE decoder at once too (tests/test_train.py)
+    assert est_kept["parts"]["weights"] - est["parts"]["weights"] == te_bytes + est["decoder_freed"]
+    assert te_bytes > 0 and est["decoder_freed"] > 0
     assert est["encoders_until_cached"] == te_bytes and est_kept["encoders_until_cached"] == 0
-    assert est["total"] == max(sum(est["parts"].values()), est_kept["parts"]["weights"])
+    assert est["total"] == max(sum(est["parts"].values()), est["parts"]["weights"] + te_bytes)
     assert "until every caption is encoded" in memory.describe(est)
     events = []
     freed = train(host, _cfg(data, tmp_path / "b", **common), on_event=events.append)
@@ -485,3 +487,17 @@ def test_a_cancel_while_captions_are_encoded_first_stops_there_and_keeps_the_enc
                               save_state=True), should_stop=lambda: asked.append(1) or len(asked) >= 2)
     assert result.cancelled and result.steps == 0
     assert all(p.numel() > 0 for m in host.text_encoders() for p in m.parameters())
+
+
+@pytest.mark.parametrize("disposable, previews, device, want", [
+    (True, False, "cpu", "freed"), (True, False, "cuda", "freed"),        # a headless run's own model
+    (True, True, "cpu", None), (True, True, "cuda", "offloaded"),          # previews need the encoders back
+    (False, False, "cpu", None), (False, False, "cuda", "offloaded")])     # the webui's model
+def test_how_cached_text_encoders_leave(disposable, previews, device, want):
+    from lora_ext.train.leaving import encoders_leave
+
+    cfg = TrainConfig(cache_text_encoder_outputs=True, network_train_unet_only=True,
+                      **(dict(sample_prompts=["a cat"], sample_every_n_steps=2) if previews else {}))
+    host = types.SimpleNamespace(disposable=disposable)
+    assert encoders_leave(host, cfg, False, torch.device(device)) == want
+    assert encoders_leave(host, cfg, True, torch.device(device)) is None           # trained: they stay

@@ -102,6 +102,49 @@ def test_a_normal_run_leaves_the_model_as_it_was(data, tmp_path, arch):
     assert float(lora.metadata["lora_ext_avg_loss"]) == pytest.approx(sum(result.losses) / len(result.losses), rel=1e-4)
 
 
+def test_a_headless_run_frees_the_vae_decoder_and_trains_the_same(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_ext.train import memory
+
+    common = dict(cache_latents=True, max_train_steps=3)
+    kept_host = WebuiHost(tiny_model("sd1"))
+    before = _model_state(kept_host.model)
+    said = []
+    kept = train(kept_host, _cfg(data, tmp_path / "a", **common), on_event=said.append)
+    _assert_same(kept_host.model, before)           # the webui's model keeps its decoder
+    assert not any(e.kind == "message" and "decoder is freed" in e.text for e in said)
+
+    host = WebuiHost(copy.deepcopy(tiny_model("sd1")))      # a copy: this run frees parts of it
+    host.disposable = True                          # as the CLI's own model
+    vae = host.vae
+    decoder_bytes = sum(p.numel() * p.element_size() for m in (vae.decoder, vae.post_quant_conv)
+                        for p in m.parameters())
+    est_kept, est = (memory.estimate(h, _cfg(data, tmp_path / "c", **common)) for h in (kept_host, host))
+    assert est_kept["parts"]["weights"] - est["parts"]["weights"] == est["decoder_freed"] == decoder_bytes > 0
+    assert est_kept["decoder_freed"] == 0 and "the VAE decoder's" in memory.describe(est)
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    events = []
+    freed = train(host, _cfg(data, tmp_path / "b", **common), on_event=events.append)
+    assert all(p.numel() == 0 for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters())
+    assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items())
+    assert sum(e.kind == "message" and "decoder is freed" in e.text for e in events) == 1
+    assert freed.losses == kept.losses
+    a, b = load_file(kept.lora_path), load_file(freed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_headless_run_keeps_the_decoder_its_previews_need(data, tmp_path):
+    host = WebuiHost(copy.deepcopy(tiny_model("sd1")))      # a copy: this run frees parts of it
+    host.disposable = True
+    before = {k: v.clone() for k, v in host.vae.state_dict().items()}
+    result = train(host, _cfg(data, tmp_path, max_train_steps=2, sample_prompts=["a cat"], sample_every_n_steps=2,
+                              sample_steps=2))
+    assert result.steps == 2 and os.listdir(tmp_path / "samples")
+    after = host.vae.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_a_run_on_gemm_convolutions_trains_the_same_and_gives_the_model_back(data, tmp_path, monkeypatch, precision):
     """Every UNet convolution sent to a GEMM kernel (the tiny model's are too shallow for the rule): the same
@@ -427,6 +470,8 @@ def test_training_on_a_diffusers_folder_writes_a_lora_the_webui_model_takes(data
                "--output_dir", "o", "--output_name", "d", "--mixed_precision", "no", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "estimated memory: about **" in out.stderr and "on cpu (weights" in out.stderr
+    # the CLI's model is its own: diffusers' VAE decoder goes too
+    assert "the VAE decoder's" in out.stderr and "the VAE's decoder is freed" in out.stderr
     path = str(tmp_path / "o" / "d.safetensors")
     lora = files.read(path)
     webui_targets = WebuiHost(model).lora_targets()

@@ -24,7 +24,8 @@ from .outputs import check_outputs
 from .saving import samples, save_lora
 from .schedules import lr_factor, zero_terminal_snr
 from .session import HostSession, frozen_roots
-from .text_cache import TextCache, encoders_leave, fingerprint
+from .leaving import decoder_parts, encoders_leave, free, freed
+from .text_cache import TextCache, fingerprint
 from .upcast import upcast_patches
 
 
@@ -264,6 +265,7 @@ class _Loop:
         self.out_path = os.path.join(run.cfg.output_dir, f"{run.cfg.output_name}.safetensors")
 
     def run(self, epochs: int) -> None:
+        self._free_decoder()
         if self.encoders_leave:
             self._encode_captions_first()
         self.started, self.done_at_start, self.epoch = time.perf_counter(), self.step, self.at[0]
@@ -323,20 +325,29 @@ class _Loop:
         self.r.emit(Event("message", text=f"text-encoder outputs cached for {len(self.captions)} captions before "
                                           f"the first step; the text encoders are {where} for the rest of the run"))
 
+    def _free_decoder(self) -> None:
+        parts = [m for m in decoder_parts(self.r.host, self.r.cfg) if not freed(m)]
+        for module in parts:
+            free(module)
+        if parts:
+            self.r.emit(Event("message", text="the VAE's decoder is freed for the run (a headless run without "
+                                              "previews never decodes)"))
+
     def _offload_encoders(self) -> None:
         """Once every latent (text output) the run needs is cached, the VAE (text encoders) leave the
-        device for the rest of the run, and _run puts them back; a headless run's text encoders on the CPU
-        are freed instead (encoders_leave)."""
+        device for the rest of the run, and _run puts them back; a headless run's text encoders are freed
+        instead (leaving.encoders_leave)."""
         host, cache, cfg = self.r.host, self.r.latent_cache, self.r.cfg
         if cache is not None and not cfg.flip_aug and _on_device(host.vae) and self.needed <= cache.keys():
             host.vae.to("cpu")
         text = self.r.text_cache
         if text is not None and not self.r.train_te and self.captions <= text.memory.keys():
             for module in host.text_encoders():
-                if _on_device(module):
+                if self.encoders_leave == "freed":
+                    if not freed(module):
+                        free(module)
+                elif _on_device(module):
                     module.to("cpu")
-                elif self.encoders_leave == "freed" and not _freed(module):
-                    _free(module)
 
     def _after_step(self, epoch: int, factor: float) -> None:
         cfg, step, losses = self.r.cfg, self.step, self.losses
@@ -383,17 +394,6 @@ class _Loop:
 
 def _on_device(module) -> bool:
     return next(module.parameters()).device.type != "cpu"
-
-
-def _free(module) -> None:
-    """The module's weights released: a headless run's text encoders once every caption is cached (on the
-    CPU, where leaving the device frees nothing; for SDXL 3 GB in fp32)."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
-
-def _freed(module) -> bool:
-    return next(module.parameters()).numel() == 0
 
 
 def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:

@@ -185,13 +185,27 @@ def _held_in(host, amp, device) -> int:
                for p in held_parameters(frozen_roots(host), amp) if p.device == device)
 
 
+def _model_bytes(host, cfg, train_te: bool, amp, device) -> tuple:
+    """(the model's bytes on the device through the steps, the text encoders' until every caption is encoded,
+    the VAE decoder's freed at once): what leaves before the first step (train.leaving) counts not."""
+    from .leaving import decoder_parts, encoders_leave
+
+    encoders = ({id(p) for m in host.text_encoders() for p in m.parameters()}
+                if encoders_leave(host, cfg, train_te, device) else set())
+    decoder = {id(p) for m in decoder_parts(host, cfg) for p in m.parameters()}
+    size = {"steps": 0, "encoders": 0, "decoder": 0}
+    for p in host.model.parameters():
+        if p.device == device:
+            size["decoder" if id(p) in decoder else "encoders" if id(p) in encoders else "steps"] += _nbytes(p)
+    return size["steps"] + _held_in(host, amp, device), size["encoders"], size["decoder"]
+
+
 def estimate(host, cfg) -> dict:
     """Estimated peak memory of a training run on the device the host's UNet is on, in bytes, by part."""
     from ..hosts.ldm_attention import fused_attention_shape_patches
     from .network import network_for
     from .optim import autocast_dtype
     from .session import HostSession, frozen_roots
-    from .text_cache import encoders_leave
     from .upcast import upcast_patches
 
     device = next(host.unet.parameters()).device
@@ -201,12 +215,7 @@ def estimate(host, cfg) -> dict:
         network = network_for(host, cfg)
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
-    # text encoders that leave before the first step (outputs cached, not trained: train.text_cache) count not
-    gone = ({id(p) for m in host.text_encoders() for p in m.parameters()}
-            if encoders_leave(host, cfg, bool(network.te_parameters()), device) else set())
-    on_device = [p for p in host.model.parameters() if p.device == device]
-    weights = sum(_nbytes(p) for p in on_device if id(p) not in gone) + _held_in(host, amp, device)
-    leaving = sum(_nbytes(p) for p in on_device if id(p) in gone)
+    weights, leaving, decoder = _model_bytes(host, cfg, bool(network.te_parameters()), amp, device)
     # the meta model's weights in one dtype: without autocast the model's own (on a CPU fp32, whatever the
     # frozen weights are stored in: train.upcast); under autocast its dtype (the frozen weights are held in
     # it), with autocast's casts of the products' inputs made by _AutocastOnMeta
@@ -256,6 +265,7 @@ def estimate(host, cfg) -> dict:
     margin = CONTEXT_MARGIN if device.type == "cuda" else 0
     # until every caption is encoded the leaving encoders are there too: the peak may be that moment's
     return {"device": str(device), "parts": parts, "margin": margin, "encoders_until_cached": leaving,
+            "decoder_freed": decoder,
             "total": max(sum(parts.values()), weights + leaving) + margin,
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
             "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
@@ -297,8 +307,9 @@ def describe(est: dict) -> str:
     margin = f" + {gib(est['margin'])} CUDA context" if est["margin"] else ""
     leaving = (f"; the text encoders' {gib(est['encoders_until_cached'])} until every caption is encoded, "
                "then they leave" if est.get("encoders_until_cached") else "")
+    decoder = f"; the VAE decoder's {gib(est['decoder_freed'])} freed" if est.get("decoder_freed") else ""
     return (f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']}"
-            f"{leaving})")
+            f"{leaving}{decoder})")
 
 
 def summary(host, cfg, lock=None) -> str:

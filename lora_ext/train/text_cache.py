@@ -22,18 +22,6 @@ def fingerprint(host) -> str:
     return h.hexdigest()[:16]
 
 
-def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
-    """How a run's text encoders leave its memory before the first step, their outputs cached and they not
-    trained: 'offloaded' from a GPU to the CPU (put back after the run); 'freed' in a headless run on the
-    CPU, which owns its model (host.disposable) and draws no previews (they need the encoders); else None."""
-    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) or train_te:
-        return None
-    if device.type != "cpu":
-        return "offloaded"
-    previews = cfg.sample_prompts and (cfg.sample_every_n_steps or cfg.sample_every_n_epochs)
-    return "freed" if host.disposable and not previews else None
-
-
 class TextCache:
     def __init__(self, encode, settings: str, folder: str | None = None):
         self.encode = encode                # captions -> Text
