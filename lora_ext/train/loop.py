@@ -19,12 +19,12 @@ from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
 from .events import Event, Result
+from .leaving import decoder_parts, encoders_leave, free, freed
 from .network import network_for
 from .outputs import check_outputs
 from .saving import samples, save_lora
 from .schedules import lr_factor, zero_terminal_snr
 from .session import HostSession, frozen_roots
-from .leaving import decoder_parts, encoders_leave, free, freed
 from .text_cache import TextCache, fingerprint
 from .upcast import upcast_patches
 
