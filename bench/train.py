@@ -30,8 +30,8 @@ gradient checkpointing; `--both-checkpointing` also without), alternating runs (
 per step after it (and over the later half of the run: ours caches each latent when a step first needs it,
 kohya's all before its first step), each gap between steps, wall time, peak RSS and average loss, and ours over
 kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
-weights stored in bf16, computed in fp32), kohya's as this CPU has it. The checkout's code is run, never
-copied here.
+weights stored in bf16, computed in fp32), kohya's as this CPU has it. `--also-ours '--frozen_weights as_stored'`: a third run in each round, ours with
+those options added, and its ratios. The checkout's code is run, never copied here.
 """
 from __future__ import annotations
 
@@ -299,6 +299,15 @@ def _ours(args) -> list:
     return [sys.executable, "-m", "lora_ext", "train"]
 
 
+def _over_kohya(med, tool) -> dict:
+    k, o = med["kohya"], med[tool]
+    return {"steps_per_second_ours_over_kohya": k["median_step_s"] / o["median_step_s"],
+            "peak_rss_ours_over_kohya": o["peak_rss_gb"] / k["peak_rss_gb"],
+            "first_step_ours_over_kohya": o["first_step_s"] / k["first_step_s"],
+            "wall_ours_over_kohya": o["wall_s"] / k["wall_s"],
+            "average_loss_ours_over_kohya": o["average_loss"] / k["average_loss"]}
+
+
 def compare_kohya(args) -> dict:
     """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
     so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
@@ -317,23 +326,22 @@ def compare_kohya(args) -> dict:
         for gc in (True, False) if args.both_checkpointing else (True,):
             # "no" is kohya's name for fp32
             name = f"{'fp32' if precision == 'no' else precision}_{'checkpointing' if gc else 'no_checkpointing'}"
-            runs = {"kohya": [], "ours": []}
+            # "ours_also": ours with --also-ours's options added, a third run in each round
+            runs = {"kohya": [], "ours": [], **({"ours_also": []} if args.also_ours else {})}
             for r in range(args.rounds):
-                for tool in ("kohya", "ours"):
+                for tool in runs:
                     out = os.path.join(work, f"{name}_{tool}_{r}")
                     flags = _train_flags(inputs, out, args.steps, precision, gc)
                     cmd = ([python, "train_network.py"] + flags + ["--tokenizer_cache_dir", inputs["tokenizers"]]
-                           if tool == "kohya" else _ours(args) + flags)
-                    runs[tool].append(timed_run(cmd, folder if tool == "kohya" else ROOT, env, tool))
+                           if tool == "kohya" else _ours(args) + flags
+                           + (args.also_ours.split() if tool == "ours_also" else []))
+                    runs[tool].append(timed_run(cmd, folder if tool == "kohya" else ROOT, env, tool.split("_")[0]))
             med = {t: {k: statistics.median(run[k] for run in v) for k in _MEASURED}
                    for t, v in runs.items()}
             results[name] = {"runs": runs, "medians": med}
-            k, o = med["kohya"], med["ours"]
-            ratios[name] = {"steps_per_second_ours_over_kohya": k["median_step_s"] / o["median_step_s"],
-                            "peak_rss_ours_over_kohya": o["peak_rss_gb"] / k["peak_rss_gb"],
-                            "first_step_ours_over_kohya": o["first_step_s"] / k["first_step_s"],
-                            "wall_ours_over_kohya": o["wall_s"] / k["wall_s"],
-                            "average_loss_ours_over_kohya": o["average_loss"] / k["average_loss"]}
+            ratios[name] = _over_kohya(med, "ours")
+            if args.also_ours:
+                ratios[f"{name}_{args.also_ours}"] = _over_kohya(med, "ours_also")
     return {"job": f"SD1.5-shaped random weights (fp16 file), {args.images} images + regularization images at 256 px, "
                    f"batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA, {args.steps} steps; "
                    "each run its own process, started from the command line", "kohya": folder,
@@ -351,6 +359,8 @@ def main() -> None:
     ap.add_argument("--kohya", help="a checkout of kohya-ss/sd-scripts (or $LORA_EXT_KOHYA): run it side by side")
     ap.add_argument("--kohya-python", help="its venv's python (or $LORA_EXT_KOHYA_PYTHON; default: venv/ in or beside it)")
     ap.add_argument("--rounds", type=int, default=1, help="side by side: runs of each tool per configuration")
+    ap.add_argument("--also-ours", help="side by side: also ours with these options added, e.g. "
+                    "'--frozen_weights as_stored'")
     ap.add_argument("--both-checkpointing", action="store_true", help="side by side: with and without checkpointing")
     ap.add_argument("--ours-without-cpu-bf16", action="store_true",
                     help="side by side: ours as on a CPU without bf16 instructions (kohya's as this CPU has it)")

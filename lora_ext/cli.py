@@ -53,18 +53,19 @@ def _train_values(args, extra: list) -> dict:
     return values
 
 
-def _host_for(name: str, mixed_precision: str = "no"):
-    """The host of a headless run, on the device it runs on (the process's GPU when there is one). Under
-    mixed precision the frozen UNet and text-encoder weights are loaded straight in its dtype: what the
-    run would cast them to anyway, without a full-precision copy first (nothing of this model is put back
-    afterwards: the process ends); on a CPU that computes in fp32 instead, in the asked-for dtype all the
-    same, for half their memory. The host is the process's own (disposable): a run may free what it no longer
-    needs of it."""
+def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp32"):
+    """The host of a headless run, on the device it runs on (the process's GPU when there is one). Its
+    frozen UNet and text-encoder weights are loaded straight in the dtype the run holds them in
+    (train.optim.frozen_storage): under mixed precision its dtype, what the run would cast them to anyway,
+    without a full-precision copy first (nothing of this model is put back afterwards: the process ends); on a
+    CPU that computes in fp32, the asked-for half dtype all the same, or with frozen_weights "as_stored" the
+    file's own, cast up at use. The host is the process's own
+    (disposable): a run may free what it no longer needs of it."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
     from .train.distributed import local_device
-    from .train.optim import autocast_dtype, stored_dtype
-    from .train.session import frozen_roots, held_parameters
+    from .train.optim import autocast_dtype, frozen_storage
+    from .train.session import frozen_roots, layer_parameters
 
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
@@ -75,12 +76,15 @@ def _host_for(name: str, mixed_precision: str = "no"):
         host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
     elif os.path.isdir(name):
         from .hosts.diffusers_host import DiffusersHost
+        if frozen_weights == "as_stored" and frozen_storage(mixed_precision, device, frozen_weights):
+            print("note: --frozen_weights as_stored applies to a single-file checkpoint; a diffusers folder's "
+                  "frozen weights are held in fp32", file=sys.stderr)
         host = DiffusersHost(name)
     else:
-        dtype = stored_dtype(mixed_precision, device)
-        narrow_at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
-        host = WebuiHost(load_checkpoint(name, hold=(
-            lambda model: held_parameters(frozen_roots(WebuiHost(model)), dtype, narrow_at_use), dtype) if dtype else None))
+        dtype_for = frozen_storage(mixed_precision, device, frozen_weights)
+        at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
+        host = WebuiHost(load_checkpoint(name, hold=dtype_for and (
+            lambda model: layer_parameters(frozen_roots(WebuiHost(model)), at_use), dtype_for)))
     host.model.to(device)
     host.disposable = True
     return host
@@ -131,7 +135,7 @@ def cmd_train(args, extra) -> int:
             raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
         check_outputs(cfg)
         data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
-        host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision)
+        host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights)
         from .train import memory
         est, line = memory.estimated(host, cfg)
         print(f"estimated memory: {line}", file=sys.stderr)

@@ -177,3 +177,77 @@ def test_bf16_on_a_cpu_without_it_stores_the_frozen_weights_in_bf16_and_trains_i
     wide = train(host, TrainConfig(output_dir=str(tmp_path / "b"), mixed_precision="no", **cfg))
     assert not any("cast up" in m for m in wide.messages)
     assert narrow.losses == pytest.approx(wide.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_an_fp32_run_can_hold_the_frozen_weights_as_the_file_stores_them_and_trains_as_on_fp32_copies(tmp_path, arch):
+    """mixed_precision no, headless on the CPU, an fp16 file, --frozen_weights as_stored: the frozen Linear /
+    Conv weights are held in fp16, the file's own values (half the memory of fp32 copies), a weight the file
+    stores in fp32 stays fp32, as do norms, the VAE and an nn.MultiheadAttention's out_proj; the run says so,
+    and its losses and LoRA are those of a run on fp32 copies (the default, as kohya): the same numbers, cast
+    up at use."""
+    from lora_ext.train.loop import train
+
+    path = str(tmp_path / "m.safetensors")
+    sd = _half_checkpoint(tiny_model(arch), path)
+    wide_key = next(k for k in sd if k.endswith("attn1.to_q.weight"))
+    sd[wide_key] = sd[wide_key].float()
+    save_file(sd, path)
+    host = cli._host_for(path, "no", "as_stored")
+    own = host.model.state_dict()
+    layers = [m for m in host.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert {m.weight.dtype for m in layers} == {torch.float16, torch.float32}
+    assert own[checkpoint_keys(host.model)[wide_key]].dtype == torch.float32
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    assert own[checkpoint_keys(host.model)[key]].dtype == torch.float16
+    assert torch.equal(own[checkpoint_keys(host.model)[key]], sd[key])
+    assert {m.weight.dtype for m in host.model.modules() if isinstance(m, nn.GroupNorm)} == {torch.float32}
+    assert {p.dtype for p in host.vae.parameters()} == {torch.float32}
+    mha = [m for m in host.model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert bool(mha) == (arch == "sd2") and all(m.out_proj.weight.dtype == torch.float32 for m in mha)
+    wide = cli._host_for(path, "no")
+    assert {p.dtype for p in wide.model.parameters()} == {torch.float32}
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=2)
+    cfg = dict(train_data_dir=data["train"], caption_extension=".txt", resolution="64", max_train_steps=3,
+               network_dim=4, network_alpha=2, mixed_precision="no", save_precision="fp32", seed=3,
+               network_args=["conv_dim=2"])
+    narrow = train(host, TrainConfig(output_dir=str(tmp_path / "a"), frozen_weights="as_stored", **cfg))
+    assert any("stored in float16, are cast up to fp32" in m for m in narrow.messages)
+    copies = train(wide, TrainConfig(output_dir=str(tmp_path / "b"), **cfg))
+    assert not any("cast up" in m for m in copies.messages)
+    # the first loss to the bit; after it to rounding (the input gradient of a layer cast up at use comes from other
+    # kernels: conv2d_input, a plain matmul)
+    assert narrow.losses[0] == copies.losses[0] and narrow.losses == pytest.approx(copies.losses, rel=1e-6)
+    a, b = load_file(narrow.lora_path), load_file(copies.lora_path)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_an_fp32_file_is_held_in_fp32_and_frozen_weights_is_checked(tmp_path):
+    from lora_ext.train.config import ConfigError, from_dict
+
+    path = str(tmp_path / "m.safetensors")
+    tiny.save_checkpoint(tiny_model("sd1"), path)
+    host = cli._host_for(path, "no", "as_stored")
+    assert {p.dtype for p in host.model.parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="frozen_weights must be as_stored or fp32, not 'fp16'"):
+        from_dict({"frozen_weights": "fp16"})
+
+
+@pytest.mark.parametrize("precision,device,frozen,bf16_cpu,expected", [
+    ("no", "cpu", "as_stored", None, {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16, torch.float32: None}),
+    ("no", "cpu", "fp32", None, None),
+    ("no", "cpu", None, None, None),                # the default: fp32 copies, as kohya
+    ("no", "cuda", "as_stored", None, None),       # train.upcast casts up on the CPU only
+    ("bf16", "cpu", "fp32", "AMX-BF16", {torch.float16: torch.bfloat16, torch.float32: torch.bfloat16}),
+    ("bf16", "cpu", "as_stored", None, {torch.float16: torch.bfloat16, torch.float32: torch.bfloat16}),
+    ("fp16", "cpu", "as_stored", None, {torch.bfloat16: torch.float16, torch.float32: torch.float16}),
+])
+def test_the_dtype_a_headless_run_holds_each_frozen_weight_in(precision, device, frozen, bf16_cpu, expected):
+    from lora_ext.train.optim import frozen_storage
+
+    given = {} if frozen is None else {"frozen_weights": frozen}
+    dtype_for = frozen_storage(precision, torch.device(device), cpu_has=lambda: bf16_cpu, **given)
+    assert (dtype_for is None) == (expected is None)
+    for stored, held in (expected or {}).items():
+        assert dtype_for(stored) == held

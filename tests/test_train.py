@@ -602,3 +602,29 @@ def test_checkpointing_recomputes_only_the_blocks_its_margin_does_not_keep(data,
                                                      gradient_checkpointing=True, checkpointing_margin=10))
     assert not calls and any("0 of" in m and "keep their activations" in m for m in none.messages)
     assert none.losses == pytest.approx(all_of.losses, rel=1e-6)
+
+
+def test_the_cli_holds_an_fp16_file_s_frozen_weights_as_stored_when_asked(data, tmp_path):
+    """--frozen_weights as_stored reaches the loading: the run says its frozen weights are stored in fp16 and
+    cast up; without it (kohya's fp32 copies) nothing is cast; a diffusers folder says it is held in fp32."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_ext.testing import tiny
+
+    path = str(tmp_path / "m.safetensors")
+    tiny.save_checkpoint(tiny_model("sd1"), path)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+    common = ["--train_data_dir", data["train"], "--resolution", "64", "--max_train_steps", "1", "--network_dim",
+              "4", "--output_dir", "o", "--mixed_precision", "no"]
+    narrow = _cli("train", "--pretrained_model_name_or_path", path, *common, "--output_name", "a",
+                  "--frozen_weights", "as_stored", cwd=tmp_path)
+    assert narrow.returncode == 0, narrow.stderr
+    assert "the frozen weights, stored in float16, are cast up to fp32" in narrow.stderr
+    wide = _cli("train", "--pretrained_model_name_or_path", path, *common, "--output_name", "b", cwd=tmp_path)
+    assert wide.returncode == 0, wide.stderr
+    assert "cast up" not in wide.stderr
+    folder = _diffusers_folder(str(tmp_path / "diffusers"), tiny_model("sd1"))
+    bad = _cli("train", "--pretrained_model_name_or_path", folder, *common, "--output_name", "c",
+               "--frozen_weights", "as_stored", cwd=tmp_path)
+    assert bad.returncode == 0, bad.stderr
+    assert "a diffusers folder's frozen weights are held in fp32" in bad.stderr

@@ -142,20 +142,28 @@ def checkpoint_keys(model) -> dict:
 def load_checkpoint(path: str, hold=None):
     """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights.
     Built without initialising its weights (every one is then read from the file) and filled one tensor at
-    a time, so that loading needs the model's memory and no more. `hold` (select, dtype): the parameters
-    `select(model)` yields are made in `dtype` instead (a mixed-precision run's frozen weights, which
-    would otherwise be made in fp32 and then cast)."""
+    a time, so that loading needs the model's memory and no more. `hold` (select, dtype_for): each parameter
+    `select(model)` yields is made in `dtype_for(the dtype the file stores it in)` instead, where that is not
+    None (a mixed-precision run's frozen weights, which would otherwise be made in fp32 and then cast; or a
+    run's frozen weights held as the file stores them)."""
     with _tensors_of(path) as sd:
         try:
             model = _build(path, sd)
             if hold is not None:
-                select, dtype = hold
-                for p in list(select(model)):
-                    p.data = torch.empty(p.shape, dtype=dtype)
+                _hold(model, sd, *hold)
             _fill(path, model, sd)
         except FileProblem as e:
             raise CheckpointError(f"{path}: {e}") from None
     return model
+
+
+def _hold(model, sd, select, dtype_for) -> None:
+    own = model.state_dict(keep_vars=True)
+    stored = {id(own[model_key]): sd[k].dtype for k, model_key in checkpoint_keys(model).items() if k in sd}
+    for p in list(select(model)):
+        dtype = dtype_for(stored.get(id(p)))
+        if dtype is not None and dtype != p.dtype:
+            p.data = torch.empty(p.shape, dtype=dtype)
 
 
 def _build(path: str, sd):

@@ -88,6 +88,11 @@ class TrainConfig:
     # with checkpointing: the share of the run's memory that may go to keeping blocks' activations instead of
     # recomputing them (train.memory.recomputed_blocks); 0 = every block recomputed, as kohya does
     checkpointing_margin: float = 0.1
+    # a headless run computing in fp32 on a CPU: "fp32" holds fp32 copies of the frozen weights, as kohya does;
+    # "as_stored" holds the Linear / Conv weights that the file stores in fp16 / bf16 so, each cast up at its use
+    # (the same values in half their memory, for about 1.3x the time per step at 256 px: train.upcast). The
+    # webui's model stays as the webui holds it
+    frozen_weights: str = "fp32"
     xformers: bool = False
     sdpa: bool = False
     # loss
@@ -156,6 +161,8 @@ class TrainConfig:
         for name in ("mixed_precision", "save_precision"):
             if getattr(self, name) not in ("fp16", "bf16", "fp32", "no", "float", "float16", "bfloat16"):
                 problems.append(f"{name} must be fp16, bf16 or fp32")
+        if self.frozen_weights not in ("as_stored", "fp32"):
+            problems.append(f"frozen_weights must be as_stored or fp32, not {self.frozen_weights!r}")
         if self.save_model_as != "safetensors":
             problems.append("save_model_as: lora_ext saves safetensors")
         try:

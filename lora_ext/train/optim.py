@@ -88,12 +88,23 @@ def autocast_dtype(mixed_precision: str, device: torch.device, messages: list, c
     return dtype
 
 
-def stored_dtype(mixed_precision: str, device: torch.device, cpu_has=None):
-    """The dtype a headless run loads its frozen UNet / text-encoder weights in (None: as the file has them,
-    in fp32): the autocast dtype; on a CPU that computes in fp32 instead, the asked-for half dtype all the
-    same (half the memory; train.upcast casts each layer's weight up at use)."""
+def frozen_storage(mixed_precision: str, device: torch.device, frozen_weights: str = "fp32", cpu_has=None):
+    """How a headless run loads its frozen UNet / text-encoder Linear and Conv2d weights: a function of the
+    dtype the file stores each in, giving the dtype to hold it in (None: fp32), or None when all are fp32.
+    Under autocast its dtype. On a CPU computing in fp32 (train.upcast casts each layer's weight up at use):
+    the asked-for half dtype; with no half dtype asked for and `frozen_weights` "as_stored", the file's own
+    half dtype, where it has one: the same values, in half the memory (kohya holds fp32 copies)."""
     amp = autocast_dtype(mixed_precision, device, [], cpu_has)
-    return _HALF.get(mixed_precision) if amp is None and device.type == "cpu" else amp
+    if amp is not None:
+        return lambda stored: amp
+    if device.type != "cpu":
+        return None
+    half = _HALF.get(mixed_precision)
+    if half is not None:
+        return lambda stored: half
+    if frozen_weights == "as_stored":
+        return lambda stored: stored if stored in (torch.float16, torch.bfloat16) else None
+    return None
 
 
 def save_dtype(save_precision: str):

@@ -83,18 +83,21 @@ def frozen_roots(host) -> list:
 
 def held_parameters(roots, dtype, through_forward: bool = False):
     """The Linear / Conv2d weights and biases under `roots` that a session holding them in `dtype` casts (norms
-    and embeddings stay as they are: CPU group_norm refuses bf16 parameters under fp32 input).
-    `through_forward`: only layers whose weights are used through their own forward (what train.upcast can
-    cast up at use; an nn.MultiheadAttention reads its out_proj's weight directly)."""
+    and embeddings stay as they are: CPU group_norm refuses bf16 parameters under fp32 input)."""
     if dtype is None:
         return
+    yield from (p for p in layer_parameters(roots, through_forward) if p.dtype != dtype)
+
+
+def layer_parameters(roots, through_forward: bool = False):
+    """The Linear / Conv2d weights and biases under `roots`. `through_forward`: only layers whose weights are
+    used through their own forward (what train.upcast can cast up at use; an nn.MultiheadAttention reads its
+    out_proj's weight directly)."""
     for root in roots:
         direct = {id(m.out_proj) for m in root.modules() if isinstance(m, nn.MultiheadAttention)}
         for m in root.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not (through_forward and id(m) in direct):
-                for p in (m.weight, m.bias):
-                    if p is not None and p.dtype != dtype:
-                        yield p
+                yield from (p for p in (m.weight, m.bias) if p is not None)
 
 
 def _checkpointed(forward, *args, **kwargs):

@@ -1,6 +1,7 @@
 """Frozen layers whose weights are stored in a narrower dtype than the run computes in. A headless run on a
 CPU without bf16 instructions, asked for bf16 / fp16, loads the frozen UNet and text-encoder weights so (half
-their memory) and computes in fp32, the CPU's fast path: each use casts the layer's weight up to its input's
+their memory) and computes in fp32, the CPU's fast path; an fp32 run holds them as the file stores them (an
+fp16 file: fp16, the same values as fp32 copies). Each use casts the layer's weight up to its input's
 dtype. Backward keeps the stored weight and casts it again, not the cast copy: autograd would otherwise keep
 an fp32 copy of every layer from its forward to its backward, the memory saved spent again."""
 from __future__ import annotations

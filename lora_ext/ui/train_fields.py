@@ -83,6 +83,10 @@ FIELDS = (
     F("checkpointing_margin", "Precision & memory", "Checkpointing margin",
       "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that "
       "are cheapest to keep, for speed; 0 = recompute every block.", "number"),
+    F("frozen_weights", "Precision & memory", "Frozen weights (standalone fp32)",
+      "Standalone fp32 runs on a CPU: as_stored holds an fp16 file's frozen weights in fp16 (the same values, "
+      "half the memory, slower steps); fp32 holds fp32 copies, as kohya. The webui's model is used as it is.",
+      "choice", ("fp32", "as_stored")),
     F("cache_latents", "Precision & memory", "Cache latents", "Encode each image once; faster, less VRAM.", "bool"),
     F("no_half_vae", "Precision & memory", "VAE in full precision",
       "With bf16: encode the images in the VAE's own precision, not bf16 (on a CPU twice the encode time).", "bool"),
