@@ -39,6 +39,7 @@
         "Save precision": "fp16 files are half the size.",
         "Gradient checkpointing": "Less memory: UNet blocks are recomputed in backward (all of them: about 25% slower); the margin below keeps the activations of those it can afford.",
         "Checkpointing margin": "With checkpointing: up to this share more memory (0.1 = 10%) keeps the activations of the blocks that are cheapest to keep, for speed; 0 = recompute every block.",
+        "Frozen weights (standalone fp32)": "Standalone fp32 runs on a CPU: as_stored holds an fp16 file's frozen weights in fp16 (the same values, half the memory, slower steps); fp32 holds fp32 copies, as kohya. The webui's model is used as it is.",
         "Cache latents": "Encode each image once; faster, less VRAM.",
         "VAE in full precision": "With bf16: encode the images in the VAE's own precision, not bf16 (on a CPU twice the encode time).",
         "Cache text encoder outputs": "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption shuffle or dropout.",
