@@ -27,8 +27,8 @@ command line in its own process, with the same options (an fp16 SD1.5-shaped che
 regularization images, 256 px, batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA,
 gradient checkpointing; `--both-checkpointing` also without), alternating runs (`--rounds N`), for each
 `--precision` (e.g. no,bf16). Prints each tool's seconds from launch to the first finished step, median seconds
-per step after it (and over the later half of the run: ours caches each latent when a step first needs it,
-kohya's all before its first step), each gap between steps, wall time, peak RSS and average loss, and ours over
+per step after it (over the later half of the run, and over the steady steps: ours caches each latent when a
+step first needs it and its bar counts them, kohya's all before its first step), each gap between steps, wall time, peak RSS and average loss, and ours over
 kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
 weights stored in bf16, computed in fp32), kohya's as this CPU has it. `--also-ours '--frozen_weights as_stored'`: a third run in each round, ours with
 those options added, and its ratios. The checkout's code is run, never copied here.
@@ -203,9 +203,10 @@ def compare_precisions(args) -> dict:
 # --- side by side with kohya's sd-scripts ------------------------------------------------------------------
 
 _PROGRESS = re.compile(r"(\d+)/(\d+) \[")
-_MEASURED = ("first_step_s", "median_step_s", "later_half_step_s", "wall_s", "peak_rss_gb", "average_loss")
+_MEASURED = ("first_step_s", "median_step_s", "later_half_step_s", "steady_step_s", "wall_s", "peak_rss_gb", "average_loss")
 # the running average each shows in its bar: kohya's over the epoch, ours over the last 50 steps (the same here)
 _BAR = {"kohya": "steps", "ours": "training"}       # the label of each tool's step bar
+_LATENTS = re.compile(r"latents=(\d+/\d+)")      # ours, while latents are still being cached
 _LOSS = {"kohya": re.compile(r"avr_loss=([0-9.]+)"), "ours": re.compile(r"loss=([0-9.]+)")}
 
 
@@ -252,12 +253,20 @@ def _train_flags(inputs, out, steps, precision, gc) -> list:
             "--cache_latents", "--caption_extension", ".txt", "--sdpa", "--seed", "1"] + (["--gradient_checkpointing"] if gc else [])
 
 
+def steady_gaps(seen: dict, latents: dict) -> list:
+    """The gaps between steps (step -> seconds it finished at) that encoded no latent: the latents count a
+    step's bar line shows (`latents`, step -> "k/n", None once all are cached) did not change. kohya's steps
+    never encode (it caches every latent before its first step, which its first_step_s includes)."""
+    steps = sorted(seen)
+    return [seen[b] - seen[a] for a, b in zip(steps, steps[1:]) if latents.get(a) == latents.get(b)]
+
+
 def timed_run(cmd, cwd, env, tool) -> dict:
     """Runs one training process; from its progress bar (tqdm, both tools) the time each step finished,
     from the kernel its peak RSS (this child's alone: wait4)."""
     start = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen, losses, tail, buf = {}, [], [], b""
+    seen, losses, latents, tail, buf = {}, [], {}, [], b""
     while chunk := p.stdout.read1(65536):
         buf += chunk
         *parts, buf = re.split(rb"[\r\n]", buf)
@@ -271,18 +280,19 @@ def timed_run(cmd, cwd, env, tool) -> dict:
                 k = int(m.group(1))
                 if k and k not in seen:
                     seen[k] = time.perf_counter() - start
-                    loss = _LOSS[tool].search(line)
+                    loss, cached = _LOSS[tool].search(line), _LATENTS.search(line)
                     losses.append(float(loss.group(1)) if loss else None)
+                    latents[k] = cached.group(1) if cached else None
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - start
     if status or not seen:
         raise SystemExit(f"{tool} failed ({status}):\n" + "\n".join(tail))
     stamps = [seen[k] for k in sorted(seen)]
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    # ours caches each latent when a step first needs it, kohya's all before its first step: the first steps'
-    # gaps include encoding for ours; the later half of a run long enough to have seen every image does not
+    steady = steady_gaps(seen, latents)
     return {"first_step_s": stamps[0], "median_step_s": statistics.median(gaps),
             "later_half_step_s": statistics.median(gaps[len(gaps) // 2:]),
+            "steady_step_s": statistics.median(steady) if steady else float("nan"),
             "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2 ** 20, "average_loss": losses[-1],
             "step_s": [round(g, 3) for g in gaps]}
 
@@ -302,6 +312,7 @@ def _ours(args) -> list:
 def _over_kohya(med, tool) -> dict:
     k, o = med["kohya"], med[tool]
     return {"steps_per_second_ours_over_kohya": k["median_step_s"] / o["median_step_s"],
+            "steady_steps_per_second_ours_over_kohya": k["steady_step_s"] / o["steady_step_s"],
             "peak_rss_ours_over_kohya": o["peak_rss_gb"] / k["peak_rss_gb"],
             "first_step_ours_over_kohya": o["first_step_s"] / k["first_step_s"],
             "wall_ours_over_kohya": o["wall_s"] / k["wall_s"],

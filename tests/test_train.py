@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.hosts import text_encoding
 from lora_ext.hosts.webui import WebuiHost
@@ -129,6 +129,35 @@ def test_a_headless_run_frees_the_vae_decoder_and_trains_the_same(data, tmp_path
     assert all(p.numel() == 0 for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters())
     assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items())
     assert sum(e.kind == "message" and "decoder is freed" in e.text for e in events) == 1
+    assert freed.losses == kept.losses
+    a, b = load_file(kept.lora_path), load_file(freed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_headless_run_frees_the_whole_vae_once_every_latent_is_cached_and_the_steps_say_how_far(data, tmp_path):
+    """Latents are cached at first need: until the last image's is, each step says how many are (the bar
+    and the tab show it: such steps are slower); then a headless run frees its VAE, which nothing uses any
+    more, and trains on exactly as a run that keeps it."""
+    from safetensors.torch import load_file
+
+    common = dict(cache_latents=True, max_train_steps=10, train_batch_size=1)
+    kept_events, events = [], []
+    kept_host = WebuiHost(tiny_model("sd1"))
+    before = _model_state(kept_host.model)
+    kept = train(kept_host, _cfg(data, tmp_path / "a", **common), on_event=kept_events.append)
+    _assert_same(kept_host.model, before)           # the webui's model keeps its VAE
+    host = WebuiHost(copy.deepcopy(tiny_model("sd1")))      # a copy: this run frees parts of it
+    host.disposable = True
+    freed = train(host, _cfg(data, tmp_path / "b", **common), on_event=events.append)
+    assert all(p.numel() == 0 for p in host.vae.parameters())
+    assert sum(e.kind == "message" and "the VAE is freed" in e.text for e in events) == 1
+    assert not any(e.kind == "message" and "the VAE is freed" in e.text for e in kept_events)
+    counts = [e.latents for e in events if e.kind == "step"]
+    assert counts == [e.latents for e in kept_events if e.kind == "step"]
+    images = sum(f.endswith(".png") for _, _, names in os.walk(data["train"]) for f in names)
+    caching = [c for c in counts if c is not None]
+    assert caching and caching == sorted(caching) and all(0 < k < images and n == images for k, n in caching)
+    assert counts.index(None) == len(caching) and set(counts[len(caching):]) == {None}     # then no more
     assert freed.losses == kept.losses
     a, b = load_file(kept.lora_path), load_file(freed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -583,6 +612,29 @@ def test_the_cli_bar_shows_every_step_when_it_ends(capsys):
         bar(Event("step", step, 3, 1, 1.0, 1.0, 1e-4))
         assert f"{step}/3 [" in capsys.readouterr().err.split("\r")[-1]
     bar(Event("done", 2, 3))
+
+
+def test_the_bar_counts_the_latents_cached_and_the_bench_reads_the_steady_steps_off_it(capsys):
+    """While latents are cached at first need, the bar shows how many are, and bench/train.py counts only
+    the steps that encoded none as steady (kohya caches all before its first step)."""
+    import importlib.util
+
+    from lora_ext.train.events import Event
+    from lora_ext.train.progress import TqdmProgress
+
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bar, latents = TqdmProgress(), {}
+    for step, cached in ((1, (1, 3)), (2, (1, 3)), (3, (2, 3)), (4, None), (5, None)):
+        bar(Event("step", step, 5, 1, 1.0, 1.0, 1e-4, latents=cached))
+        line = capsys.readouterr().err.split("\r")[-1]
+        found = bench._LATENTS.search(line)
+        assert (found.group(1) if found else None) == (f"{cached[0]}/{cached[1]}" if cached else None)
+        latents[step] = found.group(1) if found else None
+    seen = {1: 10.0, 2: 11.0, 3: 13.5, 4: 16.0, 5: 17.0}
+    assert bench.steady_gaps(seen, latents) == [1.0, 1.0]              # 1 -> 2 and 4 -> 5
+    assert bench.steady_gaps(seen, {}) == [1.0, 2.5, 2.5, 1.0]           # kohya's bar: every step
 
 
 def test_checkpointing_recomputes_only_the_blocks_its_margin_does_not_keep(data, tmp_path, monkeypatch):

@@ -146,6 +146,16 @@ def test_a_training_session_runs_in_the_background_and_cancels(data, tmp_path):
     assert "Stopped by an error" in session.status() and "unknown optimizer_type" in session.status()
 
 
+def test_the_training_status_says_while_latents_are_being_cached():
+    from lora_ext.train.events import Event
+
+    session = TrainingSession(lambda cfg, ev, stop: None)
+    session.events.append(Event("step", 3, 10, 1, 0.5, 0.5, 1e-4, latents=(3, 12)))
+    assert session.status().startswith("Step 3/10") and "latents cached for 3 of 12 images" in session.status()
+    session.events.append(Event("step", 4, 10, 1, 0.5, 0.5, 1e-4))
+    assert session.status().startswith("Step 4/10") and "latents" not in session.status()
+
+
 def test_merge_handler_keeps_names_in_their_folders(tmp_path):
     from safetensors.torch import load_file
 

@@ -17,6 +17,7 @@ class Event:
     eta_s: float | None = None
     paths: list = field(default_factory=list)
     text: str = ""
+    latents: tuple | None = None    # a step while latents are still being cached: (images cached, images in all)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What a run's steps need not keep in memory: the text encoders once every caption's output is cached (they
 not trained), and, where the model is the process's own (host.disposable: a headless run), the VAE's decoding
-half, which only previews use. A part leaves the device ('offloaded': to the CPU, put back after the run) or,
+half, which only previews use, and the whole VAE once every latent is cached. A part leaves the device ('offloaded': to the CPU, put back after the run) or,
 in a disposable host, is 'freed': nothing else will use it, and on a CPU leaving the device frees nothing."""
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
     """How the text encoders leave before the first step, their outputs cached and they not trained:
     'freed' in a disposable host that draws no previews, 'offloaded' from a GPU otherwise; else None."""
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) or train_te:
+        return None
+    if host.disposable and not previews(cfg):
+        return "freed"
+    return "offloaded" if device.type != "cpu" else None
+
+
+def vae_leaves(host, cfg, device) -> str | None:
+    """How the VAE leaves once every latent the run needs is cached (never under flip_aug: a flipped image
+    may still be asked for): 'freed' in a disposable host that draws no previews, 'offloaded' from a GPU;
+    else None."""
+    if not cfg.cache_latents or cfg.flip_aug:
         return None
     if host.disposable and not previews(cfg):
         return "freed"

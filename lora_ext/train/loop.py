@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
 from .events import Event, Result
-from .leaving import decoder_parts, encoders_leave, free, freed
+from .leaving import decoder_parts, encoders_leave, free, freed, vae_leaves
 from .network import network_for
 from .outputs import check_outputs
 from .saving import samples, save_lora
@@ -262,6 +262,8 @@ class _Loop:
         self.needed = {(s.item.path, s.bucket) for batch in run.plan(0) for s in batch}
         self.captions = {batches.caption_of(s, run.aug) for batch in run.plan(0) for s in batch}
         self.encoders_leave = encoders_leave(run.host, run.cfg, run.train_te, run.device)
+        self.vae_leaves = vae_leaves(run.host, run.cfg, run.device)
+        self.latents_cached = run.latent_cache is None
         self.out_path = os.path.join(run.cfg.output_dir, f"{run.cfg.output_name}.safetensors")
 
     def run(self, epochs: int) -> None:
@@ -335,11 +337,17 @@ class _Loop:
 
     def _offload_encoders(self) -> None:
         """Once every latent (text output) the run needs is cached, the VAE (text encoders) leave the
-        device for the rest of the run, and _run puts them back; a headless run's text encoders are freed
-        instead (leaving.encoders_leave)."""
-        host, cache, cfg = self.r.host, self.r.latent_cache, self.r.cfg
-        if cache is not None and not cfg.flip_aug and _on_device(host.vae) and self.needed <= cache.keys():
-            host.vae.to("cpu")
+        device for the rest of the run, and _run puts them back; a headless run's are freed instead
+        (leaving.vae_leaves, encoders_leave)."""
+        host = self.r.host
+        if not self.latents_cached and self.needed <= self.r.latent_cache.keys():
+            self.latents_cached = True
+            if self.vae_leaves == "freed":
+                free(host.vae)
+                self.r.emit(Event("message", text=f"latents cached for all {len(self.needed)} images: the VAE is "
+                                                  "freed for the rest of the run"))
+            elif self.vae_leaves == "offloaded":
+                host.vae.to("cpu")
         text = self.r.text_cache
         if text is not None and not self.r.train_te and self.captions <= text.memory.keys():
             for module in host.text_encoders():
@@ -356,11 +364,19 @@ class _Loop:
         elapsed = time.perf_counter() - self.started
         rate = (step - self.done_at_start) / elapsed if elapsed > 0 else None
         self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], self.average_loss(),
-                          self.base_lrs[0] * factor, rate, (self.r.total - step) / rate if rate else None))
+                          self.base_lrs[0] * factor, rate, (self.r.total - step) / rate if rate else None,
+                          latents=self._latents_caching()))
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and self.r.dist.main:
             samples(self.r, step, epoch)
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.r.total:
             self._snapshot(_numbered(self.out_path, f"step{step:06d}"))
+
+    def _latents_caching(self) -> tuple | None:
+        """(images whose latents are cached, images of the run) while some are still to be encoded."""
+        cache = self.r.latent_cache
+        if cache is None or self.latents_cached:
+            return None
+        return len(self.needed & cache.keys()), len(self.needed)
 
     def average_loss(self) -> float | None:
         """Over the last 50 steps: what the progress shows and each save records."""

@@ -17,7 +17,10 @@ class TqdmProgress:
         elif event.kind == "step":
             if self.bar is None:
                 self.bar = tqdm(total=event.total, initial=event.step - 1, desc="training", unit="step")
-            self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch, refresh=False)
+            # while latents are cached at first need, the steps that encode one are slower: the bar says so
+            caching = {"latents": f"{event.latents[0]}/{event.latents[1]}"} if event.latents else {}
+            self.bar.set_postfix(loss=f"{event.avg_loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch, **caching,
+                                 refresh=False)
             self.bar.update(1)
             # each step shown when it ends: tqdm skips a redraw within 0.1 s of the last, and the bar is made
             # at the first step's end, so step 1 was never shown

@@ -81,5 +81,7 @@ class TrainingSession:
             return "Starting (reading the dataset, preparing the model)..." if self.running else "Idle."
         eta = f", about {last.eta_s:.0f} s left" if last.eta_s else ""
         rate = f", {last.it_s:.2f} it/s" if last.it_s else ""
+        caching = (f"; latents cached for {last.latents[0]} of {last.latents[1]} images (a step that encodes "
+                   "one is slower)" if last.latents else "")
         return (f"Step {last.step}/{last.total} (epoch {last.epoch}): loss {last.loss:.4f}, average "
-                f"{last.avg_loss:.4f}, lr {last.lr:.2e}{rate}{eta}")
+                f"{last.avg_loss:.4f}, lr {last.lr:.2e}{rate}{eta}{caching}")
