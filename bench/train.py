@@ -28,8 +28,8 @@ regularization images, 256 px, batch 1, dim 16 alpha 8, text encoder trained, Ad
 gradient checkpointing; `--both-checkpointing` also without), alternating runs (`--rounds N`), for each
 `--precision` (e.g. no,bf16). Prints each tool's seconds from launch to the first finished step, median seconds
 per step after it (over the later half of the run, and over the steady steps: ours caches each latent when a
-step first needs it and its bar counts them, kohya's all before its first step), each gap between steps, wall time, peak RSS and average loss, and ours over
-kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
+step first needs it and its bar counts them, kohya's all before its first step), each gap between steps, wall
+time, peak RSS and average loss, and ours over kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
 weights stored in bf16, computed in fp32), kohya's as this CPU has it. `--also-ours '--frozen_weights as_stored'`: a third run in each round, ours with
 those options added, and its ratios. The checkout's code is run, never copied here.
 """

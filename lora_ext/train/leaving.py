@@ -1,7 +1,8 @@
 """What a run's steps need not keep in memory: the text encoders once every caption's output is cached (they
-not trained), and, where the model is the process's own (host.disposable: a headless run), the VAE's decoding
-half, which only previews use, and the whole VAE once every latent is cached. A part leaves the device ('offloaded': to the CPU, put back after the run) or,
-in a disposable host, is 'freed': nothing else will use it, and on a CPU leaving the device frees nothing."""
+not trained), the VAE once every latent is, and, where the model is the process's own (host.disposable: a
+headless run), the VAE's decoding half, which only previews use. A part leaves the device ('offloaded': to the
+CPU, put back after the run) or, in a disposable host, is 'freed': nothing else will use it, and on a CPU
+leaving the device frees nothing."""
 from __future__ import annotations
 
 import torch

@@ -263,7 +263,8 @@ class _Loop:
         self.captions = {batches.caption_of(s, run.aug) for batch in run.plan(0) for s in batch}
         self.encoders_leave = encoders_leave(run.host, run.cfg, run.train_te, run.device)
         self.vae_leaves = vae_leaves(run.host, run.cfg, run.device)
-        self.latents_cached = run.latent_cache is None
+        # each process of a multi-process run caches only its own share: none sees them all
+        self.latents_cached = run.latent_cache is None or run.dist.world > 1
         self.out_path = os.path.join(run.cfg.output_dir, f"{run.cfg.output_name}.safetensors")
 
     def run(self, epochs: int) -> None:
