@@ -31,7 +31,10 @@ per step after it (over the later half of the run, and over the steady steps: ou
 step first needs it and its bar counts them, kohya's all before its first step), each gap between steps, wall
 time, peak RSS and average loss, and ours over kohya's. `--ours-without-cpu-bf16`: ours as on a CPU without bf16 instructions (bf16 asked for: the frozen
 weights stored in bf16, computed in fp32), kohya's as this CPU has it. `--also-ours '--frozen_weights as_stored'`: a third run in each round, ours with
-those options added, and its ratios. The checkout's code is run, never copied here.
+those options added, and its ratios. The checkout's code is run, never copied here. Its venv as measured:
+`python3.11 -m venv venv && venv/bin/pip install torch==2.14.1 torchvision==0.29.1`, then the checkout's
+requirements.txt without its bitsandbytes and `-e .` lines, with torch and torchvision pinned as constraints
+(`-c`), then `venv/bin/pip install --no-deps -e .` (AdamW needs no bitsandbytes).
 """
 from __future__ import annotations
 
