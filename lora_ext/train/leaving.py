@@ -14,25 +14,28 @@ def previews(cfg) -> bool:
     return bool(cfg.sample_prompts and (cfg.sample_every_n_steps or cfg.sample_every_n_epochs))
 
 
-def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
-    """How the text encoders leave before the first step, their outputs cached and they not trained:
-    'freed' in a disposable host that draws no previews, 'offloaded' from a GPU otherwise; else None."""
-    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) or train_te:
-        return None
+def _leaving(host, cfg, device) -> str | None:
+    """How a part the steps no longer need leaves: 'freed' in a disposable host that draws no previews,
+    'offloaded' from a GPU otherwise; else None (on a CPU leaving the device frees nothing)."""
     if host.disposable and not previews(cfg):
         return "freed"
     return "offloaded" if device.type != "cpu" else None
+
+
+def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
+    """How the text encoders leave before the first step, their outputs cached and they not trained
+    (_leaving); else None."""
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) or train_te:
+        return None
+    return _leaving(host, cfg, device)
 
 
 def vae_leaves(host, cfg, device) -> str | None:
-    """How the VAE leaves once every latent the run needs is cached (never under flip_aug: a flipped image
-    may still be asked for): 'freed' in a disposable host that draws no previews, 'offloaded' from a GPU;
-    else None."""
+    """How the VAE leaves once every latent the run needs is cached (_leaving); never under flip_aug: a
+    flipped image may still be asked for."""
     if not cfg.cache_latents or cfg.flip_aug:
         return None
-    if host.disposable and not previews(cfg):
-        return "freed"
-    return "offloaded" if device.type != "cpu" else None
+    return _leaving(host, cfg, device)
 
 
 def decoder_parts(host, cfg) -> list:

@@ -265,6 +265,7 @@ class _Loop:
         self.vae_leaves = vae_leaves(run.host, run.cfg, run.device)
         # each process of a multi-process run caches only its own share: none sees them all
         self.latents_cached = run.latent_cache is None or run.dist.world > 1
+        self.latents_done = 0           # of the needed images, those whose latents are cached (while caching)
         self.out_path = os.path.join(run.cfg.output_dir, f"{run.cfg.output_name}.safetensors")
 
     def run(self, epochs: int) -> None:
@@ -341,13 +342,14 @@ class _Loop:
         device for the rest of the run, and _run puts them back; a headless run's are freed instead
         (leaving.vae_leaves, encoders_leave)."""
         host = self.r.host
-        if not self.latents_cached and self.needed <= self.r.latent_cache.keys():
-            self.latents_cached = True
-            if self.vae_leaves == "freed":
+        if not self.latents_cached:
+            self.latents_done = len(self.needed & self.r.latent_cache.keys())
+            self.latents_cached = self.latents_done == len(self.needed)
+            if self.latents_cached and self.vae_leaves == "freed":
                 free(host.vae)
                 self.r.emit(Event("message", text=f"latents cached for all {len(self.needed)} images: the VAE is "
                                                   "freed for the rest of the run"))
-            elif self.vae_leaves == "offloaded":
+            elif self.latents_cached and self.vae_leaves == "offloaded":
                 host.vae.to("cpu")
         text = self.r.text_cache
         if text is not None and not self.r.train_te and self.captions <= text.memory.keys():
@@ -374,10 +376,7 @@ class _Loop:
 
     def _latents_caching(self) -> tuple | None:
         """(images whose latents are cached, images of the run) while some are still to be encoded."""
-        cache = self.r.latent_cache
-        if cache is None or self.latents_cached:
-            return None
-        return len(self.needed & cache.keys()), len(self.needed)
+        return None if self.latents_cached else (self.latents_done, len(self.needed))
 
     def average_loss(self) -> float | None:
         """Over the last 50 steps: what the progress shows and each save records."""
