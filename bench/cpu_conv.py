@@ -3,7 +3,10 @@
 Prints one JSON line per (dtype, layer, input size, batch): the best time of a forward and its input gradient
 on oneDNN and on the dtype's GEMM kernel (fp32: torch's thnn; bf16, under autocast: unfold + matmul),
 gemm / oneDNN (below 1: the GEMM faster), the rule's pick, and whether the pick was the faster kernel (or within
-`--tie` of it). The last line sums, per dtype, the time the rule's picks take / oneDNN everywhere.
+`--tie` of it). The last line sums, per dtype, the time the rule's picks take / oneDNN everywhere. fp32 also
+times the layer stored in fp16 and cast up at use (lora_ext/train/upcast.py, what `--frozen_weights as_stored`
+runs: the rule's kernel, its weight cast for forward and again for the input gradient), over the rule's pick on
+fp32 weights.
 
     .venv/bin/python bench/cpu_conv.py [--rounds 3] [--batch 1,2] [--tie 0.1] [--dtype fp32,bf16]
 """
@@ -21,6 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lora_ext.train import cpu_conv  # noqa: E402
+from lora_ext.train.upcast import upcast_patches  # noqa: E402
 
 # (in channels, out channels, input size, kernel, stride): SD1.5 / SDXL UNet layers at 256 to 1024 px
 SHAPES = [(320, 320, 64, 3, 1), (320, 320, 32, 3, 1), (640, 640, 32, 3, 1), (640, 640, 16, 3, 1),
@@ -44,6 +48,13 @@ def seconds(kernel, x, layer, dtype, rounds: int) -> float:
     return best
 
 
+def _stored_fp16(layer):
+    """A kernel for seconds(): `layer`'s copy stored in fp16, on train.upcast's forward."""
+    (_, forward), = upcast_patches([nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                              layer.stride, layer.padding).half().requires_grad_(False)])
+    return lambda x, _layer, _dtype: forward(x)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -63,13 +74,20 @@ def main(argv=None) -> None:
                 pick = cpu_conv.kernel_name(x.shape, layer, dtype)
                 total["rule"] += t[pick]
                 total["onednn"] += t["onednn"]
+                stored = {}
+                if dtype == torch.float32:
+                    up = seconds(_stored_fp16(layer), x, layer, dtype, args.rounds)
+                    total["upcast"] = total.get("upcast", 0.0) + up
+                    stored = {"stored_fp16_ms": round(up * 1e3, 2), "stored_fp16_over_rule": round(up / t[pick], 3)}
                 print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "in": ci, "out": co, "size": size,
                                   "kernel": k, "stride": stride, "batch": batch,
                                   "onednn_ms": round(t["onednn"] * 1e3, 2), "gemm_ms": round(t["gemm"] * 1e3, 2),
                                   "gemm_over_onednn": round(t["gemm"] / t["onednn"], 3), "rule": pick,
-                                  "rule_right": t[pick] <= (1 + args.tie) * min(t.values())}), flush=True)
+                                  "rule_right": t[pick] <= (1 + args.tie) * min(t.values()), **stored}), flush=True)
         print(json.dumps({"dtype": str(dtype).removeprefix("torch."),
                           "rule_over_onednn_total": round(total["rule"] / total["onednn"], 3),
+                          **({"stored_fp16_over_rule_total": round(total["upcast"] / total["rule"], 3)}
+                             if "upcast" in total else {}),
                           "threads": torch.get_num_threads()}), flush=True)
 
 

@@ -123,15 +123,18 @@ def test_a_layer_stored_narrow_computes_in_fp32_and_keeps_only_its_narrow_weight
     assert not upcast_patches([reference])          # an fp32 layer computes as it is
 
 
-def test_a_deep_narrow_convolution_at_a_small_size_runs_forward_on_the_gemm_kernel(monkeypatch):
-    """train.cpu_conv's rule inside the upcast: the forward on thnn (counted), fp32's result and input gradient
-    to rounding, autograd still keeping only the bf16 weight; the same layer at a larger size stays on oneDNN."""
+def test_a_deep_narrow_convolution_at_a_small_size_runs_on_the_gemm_kernel(monkeypatch):
+    """train.cpu_conv's rule inside the upcast: forward and input gradient on thnn (counted), the bits of an fp32
+    layer on thnn (as an fp32 run computes it: cpu_conv's patch, autograd's backward), autograd keeping the
+    bf16 weight and the layer's input, never an fp32 copy of the weight; the same layer at a larger size stays
+    on oneDNN, fp32's result and input gradient to rounding."""
     from lora_ext.train import cpu_conv
     from lora_ext.train.upcast import upcast_patches
 
-    calls = []
-    thnn = cpu_conv.thnn
+    calls, back = [], []
+    thnn, thnn_input_grad = cpu_conv.thnn, cpu_conv.thnn_input_grad
     monkeypatch.setattr(cpu_conv, "thnn", lambda *a: calls.append(a[0].shape) or thnn(*a))
+    monkeypatch.setattr(cpu_conv, "thnn_input_grad", lambda *a: back.append(a[1].shape) or thnn_input_grad(*a))
     torch.manual_seed(0)
     layer = nn.Conv2d(512, 4, 3, padding=1).to(torch.bfloat16).requires_grad_(False)    # a GEMM up to 10x10
     reference = nn.Conv2d(512, 4, 3, padding=1).requires_grad_(False)
@@ -142,11 +145,16 @@ def test_a_deep_narrow_convolution_at_a_small_size_runs_forward_on_the_gemm_kern
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = forward(x)
-        assert len(calls) == expected_calls and [t.dtype for t in saved] == [torch.bfloat16]
-        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == expected_calls and saved[0] is layer.weight
+        assert [t is x for t in saved] == [False] + [True] * (size == 8)
         g = torch.randn_like(out)
-        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(reference(x), x, g)[0],
-                                   rtol=1e-5, atol=1e-5)
+        grad = torch.autograd.grad(out, x, g)[0]
+        assert len(back) == expected_calls
+        if size == 8:
+            same = thnn(x, reference.weight, reference.bias, reference)
+            assert torch.equal(out, same) and torch.equal(grad, torch.autograd.grad(same, x, g)[0])
+        torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, torch.autograd.grad(reference(x), x, g)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2"])

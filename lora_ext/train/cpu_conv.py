@@ -30,6 +30,12 @@ def thnn(x, weight, bias, layer):
                                       list(layer.padding))
 
 
+def thnn_input_grad(grad, x, weight, layer):
+    """The input's gradient of `thnn` (what autograd computes after it)."""
+    return torch.ops.aten._slow_conv2d_backward(grad, x, weight, list(layer.kernel_size), list(layer.stride),
+                                                list(layer.padding), [True, False, False])[0]
+
+
 def _thnn(x, layer, dtype=None):
     return thnn(x, layer.weight, layer.bias, layer)
 

@@ -31,13 +31,15 @@ class _Scratch:
 
 class _StoredNarrow(torch.autograd.Function):
     """A frozen Linear (conv None) or Conv2d (conv: its stride/padding/dilation/groups) on a narrow weight;
-    `gemm`: the Conv2d, deep at a small size, forward on torch's GEMM kernel (train.cpu_conv's rule; 2-6x
-    faster there, while its input gradient gains little over oneDNN's)."""
+    `gemm`: the Conv2d, deep at a small size, on torch's GEMM kernel forward and backward (train.cpu_conv's
+    rule; what an fp32 run computes there, as autograd runs thnn's own backward after its forward: 2-6x
+    faster than oneDNN forward; its input gradient 0.4-0.9x oneDNN's time, 2-core EPYC, bench/cpu_conv.py).
+    That backward takes the layer's input, which is small where the rule picks the GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv, scratch, gemm=None):
-        ctx.save_for_backward(weight)
-        ctx.conv, ctx.shape, ctx.scratch = conv, x.shape, scratch
+        ctx.save_for_backward(weight, *(() if gemm is None else (x,)))
+        ctx.conv, ctx.shape, ctx.scratch, ctx.gemm = conv, x.shape, scratch, gemm
         w, b = scratch.cast(weight, x.dtype), None if bias is None else bias.to(x.dtype)
         if gemm is not None:
             return cpu_conv.thnn(x, w, b, gemm)
@@ -45,11 +47,15 @@ class _StoredNarrow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
+        weight, *x = ctx.saved_tensors
         w = ctx.scratch.cast(weight, grad.dtype)
         if ctx.conv is None:
-            return grad @ w, None, None, None, None, None
-        return torch.nn.grad.conv2d_input(ctx.shape, w, grad, **ctx.conv), None, None, None, None, None
+            dx = grad @ w
+        elif ctx.gemm is not None:
+            dx = cpu_conv.thnn_input_grad(grad, x[0], w, ctx.gemm)
+        else:
+            dx = torch.nn.grad.conv2d_input(ctx.shape, w, grad, **ctx.conv)
+        return dx, None, None, None, None, None
 
 
 def _forward(layer, scratch, x):
