@@ -32,9 +32,9 @@ class _Scratch:
 class _StoredNarrow(torch.autograd.Function):
     """A frozen Linear (conv None) or Conv2d (conv: its stride/padding/dilation/groups) on a narrow weight;
     `gemm`: the Conv2d, deep at a small size, on torch's GEMM kernel forward and backward (train.cpu_conv's
-    rule; what an fp32 run computes there, as autograd runs thnn's own backward after its forward: 2-6x
-    faster than oneDNN forward; its input gradient 0.4-0.9x oneDNN's time, 2-core EPYC, bench/cpu_conv.py).
-    That backward takes the layer's input, which is small where the rule picks the GEMM."""
+    rule; what an fp32 run computes there, as autograd runs thnn's own backward after its forward. Against
+    oneDNN's input gradient, the layer's forward + input gradient took 0.37-0.90x the time: bench/cpu_conv.py
+    on both, 2-core EPYC). That backward takes the layer's input, small where the rule picks the GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv, scratch, gemm=None):
