@@ -13,6 +13,7 @@ fp32 weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -50,8 +51,7 @@ def seconds(kernel, x, layer, dtype, rounds: int) -> float:
 
 def _stored_fp16(layer):
     """A kernel for seconds(): `layer`'s copy stored in fp16, on train.upcast's forward."""
-    (_, forward), = upcast_patches([nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                              layer.stride, layer.padding).half().requires_grad_(False)])
+    (_, forward), = upcast_patches([copy.deepcopy(layer).half()])
     return lambda x, _layer, _dtype: forward(x)
 
 
