@@ -21,6 +21,11 @@ measured in the same run.
 type on the same layers (the 3x3 convolutions included, dim 16 alpha 8 everywhere), s/step, peak RSS and the
 memory estimate, with ratios against LoCon (kohya's networks.lora with conv_dim) measured in the same run.
 
+`--unet-after-encoders` (with `--arch sd1` or `sdxl`, `--rounds N`): `python -m lora_ext train` on a random-weight
+fp16 checkpoint file with cached text-encoder outputs (UNet only, gradient checkpointing, cached latents, 256 px),
+as it is (the UNet's weights read once the text encoders are freed) and with the UNet read first, alternating;
+peak RSS, first step and wall time of each, and the ratios.
+
 `--kohya DIR` (or $LORA_EXT_KOHYA; its venv's python from --kohya-python / $LORA_EXT_KOHYA_PYTHON, else a venv/
 inside or beside it): kohya's train_network.py and `python -m lora_ext train` side by side, each from the
 command line in its own process, with the same options (an fp16 SD1.5-shaped checkpoint with random weights,
@@ -227,16 +232,17 @@ def kohya_setup(args) -> tuple[str, str]:
     return os.path.abspath(folder), python
 
 
-def kohya_inputs(folder: str, images: int) -> dict:
-    """A random-weight SD1.5-shaped checkpoint (fp16, as shared), a sample dataset with regularization
-    images, and the CLIP tokenizer saved where kohya's --tokenizer_cache_dir finds it (it cannot download)."""
+def kohya_inputs(folder: str, images: int, arch: str = "sd1") -> dict:
+    """A random-weight SD1.5-shaped (`arch` sdxl: SDXL-shaped) checkpoint (fp16, as shared), a sample dataset
+    with regularization images, and the CLIP tokenizer saved where kohya's --tokenizer_cache_dir finds it (it
+    cannot download)."""
     from safetensors.torch import save_file
 
     from lora_ext.hosts.ldm_layout import clip_tokenizer
     from lora_ext.testing import sample_data, tiny
 
-    ckpt = os.path.join(folder, "sd15_random.safetensors")
-    model = tiny.build("sd1-full").half()
+    ckpt = os.path.join(folder, f"{'sd15' if arch == 'sd1' else arch}_random.safetensors")
+    model = tiny.build(f"{arch}-full").half()
     save_file({k: v.contiguous() for k, v in model.checkpoint_state_dict().items()}, ckpt)
     del model
     data = sample_data.make_sample_dataset(os.path.join(folder, "data"), size=256, per_concept=images // 2)
@@ -322,6 +328,47 @@ def _over_kohya(med, tool) -> dict:
             "average_loss_ours_over_kohya": o["average_loss"] / k["average_loss"]}
 
 
+# ours with the UNet read together with the rest of the model, before the captions are encoded (what every run
+# did before train.leaving.unet_after_encoders)
+_UNET_FIRST = ("import sys; import lora_ext.train.leaving as l; l.unet_after_encoders = lambda cfg, device: False; "
+               "from lora_ext.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _inputs(args, work: str) -> dict:
+    """kohya_inputs made in a child process: a child's peak RSS (wait4) starts from its parent's at fork, and
+    building the checkpoint here would have set that floor under every run's figure."""
+    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-inputs", work, "--images",
+                           str(args.images), "--arch", args.arch], check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(made.stdout.strip().splitlines()[-1])
+
+
+def compare_unet_later(args) -> dict:
+    """`python -m lora_ext train` on an fp16 checkpoint file with cached text-encoder outputs (kohya's usual
+    SDXL job: UNet only, gradient checkpointing, cached latents), as it is (the UNet read once the text
+    encoders are freed) and with the UNet read first, alternating; peak RSS, first step, wall and their ratios."""
+    work = tempfile.mkdtemp(prefix="lora_ext_bench_unet_later_")
+    inputs = _inputs(args, work)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    variants = {"unet_after_encoders": [sys.executable, "-m", "lora_ext", "train"],
+                "unet_first": [sys.executable, "-c", _UNET_FIRST, "train"]}
+    runs = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, cmd in variants.items():
+            flags = _train_flags(inputs, os.path.join(work, f"{name}_{r}"), args.steps, "no", True)
+            runs[name].append(timed_run(cmd + flags + ["--network_train_unet_only", "--cache_text_encoder_outputs"],
+                                        ROOT, env, "ours"))
+    med = {name: {k: statistics.median(run[k] for run in v) for k in _MEASURED} for name, v in runs.items()}
+    late, first = med["unet_after_encoders"], med["unet_first"]
+    return {"job": f"{args.arch.upper()}-shaped random weights (fp16 file), {args.images} images + regularization "
+                   f"images at 256 px, batch 1, dim 16 alpha 8, UNet only, cached text-encoder outputs and latents, "
+                   f"gradient checkpointing, AdamW fp32, {args.steps} steps; each run its own process",
+            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), "runs": runs, "medians": med,
+            "ratios_in_this_run": {"peak_rss_after_encoders_over_first": late["peak_rss_gb"] / first["peak_rss_gb"],
+                                   "first_step_after_encoders_over_first": late["first_step_s"] / first["first_step_s"],
+                                   "wall_after_encoders_over_first": late["wall_s"] / first["wall_s"],
+                                   "average_loss_after_encoders_over_first": late["average_loss"] / first["average_loss"]}}
+
+
 def compare_kohya(args) -> dict:
     """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
     so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
@@ -329,11 +376,7 @@ def compare_kohya(args) -> dict:
 
     folder, python = kohya_setup(args)
     work = tempfile.mkdtemp(prefix="lora_ext_bench_kohya_")
-    # made in a child process: a child's peak RSS (wait4) starts from its parent's at fork, and building
-    # the checkpoint here would have set that floor under both tools' figures
-    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-inputs", work, "--images", str(args.images)],
-                          check=True, stdout=subprocess.PIPE, text=True)
-    inputs = json.loads(made.stdout.strip().splitlines()[-1])
+    inputs = _inputs(args, work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     results, ratios = {}, {}
     for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
@@ -378,6 +421,9 @@ def main() -> None:
     ap.add_argument("--both-checkpointing", action="store_true", help="side by side: with and without checkpointing")
     ap.add_argument("--ours-without-cpu-bf16", action="store_true",
                     help="side by side: ours as on a CPU without bf16 instructions (kohya's as this CPU has it)")
+    ap.add_argument("--unet-after-encoders", action="store_true",
+                    help="the headless run with cached text-encoder outputs, its UNet read after the encoders are "
+                         "freed against read first (--arch sd1 or sdxl)")
     ap.add_argument("--make-inputs", help=argparse.SUPPRESS)
     ap.add_argument("--one", choices=sorted(CONFIGS) + sorted(SDXL_CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -385,7 +431,10 @@ def main() -> None:
     if args.steps is None:
         args.steps = 6 if kohya and not args.one else 5
     if args.make_inputs:
-        print(json.dumps(kohya_inputs(args.make_inputs, args.images)))
+        print(json.dumps(kohya_inputs(args.make_inputs, args.images, args.arch)))
+        return
+    if args.unet_after_encoders:
+        print(json.dumps(compare_unet_later(args), indent=2, default=lambda v: round(v, 4)))
         return
     if args.one:
         if args.arch == "sdxl":

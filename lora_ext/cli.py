@@ -53,14 +53,15 @@ def _train_values(args, extra: list) -> dict:
     return values
 
 
-def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp32"):
+def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp32", unet_later: bool = False):
     """The host of a headless run, on the device it runs on (the process's GPU when there is one). Its
     frozen UNet and text-encoder weights are loaded straight in the dtype the run holds them in
     (train.optim.frozen_storage): under mixed precision its dtype, what the run would cast them to anyway,
     without a full-precision copy first (nothing of this model is put back afterwards: the process ends); on a
     CPU that computes in fp32, the asked-for half dtype all the same, or with frozen_weights "as_stored" the
-    file's own, cast up at use. The host is the process's own
-    (disposable): a run may free what it no longer needs of it."""
+    file's own, cast up at use. `unet_later`: a single file's UNet weights are read only when the run asks
+    (train.leaving.unet_after_encoders). The host is the process's own (disposable): a run may free what it no
+    longer needs of it."""
     from .hosts.checkpoint import load_checkpoint
     from .hosts.webui import WebuiHost
     from .train.distributed import local_device
@@ -84,7 +85,8 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
         dtype_for = frozen_storage(mixed_precision, device, frozen_weights)
         at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
         host = WebuiHost(load_checkpoint(name, hold=dtype_for and (
-            lambda model: layer_parameters(frozen_roots(WebuiHost(model)), at_use), dtype_for)))
+            lambda model: layer_parameters(frozen_roots(WebuiHost(model)), at_use), dtype_for),
+            later=(lambda model: [WebuiHost(model).unet]) if unet_later else None))
     host.model.to(device)
     host.disposable = True
     return host
@@ -119,6 +121,8 @@ def cmd_train(args, extra) -> int:
     from .hosts.checkpoint import CheckpointError
     from .train import config
     from .train.dataset import DatasetError, scan
+    from .train.distributed import local_device
+    from .train.leaving import unet_after_encoders
     from .train.loop import train
     from .train.outputs import check_outputs
     from .train.progress import TensorBoardLog, TqdmProgress, fan_out
@@ -135,7 +139,8 @@ def cmd_train(args, extra) -> int:
             raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
         check_outputs(cfg)
         data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
-        host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights)
+        host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights,
+                         unet_after_encoders(cfg, local_device()))
         from .train import memory
         est, line = memory.estimated(host, cfg)
         print(f"estimated memory: {line}", file=sys.stderr)

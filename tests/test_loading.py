@@ -39,14 +39,59 @@ def test_a_checkpoint_loads_tensor_by_tensor_to_the_file_s_values(tmp_path, any_
     assert nn.Linear(3, 3).weight.abs().sum() > 0           # initialisation works again afterwards
 
 
-def test_a_file_whose_tensor_does_not_fit_is_refused_naming_it(tmp_path):
+def _unet(model) -> list:
+    from lora_ext.hosts.webui import WebuiHost
+    return [WebuiHost(model).unet]
+
+
+@pytest.mark.parametrize("later", [None, _unet], ids=["read_now", "unet_read_later"])
+def test_a_file_whose_tensor_does_not_fit_is_refused_naming_it(tmp_path, later):
     path = str(tmp_path / "m.safetensors")
     sd = _half_checkpoint(tiny_model("sd1"), path)
     key = next(k for k in sd if k.endswith("attn1.to_q.weight"))
     sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1], dtype=torch.float16)
     save_file(sd, path)
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + r" is \["):
-        load_checkpoint(path)
+        load_checkpoint(path, later=later)
+
+
+def test_weights_read_later_are_the_file_s_as_it_was_opened(tmp_path):
+    """`later`: the UNet's weights are checked at load and read when asked, from the file as it was opened
+    (one replaced meanwhile is not read); the rest is read at once; the model then equals one read whole."""
+    import os
+
+    from lora_ext.hosts.webui import WebuiHost
+
+    path = str(tmp_path / "m.safetensors")
+    _half_checkpoint(tiny_model("sdxl"), path)
+    whole = load_checkpoint(path)
+    host = WebuiHost(load_checkpoint(path, later=_unet))
+    assert WebuiHost(whole).pending is None
+    assert host.pending.nbytes == sum(p.numel() * p.element_size() for p in host.unet.parameters()) > 0
+    own, want = host.model.state_dict(), whole.state_dict()
+    unet_keys = {k for k in own if k.startswith("model.diffusion_model.")}
+    assert all(torch.equal(own[k], want[k]) for k in own if k not in unet_keys)
+    other = str(tmp_path / "other.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, other)
+    os.replace(other, path)
+    host.pending.read()
+    assert host.pending is None
+    assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in host.model.state_dict().items())
+
+
+def test_a_file_cut_short_before_its_later_weights_are_read_is_named(tmp_path):
+    import os
+
+    from lora_ext.hosts.webui import WebuiHost
+
+    path = str(tmp_path / "m.safetensors")
+    _half_checkpoint(tiny_model("sd1"), path)
+    host = WebuiHost(load_checkpoint(path, later=_unet))
+    pending = host.pending
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError, match="m.safetensors: .*the file ended inside its data"):
+        pending.read()
+    assert pending.done and host.pending is None          # its file closed, nothing read twice
 
 
 def _kept_but_the_decoder(before: dict, after: dict) -> None:

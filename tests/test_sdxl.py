@@ -501,3 +501,73 @@ def test_how_cached_text_encoders_leave(disposable, previews, device, want):
     host = types.SimpleNamespace(disposable=disposable)
     assert encoders_leave(host, cfg, False, torch.device(device)) == want
     assert encoders_leave(host, cfg, True, torch.device(device)) is None           # trained: they stay
+
+
+def _headless(path, later: bool):
+    from lora_ext import cli
+    return cli._host_for(path, unet_later=later)
+
+
+def test_a_headless_run_reads_its_unet_only_after_freeing_the_text_encoders_and_trains_the_same(data, tmp_path):
+    """The CLI's own model of a run whose text-encoder outputs are cached: every caption is encoded while the
+    UNet's weights are still unread, the encoders are freed, then the UNet is read; the estimate's early
+    moment holds no UNet; the run's losses and LoRA are those of a model read whole first."""
+    from safetensors.torch import load_file
+
+    from lora_ext.train import memory
+
+    path = str(tmp_path / "m.safetensors")
+    tiny.save_checkpoint(tiny_model("sdxl"), path)
+    common = dict(network_train_unet_only=True, cache_text_encoder_outputs=True, max_train_steps=3)
+    whole, later = _headless(path, False), _headless(path, True)
+    assert whole.pending is None
+    unet_bytes = sum(p.numel() * p.element_size() for p in later.unet.parameters())
+    te_bytes = sum(p.numel() * p.element_size() for m in later.text_encoders() for p in m.parameters())
+    est, est_whole = (memory.estimate(h, _cfg(data, tmp_path / "e", **common)) for h in (later, whole))
+    assert est["read_after_encoders"] == later.pending.nbytes == unet_bytes and est_whole["read_after_encoders"] == 0
+    assert est["parts"] == est_whole["parts"]
+    assert est["total"] == max(sum(est["parts"].values()), est["parts"]["weights"] - unet_bytes + te_bytes)
+    assert "the UNet's" in memory.describe(est) and "the UNet's" not in memory.describe(est_whole)
+
+    unread_while_encoding = []
+    encode = later.encode_text
+    later.encode_text = lambda *a, **k: unread_while_encoding.append(later.pending is not None) or encode(*a, **k)
+    events = []
+    read_late = train(later, _cfg(data, tmp_path / "a", **common), on_event=events.append)
+    read_first = train(whole, _cfg(data, tmp_path / "b", **common))
+    assert unread_while_encoding and all(unread_while_encoding) and later.pending is None
+    said = [e.text for e in events if e.kind == "message"]
+    assert said.index(next(t for t in said if "the text encoders are freed" in t)) < said.index(
+        next(t for t in said if "the UNet's weights" in t and "after the text encoders are freed" in t))
+    assert read_late.losses == read_first.losses
+    a, b = load_file(read_late.lora_path), load_file(read_first.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_needs_the_unet_from_the_start_reads_it_first(data, tmp_path):
+    """DoRA's modules start from the layer's weight: a model whose UNet is still unread has it read before
+    they are made, and the run equals one on a model read whole. (No estimate first: its steps condition
+    the UNet with the text encoders freed, which once failed on the pooled width read off their weights.)"""
+    path = str(tmp_path / "m.safetensors")
+    tiny.save_checkpoint(tiny_model("sdxl"), path)
+    cfg = dict(network_train_unet_only=True, cache_text_encoder_outputs=True, max_train_steps=2,
+               network_module="lycoris.kohya", network_args=["algo=locon", "dora_wd=True"])
+    later = _headless(path, True)
+    read_late = train(later, _cfg(data, tmp_path / "a", **cfg))
+    assert later.pending is None
+    assert read_late.losses == train(_headless(path, False), _cfg(data, tmp_path / "b", **cfg)).losses
+
+
+@pytest.mark.parametrize("options, device, want", [
+    (dict(), "cpu", True),
+    (dict(), "cuda", False),                                     # a GPU's memory is taken when allocated
+    (dict(sample_prompts=["a cat"], sample_every_n_steps=2), "cpu", False),     # previews keep the encoders
+    (dict(network_module="lycoris.kohya", network_args=["algo=locon", "dora_wd=True"]), "cpu", False),
+    (dict(cache_text_encoder_outputs=False), "cpu", False),
+    (dict(cache_text_encoder_outputs=False, cache_text_encoder_outputs_to_disk=True), "cpu", True),
+    (dict(network_train_unet_only=False), "cpu", False)])       # the encoders trained (the config refuses it)
+def test_when_a_headless_run_reads_its_unet_after_the_text_encoders(options, device, want):
+    from lora_ext.train.leaving import unet_after_encoders
+
+    cfg = TrainConfig(**{**dict(cache_text_encoder_outputs=True, network_train_unet_only=True), **options})
+    assert unet_after_encoders(cfg, torch.device(device)) is want

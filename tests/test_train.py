@@ -393,6 +393,22 @@ network_args = ["conv_dim=2", "conv_alpha=1"]
     assert meta["ss_sd_model_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
 
 
+def test_cli_reads_the_unet_after_the_cached_text_encoders_are_freed(data, tmp_path):
+    """A headless run whose text-encoder outputs are cached: the estimate and the run both say that the UNet
+    is read only once the encoders are freed (tests/test_sdxl.py: the same run, the same bits)."""
+    from lora_ext.testing import tiny
+
+    tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
+    out = _cli("train", "--pretrained_model_name_or_path", "tiny.safetensors", "--train_data_dir", data["train"],
+               "--resolution", "64", "--max_train_steps", "2", "--network_dim", "4", "--output_dir", "D",
+               "--cache_text_encoder_outputs", "--network_train_unet_only", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    estimate = next(line for line in out.stderr.splitlines() if line.startswith("estimated memory:"))
+    assert "MB read once the text encoders are freed" in estimate
+    assert "the text encoders are freed" in out.stderr
+    assert "the UNet's weights" in out.stderr and "are read from the checkpoint after the text encoders are freed" in out.stderr
+
+
 def test_cli_names_what_it_does_not_support(tmp_path):
     out = _cli("train", "--pretrained_model_name_or_path", "x.safetensors", "--fp8_base", "--bogus_option", "1",
                cwd=tmp_path)

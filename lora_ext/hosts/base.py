@@ -97,6 +97,13 @@ class ConditioningMixin:
     # since nothing of it is put back; the webui's loaded model is never so
     disposable = False
 
+    @property
+    def pending(self):
+        """Weights the model's loader has not read yet (hosts.checkpoint.Pending: a headless run's UNet, read
+        once its text encoders are freed, train.leaving.unet_after_encoders), or None."""
+        pending = getattr(self.model, "pending", None)
+        return None if pending is None or pending.done else pending
+
     def condition(self, text, sizes: list | None = None):
         from .conditioning import condition
         return condition(text, sizes)

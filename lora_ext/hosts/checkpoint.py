@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..safetensors_io import FileProblem
+from ..safetensors_io import FileProblem, Reader
 from . import ldm_layout
 
 
@@ -139,22 +139,67 @@ def checkpoint_keys(model) -> dict:
     return {k.replace(".wrapped.", "."): k for k in model.state_dict()}
 
 
-def load_checkpoint(path: str, hold=None):
+def load_checkpoint(path: str, hold=None, later=None):
     """A model with the webui's layout (lora_ext.hosts.ldm_layout) holding the checkpoint's weights.
     Built without initialising its weights (every one is then read from the file) and filled one tensor at
     a time, so that loading needs the model's memory and no more. `hold` (select, dtype_for): each parameter
     `select(model)` yields is made in `dtype_for(the dtype the file stores it in)` instead, where that is not
     None (a mixed-precision run's frozen weights, which would otherwise be made in fp32 and then cast; or a
-    run's frozen weights held as the file stores them)."""
-    with _tensors_of(path) as sd:
-        try:
-            model = _build(path, sd)
-            if hold is not None:
-                _hold(model, sd, *hold)
-            _fill(path, model, sd)
-        except FileProblem as e:
-            raise CheckpointError(f"{path}: {e}") from None
+    run's frozen weights held as the file stores them). `later(model)`: modules whose weights are checked
+    against the file now and read from it only when `model.pending.read()` is called (a safetensors file;
+    a pickled one is in memory whole anyway): until then their memory is allocated and never written, so it
+    is not yet the process's (on a CPU). A headless run reads its UNet so, once its text encoders are freed."""
+    sd = _open_tensors(path)
+    pending = None
+    try:
+        model = _build(path, sd)
+        if hold is not None:
+            _hold(model, sd, *hold)
+        deferred = _untouched(later(model)) if later is not None and isinstance(sd, Reader) else set()
+        pending = _fill(path, model, sd, deferred)
+    except FileProblem as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    finally:
+        if pending is None:
+            sd.close()
+    model.pending = pending
     return model
+
+
+class Pending:
+    """A loaded model's weights not read from its file yet: `read()` reads them (once), from the file as it
+    was opened at load, then closes it; `nbytes`, the memory they take once read."""
+
+    def __init__(self, path: str, reader, pairs: list):
+        self.path, self.reader, self.pairs = path, reader, pairs       # pairs: [(checkpoint key, parameter)]
+        self.nbytes = sum(p.numel() * p.element_size() for _, p in pairs)
+
+    def read(self) -> None:
+        if self.reader is None:
+            return
+        try:
+            for key, param in self.pairs:       # into the storage it has now (a session may have cast it)
+                self.reader.read_into(key, param.data)
+        except FileProblem as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        finally:
+            self.reader.close()
+            self.reader, self.pairs = None, []
+
+    @property
+    def done(self) -> bool:
+        return self.reader is None
+
+
+def _untouched(modules) -> set:
+    """The ids of the modules' parameters, each given fresh storage that nothing has written (ldm's builders
+    zero some layers, which would make their pages the process's before any weight is read)."""
+    ids = set()
+    for module in modules:
+        for p in module.parameters():
+            p.data = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            ids.add(id(p))
+    return ids
 
 
 def _hold(model, sd, select, dtype_for) -> None:
@@ -192,9 +237,10 @@ def _build(path: str, sd):
     return ldm_layout.WebuiLayoutModel(arch, unet, encoders, vae, parameterization)
 
 
-def _fill(path: str, model, sd) -> None:
+def _fill(path: str, model, sd, deferred: set = frozenset()) -> Pending | None:
     """Every parameter of `model` read from `sd` (buffers too where the file has them: they are constants
-    the model builds itself, position_ids, which current transformers no longer saves, alphas_cumprod)."""
+    the model builds itself, position_ids, which current transformers no longer saves, alphas_cumprod); those
+    whose ids are in `deferred` only checked, and left to the Pending returned (None when there are none)."""
     by_ckpt_key = checkpoint_keys(model)
     buffers = {k for k, _ in model.named_buffers()}
     missing = [k for k, model_key in by_ckpt_key.items() if k not in sd and model_key not in buffers]
@@ -203,6 +249,7 @@ def _fill(path: str, model, sd) -> None:
         raise CheckpointError(f"{path}: {len(missing)} weights of a {arch.upper()} model are missing "
                               f"(e.g. {missing[0]}); is a .yaml with its shapes needed beside it?")
     own = model.state_dict(keep_vars=True)
+    later = []
     for ckpt_key, model_key in by_ckpt_key.items():
         if ckpt_key not in sd:
             continue
@@ -210,30 +257,31 @@ def _fill(path: str, model, sd) -> None:
         if shape != dest.shape:
             raise CheckpointError(f"{path}: its weights do not fit the shapes of its config ({ckpt_key} is "
                                   f"{list(shape)} in the file, {list(dest.shape)} in the model)")
-        sd.read_into(ckpt_key, dest)
+        if id(own[model_key]) in deferred:
+            later.append((ckpt_key, own[model_key]))
+        else:
+            sd.read_into(ckpt_key, dest)
+    return Pending(path, sd, later) if later else None
 
 
-@contextlib.contextmanager
-def _tensors_of(path: str):
-    """The file's tensors by name, each with `.shape`, and `read_into(name, tensor)`: a safetensors file
-    read tensor by tensor; a pickled one loaded whole (weights_only)."""
-    from ..safetensors_io import Reader
-
+def _open_tensors(path: str):
+    """The file's tensors by name, each with `.shape`, `read_into(name, tensor)` and `close()`: a safetensors
+    file read tensor by tensor (open until closed); a pickled one loaded whole (weights_only)."""
     if not path.endswith(".safetensors"):
-        yield _InMemory(read_state_dict(path))
-        return
+        return _InMemory(read_state_dict(path))
     _regular_file(path)
     try:
-        reader = Reader(path)
+        return Reader(path)
     except FileProblem as e:
         raise CheckpointError(f"{path}: {e}") from None
-    with reader:
-        yield reader
 
 
 class _InMemory(dict):
     def read_into(self, name: str, dest) -> None:
         dest.copy_(self[name])
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager

@@ -179,6 +179,8 @@ class LdmVAE(nn.Module):
 class WebuiLayoutModel(nn.Module):
     """The attributes of the webui's loaded model that extensions use."""
 
+    pending = None      # weights its loader has not read yet (hosts.checkpoint.Pending), or None
+
     def __init__(self, arch: str, unet: nn.Module, encoders: list, vae: nn.Module, parameterization: str = "eps"):
         super().__init__()
         self.model = DiffusionWrapper(unet)

@@ -18,6 +18,7 @@ from .conditioning import Cond, Size, Text
 class Host(Protocol):
     model: nn.Module                # the root every trained or patched layer lives under
     disposable: bool                # the process owns the model (headless): a run may free parts of it
+    pending: object | None          # weights not read from the file yet (.read() reads them), or None
 
     # --- what the model is ------------------------------------------------------------------------------
     @property

@@ -90,12 +90,13 @@ class WebuiHost(ConditioningMixin):
             return None
         return self.text_holders()[-1].model.text_projection.shape[1]
 
-    @cached_property
+    @property
     def size_dim(self) -> int | None:
         """SDXL: channels per size number, what label_emb takes beyond the pooled text (real models: 256)."""
-        if self.pooled_width is None:
-            return None
-        return (self.unet.label_emb[0][0].in_features - self.pooled_width) // 6
+        return None if self.pooled_width is None else self._size_dim(self.pooled_width)
+
+    def _size_dim(self, pooled_width: int) -> int:
+        return (self.unet.label_emb[0][0].in_features - pooled_width) // 6
 
     def encode_images(self, pixels, seeds=None):
         """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
@@ -115,7 +116,8 @@ class WebuiHost(ConditioningMixin):
     def predict(self, noisy, timesteps, cond: Cond):
         device, dtype = input_placement(self.unet)
         c = cond.to(device, dtype)
-        extra = {} if c.pooled is None else {"y": c.vector(self.size_dim)}
+        # the pooled width from the conditioning itself: the text encoders may be freed by now (train.leaving)
+        extra = {} if c.pooled is None else {"y": c.vector(self._size_dim(c.pooled.shape[-1]))}
         return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)
 
     # --- living beside the webui's built-in Lora, and its faster attention -------------------------------

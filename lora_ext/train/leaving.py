@@ -1,8 +1,9 @@
 """What a run's steps need not keep in memory: the text encoders once every caption's output is cached (they
 not trained), the VAE once every latent is, and, where the model is the process's own (host.disposable: a
-headless run), the VAE's decoding half, which only previews use. A part leaves the device ('offloaded': to the
-CPU, put back after the run) or, in a disposable host, is 'freed': nothing else will use it, and on a CPU
-leaving the device frees nothing."""
+headless run), the VAE's decoding half, which only previews use; such a run's UNet is read from its file only
+once the text encoders are gone. A part leaves the device ('offloaded': to the CPU, put back after the run)
+or, in a disposable host, is 'freed': nothing else will use it, and on a CPU leaving the device frees
+nothing."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,18 @@ def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) or train_te:
         return None
     return _leaving(host, cfg, device)
+
+
+def unet_after_encoders(cfg, device) -> bool:
+    """Whether a headless run reads its UNet's weights only after its text encoders are freed (their outputs
+    cached, they not trained, no previews: encoders_leave 'freed'), so that the two never share the memory:
+    on a CPU (memory allocated there is not the process's until written; a GPU's is), and not for DoRA, whose
+    modules start from the layer's weight."""
+    from .network_args import spec
+
+    cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    frozen = all(lr == 0 for part, lr in cfg.component_lrs().items() if part != "unet")
+    return bool(cached and frozen and not previews(cfg) and device.type == "cpu" and not spec(cfg).options.dora)
 
 
 def vae_leaves(host, cfg, device) -> str | None:

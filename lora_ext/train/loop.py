@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
 from .events import Event, Result
-from .leaving import decoder_parts, encoders_leave, free, freed, vae_leaves
+from .leaving import decoder_parts, encoders_leave, free, freed, unet_after_encoders, vae_leaves
 from .network import network_for
 from .outputs import check_outputs
 from .saving import samples, save_lora
@@ -120,6 +120,8 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None, es
     """`estimate`: train.memory.estimate(host, cfg) when the caller has made it (it picks the blocks that
     gradient checkpointing recomputes)."""
     run = prepare(host, cfg, on_event or (lambda e: None), should_stop or (lambda: False), scan)
+    if host.pending is not None and not unet_after_encoders(cfg, run.device):
+        host.pending.read()         # this run needs the UNet's weights from the start (DoRA's modules, say)
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
     run.network = network_for(host, cfg).to(run.device)
     blocks = _checkpointed_blocks(run, estimate)
@@ -272,6 +274,7 @@ class _Loop:
         self._free_decoder()
         if self.encoders_leave:
             self._encode_captions_first()
+        self._read_pending()
         self.started, self.done_at_start, self.epoch = time.perf_counter(), self.step, self.at[0]
         cfg = self.r.cfg
         for epoch in range(self.at[0], epochs):
@@ -328,6 +331,15 @@ class _Loop:
         where = {"offloaded": "moved to the CPU", "freed": "freed"}[self.encoders_leave]
         self.r.emit(Event("message", text=f"text-encoder outputs cached for {len(self.captions)} captions before "
                                           f"the first step; the text encoders are {where} for the rest of the run"))
+
+    def _read_pending(self) -> None:
+        """A headless run's UNet, read from its file now that the text encoders are freed: the two never
+        share the memory (leaving.unet_after_encoders)."""
+        pending = self.r.host.pending
+        if pending is not None:
+            pending.read()
+            self.r.emit(Event("message", text=f"the UNet's weights ({pending.nbytes / 2**30:.2f} GB) are read from "
+                                              "the checkpoint after the text encoders are freed (never both in memory)"))
 
     def _free_decoder(self) -> None:
         parts = [m for m in decoder_parts(self.r.host, self.r.cfg) if not freed(m)]

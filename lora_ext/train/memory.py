@@ -263,10 +263,12 @@ def estimate(host, cfg) -> dict:
                   if cfg.gradient_checkpointing and len(unet["blocks"]) == len(blocks) else None)
     parts["activations"] = activations + _kept(unet, recomputed)
     margin = CONTEXT_MARGIN if device.type == "cuda" else 0
-    # until every caption is encoded the leaving encoders are there too: the peak may be that moment's
+    # until every caption is encoded the leaving encoders are there too, without the weights read only after
+    # they leave (a headless run's UNet): the peak may be that moment's
+    later = host.pending.nbytes if host.pending is not None else 0
     return {"device": str(device), "parts": parts, "margin": margin, "encoders_until_cached": leaving,
-            "decoder_freed": decoder,
-            "total": max(sum(parts.values()), weights + leaving) + margin,
+            "decoder_freed": decoder, "read_after_encoders": later,
+            "total": max(sum(parts.values()), weights - later + leaving) + margin,
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
             "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
 
@@ -308,8 +310,10 @@ def describe(est: dict) -> str:
     leaving = (f"; the text encoders' {gib(est['encoders_until_cached'])} until every caption is encoded, "
                "then they leave" if est.get("encoders_until_cached") else "")
     decoder = f"; the VAE decoder's {gib(est['decoder_freed'])} freed" if est.get("decoder_freed") else ""
+    later = (f"; the UNet's {gib(est['read_after_encoders'])} read once the text encoders are freed"
+             if est.get("read_after_encoders") else "")
     return (f"about **{gib(est['total'])}** on {est['device']} ({parts}{margin}; activations in {est['dtype']}"
-            f"{leaving}{decoder})")
+            f"{leaving}{later}{decoder})")
 
 
 def summary(host, cfg, lock=None) -> str:
