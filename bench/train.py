@@ -44,10 +44,12 @@ requirements.txt without its bitsandbytes and `-e .` lines, with torch and torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -334,29 +336,34 @@ _UNET_FIRST = ("import sys; import lora_ext.train.leaving as l; l.unet_after_enc
                "from lora_ext.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-def _inputs(args, work: str) -> dict:
-    """kohya_inputs made in a child process: a child's peak RSS (wait4) starts from its parent's at fork, and
-    building the checkpoint here would have set that floor under every run's figure."""
-    made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-inputs", work, "--images",
-                           str(args.images), "--arch", args.arch], check=True, stdout=subprocess.PIPE, text=True)
-    return json.loads(made.stdout.strip().splitlines()[-1])
+@contextlib.contextmanager
+def _inputs(args, prefix: str):
+    """(work folder, kohya_inputs made in it), the folder removed afterwards (an SDXL checkpoint is 7 GB). Made
+    in a child process: a child's peak RSS (wait4) starts from its parent's at fork, and building the
+    checkpoint here would have set that floor under every run's figure."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        made = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-inputs", work, "--images",
+                               str(args.images), "--arch", args.arch], check=True, stdout=subprocess.PIPE, text=True)
+        yield work, json.loads(made.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def compare_unet_later(args) -> dict:
     """`python -m lora_ext train` on an fp16 checkpoint file with cached text-encoder outputs (kohya's usual
     SDXL job: UNet only, gradient checkpointing, cached latents), as it is (the UNet read once the text
     encoders are freed) and with the UNet read first, alternating; peak RSS, first step, wall and their ratios."""
-    work = tempfile.mkdtemp(prefix="lora_ext_bench_unet_later_")
-    inputs = _inputs(args, work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     variants = {"unet_after_encoders": [sys.executable, "-m", "lora_ext", "train"],
                 "unet_first": [sys.executable, "-c", _UNET_FIRST, "train"]}
     runs = {name: [] for name in variants}
-    for r in range(args.rounds):
-        for name, cmd in variants.items():
-            flags = _train_flags(inputs, os.path.join(work, f"{name}_{r}"), args.steps, "no", True)
-            runs[name].append(timed_run(cmd + flags + ["--network_train_unet_only", "--cache_text_encoder_outputs"],
-                                        ROOT, env, "ours"))
+    with _inputs(args, "lora_ext_bench_unet_later_") as (work, inputs):
+        for r in range(args.rounds):
+            for name, cmd in variants.items():
+                flags = _train_flags(inputs, os.path.join(work, f"{name}_{r}"), args.steps, "no", True)
+                runs[name].append(timed_run(cmd + flags + ["--network_train_unet_only",
+                                                           "--cache_text_encoder_outputs"], ROOT, env, "ours"))
     med = {name: {k: statistics.median(run[k] for run in v) for k in _MEASURED} for name, v in runs.items()}
     late, first = med["unet_after_encoders"], med["unet_first"]
     return {"job": f"{args.arch.upper()}-shaped random weights (fp16 file), {args.images} images + regularization "
@@ -369,15 +376,8 @@ def compare_unet_later(args) -> dict:
                                    "average_loss_after_encoders_over_first": late["average_loss"] / first["average_loss"]}}
 
 
-def compare_kohya(args) -> dict:
-    """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
-    so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
-    from lora_ext.train.optim import cpu_bf16
-
-    folder, python = kohya_setup(args)
-    work = tempfile.mkdtemp(prefix="lora_ext_bench_kohya_")
-    inputs = _inputs(args, work)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+def _side_by_side(args, folder, python, work, inputs, env) -> tuple:
+    """(results, ratios): each precision's (and checkpointing's) rounds, the tools alternating."""
     results, ratios = {}, {}
     for precision in [p.strip() for p in args.precision.split(",") if p.strip()]:
         for gc in (True, False) if args.both_checkpointing else (True,):
@@ -399,6 +399,20 @@ def compare_kohya(args) -> dict:
             ratios[name] = _over_kohya(med, "ours")
             if args.also_ours:
                 ratios[f"{name}_{args.also_ours}"] = _over_kohya(med, "ours_also")
+    return results, ratios
+
+
+def compare_kohya(args) -> dict:
+    """kohya's train_network.py and ours on the same command line, alternating (kohya, ours, kohya, ours ...)
+    so that the machine's drift falls on both; ratios from the medians of each tool's rounds."""
+    from lora_ext.train.optim import cpu_bf16
+
+    if args.arch != "sd1":
+        raise SystemExit("side by side with kohya: the SD1.5 job (its train_network.py); leave --arch out")
+    folder, python = kohya_setup(args)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    with _inputs(args, "lora_ext_bench_kohya_") as (work, inputs):
+        results, ratios = _side_by_side(args, folder, python, work, inputs, env)
     return {"job": f"SD1.5-shaped random weights (fp16 file), {args.images} images + regularization images at 256 px, "
                    f"batch 1, dim 16 alpha 8, text encoder trained, AdamW, cached latents, SDPA, {args.steps} steps; "
                    "each run its own process, started from the command line", "kohya": folder,
