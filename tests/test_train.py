@@ -529,6 +529,24 @@ def test_training_on_a_diffusers_folder_writes_a_lora_the_webui_model_takes(data
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_the_user_s_options_decide(monkeypatch):
+    from lora_ext.train import optim
+
+    params = [nn.Parameter(torch.zeros(3))]
+    assert optim.make_optimizer("AdamW", [{"params": params}], [], []).defaults["fused"] is True
+    chosen = optim.make_optimizer("AdamW", [{"params": params}], ["foreach=True", "weight_decay=0.1"], [])
+    assert chosen.defaults["foreach"] is True and not chosen.defaults["fused"] and chosen.defaults["weight_decay"] == 0.1
+
+    real = torch.optim.AdamW
+
+    def without_kernel(groups, fused=None, **kw):     # a torch before 2.4 on a CPU refuses fused=True so
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be CUDA, floating point Tensor")
+        return real(groups, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", without_kernel)
+    assert not optim.make_optimizer("AdamW", [{"params": params}], [], []).defaults["fused"]
+
+
 def test_gradient_accumulation_counts_optimizer_steps(data, tmp_path):
     """With accumulation 3, an epoch of N batches makes ceil(N / 3) optimizer steps, and the schedule runs over
     optimizer steps."""
