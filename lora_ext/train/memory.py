@@ -223,42 +223,15 @@ def estimate(host, cfg) -> dict:
         dtype = torch.float32 if device.type == "cpu" else next(host.unet.parameters()).dtype
     else:
         dtype = amp
-
-    w, h = cfg.size
-    batch, tokens = cfg.train_batch_size, 77 * (cfg.max_token_length // 75)
-    targets = host.lora_targets()
-    unet_trained = {id(b.param) for b in targets.values() if b.target.is_unet} if unet_lr > 0 else set()
-    channels = getattr(host.unet, "in_channels", 4)
-    blocks = host.checkpoint_blocks()
-
-    def unet_forward():
-        noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
-        with _AutocastOnMeta(amp) if amp is not None else contextlib.nullcontext():
-            return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"),
-                                _meta_cond(host, batch, tokens, dtype))
-
-    # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); the meta
-    # network on the UNet's layers, so that what its modules keep (a weight-form type's whole changed weight)
-    # is counted where it is kept: inside a checkpointed block only while that block is recomputed; frozen
+    # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); frozen
     # weights stored narrow cast up as in the run (the text encoders' count runs them for real)
     upcast = upcast_patches(frozen_roots(host)) if amp is None and device.type == "cpu" else []
     with HostSession(host.model, (), fused_attention_shape_patches(host.unet) + upcast):
-        network.attach(lambda bound: bound.target.is_unet)
-        try:
-            unet = saved_activations(host, unet_forward, unet_trained, dtype, blocks,
-                                     not_activations={id(p) for p in network.parameters()})
-        finally:
-            network.detach()
-        activations = 0
-        if te_lr > 0:
-            # transformers' CLIP cannot run on meta tensors: one real caption, its saved tensors dropped at once
-            te_trained = {id(b.param) for b in targets.values() if not b.target.is_unet}
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                te = saved_activations(host, lambda: host.encode_text(["a"], cfg.clip_skip, cfg.max_token_length).tokens,
-                                       te_trained, dtype, meta=False)
-            activations += te["total"] * batch + formed_weights(network, lambda b: not b.target.is_unet)
+        unet = _unet_saved(host, cfg, network, dtype, amp, unet_lr > 0)
+        activations = _text_encoder_saved(host, cfg, network, dtype, amp, device) if te_lr > 0 else 0
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
              "optimizer": lora_params * state_bytes}
+    blocks = host.checkpoint_blocks()
     recomputed = (recomputed_blocks(unet, cfg.checkpointing_margin, sum(parts.values()) + activations)
                   if cfg.gradient_checkpointing and len(unet["blocks"]) == len(blocks) else None)
     parts["activations"] = activations + _kept(unet, recomputed)
@@ -271,6 +244,42 @@ def estimate(host, cfg) -> dict:
             "total": max(sum(parts.values()), weights - later + leaving) + margin,
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
             "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
+
+
+def _unet_saved(host, cfg, network, dtype, amp, trained: bool) -> dict:
+    """saved_activations of one training forward of the UNet on meta tensors, at the run's batch size,
+    resolution and token length, per checkpoint block; the meta network on the UNet's layers, so that what
+    its modules keep (a weight-form type's whole changed weight) is counted where it is kept: inside a
+    checkpointed block only while that block is recomputed. `trained`: the UNet's LoRAs learn (their layers
+    keep their inputs)."""
+    w, h = cfg.size
+    batch, tokens = cfg.train_batch_size, 77 * (cfg.max_token_length // 75)
+    weights = {id(b.param) for b in host.lora_targets().values() if b.target.is_unet} if trained else set()
+    channels = getattr(host.unet, "in_channels", 4)
+
+    def unet_forward():
+        noisy = torch.empty(batch, channels, h // 8, w // 8, device="meta", dtype=dtype)
+        with _AutocastOnMeta(amp) if amp is not None else contextlib.nullcontext():
+            return host.predict(noisy, torch.zeros(batch, dtype=torch.long, device="meta"),
+                                _meta_cond(host, batch, tokens, dtype))
+
+    network.attach(lambda bound: bound.target.is_unet)
+    try:
+        return saved_activations(host, unet_forward, weights, dtype, host.checkpoint_blocks(),
+                                 not_activations={id(p) for p in network.parameters()})
+    finally:
+        network.detach()
+
+
+def _text_encoder_saved(host, cfg, network, dtype, amp, device) -> int:
+    """Bytes the trained text encoders keep for backward over a batch: transformers' CLIP cannot run on meta
+    tensors, so one real caption, its saved tensors dropped at once; and their weight-form modules' changed
+    weights."""
+    weights = {id(b.param) for b in host.lora_targets().values() if not b.target.is_unet}
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        te = saved_activations(host, lambda: host.encode_text(["a"], cfg.clip_skip, cfg.max_token_length).tokens,
+                               weights, dtype, meta=False)
+    return te["total"] * cfg.train_batch_size + formed_weights(network, lambda b: not b.target.is_unet)
 
 
 def formed_weights(network, only) -> int:
