@@ -66,7 +66,6 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
     from .hosts.webui import WebuiHost
     from .train.distributed import local_device
     from .train.optim import autocast_dtype, frozen_storage
-    from .train.session import frozen_roots, layer_parameters
 
     if not name:
         raise UsageError("--pretrained_model_name_or_path is required (a .safetensors/.ckpt checkpoint or a "
@@ -84,12 +83,23 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
     else:
         dtype_for = frozen_storage(mixed_precision, device, frozen_weights)
         at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
-        host = WebuiHost(load_checkpoint(name, hold=dtype_for and (
-            lambda model: layer_parameters(frozen_roots(WebuiHost(model)), at_use), dtype_for),
-            later=(lambda model: [WebuiHost(model).unet]) if unet_later else None))
+        host = WebuiHost(load_checkpoint(name, hold=dtype_for and (lambda model: _held(model, at_use), dtype_for),
+                                         later=(lambda model: [WebuiHost(model).unet]) if unet_later else None))
     host.model.to(device)
     host.disposable = True
     return host
+
+
+def _held(model, at_use: bool) -> list:
+    """The frozen weights a headless run loads in the dtype it holds them in: the UNet's and text encoders'
+    Linear / Conv2d weights (cast up at use: those a layer's own forward reads); computing in fp32 from narrow
+    weights, the token embedding tables too (a lookup needs no cast)."""
+    from .hosts.webui import WebuiHost
+    from .train.session import frozen_roots, layer_parameters
+    from .train.upcast import token_embeddings
+
+    roots = frozen_roots(WebuiHost(model))
+    return list(layer_parameters(roots, at_use)) + (token_embeddings(roots) if at_use else [])
 
 
 class _StopOnSignal:

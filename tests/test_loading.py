@@ -217,6 +217,8 @@ def test_bf16_on_a_cpu_without_it_stores_the_frozen_weights_in_bf16_and_trains_i
     host = cli._host_for(path, "bf16")
     layers = [m for m in host.unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert {m.weight.dtype for m in layers} == {torch.bfloat16}
+    tables = [m for name, m in host.model.named_modules() if name.endswith("token_embedding")]
+    assert tables and {m.weight.dtype for m in tables} == {torch.bfloat16}
     mha = [m for m in host.model.modules() if isinstance(m, nn.MultiheadAttention)]
     assert bool(mha) == (arch == "sd2") and all(m.out_proj.weight.dtype == torch.float32 for m in mha)
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=2)
@@ -258,6 +260,12 @@ def test_an_fp32_run_can_hold_the_frozen_weights_as_the_file_stores_them_and_tra
     assert {p.dtype for p in host.vae.parameters()} == {torch.float32}
     mha = [m for m in host.model.modules() if isinstance(m, nn.MultiheadAttention)]
     assert bool(mha) == (arch == "sd2") and all(m.out_proj.weight.dtype == torch.float32 for m in mha)
+    # the token embedding table too (a lookup: its rows widen in the sum with the position embedding, kept fp32)
+    table = next(k for k in sd if k.endswith("token_embedding.weight"))
+    assert own[checkpoint_keys(host.model)[table]].dtype == torch.float16
+    assert torch.equal(own[checkpoint_keys(host.model)[table]], sd[table])
+    positions = [k for k in sd if "position" in k and k.startswith("cond_stage_model.") and sd[k].is_floating_point()]
+    assert positions and all(own[checkpoint_keys(host.model)[k]].dtype == torch.float32 for k in positions)
     wide = cli._host_for(path, "no")
     assert {p.dtype for p in wide.model.parameters()} == {torch.float32}
 

@@ -79,3 +79,11 @@ def upcast_patches(roots, compute=torch.float32) -> list:
     scratch = _Scratch()
     return [(m, functools.partial(_forward, m, scratch)) for root in roots for m in root.modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.is_floating_point() and m.weight.dtype != compute]
+
+
+def token_embeddings(roots) -> list:
+    """The token embedding tables under `roots` (transformers' CLIP and open_clip both name them so). Stored
+    narrow they need no cast at all: a lookup reads a few rows, which the sum with the position embedding
+    (kept wide) widens (SD1.5's table: 76 MB in fp16 instead of 152 MB in fp32)."""
+    return [m.weight for root in roots for name, m in root.named_modules()
+            if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] == "token_embedding"]
