@@ -5,8 +5,10 @@ gradient checkpointing), then the same job with each lever changed: every block 
 checkpointing) or none, bf16, torch's SDPA off (ldm's own attention), cudnn.benchmark on, and fp32 (the model
 cast to fp32 last). Each run: seconds to its first step, median seconds per step after it, the peak of
 torch.cuda.max_memory_allocated (the weights included: the issue's "under 4 GB"), the memory estimate the
-Train tab shows and its ratio to that peak, the losses, and whether the model's weights came back bit-exact.
-Prints JSON (also written to $OUT/cuda.json where OUT is set).
+Train tab shows and its ratio to that peak, the losses, and whether the model's weights came back bit-exact;
+a lever that fails gets its error instead, and the others run. Prints JSON, and where OUT is set writes it to
+$OUT/cuda.json after every lever ("complete": false until the last), so a call cut off at its time limit
+keeps what it measured.
 
     python3 bench/cuda.py [--steps 30] [--images 8] [--levers fp16,all_recomputed,...]
 
@@ -152,19 +154,34 @@ def main() -> None:
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "build_s": time.perf_counter() - started, "runs": {}}
     for name in names:
-        out["runs"][name] = one(host, data, work, args, name)
-    base = out["runs"].get("fp16")
-    if base and base["median_step_s"]:
-        out["ratios_against_fp16"] = {
-            n: {"steps_per_second": base["median_step_s"] / r["median_step_s"] if r["median_step_s"] else None,
-                "peak": r["peak_allocated_gb"] / base["peak_allocated_gb"] if base["peak_allocated_gb"] else None}
-            for n, r in out["runs"].items() if n != "fp16"}
-        out["fp16_peak_under_4gb"] = base["peak_allocated_gb"] < 4 if base["peak_allocated_gb"] else None
-    text = json.dumps(out, indent=2, default=lambda v: round(v, 4))
-    print(text)
+        try:
+            out["runs"][name] = one(host, data, work, args, name)
+        except Exception as e:      # one lever's failure (out of memory, say) costs no other's figures
+            out["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+        _write(out, final=False)    # what is measured so far survives a call cut off at its time limit
+    out.update(_ratios(out["runs"]))
+    print(_write(out, final=True))
+
+
+def _ratios(runs: dict) -> dict:
+    """Each lever against the fp16 job, and whether that job stays under the issue's 4 GB."""
+    base = runs.get("fp16", {})
+    if not base.get("median_step_s"):
+        return {}
+    peak = base["peak_allocated_gb"]
+    return {"ratios_against_fp16": {
+                n: {"steps_per_second": base["median_step_s"] / r["median_step_s"],
+                    "peak": r["peak_allocated_gb"] / peak if peak else None}
+                for n, r in runs.items() if n != "fp16" and r.get("median_step_s")},
+            "fp16_peak_under_4gb": peak < 4 if peak else None}
+
+
+def _write(out: dict, final: bool) -> str:
+    text = json.dumps({**out, "complete": final}, indent=2, default=lambda v: round(v, 4))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "cuda.json"), "w") as f:
             f.write(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -29,6 +29,40 @@ def test_the_cuda_bench_runs_every_lever_on_the_cpu_and_each_gives_the_model_bac
     # levers that change no arithmetic on the CPU give the same first loss
     assert len({runs[n]["losses"][0] for n in ("fp16", "all_recomputed", "cudnn_benchmark", "fp32")}) == 1
     assert set(report["ratios_against_fp16"]) == {"all_recomputed", "no_sdpa", "cudnn_benchmark", "fp32"}
+    assert report["complete"] is True
+
+
+def test_a_lever_that_fails_costs_no_other_s_figures_and_each_is_written_as_it_comes(tmp_path):
+    """A lever's error is its entry; the JSON in $OUT is rewritten after each lever (a device call cut off at
+    its limit keeps what it measured). The first lever's optimizer fails as out of memory would."""
+    import os
+    import textwrap
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent("""
+        import runpy, sys
+        import lora_ext.train.optim as optim
+        real, calls = optim.make_optimizer, []
+
+        def first_fails(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise MemoryError("planted")
+            return real(*args)
+
+        optim.make_optimizer = first_fails
+        sys.argv = ["bench/cuda.py"] + sys.argv[1:]
+        runpy.run_path("bench/cuda.py", run_name="__main__")
+    """))
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, str(driver), "--device", "cpu", "--arch", "sd1", "--size", "64",
+                          "--steps", "2", "--images", "2", "--levers", "fp16,fp32"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "cuda.json").read_text())
+    assert report["complete"] is True and report == json.loads(out.stdout)
+    assert report["runs"]["fp16"] == {"error": "MemoryError: planted"}
+    assert report["runs"]["fp32"]["weights_back_bit_exact"] is True and "ratios_against_fp16" not in report
 
 
 def test_the_cuda_bench_names_what_is_wrong():
