@@ -310,6 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32", "keep"])
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.set_defaults(func=cmd_merge)
+    _lora_file_commands(sub)
+    _compare_command(sub)
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui, cuda); it "
+                                     "prints JSON",
+                       description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
+                       add_help=False)      # so that `bench apply --help` reaches the benchmark
+    b.add_argument("name", choices=["apply", "train", "merge", "memory", "webui", "cuda"])
+    b.set_defaults(func=cmd_bench)
+    _train_command(sub)
+    return p
+
+
+def _lora_file_commands(sub) -> None:
+    """The LoRA file tools: resize, merge-loras, extract."""
     r = sub.add_parser("resize", help="a LoRA at another rank (exact SVD of its low-rank delta)")
     r.add_argument("lora")
     r.add_argument("--rank", type=int)
@@ -329,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--conv_rank", type=int)
     _output_args(x)
     x.set_defaults(func=cmd_extract)
+
+
+def _compare_command(sub) -> None:
     c = sub.add_parser("compare", help="a grid of a run's saved LoRAs x weights x prompts (one image per prompt)")
     c.add_argument("run_folder", help="the run's output_dir: its NAME.safetensors and NAME-000003.safetensors ...")
     c.add_argument("--pretrained_model_name_or_path", "--model", dest="pretrained_model_name_or_path",
@@ -343,16 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", default="512", help="WxH or one side (default 512)")
     c.add_argument("--out", help="a new folder for the grid (default: RUN_FOLDER/compare-<time>)")
     c.set_defaults(func=cmd_compare)
-    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui); it prints JSON",
-                       description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
-                       add_help=False)      # so that `bench apply --help` reaches the benchmark
-    b.add_argument("name", choices=["apply", "train", "merge", "memory", "webui"])
-    b.set_defaults(func=cmd_bench)
+
+
+def _train_command(sub) -> None:
+    """`train`: every TrainConfig field as a kohya option of the same name; kohya's options we take without
+    effect, or do not support, are accepted here and named by the config's notes and checks."""
+    import dataclasses
+
+    from .train.config import KOHYA_UNSUPPORTED, NO_EFFECT, TrainConfig
+
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py",
                        allow_abbrev=False)      # --x must not quietly mean --xformers
     t.add_argument("--config", "--config_file", dest="config_file", help="a TOML file of options")
-    from .train.config import TrainConfig
-    import dataclasses
     for f in dataclasses.fields(TrainConfig):
         default = TrainConfig.__dataclass_fields__[f.name].default
         if isinstance(default, bool):
@@ -361,11 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument(f"--{f.name}", nargs="*", default=None)
         else:
             t.add_argument(f"--{f.name}", default=None)
-    from .train.config import KOHYA_UNSUPPORTED, NO_EFFECT
     for name in sorted(set(NO_EFFECT) - {"config_file"} | KOHYA_UNSUPPORTED):
         t.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
-    return p
 
 
 def main(argv=None) -> int:
