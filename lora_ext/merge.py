@@ -78,29 +78,7 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
                      overwrite: bool = False, on_progress=None) -> dict:
     """`on_progress(done, total)`: told after each tensor written."""
     started = time.perf_counter()
-    if precision is not None and precision not in PRECISIONS:
-        raise MergeError(f"precision {precision!r}: fp16, bf16 or fp32")
-    if not out_path.endswith((".safetensors", ".ckpt")):
-        raise MergeError(f"{out_path}: the merged checkpoint ends in .safetensors (or .ckpt)")
-    if os.path.exists(out_path) and not overwrite:
-        raise MergeError(f"{out_path} exists; choose another name or allow overwriting")
-    try:
-        refuse_inputs_as_output(out_path, [base_path] + [item.path for item in items])
-    except SameFile as e:
-        raise MergeError(str(e)) from None
-    try:
-        for item in items:
-            for ratio in (item.unet, item.te):
-                weight_value(ratio, f"{item.path}: the ratio")
-    except ValueError as e:
-        raise MergeError(str(e)) from None
-    # a base of other shapes than the standard ones has its config beside it (the webui's convention):
-    # the merged checkpoint gets a copy, or the webui would load it with the wrong config
-    base_yaml, out_yaml = (os.path.splitext(p)[0] + ".yaml" for p in (base_path, out_path))
-    base_yaml = base_yaml if os.path.isfile(base_yaml) else None
-    if base_yaml and os.path.exists(out_yaml) and not overwrite:
-        raise MergeError(f"{out_yaml} exists (the merged checkpoint's config would go there); choose another "
-                         "name or allow overwriting")
+    base_yaml, out_yaml = _checked(base_path, items, out_path, precision, overwrite)
     base = CheckpointReader(base_path)
     try:
         arch = naming.arch_from_state_dict(base.shapes)
@@ -108,26 +86,13 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
         raise MergeError(f"{base_path}: not a Stable Diffusion checkpoint in the webui's layout") from None
     plan, record = _plan(base, arch, items)
     target_dtype = PRECISIONS.get(precision)
-
     done = [0]
 
     def produce(name):
         done[0] += 1
         if on_progress is not None:
             on_progress(done[0], len(base.entries))
-        t = base.get(name)
-        out_dtype = target_dtype if target_dtype is not None and t.is_floating_point() else t.dtype
-        if name in plan:
-            acc = t.to(torch.float32, copy=True)
-            for module, ratio, rows, part in plan[name]:
-                view = acc[rows] if rows is not None else acc
-                # DoRA, IA3, OFT and GLoRA compute with the weight before any network
-                view.add_(module.change(part, view.shape, t[rows] if rows is not None else t), alpha=ratio)
-            t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
-            if not bool(torch.isfinite(t).all()):
-                raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
-                                 f"{precision or 'the base precision'}, or a damaged LoRA); nothing was written")
-        return t.to(out_dtype).contiguous()
+        return _merged(name, base.get(name), plan.get(name, ()), target_dtype, precision)
 
     entries = [(k, _CODES[str(target_dtype).removeprefix("torch.")] if target_dtype is not None and
                 TORCH_DTYPES[code].startswith(("float", "bfloat")) else code, shape) for k, code, shape in base.entries]
@@ -145,6 +110,52 @@ def merge_checkpoint(base_path: str, items: list, out_path: str, precision: str 
     return {"out": out_path, "yaml": out_yaml if base_yaml else None, "arch": arch.name, "tensors": len(entries),
             "merged_tensors": len(plan), "loras": record, "seconds": time.perf_counter() - started,
             **file_hashes(out_path)}
+
+
+def _checked(base_path: str, items: list, out_path: str, precision, overwrite: bool) -> tuple:
+    """MergeError for what is wrong with the request before anything is read; else (the base's .yaml or None,
+    where the merged checkpoint's goes). A base of other shapes than the standard ones has its config beside it
+    (the webui's convention): the merged checkpoint gets a copy, or the webui would load it with the wrong
+    config."""
+    if precision is not None and precision not in PRECISIONS:
+        raise MergeError(f"precision {precision!r}: fp16, bf16 or fp32")
+    if not out_path.endswith((".safetensors", ".ckpt")):
+        raise MergeError(f"{out_path}: the merged checkpoint ends in .safetensors (or .ckpt)")
+    if os.path.exists(out_path) and not overwrite:
+        raise MergeError(f"{out_path} exists; choose another name or allow overwriting")
+    try:
+        refuse_inputs_as_output(out_path, [base_path] + [item.path for item in items])
+    except SameFile as e:
+        raise MergeError(str(e)) from None
+    try:
+        for item in items:
+            for ratio in (item.unet, item.te):
+                weight_value(ratio, f"{item.path}: the ratio")
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    base_yaml, out_yaml = (os.path.splitext(p)[0] + ".yaml" for p in (base_path, out_path))
+    base_yaml = base_yaml if os.path.isfile(base_yaml) else None
+    if base_yaml and os.path.exists(out_yaml) and not overwrite:
+        raise MergeError(f"{out_yaml} exists (the merged checkpoint's config would go there); choose another "
+                         "name or allow overwriting")
+    return base_yaml, out_yaml
+
+
+def _merged(name: str, t, changes, target_dtype, precision):
+    """The base's tensor `t` with its LoRAs' changes added (`changes`: (module, ratio, rows, part) each), in
+    the output's dtype."""
+    out_dtype = target_dtype if target_dtype is not None and t.is_floating_point() else t.dtype
+    if changes:
+        acc = t.to(torch.float32, copy=True)
+        for module, ratio, rows, part in changes:
+            view = acc[rows] if rows is not None else acc
+            # DoRA, IA3, OFT and GLoRA compute with the weight before any network
+            view.add_(module.change(part, view.shape, t[rows] if rows is not None else t), alpha=ratio)
+        t = acc.to(out_dtype)      # the header's dtype, also when the base's precision is kept
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"{name}: the merged weights hold NaN or infinity (a ratio too large for "
+                             f"{precision or 'the base precision'}, or a damaged LoRA); nothing was written")
+    return t.to(out_dtype).contiguous()
 
 
 def _plan(base, arch, items):
