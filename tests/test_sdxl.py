@@ -571,3 +571,17 @@ def test_when_a_headless_run_reads_its_unet_after_the_text_encoders(options, dev
 
     cfg = TrainConfig(**{**dict(cache_text_encoder_outputs=True, network_train_unet_only=True), **options})
     assert unet_after_encoders(cfg, torch.device(device)) is want
+
+
+def test_a_cancel_before_the_encoders_are_freed_does_not_say_they_were(data, tmp_path):
+    """A headless run cancelled while its captions are encoded keeps its encoders: its UNet is still read
+    (nothing is left half-loaded), but no message claims the two never shared the memory."""
+    path = str(tmp_path / "m.safetensors")
+    tiny.save_checkpoint(tiny_model("sdxl"), path)
+    host = _headless(path, True)
+    asked, events = [], []
+    result = train(host, _cfg(data, tmp_path / "a", network_train_unet_only=True, cache_text_encoder_outputs=True),
+                   on_event=events.append, should_stop=lambda: asked.append(1) or len(asked) >= 2)
+    assert result.cancelled and result.steps == 0 and host.pending is None
+    assert all(p.numel() > 0 for m in host.text_encoders() for p in m.parameters())
+    assert not any(e.kind == "message" and "the UNet's weights" in e.text for e in events)

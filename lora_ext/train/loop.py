@@ -334,10 +334,13 @@ class _Loop:
 
     def _read_pending(self) -> None:
         """A headless run's UNet, read from its file now that the text encoders are freed: the two never
-        share the memory (leaving.unet_after_encoders)."""
-        pending = self.r.host.pending
-        if pending is not None:
-            pending.read()
+        share the memory (leaving.unet_after_encoders). Read also where they were not (a cancel while the
+        captions were encoded), without saying so."""
+        host, pending = self.r.host, self.r.host.pending
+        if pending is None:
+            return
+        pending.read()
+        if all(freed(m) for m in host.text_encoders()):
             self.r.emit(Event("message", text=f"the UNet's weights ({pending.nbytes / 2**30:.2f} GB) are read from "
                                               "the checkpoint after the text encoders are freed (never both in memory)"))
 
