@@ -44,6 +44,29 @@ def _unet(model) -> list:
     return [WebuiHost(model).unet]
 
 
+def test_a_flat_clip_text_model_gets_the_text_model_layout_and_computes_the_same():
+    """transformers 5's CLIPTextModel has embeddings / encoder / final_layer_norm on itself, as transformers 4's
+    `.text_model` (CLIPTextTransformer) does: v4_layout puts such a model under `.text_model`, where the
+    checkpoint keys and kohya's names put it, and leaves a transformers 4 model as it is (tests/test_modern_stack.py
+    runs the headless tests on transformers 5 itself)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_ext.hosts.ldm_layout import v4_layout
+
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    flat = getattr(model, "text_model", model)      # transformers 4: its CLIPTextTransformer; 5: the model
+    if flat is not model:
+        assert v4_layout(model) is model
+    wrapped = v4_layout(flat)
+    assert wrapped is not flat and wrapped.text_model is flat
+    assert list(wrapped.state_dict()) == ["text_model." + k for k in flat.state_dict()]
+    assert [n for n, _ in wrapped.named_modules()][1:] == ["text_model" + (n and "." + n) for n, _ in flat.named_modules()]
+    ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 3])
+    out = wrapped(ids, output_hidden_states=True)
+    assert torch.equal(out.last_hidden_state, flat(ids).last_hidden_state)
+    assert len(out.hidden_states) == 3 and wrapped.config is flat.config
+
+
 @pytest.mark.parametrize("later", [None, _unet], ids=["read_now", "unet_read_later"])
 def test_a_file_whose_tensor_does_not_fit_is_refused_naming_it(tmp_path, later):
     path = str(tmp_path / "m.safetensors")

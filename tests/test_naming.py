@@ -115,10 +115,13 @@ def test_target_set_is_kohyas_rule_on_a_real_diffusers_unet(any_arch):
 def test_text_encoder_target_set_is_kohyas_rule(any_arch):
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from lora_ext.hosts.ldm_layout import v4_layout
+
     arch = naming.arch_from_model(tiny_model(any_arch))
     for index, te in enumerate(arch.text_encoders):
-        hf = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=te.layers,
-                                          num_attention_heads=2))
+        # kohya's names are those of transformers 4's layout (`text_model.` ...), which v4_layout keeps under 5
+        hf = v4_layout(CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=te.layers,
+                                                    num_attention_heads=2)))
         expected = set()
         for name, module in hf.named_modules():
             if type(module).__name__ in ("CLIPAttention", "CLIPMLP"):

@@ -352,7 +352,8 @@ def _cli(*args, cwd):
     import sys
 
     from conftest import ROOT
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # ahead of the caller's path, which may hold another package stack (tests/test_modern_stack.py)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "lora_ext", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

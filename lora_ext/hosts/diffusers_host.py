@@ -17,6 +17,7 @@ from .. import naming
 from . import text_encoding
 from .base import ConditioningMixin, bind, input_placement, sample_latents
 from .conditioning import Cond, Text
+from .ldm_layout import v4_layout
 
 
 class DiffusersError(ValueError):
@@ -56,7 +57,8 @@ class DiffusersHost(ConditioningMixin):
         if sdxl and not all(os.path.isdir(os.path.join(folder, d)) for d in ("text_encoder_2", "tokenizer_2")):
             raise DiffusersError(f"{folder}: an SDXL UNet without text_encoder_2/ and tokenizer_2/")
         te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if sdxl else None
-        self.model = _Pipeline(unet, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        text_encoder = v4_layout(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))
+        self.model = _Pipeline(unet, text_encoder,
                                AutoencoderKL.from_pretrained(folder, subfolder="vae"), te2).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if sdxl else None

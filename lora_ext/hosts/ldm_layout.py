@@ -91,7 +91,7 @@ class HFTextEncoderHolder(nn.Module):
         cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * mlp,
                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
                              projection_dim=width)
-        self.transformer = CLIPTextModel(cfg)
+        self.transformer = v4_layout(CLIPTextModel(cfg))
         self.tokenizer = clip_tokenizer()
 
     @property
@@ -101,6 +101,33 @@ class HFTextEncoderHolder(nn.Module):
     def encode(self, prompts: list) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         return self.transformer(ids.to(self.transformer.device)).last_hidden_state
+
+
+class _TextModelLayout(nn.Module):
+    """transformers 4's CLIPTextModel layout over a transformers 5 one, which has its parts (embeddings, encoder,
+    final_layer_norm) on itself: here they sit under `.text_model`, the path of the checkpoint keys, of kohya's
+    LoRA names and of the webui's code. Calls, and whatever else is asked of it, go to the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.text_model = model
+
+    def forward(self, *args, **kwargs):
+        return self.text_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "text_model":
+                raise
+            return getattr(self.text_model, name)
+
+
+def v4_layout(model: nn.Module) -> nn.Module:
+    """`model` (a transformers CLIPTextModel) with its parts under `.text_model`, whichever transformers built it:
+    transformers 5 flattened them into the model itself."""
+    return model if hasattr(model, "text_model") else _TextModelLayout(model)
 
 
 class OpenClipHolder(nn.Module):
