@@ -5,6 +5,7 @@ script's arguments: the webui hands them to process() as they are, and API calle
 field name. The visible controls are what infotext pastes into."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -62,54 +63,63 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
     with gr.Accordion(TITLE, open=False, elem_id=f"lora_ext_{tab}_panel"):
         refresh = gr.Button("Refresh models", size="sm", elem_id=f"lora_ext_{tab}_refresh")
         for i in range(count):
-            eid = f"lora_ext_{tab}_slot{i + 1}"
-            with gr.Group(elem_id=eid):
-                with gr.Row():
-                    enabled = gr.Checkbox(label=f"Enable {i + 1}", value=False, elem_id=f"{eid}_enabled")
-                    model = gr.Dropdown(label=f"Model {i + 1}", choices=choices(), value=slotlib.NONE,
-                                        elem_id=f"{eid}_model")
-                with gr.Row():
-                    weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"{eid}_weight")
-                    separate = gr.Checkbox(label="Separate UNet / text encoder", value=False, elem_id=f"{eid}_separate")
-                    unet = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight", visible=False, elem_id=f"{eid}_unet")
-                    te = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder weight", visible=False, elem_id=f"{eid}_te")
-                block_weights = gr.Textbox(label="Block weights", value="", lines=1, elem_id=f"{eid}_blocks",
-                                           placeholder="a preset (ALL, INS, MIDD, OUTALL ...) or factors per "
-                                                       "block: 17 / 26 values (SDXL 12 / 20)")
-                with gr.Accordion("Mask and steps", open=False, elem_id=f"{eid}_region"):
-                    mask = gr.Image(label="Mask: the UNet part paints where it is white (empty = everywhere)",
-                                    type="pil", image_mode="RGBA", source="upload", elem_id=f"{eid}_mask")
-                    with gr.Row():
-                        start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of the steps)",
-                                          elem_id=f"{eid}_start")
-                        stop = gr.Slider(0, 1, value=1.0, step=0.05, label="Stop (share of the steps)",
-                                         elem_id=f"{eid}_stop")
-                info = gr.Markdown(elem_id=f"{eid}_info")
-                module = gr.Textbox(value="LoRA", visible=False, elem_id=f"{eid}_module")
-                state = gr.State(slotlib.Slot().to_dict())
-            controls = [enabled, model, weight, separate, unet, te, block_weights, mask, start, stop]  # Slot's fields
-            for c in controls:
-                c.change(_slot_dict, inputs=controls, outputs=[state], show_progress=False)
-            separate.change(_parts_shown, inputs=[separate, weight, unet, te], outputs=[weight, unet, te],
-                            show_progress=False)
-            model.change(info_fn, inputs=[model], outputs=[info], show_progress=False)
+            c = _slot_components(f"lora_ext_{tab}_slot{i + 1}", i, choices)
+            controls = [c.enabled, c.model, c.weight, c.separate, c.unet, c.te, c.block_weights, c.mask, c.start,
+                        c.stop]  # Slot's fields
+            for control in controls:
+                control.change(_slot_dict, inputs=controls, outputs=[c.state], show_progress=False)
+            c.separate.change(_parts_shown, inputs=[c.separate, c.weight, c.unet, c.te],
+                              outputs=[c.weight, c.unet, c.te], show_progress=False)
+            c.model.change(info_fn, inputs=[c.model], outputs=[c.info], show_progress=False)
             n = i + 1
-            ui.states.append(state)
-            ui.dropdowns.append(model)
+            ui.states.append(c.state)
+            ui.dropdowns.append(c.model)
             ui.infotext_fields += [
-                (module, f"AddNet Module {n}"),
-                (enabled, lambda d, i=i: slot_of(d, i).enabled),
-                (model, lambda d, i=i: slot_of(d, i).model),
-                (weight, lambda d, i=i: slot_of(d, i).weight),
-                (separate, lambda d, i=i: slot_of(d, i).separate),
-                (unet, f"AddNet Weight A {n}"),
-                (te, f"AddNet Weight B {n}"),
-                (block_weights, lambda d, i=i: slot_of(d, i).block_weights),
-                (start, lambda d, i=i: slot_of(d, i).start),
-                (stop, lambda d, i=i: slot_of(d, i).stop),
+                (c.module, f"AddNet Module {n}"),
+                (c.enabled, lambda d, i=i: slot_of(d, i).enabled),
+                (c.model, lambda d, i=i: slot_of(d, i).model),
+                (c.weight, lambda d, i=i: slot_of(d, i).weight),
+                (c.separate, lambda d, i=i: slot_of(d, i).separate),
+                (c.unet, f"AddNet Weight A {n}"),
+                (c.te, f"AddNet Weight B {n}"),
+                (c.block_weights, lambda d, i=i: slot_of(d, i).block_weights),
+                (c.start, lambda d, i=i: slot_of(d, i).start),
+                (c.stop, lambda d, i=i: slot_of(d, i).stop),
             ]
             ui.paste_field_names += [f"AddNet Module {n}", f"AddNet Model {n}", f"AddNet Weight A {n}",
                                      f"AddNet Weight B {n}", f"AddNet Block Weights {n}", f"AddNet Start {n}",
                                      f"AddNet Stop {n}"]
         refresh.click(lambda: [gr.update(choices=choices())] * count, outputs=ui.dropdowns, show_progress=False)
     return ui
+
+
+def _slot_components(eid: str, i: int, choices) -> types.SimpleNamespace:
+    """One slot's components, as attributes: enable + model, the weights (one linked, or UNet and text encoder), block
+    weights, mask and step range, the info line, and the hidden module label and Slot state."""
+    with gr.Group(elem_id=eid):
+        with gr.Row():
+            enabled = gr.Checkbox(label=f"Enable {i + 1}", value=False, elem_id=f"{eid}_enabled")
+            model = gr.Dropdown(label=f"Model {i + 1}", choices=choices(), value=slotlib.NONE,
+                                elem_id=f"{eid}_model")
+        with gr.Row():
+            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", elem_id=f"{eid}_weight")
+            separate = gr.Checkbox(label="Separate UNet / text encoder", value=False, elem_id=f"{eid}_separate")
+            unet = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet weight", visible=False, elem_id=f"{eid}_unet")
+            te = gr.Slider(-2, 2, value=1.0, step=0.05, label="Text encoder weight", visible=False, elem_id=f"{eid}_te")
+        block_weights = gr.Textbox(label="Block weights", value="", lines=1, elem_id=f"{eid}_blocks",
+                                   placeholder="a preset (ALL, INS, MIDD, OUTALL ...) or factors per "
+                                               "block: 17 / 26 values (SDXL 12 / 20)")
+        with gr.Accordion("Mask and steps", open=False, elem_id=f"{eid}_region"):
+            mask = gr.Image(label="Mask: the UNet part paints where it is white (empty = everywhere)",
+                            type="pil", image_mode="RGBA", source="upload", elem_id=f"{eid}_mask")
+            with gr.Row():
+                start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of the steps)",
+                                  elem_id=f"{eid}_start")
+                stop = gr.Slider(0, 1, value=1.0, step=0.05, label="Stop (share of the steps)",
+                                 elem_id=f"{eid}_stop")
+        info = gr.Markdown(elem_id=f"{eid}_info")
+        module = gr.Textbox(value="LoRA", visible=False, elem_id=f"{eid}_module")
+        state = gr.State(slotlib.Slot().to_dict())
+    return types.SimpleNamespace(enabled=enabled, model=model, weight=weight, separate=separate, unet=unet, te=te,
+                                 block_weights=block_weights, mask=mask, start=start, stop=stop, info=info,
+                                 module=module, state=state)

@@ -192,6 +192,16 @@ def build(ctx):
     if ctx.bake_fn is not None:
         bake_b.click(lambda text: bake(ctx.bake_fn, text), inputs=[lines], outputs=[message])
 
+    src, x_base, x_tuned = _tools(ctx, lines, ckpts, loras)
+    refresh.click(lambda: [gr.update(choices=ckpts())] * 3 + [gr.update(choices=loras())] * 2,
+                  outputs=[base, x_base, x_tuned, pick, src])
+    return message, job
+
+
+def _tools(ctx, lines, ckpts, loras) -> tuple:
+    """The LoRA tools accordion (merge the listed LoRAs into one, resize, extract), each writing into the LoRA
+    folder and showing the kept energy per module; returns its lists that Refresh updates (resize's LoRA,
+    extract's two checkpoints)."""
     with gr.Accordion("LoRA tools: merge LoRAs, resize, extract", open=False, elem_id="lora_ext_tools"):
         energy = read_only_table(ENERGY_HEADERS, ["str", "number"], "Kept energy per module (lowest first)",
                                  "lora_ext_tools_energy")
@@ -223,6 +233,4 @@ def build(ctx):
             gr.Button("Extract", elem_id="lora_ext_tools_extract_go").click(
                 lambda *a: extract(ctx.ckpt_folder_fn(), ctx.lora_folder_fn(), *a, on_written=ctx.on_written),
                 inputs=[x_base, x_tuned, x_rank, x_conv] + x_out, outputs=[tool_message, energy])
-    refresh.click(lambda: [gr.update(choices=ckpts())] * 3 + [gr.update(choices=loras())] * 2,
-                  outputs=[base, x_base, x_tuned, pick, src])
-    return message, job
+    return src, x_base, x_tuned

@@ -131,7 +131,6 @@ def build(ctx) -> tuple:
     session, host_fn, presets_folder = ctx.session, ctx.host_fn, ctx.presets_folder
     # a run's LoRA goes where both LoRA lists (ours, the built-in's cards) find it, unless told otherwise
     defaults = tf.options_to_values(TrainConfig(**{**GUIDE_DEFAULTS, "output_dir": ctx.lora_folder_fn()}))
-    inputs = []
     # a function, so each page load reads it; Check dataset and Train read it again (the webui's own
     # checkpoint dropdown may have switched the model since)
     model_label = gr.Markdown(ctx.model_label_fn, elem_id="lora_ext_train_model")
@@ -149,12 +148,7 @@ def build(ctx) -> tuple:
         load_b = gr.Button("Load", elem_id="lora_ext_train_preset_load")
         save_b = gr.Button("Save", elem_id="lora_ext_train_preset_save")
         delete_b = gr.Button("Delete", elem_id="lora_ext_train_preset_delete")
-    for group in tf.GROUPS:
-        with gr.Accordion(group, open=group in ("Model & output", "Dataset"), elem_id=f"lora_ext_train_{_slug(group)}"):
-            with gr.Row():
-                for field, value in zip(tf.FIELDS, defaults):
-                    if field.group == group:
-                        inputs.append(_component(field, value))
+    inputs = _form(defaults)
     with gr.Row():
         check_b = gr.Button("Check dataset", elem_id="lora_ext_train_check")
         start_b = gr.Button("Train", variant="primary", elem_id="lora_ext_train_start")
@@ -186,15 +180,33 @@ def build(ctx) -> tuple:
     start_b.click(lambda *v: (start(*v), ctx.model_label_fn()), inputs=[task] + inputs, outputs=[message, model_label],
                   _js=ctx.progress_js)
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
-    presets = lambda: gr.update(choices=list_presets(presets_folder))  # noqa: E731
-    save_b.click(lambda n, *v: (save_preset(presets_folder, n, list(v)), presets()), inputs=[preset] + inputs,
-                 outputs=[message, preset])
-    delete_b.click(lambda n: (delete_preset(presets_folder, n), presets()), inputs=[preset], outputs=[message, preset])
-    load_b.click(lambda n: _loaded(load_preset(presets_folder, n), len(inputs)), inputs=[preset],
-                 outputs=inputs + [message])
+    _wire_presets(presets_folder, preset, (load_b, save_b, delete_b), inputs, message)
     gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(
         lambda: progress(session), outputs=[status, plot, gallery])
     return [status, plot, gallery], {f.name: c for f, c in zip(tf.FIELDS, inputs)}
+
+
+def _form(defaults: list) -> list:
+    """The training form: one accordion per group of fields, each field's component at its default value."""
+    inputs = []
+    for group in tf.GROUPS:
+        with gr.Accordion(group, open=group in ("Model & output", "Dataset"), elem_id=f"lora_ext_train_{_slug(group)}"):
+            with gr.Row():
+                for field, value in zip(tf.FIELDS, defaults):
+                    if field.group == group:
+                        inputs.append(_component(field, value))
+    return inputs
+
+
+def _wire_presets(folder: str, preset, buttons: tuple, inputs: list, message) -> None:
+    """Load / Save / Delete of the named preset: each says what it did in `message`; Save and Delete refresh
+    the dropdown's choices."""
+    load_b, save_b, delete_b = buttons
+    presets = lambda: gr.update(choices=list_presets(folder))  # noqa: E731
+    save_b.click(lambda n, *v: (save_preset(folder, n, list(v)), presets()), inputs=[preset] + inputs,
+                 outputs=[message, preset])
+    delete_b.click(lambda n: (delete_preset(folder, n), presets()), inputs=[preset], outputs=[message, preset])
+    load_b.click(lambda n: _loaded(load_preset(folder, n), len(inputs)), inputs=[preset], outputs=inputs + [message])
 
 
 def switch_checkpoint(ctx, session, name: str) -> str:
