@@ -307,6 +307,25 @@ def test_an_fp32_run_can_hold_the_frozen_weights_as_the_file_stores_them_and_tra
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
+def test_weights_stored_narrow_recompute_the_blocks_fp32_copies_would(tmp_path, monkeypatch):
+    """Checkpointing's margin is a share of the run's memory: as_stored, whose weights take half of it, plans
+    as the same run on fp32 copies (it is asked to save memory, not to recompute more blocks for it); without
+    that rule some margin recomputes more blocks under as_stored."""
+    from lora_ext.train import memory
+
+    path = str(tmp_path / "m.safetensors")
+    _half_checkpoint(tiny_model("sd1"), path)
+    narrow, wide = cli._host_for(path, "no", "as_stored"), cli._host_for(path, "no", "fp32")
+    assert {m.weight.dtype for m in narrow.unet.modules() if isinstance(m, nn.Conv2d)} == {torch.float16}
+    cfgs = [TrainConfig(resolution="64", network_dim=4, network_alpha=2, gradient_checkpointing=True,
+                        checkpointing_margin=m) for m in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)]
+    plans = [memory.estimate(wide, c)["recomputed"] for c in cfgs]
+    assert [memory.estimate(narrow, c)["recomputed"] for c in cfgs] == plans
+    assert memory.estimate(narrow, cfgs[0])["total"] < memory.estimate(wide, cfgs[0])["total"]
+    monkeypatch.setattr(memory, "_widened", lambda upcast: 0)
+    assert any(sum(memory.estimate(narrow, c)["recomputed"]) > sum(p) for c, p in zip(cfgs, plans))
+
+
 def test_an_fp32_file_is_held_in_fp32_and_frozen_weights_is_checked(tmp_path):
     from lora_ext.train.config import ConfigError, from_dict
 

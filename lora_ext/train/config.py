@@ -86,12 +86,13 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     # with checkpointing: the share of the run's memory that may go to keeping blocks' activations instead of
-    # recomputing them (train.memory.recomputed_blocks); 0 = every block recomputed, as kohya does
+    # recomputing them (train.memory.recomputed_blocks; frozen weights stored narrow count as fp32 copies there);
+    # 0 = every block recomputed, as kohya does
     checkpointing_margin: float = 0.1
     # a headless run computing in fp32 on a CPU: "fp32" holds fp32 copies of the frozen weights, as kohya does;
     # "as_stored" holds the Linear / Conv weights that the file stores in fp16 / bf16 so, each cast up at its use
-    # (the same values in half their memory, for about 1.3x the time per step at 256 px: train.upcast). The
-    # webui's model stays as the webui holds it
+    # (the same values in half their memory, for 1.1-1.2x the time per step at 256 px on a 2-core EPYC:
+    # train.upcast). The webui's model stays as the webui holds it
     frozen_weights: str = "fp32"
     xformers: bool = False
     sdpa: bool = False

@@ -232,7 +232,10 @@ def estimate(host, cfg) -> dict:
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,
              "optimizer": lora_params * state_bytes}
     blocks = host.checkpoint_blocks()
-    recomputed = (recomputed_blocks(unet, cfg.checkpointing_margin, sum(parts.values()) + activations)
+    # frozen weights stored narrow and cast up at use plan as the same run on fp32 copies: that storage is
+    # asked to save memory, not to buy recomputation with it (a smaller run would leave a smaller margin)
+    rest = sum(parts.values()) + activations + _widened(upcast)
+    recomputed = (recomputed_blocks(unet, cfg.checkpointing_margin, rest)
                   if cfg.gradient_checkpointing and len(unet["blocks"]) == len(blocks) else None)
     parts["activations"] = activations + _kept(unet, recomputed)
     margin = CONTEXT_MARGIN if device.type == "cuda" else 0
@@ -244,6 +247,13 @@ def estimate(host, cfg) -> dict:
             "total": max(sum(parts.values()), weights - later + leaving) + margin,
             "lora_parameters": lora_params, "dtype": str(dtype).removeprefix("torch."),
             "recomputed": recomputed, "all_recomputed": _kept(unet, [True] * len(unet["blocks"]))}
+
+
+def _widened(upcast: list) -> int:
+    """Bytes the layers of train.upcast's patches (weights stored narrow, cast up at use) would add as fp32
+    copies."""
+    return sum(p.numel() * 4 - _nbytes(p) for layer, _ in upcast for p in layer.parameters(recurse=False)
+               if p.is_floating_point() and p.dtype != torch.float32)
 
 
 def _unet_saved(host, cfg, network, dtype, amp, trained: bool) -> dict:
