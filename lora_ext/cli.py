@@ -221,8 +221,6 @@ def cmd_extract(args) -> int:
 
 def cmd_compare(args) -> int:
     """The grid of a run's saves x weights x prompts (compare.py), on a checkpoint loaded here."""
-    import time
-
     from .tools import compare
     from .hosts.checkpoint import CheckpointError
 
@@ -234,7 +232,7 @@ def cmd_compare(args) -> int:
         weights = compare.parse_weights(args.weights)
         plan = compare.check(compare.Plan(compare.run_saves(args.run_folder, args.name), weights, args.prompt or [],
                                           args.seed, args.steps, args.cfg_scale, size, args.negative))
-        out = args.out or os.path.join(args.run_folder, time.strftime("compare-%Y%m%d-%H%M%S"))
+        out = args.out or compare.new_folder(args.run_folder, "compare")
         if os.path.exists(out):
             raise UsageError(f"{out} exists; give a new folder (--out)")
         name = args.pretrained_model_name_or_path

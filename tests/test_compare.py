@@ -106,6 +106,20 @@ def test_what_is_wrong_with_a_request_is_said(tmp_path):
             compare.check(plan)
 
 
+def test_comparisons_asked_for_within_one_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """The default folder is named by the second: a second comparison in the same second (a double click, the
+    tab's cancel-and-again) once found it taken and was refused; it now gets -2, -3 ..."""
+    import time
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261207-064557")
+    first = compare.new_folder(str(tmp_path), "run")
+    assert first == str(tmp_path / "run-20261207-064557")
+    os.makedirs(first)
+    second = compare.new_folder(str(tmp_path), "run")
+    os.makedirs(second)
+    assert second == first + "-2" and compare.new_folder(str(tmp_path), "run") == first + "-3"
+
+
 def test_the_cli_writes_the_grid_and_refuses_an_existing_folder(tmp_path, capsys):
     _run_folder(tmp_path / "out", tiny_model("sd1"))
     args = ["compare", str(tmp_path / "out"), "--model", "tiny-sd1", "--prompt", "a cat", "--weights", "0.5,1",

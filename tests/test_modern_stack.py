@@ -1,6 +1,7 @@
 """The headless path on the current transformers stack (.ci/modern-stack.txt: transformers 5, whose
 CLIPTextModel no longer has `.text_model`, numpy 2, huggingface_hub 2), not only on the webui's pins: the
-loading, training and SDXL tests run again in a child process with that stack ahead of .venv's packages."""
+loading, training, SDXL and naming tests run again in a child process with that stack ahead of .venv's
+packages."""
 from __future__ import annotations
 
 import os

@@ -94,8 +94,8 @@ def build_panel(is_img2img: bool, count: int, names_fn, info_fn, find) -> PanelU
 
 
 def _slot_components(eid: str, i: int, choices) -> types.SimpleNamespace:
-    """One slot's components, as attributes: enable + model, the weights (one linked, or UNet and text encoder), block
-    weights, mask and step range, the info line, and the hidden module label and Slot state."""
+    """One slot's components, as attributes: enable + model, the weights (one linked, or UNet and text
+    encoder), block weights, mask and step range, the info line, and the hidden module label and Slot state."""
     with gr.Group(elem_id=eid):
         with gr.Row():
             enabled = gr.Checkbox(label=f"Enable {i + 1}", value=False, elem_id=f"{eid}_enabled")

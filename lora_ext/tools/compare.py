@@ -8,6 +8,7 @@ import html
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 from ..weights import weight_value
@@ -162,6 +163,17 @@ def preview_renderer(host, engine=None):
         return sample_image(host, prompt, plan.seed, plan.steps, plan.cfg_scale, plan.size, plan.negative)
     render.close = lambda: engine.restore(host)
     return render
+
+
+def new_folder(parent: str, stem: str) -> str:
+    """`parent/stem-<date>-<time>` for a comparison asked for without a folder; a second one within the same
+    second gets -2, -3 ... (the name is only a default: compare() still refuses a folder that exists)."""
+    base = os.path.join(parent, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, n = base, 1
+    while os.path.exists(out):
+        n += 1
+        out = f"{base}-{n}"
+    return out
 
 
 def compare(plan: Plan, out_folder: str, render, should_stop=lambda: False, on_progress=None) -> Result:

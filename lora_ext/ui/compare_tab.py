@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import gradio as gr
 
@@ -28,7 +27,7 @@ def make_grid(ctx, job, cancel: threading.Event, run, prompts, weights, seed, st
 
     try:
         plan = _plan(ctx.lora_folder_fn(), run, prompts, weights, seed, steps, size)
-        out = os.path.join(compare_folder(ctx), f"{run}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = compare.new_folder(compare_folder(ctx), run)
         progress = lambda done, total, text: setattr(job, "progress", f"{done} of {total}: {text}")  # noqa: E731
         with ctx.lock():
             host = ctx.host_fn()
