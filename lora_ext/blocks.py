@@ -3,10 +3,12 @@ factors, one per block, BASE (the text encoders) first, then the UNet's input bl
 block (M00) and its output blocks (OUT00 ...), numbered as the original (ldm/sgm) UNet numbers them.
 
 Vector lengths tell which blocks are meant: SD1/SD2 17 (the blocks a LoRA without conv layers touches) or 26
-(every block: LoCon), SDXL 12 or 20. Blocks a vector does not name, and the layers in no block (the time and
-label embeddings, the UNet's out layers), keep the slot's own weight (factor 1). A factor multiplies the slot's
-UNet weight (BASE: its text-encoder weight) in every module of that block, so merge and bypass modes cost
-nothing more per step than without block weights."""
+(every block: LoCon), SDXL 12 or 20. As lora-block-weight expands every vector to all blocks (its `to26`), a
+block the vector does not name is at 0: a 17-value vector turns a LoCon's conv-only blocks off. The layers in
+no block (the time and label embeddings, the UNet's out layers, a text encoder's embeddings and final norm)
+keep the slot's own weight (factor 1). A factor multiplies the slot's UNet weight (BASE: its text-encoder
+weight) in every module of that block, so merge and bypass modes cost nothing more per step than without
+block weights."""
 from __future__ import annotations
 
 import re
@@ -27,6 +29,10 @@ _PRESET_BLOCKS = {
 }
 PRESETS = {name: tuple(1.0 if b in on else 0.0 for b in _SD_ATTENTION) for name, on in _PRESET_BLOCKS.items()}
 PRESETS["ALL0.5"] = (0.5,) * len(_SD_ATTENTION)
+# SDXL's, in the 12-value layout, under the names users share them by (ComfyUI Inspire pack's lbw presets)
+XL_PRESETS = {"SDXL-NONE": (0.0,) * 12, "SDXL-ALL": (1.0,) * 12,
+              "SDXL-INALL": (1.0,) * 5 + (0.0,) * 7, "SDXL-MIDALL": (1.0,) + (0.0,) * 4 + (1.0,) + (0.0,) * 6,
+              "SDXL-OUTALL": (1.0,) + (0.0,) * 5 + (1.0,) * 6}
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -36,10 +42,12 @@ def family(arch_name: str) -> str:
 
 
 def block_of(target) -> str | None:
-    """The block id of a naming.Target: BASE for the text encoders, INnn / M00 / OUTnn for the UNet's
-    blocks, None for UNet layers in no block."""
+    """The block id of a naming.Target: BASE for the text encoders' transformer layers, INnn / M00 / OUTnn
+    for the UNet's blocks, None for layers in no block (as lora-block-weight tells them: a text-encoder
+    layer is BASE when its path runs through the encoder's layers)."""
     if not target.is_unet:
-        return "BASE"
+        path = target.webui
+        return "BASE" if ".encoder." in path or ".resblocks." in path else None
     path = target.webui.removeprefix("model.diffusion_model.")
     head, _, rest = path.partition(".")
     if head == "middle_block":
@@ -66,18 +74,23 @@ def parse_presets(text: str) -> dict:
 
 
 def parse(text: str, arch_name: str, user_presets: dict | None = None) -> dict | None:
-    """{block id: factor} from a preset name or a comma list of numbers; None for an empty text (no block
-    weights). Raises ValueError with a message that says what to write."""
+    """{block id: factor} for every block of the architecture's family, from a preset name or a comma list of
+    numbers (the blocks it does not name at 0); None for an empty text (no block weights). Raises ValueError
+    with a message that says what to write."""
     text = (text or "").strip()
     if not text:
         return None
     fam = family(arch_name)
-    # the common presets are 17-value (SD1/SD2) vectors; an SDXL slot takes the user's presets and vectors
-    named = {**(PRESETS if fam == "sd" else {}), **(user_presets or {})}
+    # the common presets are 17-value (SD1/SD2) vectors; an SDXL slot takes SDXL's, the user's and vectors
+    named = {**(PRESETS if fam == "sd" else XL_PRESETS), **(user_presets or {})}
     value = named.get(text.upper(), text)
     if value is text and text.upper() in PRESETS:
         raise ValueError(f"block weights {text!r}: the common presets are for SD1/SD2; on SDXL write 12 or 20 "
-                         "factors (BASE, then the UNet's blocks), or add a preset of your own")
+                         "factors (BASE, then the UNet's blocks), a preset SDXL-NONE, SDXL-ALL, SDXL-INALL, "
+                         "SDXL-MIDALL, SDXL-OUTALL, or one of your own")
+    if value is text and text.upper() in XL_PRESETS:
+        raise ValueError(f"block weights {text!r} is an SDXL preset; on SD1/SD2 write 17 or 26 factors or a "
+                         f"preset: {', '.join(sorted(PRESETS))}")
     if value is text and "," not in text:
         raise ValueError(f"block weights {text[:60]!r}: no preset has that name (presets: "
                          f"{', '.join(sorted(named))}); or write the factors separated by commas")
@@ -89,7 +102,8 @@ def parse(text: str, arch_name: str, user_presets: dict | None = None) -> dict |
         known = ", ".join(sorted(named))
         raise ValueError(f"block weights {text[:60]!r}: {'SDXL' if fam == 'sdxl' else 'SD1/SD2'} takes {counts} "
                          f"values (BASE, then the UNet's blocks), got {len(value)}; or a preset name: {known}")
-    return dict(zip(layout, value))
+    named_blocks = dict(zip(layout, value))
+    return {block: named_blocks.get(block, 0.0) for block in LAYOUTS[fam][max(LAYOUTS[fam])]}
 
 
 def _numbers(values: str, text: str) -> tuple:

@@ -52,10 +52,19 @@ def from_kohya_toml(text: str) -> list:
                 raise ConceptError(f"{sub['image_dir']}: fine-tuning subsets (metadata_file) are not concepts")
             ext = sub.get("caption_extension", dataset.get("caption_extension", general.get("caption_extension", ".txt")))
             concepts.append(Concept(sub["image_dir"], int(sub.get("num_repeats", 1)), sub.get("class_tokens", ""),
-                                    ext, bool(sub.get("is_reg", False))))
+                                    ext, _flag(sub.get("is_reg", False), sub["image_dir"])))
     if not concepts:
         raise ConceptError("no [[datasets.subsets]] with an image_dir")
     return concepts
+
+
+def _flag(value, folder: str) -> bool:
+    from .weights import flag_value
+
+    try:
+        return flag_value(value, "is_reg")
+    except ValueError as e:
+        raise ConceptError(f"{folder}: {e}") from None
 
 
 def to_kohya_toml(concepts: list) -> str:
@@ -118,8 +127,8 @@ def images_with_captions(folder: str, caption_extension: str = ".txt") -> list:
 
 
 def prepare(concepts: list, dest: str, mode: str = "link") -> dict:
-    """Lays the concepts out under `dest` as train/N_name and reg/N_name, linking (symbolic links, or copies
-    where the system refuses links) or copying each image and its caption. `dest` must be new or empty;
+    """Lays the concepts out under `dest` as train/N_name and reg/N_name, linking (hard links, or copies
+    where the system refuses them: another disk) or copying each image and its caption. `dest` must be new or empty;
     originals are only read. Returns {"train": dir, "reg": dir or None, "files": n, "copied_instead_of_linked": n}."""
     if mode not in ("link", "copy"):
         raise ConceptError(f"mode {mode!r}: link or copy")
@@ -146,8 +155,8 @@ def prepare(concepts: list, dest: str, mode: str = "link") -> dict:
                     continue
                 dst = os.path.join(target, os.path.basename(src))
                 if mode == "link":
-                    try:
-                        os.symlink(os.path.abspath(src), dst)
+                    try:        # a hard link: the dataset's scan follows no symbolic link out of a concept folder
+                        os.link(src, dst)
                     except OSError:
                         shutil.copy2(src, dst)
                         fallback += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
-from ..weights import weight_value
+from ..weights import flag_value, weight_value
 
 NONE = "None"
 _NAME_HASH = re.compile(r"^(?P<name>.*?)\s*\((?P<hash>[0-9a-fA-F]{6,64})\)$")
@@ -63,7 +63,7 @@ class Slot:
         slot = cls(**data)
         if ("unet" in data or "te" in data) and "separate" not in data and "weight" not in data:
             slot.separate = True        # named part weights mean the parts were meant
-        slot.enabled, slot.separate = bool(slot.enabled), bool(slot.separate)
+        slot.enabled, slot.separate = flag_value(slot.enabled, "slot enabled"), flag_value(slot.separate, "slot separate")
         slot.weight, slot.unet, slot.te = (weight_value(getattr(slot, f), f"slot {f}") for f in ("weight", "unet", "te"))
         slot.model = str(slot.model or NONE)
         if isinstance(slot.block_weights, (list, tuple)):       # an API caller's JSON list of factors

@@ -339,11 +339,12 @@ def _coerce(f: dataclasses.Field, v, source):
         if v in (None, ""):
             return None
     if kind is bool:
-        if isinstance(v, bool):
-            return v
-        if str(v).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return str(v).lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{source}: {f.name} = {v!r} is not true or false")
+        from ..weights import flag_value
+
+        try:
+            return flag_value(v, f.name)
+        except ValueError:
+            raise ConfigError(f"{source}: {f.name} = {v!r} is not true or false") from None
     if kind in (int, float):
         try:
             return _number(v, kind)

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CONCEPT = re.compile(r"^(\d+)_(.+)$")
+# What one folder or file may cost: an epoch lists each image once per repeat, and a caption is tokenized
+# whole for the report (the encoders read at most 225 tokens of it).
+MAX_REPEATS = 10000
+MAX_SAMPLES_PER_EPOCH = 10_000_000
+MAX_CAPTION_BYTES = 64 * 1024
 
 
 class DatasetError(ValueError):
@@ -79,7 +84,11 @@ def load_image(path: str):
 
 def _read_caption(path: str) -> tuple[str, str | None]:
     with open(path, "rb") as f:
-        text, note = decode_caption(f.read())
+        raw = f.read(MAX_CAPTION_BYTES + 1)
+    text, note = decode_caption(raw[:MAX_CAPTION_BYTES])
+    if len(raw) > MAX_CAPTION_BYTES:
+        note = (f"caption is longer than {MAX_CAPTION_BYTES // 1024} KiB; only its first {MAX_CAPTION_BYTES // 1024}"
+                " KiB are read (the text encoders read at most 225 tokens)" + (f"; {note}" if note else ""))
     return text.strip().replace("\n", ", "), note
 
 
@@ -122,7 +131,13 @@ def scan(train_dir: str, reg_dir: str | None = None, caption_extension: str = ".
             if repeats < 1:
                 result.skipped.append((folder, "0 repeats: the folder would never be used"))
                 continue
+            if repeats > MAX_REPEATS:
+                raise DatasetError(f"{folder}: {repeats} repeats; at most {MAX_REPEATS} (rename the folder, e.g. "
+                                   f"'{min(repeats, 100)}_{concept}', or train more epochs)")
             _scan_concept(result, folder, concept, repeats, is_reg, caption_extension)
+    if result.samples_per_epoch() > MAX_SAMPLES_PER_EPOCH:
+        raise DatasetError(f"{train_dir}: {result.samples_per_epoch()} images an epoch (images times repeats); at "
+                           f"most {MAX_SAMPLES_PER_EPOCH}: lower the folders' repeats and train more epochs")
     if not result.train_items:
         where = "".join(f"; skipped {p}: {r}" for p, r in result.skipped[:5])
         where += f" (and {len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
@@ -134,12 +149,27 @@ def scan(train_dir: str, reg_dir: str | None = None, caption_extension: str = ".
     return result
 
 
+def _within(path: str, real_folder: str) -> bool:
+    """Whether `path`, links followed, stays inside `real_folder`: a link to a file elsewhere (a caption
+    pointing at /etc/passwd) would be trained on and its text copied into the LoRA's shared metadata."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, real_folder]) == real_folder
+
+
 def _scan_concept(result: Scan, folder, concept, repeats, is_reg, caption_extension) -> None:
     n_images = n_captions = 0
+    real_folder = os.path.realpath(folder)     # a concept folder that is itself a link is the user's choice
     for fname in sorted(os.listdir(folder)):
         path = os.path.join(folder, fname)
         stem, ext = os.path.splitext(fname)
         if ext.lower() not in IMAGE_EXT or not os.path.isfile(path):
+            continue
+        caption_path = os.path.join(folder, stem + caption_extension)
+        captioned = os.path.isfile(caption_path)
+        outside = [p for p in (path, caption_path if captioned else None) if p and not _within(p, real_folder)]
+        if outside:
+            result.skipped.append((path, f"{os.path.basename(outside[0])} is a link that leads out of its concept "
+                                         f"folder: copy the file into {folder} if it is meant to be trained"))
             continue
         try:
             image, note = load_image(path)
@@ -148,8 +178,6 @@ def _scan_concept(result: Scan, folder, concept, repeats, is_reg, caption_extens
             continue
         if note:
             result.warnings.append(f"{path}: {note}")
-        caption_path = os.path.join(folder, stem + caption_extension)
-        captioned = os.path.isfile(caption_path)
         caption, caption_note = _read_caption(caption_path) if captioned else (concept, None)
         if caption_note:
             result.warnings.append(f"{caption_path}: {caption_note}")

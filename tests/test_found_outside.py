@@ -1,0 +1,136 @@
+"""What users found from outside (issue 37): a string "false" taken as true, numbers too large to be a float,
+links out of a concept folder, folders and captions that cost without bound. Each test failed on the code
+before its fix."""
+import os
+
+import pytest
+from PIL import Image
+
+from lora_ext.panel import slots as slotlib
+from lora_ext.train import dataset
+from lora_ext.train.dataset import DatasetError
+from lora_ext.weights import flag_value, weight_value
+
+
+def _img(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path)
+
+
+# --- "false" is false -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,meant", [("false", False), ("False", False), ("0", False), ("no", False),
+                                        ("off", False), ("", False), ("true", True), ("TRUE", True), ("1", True),
+                                        ("yes", True), ("on", True), (0, False), (1, True), (True, True)])
+def test_an_api_slot_reads_its_switches_as_written(text, meant):
+    slot = slotlib.Slot.from_any({"enabled": text, "model": "a.safetensors", "separate": text, "unet": 0.5,
+                                  "te": 0.25})
+    assert slot.enabled is meant and slot.separate is meant
+    assert slot.active is meant
+    assert slot.weights == ((0.5, 0.25) if meant else (1.0, 1.0))
+
+
+@pytest.mark.parametrize("bad", ["maybe", "2", 2, 0.5, [], {"a": 1}, "truee"])
+def test_a_switch_that_is_neither_is_the_slots_warning(bad):
+    slots, problems = slotlib.from_args([{"enabled": bad, "model": "a.safetensors"}, {"enabled": True, "model": "b"}], {})
+    assert problems == [f"slot 1: slot enabled {bad!r} is not true or false"]
+    assert not slots[0].active and slots[1].active          # the other slot still acts
+
+
+def test_xyz_overrides_take_the_same_switches():
+    slot = slotlib.Slot.from_any({"enabled": True, "model": "a.safetensors"})
+    assert slotlib.with_overrides([slot], {0: {"enabled": "false"}})[0].active is False
+    with pytest.raises(ValueError, match="slot separate 'x' is not true or false"):
+        slotlib.with_overrides([slot], {0: {"separate": "x"}})
+
+
+def test_a_kohya_dataset_toml_is_reg_false_is_not_regularization(tmp_path):
+    from lora_ext import concepts as cp
+
+    text = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nis_reg = "false"\n[[datasets.subsets]]\nimage_dir = "b"\nis_reg = true\n'
+    assert [c.is_reg for c in cp.from_kohya_toml(text)] == [False, True]
+    with pytest.raises(cp.ConceptError, match="is_reg 'sometimes' is not true or false"):
+        cp.from_kohya_toml('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nis_reg = "sometimes"\n')
+
+
+def test_the_train_options_read_switches_the_same_way():
+    from lora_ext.train.config import ConfigError, from_dict
+
+    assert from_dict({"flip_aug": "false", "shuffle_caption": "On"}).flip_aug is False
+    assert from_dict({"flip_aug": "false", "shuffle_caption": "On"}).shuffle_caption is True
+    with pytest.raises(ConfigError, match="flip_aug = 'nope' is not true or false"):
+        from_dict({"flip_aug": "nope"})
+
+
+# --- numbers a float cannot hold ---------------------------------------------------------------------------
+
+def test_a_400_digit_weight_is_a_message_not_an_overflow():
+    huge = int("9" * 400)
+    with pytest.raises(ValueError, match="must be a finite number from -100 to 100"):
+        weight_value(huge, "slot weight")
+    slots, problems = slotlib.from_args([{"enabled": True, "model": "a.safetensors", "weight": huge}], {})
+    assert len(problems) == 1 and "slot weight 9999999999" in problems[0] and "..." in problems[0]
+    assert not slots[0].active
+    with pytest.raises(ValueError, match="is not a number"):
+        weight_value(True, "slot weight")         # a switch where a number belongs
+    assert flag_value(None, "x") is False
+
+
+# --- links out of a concept folder ------------------------------------------------------------------------
+
+def test_links_out_of_a_concept_folder_are_skipped_and_named(tmp_path):
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("password: hunter2", encoding="utf-8")
+    _img(str(tmp_path / "outside" / "far.png"))
+    concept = tmp_path / "train" / "2_me"
+    _img(str(concept / "a.png"))
+    (concept / "a.txt").symlink_to(secret)                   # the caption leaves the folder
+    (concept / "b.png").symlink_to(tmp_path / "outside" / "far.png")     # so does this image
+    _img(str(concept / "c.png"))
+    (concept / "c.txt").write_text("kept, caption", encoding="utf-8")
+    _img(str(concept / "sub.png"))
+    (concept / "d.png").symlink_to(concept / "sub.png")      # a link that stays inside is followed
+    scan = dataset.scan(str(tmp_path / "train"))
+    assert sorted(os.path.basename(i.path) for i in scan.items) == ["c.png", "d.png", "sub.png"]
+    skipped = {os.path.basename(p): r for p, r in scan.skipped}
+    assert set(skipped) == {"a.png", "b.png"}
+    assert "a.txt is a link that leads out of its concept folder" in skipped["a.png"]
+    assert "b.png is a link that leads out of its concept folder" in skipped["b.png"]
+    report = dataset.report(scan, 64, None, 75)
+    assert "hunter2" not in str(report["tag_frequency"]) and "password" not in str(report)
+
+
+def test_a_concept_folder_that_is_a_link_is_the_users_choice(tmp_path):
+    real = tmp_path / "photos"
+    _img(str(real / "a.png"))
+    (real / "a.txt").write_text("a caption", encoding="utf-8")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "3_me").symlink_to(real)
+    scan = dataset.scan(str(tmp_path / "train"))
+    assert [i.caption for i in scan.items] == ["a caption"] and not scan.skipped
+
+
+# --- what a folder name or a caption can cost --------------------------------------------------------------
+
+def test_a_folder_with_a_trillion_repeats_is_refused_before_any_plan(tmp_path):
+    _img(str(tmp_path / "999999999999_x" / "a.png"))
+    with pytest.raises(DatasetError, match=r"999999999999 repeats; at most 10000 \(rename the folder, e.g. '100_x'"):
+        dataset.scan(str(tmp_path))
+
+
+def test_an_epoch_of_more_images_than_the_bound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "MAX_SAMPLES_PER_EPOCH", 50)
+    for i in range(6):
+        _img(str(tmp_path / "10_x" / f"{i}.png"))
+    with pytest.raises(DatasetError, match="60 images an epoch .* at most 50"):
+        dataset.scan(str(tmp_path))
+
+
+def test_a_50_mb_caption_is_read_to_its_bound_and_said(tmp_path):
+    _img(str(tmp_path / "1_x" / "a.png"))
+    with open(tmp_path / "1_x" / "a.txt", "wb") as f:
+        f.write(b"tag, " * (10 * 1024 * 1024))
+    scan = dataset.scan(str(tmp_path))
+    assert len(scan.items[0].caption.encode()) <= dataset.MAX_CAPTION_BYTES
+    assert any("caption is longer than 64 KiB; only its first 64 KiB are read" in w for w in scan.warnings)
