@@ -2,8 +2,10 @@
 links out of a concept folder, folders and captions that cost without bound. Each test failed on the code
 before its fix."""
 import os
+import re
 
 import pytest
+import torch
 from PIL import Image
 
 from lora_ext.panel import slots as slotlib
@@ -134,3 +136,152 @@ def test_a_50_mb_caption_is_read_to_its_bound_and_said(tmp_path):
     scan = dataset.scan(str(tmp_path))
     assert len(scan.items[0].caption.encode()) <= dataset.MAX_CAPTION_BYTES
     assert any("caption is longer than 64 KiB; only its first 64 KiB are read" in w for w in scan.warnings)
+
+
+# --- caches made for something else -----------------------------------------------------------------------
+
+def test_a_latent_cache_made_by_another_model_or_of_another_shape_is_encoded_again(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_ext.train import batches
+
+    _img(str(tmp_path / "1_x" / "a.png"))
+    scan = dataset.scan(str(tmp_path))
+    sample = batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0)[0][0]
+    calls = []
+
+    def encode(scale):
+        def run(px):
+            calls.append(scale)
+            return px[:, :, ::8, ::8].mean(1, keepdim=True).repeat(1, 4, 1, 1) * scale
+        return run
+
+    aug = batches.Augment()
+    sd1 = batches.LatentCache(encode(1.0), to_disk=True, precision="vae-a:0.18215").get(sample, aug, False)
+    xl = batches.LatentCache(encode(2.0), to_disk=True, precision="vae-b:0.13025").get(sample, aug, False)
+    assert calls == [1.0, 2.0] and torch.equal(xl, sd1 * 2)         # not the other model's latents
+    # an entry with the right name and stamp whose latent is of another shape: treated as missing
+    cache = batches.LatentCache(encode(3.0), to_disk=True, precision="vae-b:0.13025")
+    path = cache._file(sample.item, sample.bucket, False)
+    stamp = os.stat(sample.item.path)
+    save_file({"latent": torch.zeros(4, 3, 3)}, path,
+              {"stamp": cache._stamp_text((stamp.st_mtime_ns, stamp.st_size))})
+    again = cache.get(sample, aug, False)
+    assert calls == [1.0, 2.0, 3.0] and tuple(again.shape) == tuple(xl.shape)
+
+
+def test_a_run_keys_its_latents_by_the_vae_and_the_latent_scale():
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.train.text_cache import fingerprint
+
+    sd1, xl = WebuiHost(tiny_model("sd1")), WebuiHost(tiny_model("sdxl"))
+    assert (fingerprint([sd1.vae]), sd1.latent_scale) != (fingerprint([xl.vae]), xl.latent_scale)
+    assert fingerprint([sd1.vae]) == fingerprint([WebuiHost(tiny_model("sd1")).vae])
+
+
+# --- a resume trusts nothing in its state ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    """A run of 2 steps (of an epoch of 3 batches) with save_state: (its config kwargs, its state folder)."""
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.testing import sample_data
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+
+    root = tmp_path_factory.mktemp("state")
+    data = sample_data.make_sample_dataset(str(root / "data"), size=64, per_concept=3)
+    kw = dict(train_data_dir=data["train"], caption_extension=".txt", output_name="t", resolution="64",
+              train_batch_size=2, network_dim=4, network_alpha=2, learning_rate=1e-3, lr_scheduler="constant",
+              mixed_precision="no", save_precision="fp32", seed=7, save_state=True)
+    result = train(WebuiHost(tiny_model("sd1")), TrainConfig(output_dir=str(root / "out"), max_train_steps=2, **kw))
+    assert result.steps == 2 and result.state_path
+    return kw, result.state_path, root
+
+
+def _edited_state(saved_state, tmp_path, edit_json=None, edit_tensors=None):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder, _ = saved_state
+    copy = tmp_path / "edited-state"
+    shutil.copytree(folder, copy)
+    doc = json.loads((copy / "state.json").read_text())
+    if edit_json:
+        edit_json(doc)
+        (copy / "state.json").write_text(json.dumps(doc))
+    if edit_tensors:
+        path = copy / doc["tensors"]
+        tensors = load_file(str(path))
+        edit_tensors(tensors)
+        save_file(tensors, str(path), {"format": "lora_ext-training-state/1"})
+    return str(copy)
+
+
+def _nan_network(t):
+    key = next(k for k in t if k.startswith("network."))
+    t[key] = t[key].clone().fill_(float("nan"))
+
+
+def _pop(key):
+    return lambda d: d.pop(key)
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit_json,edit_tensors,message", [
+    (_set("step", 10 ** 12), None, "step 1000000000000 with 2 losses"),
+    (_set("step", 1e12), None, "step 1000000000000.0 is not a whole number"),
+    (_set("step", -5), None, "step -5 is not a whole number from 0"),
+    (_set("step", "abc"), None, "step 'abc' is not a whole number"),
+    (_set("step", 2.5), None, "step 2.5 is not a whole number"),
+    (_set("step", True), None, "step True is not a whole number"),
+    (_set("epoch", 10 ** 9), None, "epoch 1000000000 after 2 steps"),
+    (_set("losses", [1.0, float("nan")]), None, "losses is not a list of finite numbers"),
+    (_pop("step"), None, "step None is not a whole number"),
+    (_pop("losses"), None, "losses is not a list"),
+    (_pop("optimizer"), None, "its optimizer entry is damaged"),
+    (_set("optimizer", {"state": [], "param_groups": 3}), None, "its optimizer entry is damaged"),
+    (None, _nan_network, "holds NaN or infinite values (network."),
+    (None, lambda t: t.__setitem__("torch_rng", t["torch_rng"][:10]), "random-number state is missing"),
+    (None, lambda t: t.pop("torch_rng"), "random-number state is missing"),
+])
+def test_a_state_that_lies_is_refused_before_any_step(saved_state, tmp_path, edit_json, edit_tensors, message):
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+    from lora_ext.train.state import StateError
+
+    kw, _, _ = saved_state
+    model = tiny_model("sd1")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = _edited_state(saved_state, tmp_path, edit_json, edit_tensors)
+    with pytest.raises(StateError, match=re.escape(message)):
+        train(WebuiHost(model), TrainConfig(output_dir=str(tmp_path / "o"), max_train_steps=4, resume=path, **kw))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not os.path.exists(tmp_path / "o" / "t.safetensors")
+
+
+def test_a_finished_run_continues_when_asked_for_more_steps(saved_state, tmp_path):
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+    from lora_ext.train.state import StateError
+
+    kw, folder, _ = saved_state
+    host = WebuiHost(tiny_model("sd1"))
+    straight = train(host, TrainConfig(output_dir=str(tmp_path / "s"), max_train_steps=4, **kw))
+    more = train(host, TrainConfig(output_dir=str(tmp_path / "m"), max_train_steps=4, resume=folder, **kw))
+    assert more.steps == 4 and more.losses[:2] == straight.losses[:2]
+    assert more.losses == pytest.approx(straight.losses, abs=1e-6)
+    with pytest.raises(StateError, match="is at step 2, and this run has 2 steps: raise max_train_steps"):
+        train(host, TrainConfig(output_dir=str(tmp_path / "n"), max_train_steps=2, resume=folder, **kw))

@@ -94,8 +94,9 @@ def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tens
 class LatentCache:
     """Latents of (image, bucket, flip), in memory and optionally on disk: beside the images (`<image>.<w>x<h>
     .lora_ext-latents`, safetensors inside) or in a cache folder. A disk entry records the image's mtime and
-    size, and the encode's precision when not the VAE's own (`precision`, e.g. "bf16"); a changed image, another
-    bucket (resolution) or precision is encoded again. Only valid without random crops."""
+    size and what made it (`precision`: the VAE's fingerprint, the latent scale, the encode's precision); a
+    changed image, another bucket (resolution), model or precision is encoded again, and so is an entry whose
+    latent does not have the bucket's shape. Only valid without random crops."""
 
     def __init__(self, encode, to_disk: bool = False, folder: str | None = None, precision: str = ""):
         self.encode = encode            # pixels [b, 3, h, w] -> latents
@@ -144,9 +145,11 @@ class LatentCache:
             with safe_open(path, framework="pt") as f:
                 if (f.metadata() or {}).get("stamp") != self._stamp_text(stamp):
                     return None
-                return f.get_tensor("latent")
+                latent = f.get_tensor("latent")
         except Exception:
             return None
+        fits = latent.ndim == 3 and tuple(latent.shape[1:]) == (bucket[1] // 8, bucket[0] // 8)
+        return latent.float() if fits and bool(torch.isfinite(latent).all()) else None
 
     def _save(self, item, bucket, flip, stamp, latent) -> None:
         from safetensors.torch import save

@@ -197,15 +197,17 @@ def _caches(run: Run) -> None:
     after the whole dataset's; text-encoder outputs likewise, per caption."""
     cfg, host = run.cfg, run.host
     if cfg.cache_latents:
+        # what the latents depend on besides the image, its bucket and flip: the VAE's weights, the latent
+        # scale, the encode's precision (a cache beside the images made for another model is not used)
+        made_by = f"{fingerprint([host.vae])}:{host.latent_scale:g}" + (":bf16" if step_math.vae_in_bf16(run) else "")
         run.latent_cache = batches.LatentCache(lambda px: step_math.encode_images(run, px, [cfg.seed] * len(px)),
-                                               to_disk=cfg.cache_latents_to_disk,
-                                               precision="bf16" if step_math.vae_in_bf16(run) else "")
+                                               to_disk=cfg.cache_latents_to_disk, precision=made_by)
     if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         # beside the states (in the webui models/lora_ext_states, out of the LoRA folder), else the output's
         folder = (os.path.join(cfg.state_dir or cfg.output_dir, "text-cache")
                   if cfg.cache_text_encoder_outputs_to_disk else None)
         # under mixed precision the encoders compute in its dtype (their weights are held in it): so the cache
-        settings = f"{fingerprint(host)}:{cfg.clip_skip}:{cfg.max_token_length}" + (f":{run.amp}" if run.amp else "")
+        settings = f"{fingerprint(host.text_encoders())}:{cfg.clip_skip}:{cfg.max_token_length}" + (f":{run.amp}" if run.amp else "")
 
         def encode(captions):
             with step_math.autocast(run.device, run.amp):
@@ -226,6 +228,9 @@ def _run(run: Run) -> Result:
     if cfg.resume:
         loop.step, epoch0, batch0, loop.losses = _load_state(cfg.resume, run.network, run.optimizer)
         loop.at = (epoch0, batch0)
+        if loop.step >= run.total:
+            raise state.StateError(f"resume: {cfg.resume} is at step {loop.step}, and this run has {run.total} "
+                                   "steps: raise max_train_steps (or max_train_epochs) to train on from it")
         run.emit(Event("message", text=f"resumed at step {loop.step} (epoch {epoch0 + 1})"))
     placed = {part: next(part.parameters()).device for part in (run.host.vae, *run.host.text_encoders())}
     try:
@@ -244,7 +249,7 @@ def _run(run: Run) -> Result:
     lora_path = loop.save(loop.out_path) if dist.main else None
     state_path = None
     if (loop.cancelled or cfg.save_state) and dist.main:
-        state_path = loop.save_state(loop.at if loop.cancelled else (run.epochs, 0))
+        state_path = loop.save_state(loop.at)
     run.emit(Event("cancelled" if loop.cancelled else "done", loop.step, run.total, loop.epoch + 1,
                    paths=[lora_path] + ([state_path] if state_path else [])))
     return Result(lora_path, state_path, loop.step, loop.cancelled, loop.losses, run.report, run.messages)
@@ -279,10 +284,11 @@ class _Loop:
         cfg = self.r.cfg
         for epoch in range(self.at[0], epochs):
             self.epoch = epoch
-            self._epoch(epoch, skip=self.at[1] if epoch == self.at[0] else 0)
+            whole = self._epoch(epoch, skip=self.at[1] if epoch == self.at[0] else 0)
             if self.cancelled:
                 return
-            self.at = (epoch + 1, 0)
+            if whole:       # a run that ends inside an epoch resumes inside it (more steps asked for later)
+                self.at = (epoch + 1, 0)
             last = self.step >= self.r.total
             if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
                 self._snapshot(_numbered(self.out_path, f"{epoch + 1:06d}"))
@@ -291,16 +297,17 @@ class _Loop:
             if last:
                 return
 
-    def _epoch(self, epoch: int, skip: int) -> None:
+    def _epoch(self, epoch: int, skip: int) -> bool:
+        """The epoch's batches from `skip` on; whether it went through all of them."""
         cfg, batches_of_epoch, micro = self.r.cfg, self.r.plan(epoch), 0
         for b, batch in enumerate(batches_of_epoch):
             if b < skip:
                 continue
             if self.step >= self.r.total:
-                return
+                return False
             if self.r.dist.any(self.r.stop()):
                 self.cancelled = True
-                return
+                return False
             self._backward(batch)
             micro += 1
             if micro % cfg.gradient_accumulation_steps and b + 1 < len(batches_of_epoch):
@@ -309,6 +316,7 @@ class _Loop:
             factor = _optimizer_step(self.r, self.scaler, self.base_lrs, self.step)
             self.step, self.at = self.step + 1, (epoch, b + 1)
             self._after_step(epoch, factor)
+        return True
 
     def _backward(self, batch) -> None:
         cfg, dist = self.r.cfg, self.r.dist

@@ -60,25 +60,62 @@ def load(path: str, network, optimizer) -> dict:
 
     folder = os.path.dirname(path) if os.path.basename(path) == JSON else path
     doc, tensors = _read(folder, path, load_file)
+    counters = _counters(doc, folder)
+    _check_tensors(tensors, folder)
     prefix = "network."
     try:
         network.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     except RuntimeError as e:
         raise StateError(f"resume: {folder} holds another network (rank, type or model) than this run's "
                          f"({str(e).splitlines()[0]})") from None
-    opt = doc["optimizer"]
-    state = {}
-    for index, plain in opt["state"].items():
-        entry = dict(plain)
-        head = f"optimizer.{index}."
-        entry.update({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
-        state[int(index)] = entry
+    opt = doc.get("optimizer")
     try:
+        state = {}
+        for index, plain in opt["state"].items():
+            entry = dict(plain)
+            head = f"optimizer.{index}."
+            entry.update({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
+            state[int(index)] = entry
         optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise StateError(f"resume: {folder} was saved with another optimizer or network size ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        raise StateError(f"resume: {folder} was saved with another optimizer or network size, or its optimizer "
+                         f"entry is damaged ({type(e).__name__}: {str(e)[:80]})") from None
     torch.set_rng_state(tensors["torch_rng"])
-    return {k: v for k, v in doc.items() if k not in ("format", "optimizer")}
+    return counters
+
+
+def _counters(doc: dict, folder: str) -> dict:
+    """step, epoch, batch and losses as a run saves them: whole numbers from 0, one finite loss per step
+    (so a step count no run reached is caught), an epoch count no larger than the steps."""
+    import math
+
+    problems = []
+    for name in ("step", "epoch", "batch"):
+        v = doc.get(name)
+        if type(v) is not int or v < 0:
+            problems.append(f"{name} {v!r} is not a whole number from 0")
+    losses = doc.get("losses")
+    if not isinstance(losses, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in losses):
+        problems.append("losses is not a list of finite numbers")
+    elif not problems and len(losses) != doc["step"]:
+        problems.append(f"step {doc['step']} with {len(losses)} losses (a run saves one a step)")
+    if not problems and doc["epoch"] > doc["step"]:
+        problems.append(f"epoch {doc['epoch']} after {doc['step']} steps")
+    if problems:
+        raise StateError(f"resume: {folder}/{JSON} is damaged or was edited: {'; '.join(problems)}")
+    return {k: doc[k] for k in ("step", "epoch", "batch", "losses")}
+
+
+def _check_tensors(tensors: dict, folder: str) -> None:
+    rng = tensors.get("torch_rng")
+    want = torch.get_rng_state()
+    if rng is None or rng.dtype != want.dtype or rng.shape != want.shape:
+        raise StateError(f"resume: {folder}'s random-number state is missing or not torch's; it is not a state "
+                         "this program saved")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise StateError(f"resume: {folder} holds NaN or infinite values ({bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): resume from an earlier state")
 
 
 def _read(folder, path, load_file):

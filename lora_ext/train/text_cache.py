@@ -12,13 +12,17 @@ import torch
 from ..hosts.conditioning import Text
 
 
-def fingerprint(host) -> str:
-    """A digest of a slice of each text encoder's first weight (cheap, different for every trained model)."""
+def fingerprint(modules) -> str:
+    """A digest of a slice of each module's first and last weight (cheap, different for every trained
+    model): what a cache of their outputs is keyed by."""
     h = hashlib.sha256()
-    for module in host.text_encoders():
-        weight = next(module.parameters()).detach()
-        h.update(repr(tuple(weight.shape)).encode())
-        h.update(weight.flatten()[:4096].float().cpu().numpy().tobytes())
+    for module in modules:
+        params = list(module.parameters())
+        for weight in dict.fromkeys((params[0], params[-1])) if params else ():
+            weight = weight.detach()
+            h.update(repr((tuple(weight.shape), str(weight.dtype))).encode())
+            if weight.device.type != "meta":
+                h.update(weight.flatten()[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
