@@ -285,3 +285,36 @@ def test_a_finished_run_continues_when_asked_for_more_steps(saved_state, tmp_pat
     assert more.losses == pytest.approx(straight.losses, abs=1e-6)
     with pytest.raises(StateError, match="is at step 2, and this run has 2 steps: raise max_train_steps"):
         train(host, TrainConfig(output_dir=str(tmp_path / "n"), max_train_steps=2, resume=folder, **kw))
+
+
+# --- a file whose shapes lie costs its slot only ------------------------------------------------------------
+
+def test_a_lying_lycoris_file_in_one_slot_leaves_the_other_slots_applied(tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import tiny_model
+    from lora_ext import files
+    from lora_ext.demo import make_random_lora, make_random_network
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.library import LoraLibrary
+    from lora_ext.panel.runtime import PanelRuntime
+
+    model = tiny_model("sd1")
+    host = WebuiHost(model)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    files.write_kohya(str(folder / "good.safetensors"), files.kohya_tensors(make_random_lora(model)), {})
+    tensors = files.kohya_tensors(make_random_network(model, "loha", seed=6))
+    key = next(k for k in sorted(tensors) if k.endswith(".hada_w1_a"))
+    tensors[key] = tensors[key].flatten()[0].contiguous()           # a 0-d factor
+    save_file(tensors, str(folder / "bad.safetensors"))
+    runtime = PanelRuntime(LoraLibrary(lambda: [str(folder)]))
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        out = runtime.run(host, [slotlib.Slot(True, "bad.safetensors"), slotlib.Slot(True, "good.safetensors")])
+        assert len(out.messages) == 1 and "bad.safetensors: skipped" in out.messages[0] and "hada_w1_a []" in out.messages[0]
+        assert "AddNet Model 2" in out.infotext and "AddNet Model 1" not in out.infotext
+        assert any(not torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    finally:
+        runtime.restore(host)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())

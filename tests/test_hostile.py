@@ -29,6 +29,32 @@ def _header_file(path, header: bytes, body: bytes = b""):
         f.write(len(header).to_bytes(8, "little") + header + body)
 
 
+# LyCORIS files whose shapes lie, one module each; every other module of the file is sound
+LIES = {"loha_0d": ("loha", "hada_w1_a", lambda t: t.flatten()[0]),
+        "loha_1d": ("loha", "hada_w1_a", lambda t: t.flatten()),
+        "loha_product": ("loha", "hada_w2_b", lambda t: torch.randn(t.shape[0], t.shape[1] + 3)),
+        "glora_0d": ("glora", "a1.weight", lambda t: t.flatten()[0]),
+        "lokr_ranks": ("lokr", "lokr_w2_b", lambda t: torch.randn(t.shape[0] + 1, *t.shape[1:]))}
+LIE = "shapes do not form a|GLoRA factors are matrices|disagree on the rank"
+
+
+def _lying_lycoris(model, j):
+    from lora_ext.demo import make_random_network
+
+    for name, (network, part, lie) in LIES.items():
+        tensors = files.kohya_tensors(make_random_network(model, network, seed=6))
+        key = next(k for k in sorted(tensors) if k.endswith("." + part))
+        tensors[key] = lie(tensors[key]).contiguous()
+        save_file(tensors, j(f"lie_{name}.safetensors"))
+    # a LoCon whose Tucker core (lora_mid) is of another rank than its factors
+    tensors = files.kohya_tensors(make_random_lora(model, seed=6))
+    down = next(k for k in sorted(tensors) if k.endswith("lora_down.weight") and tensors[k].shape[-1] == 3)
+    rank, inp = tensors[down].shape[:2]
+    tensors[down] = torch.randn(rank, inp, 1, 1)
+    tensors[down.replace("lora_down", "lora_mid")] = torch.randn(rank + 2, rank, 3, 3)
+    save_file(tensors, j("lie_locon_tucker.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The inputs every case may use, in one folder (hashed before and after each case), and an empty
@@ -69,6 +95,7 @@ def world(tmp_path_factory):
     with open(j("evil.ckpt"), "wb") as f:
         pickle.dump({"state_dict": {"x": Evil()}}, f, protocol=2)            # a bare pickle, as old tools did
     save_file({"foo.weight": torch.ones(2, 2), "bar": torch.zeros(3)}, j("notlora.safetensors"))
+    _lying_lycoris(model, j)
     os.mkfifo(j("fifo.safetensors"))
     os.mkdir(j("folder.safetensors"))
     with open(j("file_not_dir"), "w") as f:
@@ -236,6 +263,15 @@ CASES = [
     ("inspect missing", "inspect {dir}/missing.safetensors", "no such file"),
     ("inspect .txt", "inspect {dir}/file_not_dir", "unknown file type"),
     ("inspect --model sd9", "inspect {dir}/lora.safetensors --model sd9", "give sd1, sd2, sdxl"),
+    # --- LyCORIS files whose shapes lie: refused when read, by every tool ---
+    *[(f"{tool} lie {lie}", command.replace("LIE", f"{{dir}}/lie_{lie}.safetensors"), LIE)
+      for lie in ("loha_0d", "loha_1d", "loha_product", "glora_0d", "lokr_ranks", "locon_tucker")
+      for tool, command in (("inspect", "inspect LIE"), ("merge", "merge --model {dir}/base.safetensors --lora LIE "
+                                                         "--out {out}/m.safetensors"),
+                            ("resize", "resize LIE --out {out}/r.safetensors --rank 2"),
+                            ("merge-loras", "merge-loras --lora LIE --lora {dir}/lora.safetensors --out {out}/r.safetensors"),
+                            ("train", "train --pretrained_model_name_or_path tiny-sd1 --train_data_dir {train} "
+                                      "--output_dir {out} --resolution 64 --network_weights LIE"))],
     # --- merge inputs ---
     ("merge base is lora", "merge --model {dir}/lora.safetensors --lora {dir}/lora2.safetensors "
                            "--out {out}/m.safetensors", "not a Stable Diffusion checkpoint"),

@@ -44,7 +44,24 @@ class StoredModule:
                 raise BadModule(f"{name} is empty (shape {list(t.shape)})")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise BadModule(f"{name} holds NaN or Inf values (saved from a diverged training, or damaged)")
-        self.kind.check(self.parts)
+        self._dry_run()
+
+    def _dry_run(self) -> None:
+        """The type's own check, its maths on meta tensors (no memory, no time) and what tools ask of it:
+        parts whose shapes lie (a 0-d factor, a core or a product of another size, factors whose inner ranks
+        disagree) fail here, when the file is read, never later inside a tool or the panel. A type whose
+        change needs the layer's weight is held to its own check() and the questions alone."""
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in self.parts.items())
+        try:
+            self.kind.check(self.parts)
+            self.rank, self.out_in(), self.is_conv, self.low_rank()
+            if not self.kind.needs_base:
+                meta = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in self.parts.items()}
+                self.kind.delta(meta, 1.0, (-1,))
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if isinstance(e, BadModule):
+                raise
+            raise BadModule(f"its tensors' shapes do not form a {self.kind.title} module ({shapes})") from None
 
     @property
     def rank(self) -> int | None:

@@ -46,6 +46,10 @@ class GLoRA(NetworkType):
 
     def check(self, parts):
         self.need(parts, _A1, _A2, _B1, _B2)
+        flat = [p for p in (_A1, _A2, _B1, _B2) if parts[p].ndim < 2]
+        if flat or (_BM in parts and parts[_BM].ndim != 4):
+            shapes = ", ".join(f"{p} {list(parts[p].shape)}" for p in (*flat, _BM) if p in parts)
+            raise BadModule(f"GLoRA factors are matrices (a Tucker core bm 4-d): {shapes}")
         if is_old_layout(parts) and _BM in parts:
             raise BadModule("a GLoRA module in the first layout has no Tucker core (bm)")
 
