@@ -318,3 +318,68 @@ def test_a_lying_lycoris_file_in_one_slot_leaves_the_other_slots_applied(tmp_pat
     finally:
         runtime.restore(host)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_metadata_nested_past_reason_is_shown_as_its_text(tmp_path, capsys):
+    from lora_ext import cli, files
+    from lora_ext.demo import make_random_lora
+    from conftest import tiny_model
+
+    deep = "[" * 5000 + "]" * 5000
+    shallow_but_deep = "[" * 40 + "]" * 40
+    digits = "[" + "9" * 5000 + "]"
+    path = str(tmp_path / "l.safetensors")
+    files.write_kohya(path, files.kohya_tensors(make_random_lora(tiny_model("sd1"))),
+                      {"ss_tag_frequency": deep, "ss_dataset_dirs": shallow_but_deep, "ss_network_args": digits,
+                       "ss_seed": '{"a": {"b": 1}}'})
+    assert cli.main(["inspect", path]) == 0
+    report = capsys.readouterr().out
+    assert "Traceback" not in report and '"[[[[' in report
+    import json
+    meta = json.loads(report)["metadata"]
+    assert meta["ss_tag_frequency"] == deep and meta["ss_dataset_dirs"] == shallow_but_deep
+    assert meta["ss_network_args"] == digits and meta["ss_seed"] == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize("mode,value,bits", [("I;16", 32768, 16), ("I", 32768, 16), ("L", 128, 8)])
+def test_a_16_bit_grey_mask_at_half_is_half(mode, value, bits):
+    import base64
+    import io
+
+    import numpy as np
+
+    from lora_ext.panel import masks
+
+    if mode == "I;16":
+        image = Image.fromarray(np.full((8, 8), value, dtype=np.uint16), "I;16")
+    else:
+        image = Image.new(mode, (8, 8), value)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    mask = masks.decode(base64.b64encode(buffer.getvalue()).decode())
+    assert float(mask.pixels.mean()) == pytest.approx(value / (2 ** bits - 1), abs=1e-4)
+
+
+def test_merge_loras_keeps_every_module_a_file_holds(tmp_path):
+    """Modules for layers the standard layout lacks (a LoRA made on a model of another depth) are kept by
+    merge-loras as resize keeps them, never dropped without a word."""
+    from conftest import tiny_model
+    from lora_ext import files
+    from lora_ext.demo import make_random_lora
+    from lora_ext.tools.lora_tools import merge_lora_files
+
+    tensors = files.kohya_tensors(make_random_lora(tiny_model("sd1"), conv_rank=None))
+    name = next(k for k in sorted(tensors) if "transformer_blocks_0_attn1_to_q" in k).split(".")[0]
+    for key in [k for k in tensors if k.startswith(name + ".")]:
+        tensors[key.replace("transformer_blocks_0", "transformer_blocks_1")] = tensors[key].clone()
+    path = str(tmp_path / "deeper.safetensors")
+    files.write_kohya(path, tensors, {})
+    held = files.read(path)
+    assert held.foreign and len(held.modules) + len(held.foreign) == len({k.split(".")[0] for k in tensors})
+    report = merge_lora_files([(path, 1.0)], str(tmp_path / "merged.safetensors"), precision="fp32")
+    merged = files.read(str(tmp_path / "merged.safetensors"))
+    assert report["modules"] == len(merged.modules) + len(merged.foreign) == len(held.modules) + len(held.foreign)
+    for name, module in {**held.modules, **held.foreign}.items():
+        kept = {**merged.modules, **merged.foreign}[name]
+        shape = (module.out_in()[0], module.out_in()[1])
+        torch.testing.assert_close(kept.delta(shape), module.delta(shape), rtol=1e-5, atol=1e-6)

@@ -96,6 +96,8 @@ def world(tmp_path_factory):
         pickle.dump({"state_dict": {"x": Evil()}}, f, protocol=2)            # a bare pickle, as old tools did
     save_file({"foo.weight": torch.ones(2, 2), "bar": torch.zeros(3)}, j("notlora.safetensors"))
     _lying_lycoris(model, j)
+    huge = {k: (torch.tensor(1e14) if k.endswith(".alpha") else v) for k, v in good.items()}
+    save_file(huge, j("huge_alpha.safetensors"))
     os.mkfifo(j("fifo.safetensors"))
     os.mkdir(j("folder.safetensors"))
     with open(j("file_not_dir"), "w") as f:
@@ -272,6 +274,10 @@ CASES = [
                             ("merge-loras", "merge-loras --lora LIE --lora {dir}/lora.safetensors --out {out}/r.safetensors"),
                             ("train", "train --pretrained_model_name_or_path tiny-sd1 --train_data_dir {train} "
                                       "--output_dir {out} --resolution 64 --network_weights LIE"))],
+    ("resize fp16 inf", "resize {dir}/huge_alpha.safetensors --out {out}/r.safetensors --rank 2",
+     "beyond fp16's range .* save as fp32 \\(--precision fp32\\); nothing was written"),
+    ("merge-loras fp16 inf", "merge-loras --lora {dir}/huge_alpha.safetensors --out {out}/r.safetensors",
+     "beyond fp16's range"),
     # --- merge inputs ---
     ("merge base is lora", "merge --model {dir}/lora.safetensors --lora {dir}/lora2.safetensors "
                            "--out {out}/m.safetensors", "not a Stable Diffusion checkpoint"),

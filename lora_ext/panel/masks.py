@@ -85,11 +85,16 @@ def from_image(image) -> Mask:
     import numpy as np
     import torch
 
-    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    if image.mode.startswith("I"):      # 16-bit grey (PNG reads as I;16 or I): convert("L") would clip it
+        grey = np.clip(np.asarray(image, dtype=np.float32) / 65535, 0, 1)
+    elif image.mode == "F":             # float pixels: fractions already
+        grey = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32), nan=-1.0), -1, 1)
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         grey = grey * (np.asarray(image.convert("RGBA"), dtype=np.float32)[..., 3] / 255)
     pixels = torch.from_numpy(np.ascontiguousarray(grey))
-    if not torch.isfinite(pixels).all():
+    if not torch.isfinite(pixels).all() or bool((pixels < 0).any()):
         raise ValueError("the mask has pixels that are not numbers")
     return Mask(pixels)
 

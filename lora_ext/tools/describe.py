@@ -7,14 +7,32 @@ import re
 from .. import files, naming
 
 
+MAX_METADATA_DEPTH = 16       # kohya's nested values go 3 deep (ss_tag_frequency: dataset -> tag -> count)
+
+
 def _parse_metadata_value(value: str):
-    # kohya stores nested values (ss_tag_frequency, ss_dataset_dirs, ss_network_args) as JSON strings
+    """kohya stores nested values (ss_tag_frequency, ss_dataset_dirs, ss_network_args) as JSON strings: those
+    are shown parsed; a value that is not JSON, or nests deeper than any tool writes (made to break readers),
+    stays the text it is."""
     if value[:1] in "{[":
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):        # JSONDecodeError, an integer of thousands of digits
+            return value
+        if _depth(parsed) <= MAX_METADATA_DEPTH:
+            return parsed
     return value
+
+
+def _depth(value) -> int:
+    """How deep lists and objects nest in a parsed JSON value (without recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            todo += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def describe(path: str, arch: naming.Arch | None = None) -> dict:

@@ -62,8 +62,18 @@ def energy_summary(kept: dict) -> dict:
 
 
 def _write(path, modules, metadata, overwrite, precision) -> None:
+    """Writes the file in `precision`; refuses, writing nothing, where a value does not fit it (a huge alpha
+    folded into the factors overflows fp16 to inf, a file our own reader would then refuse)."""
+    import torch
+
     from ..merge import PRECISIONS
-    files.write_kohya(path, files.kohya_tensors(modules, PRECISIONS[precision]), metadata, overwrite=overwrite)
+    tensors = files.kohya_tensors(modules, PRECISIONS[precision])
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        wider = "fp32" if precision != "fp32" else None
+        raise ToolError(f"{bad} has values beyond {precision}'s range (a huge alpha or weight in the inputs)"
+                        + (f": save as {wider} (--precision {wider})" if wider else "") + "; nothing was written")
+    files.write_kohya(path, tensors, metadata, overwrite=overwrite)
 
 
 def resize_file(src: str, out: str, rank: int | None = None, energy: float | None = None, precision: str = "fp16",
@@ -101,12 +111,13 @@ def merge_lora_files(items: list, out: str, rank: int | None = None, precision: 
             raise ToolError(str(e)) from None
         lora = files.read(path, arch)
         arch = arch or lora.arch
-        for name, module in lora.modules.items():
+        held = {**lora.modules, **lora.foreign}     # every module the file holds, as resize takes them
+        for name, module in held.items():
             seen = shapes.setdefault(name, (path, module.out_in()))
             if seen[1] != module.out_in():
                 raise ToolError(f"{path} and {seen[0]} are for different models: layer {name} is "
                                 f"{module.out_in()} in one, {seen[1]} in the other")
-        loras.append((lora.modules, weight))
+        loras.append((held, weight))
     modules, kept = lowrank.merge_loras(loras, rank)
     top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
     meta = files.network_metadata("lora", top, top, arch,
