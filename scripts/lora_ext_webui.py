@@ -196,7 +196,12 @@ def compare_renderer():
         p.scripts, p.script_args = runner, args
         processed = processing.process_images(p)
         image = processed.images[0]
-        image.info["parameters"] = processed.infotexts[0]
+        said = processed.infotexts[0]
+        if "AddNet Model 1:" not in said:       # the panel refused the file: no cell may carry its label
+            from lora_ext.tools.compare import CompareError
+            warning = said.partition("AddNet Warning: ")[2][:300] or "see the console"
+            raise CompareError(f"{name} was not applied ({warning}); the comparison stops")
+        image.info["parameters"] = said
         return image
     render.close = lambda: give_back(Runtime.host(shared.sd_model))
     return render

@@ -1,6 +1,7 @@
 """What users found from outside (issue 37): a string "false" taken as true, numbers too large to be a float,
 links out of a concept folder, folders and captions that cost without bound. Each test failed on the code
 before its fix."""
+import json
 import os
 import re
 
@@ -383,3 +384,55 @@ def test_merge_loras_keeps_every_module_a_file_holds(tmp_path):
         kept = {**merged.modules, **merged.foreign}[name]
         shape = (module.out_in()[0], module.out_in()[1])
         torch.testing.assert_close(kept.delta(shape), module.delta(shape), rtol=1e-5, atol=1e-6)
+
+
+# --- compare: no grid labels a LoRA it did not apply; no read blocks --------------------------------------
+
+@pytest.mark.parametrize("bad", ["nan", "sd2"])
+def test_compare_stops_at_a_lora_the_engine_refuses(tmp_path, capsys, bad):
+    from conftest import tiny_model
+    from lora_ext import cli, files
+    from lora_ext.demo import make_random_lora
+
+    run = tmp_path / "out"
+    run.mkdir()
+    model = tiny_model("sd1")
+    files.write_kohya(str(run / "r-000001.safetensors"), files.kohya_tensors(make_random_lora(model, seed=1)),
+                      {"ss_steps": "1"})
+    if bad == "nan":
+        modules = make_random_lora(model, seed=2)
+        tensors = files.kohya_tensors(modules)
+        key = next(k for k in tensors if k.endswith("lora_up.weight"))
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        from safetensors.torch import save_file
+        save_file(tensors, str(run / "r.safetensors"), {"ss_steps": "2"})
+    else:
+        files.write_kohya(str(run / "r.safetensors"), files.kohya_tensors(make_random_lora(tiny_model("sd2"))),
+                          {"ss_steps": "2"})
+    rc = cli.main(["compare", str(run), "--model", "tiny-sd1", "--prompt", "a cat", "--weights", "1", "--steps", "1",
+                   "--size", "64", "--out", str(tmp_path / "grid")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "r.safetensors" in err and "the comparison stops" in err and "Traceback" not in err
+    index = json.loads((tmp_path / "grid" / "index.json").read_text())
+    assert [c["save"] for c in index["cells"]] == ["r-000001.safetensors"]     # the sound column only
+    assert not index["pages"]
+
+
+def test_a_fifo_named_like_a_lora_does_not_block_compare(tmp_path):
+    import signal
+
+    from conftest import tiny_model
+    from lora_ext import files
+    from lora_ext.demo import make_random_lora
+    from lora_ext.tools import compare
+
+    files.write_kohya(str(tmp_path / "r.safetensors"), files.kohya_tensors(make_random_lora(tiny_model("sd1"))), {})
+    os.mkfifo(tmp_path / "r-000001.safetensors")
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked on the FIFO")))
+    signal.alarm(20)
+    try:
+        saves = compare.run_saves(str(tmp_path))
+        runs = compare.runs_in(str(tmp_path))
+    finally:
+        signal.alarm(0)
+    assert [os.path.basename(s.path) for s in saves] == ["r.safetensors"] and runs == ["r"]

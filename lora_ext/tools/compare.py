@@ -76,6 +76,8 @@ def run_saves(folder: str, name: str | None = None) -> list:
     runs: dict = {}
     for entry, base, m in _lora_files(sorted(os.listdir(folder))):
         path = os.path.join(folder, entry)
+        if not os.path.isfile(path):        # a FIFO (or a device) named *.safetensors would block the read
+            continue
         try:
             with open(path, "rb") as f:
                 _, meta, _ = read_header(f, os.path.getsize(path))
@@ -101,6 +103,8 @@ def runs_in(folder: str, limit: int = 50) -> list:
     except OSError:
         return []
     for entry, name, _ in _lora_files(entries):
+        if not os.path.isfile(os.path.join(folder, entry)):
+            continue
         newest[name] = max(newest.get(name, 0), os.path.getmtime(os.path.join(folder, entry)))
     return sorted(newest, key=lambda n: -newest[n])[:limit]
 
@@ -156,10 +160,22 @@ def preview_renderer(host, engine=None):
     from ..apply import Engine, Request
     from ..train.sampling import sample_image
 
+    from .. import files
+
     engine = engine or Engine()
+    checked = set()
 
     def render(plan, save, weight, prompt):
-        engine.apply(host, [Request(save.path, weight, weight, name=save.label)], "merge")
+        if save.path not in checked:        # a file the engine would refuse (NaN, another model) is no column
+            try:
+                files.read(save.path, host.arch)
+            except files.LoraFileError as e:
+                raise CompareError(f"{e}; the comparison stops (no grid labels a LoRA it did not apply)") from None
+            checked.add(save.path)
+        report = engine.apply(host, [Request(save.path, weight, weight, name=save.label)], "merge")
+        if weight and not report.applied:
+            why = "; ".join(report.warnings) or "no module fits the loaded model"
+            raise CompareError(f"{save.path} was not applied ({why}); the comparison stops")
         return sample_image(host, prompt, plan.seed, plan.steps, plan.cfg_scale, plan.size, plan.negative)
     render.close = lambda: engine.restore(host)
     return render
