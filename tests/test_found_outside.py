@@ -436,3 +436,56 @@ def test_a_fifo_named_like_a_lora_does_not_block_compare(tmp_path):
     finally:
         signal.alarm(0)
     assert [os.path.basename(s.path) for s in saves] == ["r.safetensors"] and runs == ["r"]
+
+
+# --- one run per output ------------------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    import threading
+
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.testing import sample_data
+    from lora_ext.train.config import ConfigError, TrainConfig
+    from lora_ext.train.loop import train
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=2)
+    kw = dict(train_data_dir=data["train"], caption_extension=".txt", output_dir=str(tmp_path / "out"),
+              output_name="same", resolution="64", train_batch_size=1, max_train_steps=3, network_dim=4,
+              network_alpha=2, learning_rate=1e-3, lr_scheduler="constant", mixed_precision="no",
+              save_precision="fp32", save_state=True)
+    first_started, second_done, outcome = threading.Event(), threading.Event(), {}
+
+    def on_event(e):
+        if e.kind == "step":
+            first_started.set()
+            second_done.wait(60)        # the first run is mid-way while the second starts
+
+    def first():
+        outcome["first"] = train(WebuiHost(tiny_model("sd1")), TrainConfig(**kw), on_event=on_event)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_started.wait(120)
+    try:
+        with pytest.raises(ConfigError, match="another training run is writing .*same.safetensors now"):
+            train(WebuiHost(tiny_model("sd1")), TrainConfig(**kw))
+    finally:
+        second_done.set()
+        thread.join(120)
+    assert outcome["first"].steps == 3
+    assert sorted(os.listdir(tmp_path / "out")) == ["same-state", "same.safetensors"]   # the claim is gone
+    again = train(WebuiHost(tiny_model("sd1")), TrainConfig(**{**kw, "output_name": "other"}))
+    assert again.steps == 3
+
+
+def test_a_claim_left_by_a_killed_run_does_not_block(tmp_path):
+    """The claim is an OS lock: a process killed with -9 holds none, whatever file it left."""
+    from lora_ext.train import outputs
+    from lora_ext.train.config import TrainConfig
+
+    cfg = TrainConfig(output_dir=str(tmp_path), output_name="x")
+    (tmp_path / ".x.lora_ext-claim").write_text("left by a killed run")
+    with outputs.claimed(cfg):
+        assert (tmp_path / ".x.lora_ext-claim").exists()
+    assert not (tmp_path / ".x.lora_ext-claim").exists()

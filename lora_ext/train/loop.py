@@ -21,7 +21,7 @@ from .distributed import Dist
 from .events import Event, Result
 from .leaving import decoder_parts, encoders_leave, free, freed, unet_after_encoders, vae_leaves
 from .network import network_for
-from .outputs import check_outputs
+from .outputs import check_outputs, claimed
 from .saving import samples, save_lora
 from .schedules import lr_factor, zero_terminal_snr
 from .session import HostSession, frozen_roots
@@ -87,9 +87,7 @@ class Run:
 
 
 def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
-    """Checks the options and outputs, reads the data, plans the epochs, picks precision and schedule."""
-    cfg.validate()
-    check_outputs(cfg)
+    """Reads the data, plans the epochs, picks precision and schedule (the options and outputs are checked)."""
     scan, buckets, report = prepare_data(host, cfg, scan)
     for s in report["skipped"]:
         emit(Event("message", text=f"skipped {s['file']}: {s['reason']}"))
@@ -119,6 +117,15 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
 def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None, estimate=None) -> Result:
     """`estimate`: train.memory.estimate(host, cfg) when the caller has made it (it picks the blocks that
     gradient checkpointing recomputes)."""
+    cfg.validate()
+    check_outputs(cfg)          # before the claim, which creates the output folder
+    if Dist.from_env().main:
+        with claimed(cfg):
+            return _train(host, cfg, on_event, should_stop, scan, estimate)
+    return _train(host, cfg, on_event, should_stop, scan, estimate)
+
+
+def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Result:
     run = prepare(host, cfg, on_event or (lambda e: None), should_stop or (lambda: False), scan)
     if host.pending is not None and not unet_after_encoders(cfg, run.device):
         host.pending.read()         # this run needs the UNet's weights from the start (DoRA's modules, say)

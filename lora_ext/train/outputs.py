@@ -3,6 +3,7 @@ folder and takes files, no file replaced unless asked, no input written over. Fi
 training would lose the hour."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .config import ConfigError, TrainConfig
@@ -42,3 +43,66 @@ def _writable_folder(option: str, folder: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {folder!r} cannot be written (no permission on {existing!r}); choose "
                           "another folder")
+
+
+@contextlib.contextmanager
+def claimed(cfg: TrainConfig):
+    """Holds the run's output (output_dir + output_name: its LoRA, numbered saves and state) for the length of
+    the run: a second run started on the same output, in this process or another, is refused instead of both
+    writing one file. An OS lock on a hidden file beside the output: released by the system when a process is
+    killed (kill -9 leaves no claim behind), the file removed at the end."""
+    os.makedirs(cfg.output_dir or ".", exist_ok=True)
+    path = os.path.join(cfg.output_dir or ".", f".{cfg.output_name}.lora_ext-claim")
+    fd = _lock(path, final_path(cfg))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)         # while still locked: a run waiting on this file finds it gone and retries
+        _unlock(fd)
+
+
+def _lock(path: str, out: str) -> int:
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise ConfigError(f"another training run is writing {out} now; wait for it to end, or choose another "
+                              "output_name")
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:        # the file the lock is on is still the claim's (not one a finishing run just removed)
+            return fd
+        _unlock(fd)
+    raise ConfigError(f"could not claim {out}: its claim file {path} keeps changing")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:         # Windows
+        import msvcrt
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except ImportError:
+        import msvcrt
+        with contextlib.suppress(OSError):
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    os.close(fd)
