@@ -1,4 +1,5 @@
 """The LoRA tab's handlers (form, presets, dataset check, training session, merge) and the standalone app."""
+import contextlib
 import os
 import time
 import urllib.request
@@ -146,6 +147,42 @@ def test_a_training_session_runs_in_the_background_and_cancels(data, tmp_path):
     assert "Stopped by an error" in session.status() and "unknown optimizer_type" in session.status()
 
 
+def test_two_train_clicks_at_one_moment_start_one_run_and_the_other_is_told(data, tmp_path):
+    """The second click is answered while the first's estimate or run has the model; the run's weights are
+    never swapped under it (it finishes), and a Check during it skips the estimate."""
+    import threading
+
+    model = tiny_model("sd1")
+    host = WebuiHost(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    session = TrainingSession(lambda cfg, ev, stop: train(host, cfg, ev, stop))
+    values = _values(data, tmp_path, max_train_steps=6, sample_every_n_epochs=0)
+    gate, answers = threading.Barrier(2), []
+
+    def click():
+        gate.wait()
+        answers.append(train_tab.start(session, lambda: host, lambda: contextlib.nullcontext(), "", values))
+
+    clicks = [threading.Thread(target=click) for _ in range(2)]
+    for t in clicks:
+        t.start()
+    for t in clicks:
+        t.join(120)
+    assert sorted(a.split("\n")[0] for a in answers) == [
+        "A training run is already going (or its memory is being estimated): wait for it, or cancel it.",
+        "Training started."]
+    assert "not while a run is going" in train_tab.check(session, lambda: host, lambda: contextlib.nullcontext(), values) \
+        or not session.running
+    session.wait(120)
+    assert session.error is None and session.result.steps == 6
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert train_tab.start(session, lambda: host, lambda: contextlib.nullcontext(), "",
+                           _values(data, tmp_path / "again", max_train_steps=2, sample_every_n_epochs=0)).startswith(
+        "Training started.")      # the model is given back when the run ends
+    session.wait(120)
+    assert session.result.steps == 2
+
+
 def test_the_training_status_says_while_latents_are_being_cached():
     from lora_ext.train.events import Event
 
@@ -243,7 +280,7 @@ def test_switching_the_checkpoint_of_the_standalone_model(tmp_path):
     assert "does not fit this SD1 model" in msg and model.current == "b.safetensors"
     assert "outside" in model.switch("../x.safetensors")
     ctx = types.SimpleNamespace(switch_fn=model.switch)
-    busy = types.SimpleNamespace(running=True)      # a session in the middle of a run
+    busy = types.SimpleNamespace(reserve=lambda: False, release=None)      # a session in the middle of a run
     assert "Not now" in train_tab.switch_checkpoint(ctx, busy, "a.safetensors") and model.current == "b.safetensors"
     # .ckpt files too, read without running pickled code
     torch.save({"state_dict": load_file(str(tmp_path / "a.safetensors"))}, str(tmp_path / "a.ckpt"))

@@ -56,6 +56,37 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     return report, "\n".join(lines)
 
 
+def start(session, host_fn, lock, task_id, values: list) -> str:
+    """Handler of Train: the model is taken from the click on (its memory estimate, then the run), so that a
+    second click at the same moment is told, not run beside the first on the same weights."""
+    clicked = time.time()
+    cfg, msg = form_to_config(values)
+    if cfg is None:
+        return msg
+    if not session.reserve():
+        return "A training run is already going (or its memory is being estimated): wait for it, or cancel it."
+    started = False
+    try:
+        report, text = check_dataset(host_fn, values, lock())
+        if report is None:
+            return text
+        started = session.start(cfg, task_id or None, requested_at=clicked, reserved=True)
+        return "Training started.\n\n" + text
+    finally:
+        if not started:
+            session.release()
+
+
+def check(session, host_fn, lock, values: list) -> str:
+    """Handler of Check: the report, with the memory estimate unless a run (or an estimate) has the model."""
+    held = session.reserve()
+    try:
+        return check_dataset(host_fn, values, lock(), held)[1]
+    finally:
+        if held:
+            session.release()
+
+
 def _network_line(spec, cfg) -> str:
     conv = f", convolutions at dim {spec.conv_dim} alpha {spec.conv_alpha:g}" if spec.conv_dim else ""
     notes = "".join(f"\n- note: {n}" for n in spec.notes)
@@ -161,23 +192,12 @@ def build(ctx) -> tuple:
         plot = gr.Image(label="Loss", type="filepath", interactive=False, elem_id="lora_ext_train_loss")
         gallery = gr.Gallery(label="Samples", elem_id="lora_ext_train_samples")
 
-    def start(task_id, *values):
-        clicked = time.time()
-        cfg, msg = form_to_config(list(values))
-        if cfg is None:
-            return msg
-        report, text = check_dataset(host_fn, list(values), ctx.lock(), not session.running)
-        if report is None:
-            return text
-        started = session.start(cfg, task_id or None, requested_at=clicked)
-        return "Training started.\n\n" + text if started else "A training run is already going."
-
     if ctx.checkpoints_fn is not None:
         switch_b.click(lambda name: (switch_checkpoint(ctx, session, name), ctx.model_label_fn()), inputs=[ckpt],
                        outputs=[message, model_label])
-    check_b.click(lambda *v: (check_dataset(host_fn, list(v), ctx.lock(), not session.running)[1], ctx.model_label_fn()),
+    check_b.click(lambda *v: (check(session, host_fn, ctx.lock, list(v)), ctx.model_label_fn()),
                   inputs=inputs, outputs=[message, model_label])
-    start_b.click(lambda *v: (start(*v), ctx.model_label_fn()), inputs=[task] + inputs, outputs=[message, model_label],
+    start_b.click(lambda t, *v: (start(session, host_fn, ctx.lock, t, list(v)), ctx.model_label_fn()), inputs=[task] + inputs, outputs=[message, model_label],
                   _js=ctx.progress_js)
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
     _wire_presets(presets_folder, preset, (load_b, save_b, delete_b), inputs, message)
@@ -213,9 +233,12 @@ def switch_checkpoint(ctx, session, name: str) -> str:
     """Handler: load another checkpoint before training (never during a run)."""
     if not name:
         return "Choose a checkpoint first."
-    if session.running:
+    if not session.reserve():
         return "**Not now:** a training run is using the loaded model; cancel it or wait for it to finish."
-    return ctx.switch_fn(name)
+    try:
+        return ctx.switch_fn(name)
+    finally:
+        session.release()
 
 
 def _loaded(result, n):

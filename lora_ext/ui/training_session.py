@@ -14,6 +14,9 @@ class TrainingSession:
         self.run = run
         self.on_written = on_written
         self._lock = threading.Lock()
+        # the loaded model, held from a Train click's memory estimate to the end of its run (and by a Check's
+        # estimate): two clicks at one moment cannot both measure or train on it
+        self._model = threading.Lock()
         self._thread = None
         self._stop = False
         self._cancelled_at = 0.0
@@ -25,12 +28,21 @@ class TrainingSession:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, cfg, task_id: str | None = None, requested_at: float | None = None) -> bool:
-        """False if a run is already going. `task_id` (the host's progress-bar task) goes to `run` when given.
-        `requested_at`: when Train was clicked; a Cancel clicked after it (while the dataset was still being
-        checked) stops the run at its first step instead of being forgotten."""
+    def reserve(self) -> bool:
+        """Takes the model for a Train click (its estimate, then its run) unless it is taken; the run gives it
+        back when it ends, release() where no run starts."""
+        return self._model.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._model.release()
+
+    def start(self, cfg, task_id: str | None = None, requested_at: float | None = None, reserved: bool = False) -> bool:
+        """False if a run is already going (or the model is taken). `task_id` (the host's progress-bar task)
+        goes to `run` when given. `requested_at`: when Train was clicked; a Cancel clicked after it (while the
+        dataset was still being checked) stops the run at its first step instead of being forgotten.
+        `reserved`: the caller holds the model (reserve()); the run takes it over."""
         with self._lock:
-            if self.running:
+            if not reserved and not self.reserve():
                 return False
             self._stop = requested_at is not None and self._cancelled_at >= requested_at
             self.events, self.losses, self.samples = [], [], []
@@ -47,6 +59,8 @@ class TrainingSession:
         except Exception as e:          # shown in the UI as a message, never a traceback
             self.error = f"{type(e).__name__}: {e}"
             console_traceback(e)
+        finally:
+            self.release()
 
     def _on_event(self, event) -> None:
         self.events.append(event)
