@@ -489,3 +489,36 @@ def test_a_claim_left_by_a_killed_run_does_not_block(tmp_path):
     with outputs.claimed(cfg):
         assert (tmp_path / ".x.lora_ext-claim").exists()
     assert not (tmp_path / ".x.lora_ext-claim").exists()
+
+
+# --- every size a checkpoint states comes from it --------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_a_text_encoder_of_unusual_mlp_width_loads_and_trains(tmp_path, arch):
+    """A single-file checkpoint whose text encoder's MLP is 37 wide on a 32-wide encoder (no ratio rule gives
+    it): read in the file's own sizes, weight for weight, and trained on."""
+    from lora_ext import cli
+    from lora_ext.hosts import ldm_layout
+    from lora_ext.hosts.checkpoint import load_checkpoint
+    from lora_ext.testing import sample_data, tiny
+
+    model = tiny.build(arch, seed=3)
+    if arch == "sd1":
+        new = ldm_layout.HFTextEncoderHolder(32, 2, tiny.SPECS["sd1"].te_heads, intermediate=37)
+    else:
+        new = ldm_layout.OpenClipHolder(32, 3, tiny.SPECS["sd2"].openclip_heads, intermediate=37)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    model.cond_stage_model.wrapped = new
+    path = str(tmp_path / "odd.safetensors")
+    tiny.save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("cond_stage_model.")}
+    back = loaded.state_dict()
+    assert own and all(torch.equal(back[k], v) for k, v in own.items())
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=1)
+    rc = cli.main(["train", "--pretrained_model_name_or_path", path, "--train_data_dir", data["train"],
+                   "--output_dir", str(tmp_path / "out"), "--output_name", "odd", "--resolution", "64",
+                   "--max_train_steps", "1", "--network_dim", "2"])
+    assert rc == 0 and (tmp_path / "out" / "odd.safetensors").exists()

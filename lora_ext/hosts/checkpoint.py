@@ -78,16 +78,21 @@ def _count(sd: dict, pattern: str) -> int:
 
 
 def _text_encoder(sd: dict, prefix: str, heads_hint):
+    """The encoder at `prefix`, built in every size its tensors state (width, layers, MLP width, vocabulary,
+    positions), not by the usual ratios; the heads, which no tensor states, from the config (`heads_hint`)."""
     if any(k.startswith(prefix + "transformer.") for k in sd):
         p = prefix + "transformer.text_model."
-        width = sd[p + "embeddings.token_embedding.weight"].shape[1]
+        vocab, width = sd[p + "embeddings.token_embedding.weight"].shape
         layers = _count(sd, re.escape(p) + r"encoder\.layers\.(\d+)\.")
-        mlp = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0] // width
-        return ldm_layout.HFTextEncoderHolder(width, layers, _heads(heads_hint, width), mlp)
+        return ldm_layout.HFTextEncoderHolder(
+            width, layers, _heads(heads_hint, width), intermediate=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+            vocab=vocab, positions=sd[p + "embeddings.position_embedding.weight"].shape[0])
     p = prefix + "model."
-    width = sd[p + "token_embedding.weight"].shape[1]
+    vocab, width = sd[p + "token_embedding.weight"].shape
     layers = _count(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
-    return ldm_layout.OpenClipHolder(width, layers, _heads(heads_hint, width))
+    return ldm_layout.OpenClipHolder(width, layers, _heads(heads_hint, width),
+                                     intermediate=sd[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                                     vocab=vocab, positions=sd[p + "positional_embedding"].shape[0])
 
 
 def _heads(hint, width: int) -> int:

@@ -84,12 +84,14 @@ def _with_label_emb(unet: nn.Module, adm_in_channels: int | None) -> nn.Module:
 class HFTextEncoderHolder(nn.Module):
     """What the webui's FrozenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.transformer`, `.tokenizer`."""
 
-    def __init__(self, width: int, layers: int, heads: int = 2, mlp: int = 2):
+    def __init__(self, width: int, layers: int, heads: int = 2, mlp: int = 2, intermediate: int | None = None,
+                 vocab: int = VOCAB, positions: int = 77):
+        """`intermediate`: the MLP's width where a file states it (else `mlp` times the width)."""
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=width * mlp,
-                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+        cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate or width * mlp,
+                             num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=positions,
                              projection_dim=width)
         self.transformer = v4_layout(CLIPTextModel(cfg))
         self.tokenizer = clip_tokenizer()
@@ -134,13 +136,20 @@ class OpenClipHolder(nn.Module):
     """What the webui's FrozenOpenCLIPEmbedderWithCustomWords holds as `.wrapped`: `.model`, an open_clip CLIP
     whose visual tower was deleted (as ldm's FrozenOpenCLIPEmbedder does)."""
 
-    def __init__(self, width: int, layers: int, heads: int = 2):
+    def __init__(self, width: int, layers: int, heads: int = 2, intermediate: int | None = None,
+                 vocab: int = VOCAB, positions: int = 77):
+        """`intermediate`: the MLP's width where a file states it (else open_clip's 4 times the width)."""
         super().__init__()
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
         model = CLIP(embed_dim=width, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
-                     text_cfg=CLIPTextCfg(width=width, heads=heads, layers=layers, vocab_size=VOCAB))
+                     text_cfg=CLIPTextCfg(width=width, heads=heads, layers=layers, vocab_size=vocab,
+                                          context_length=positions))
         del model.visual
+        if intermediate and intermediate != 4 * width:      # this open_clip's text config has no MLP ratio
+            for block in model.transformer.resblocks:
+                block.mlp.c_fc = nn.Linear(width, intermediate)
+                block.mlp.c_proj = nn.Linear(intermediate, width)
         self.model = model
 
     @property
