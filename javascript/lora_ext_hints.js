@@ -45,7 +45,7 @@
         "Cache text encoder outputs": "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption shuffle or dropout.",
         "Sample every N epochs": "Preview images (0 = none).",
         "Sample every N steps": "Preview images by steps (0 = none).",
-        "Sample prompts": "One prompt per line.",
+        "Sample prompts": "One prompt per line, kohya's options after it (--n negative, --w/--h size, --d seed, --l CFG, --s steps); or the path of a kohya prompt file (.txt, .toml, .json).",
         "Save every N epochs": "Keep earlier epochs to compare (0 = last only).",
         "Resume from state": "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped.",
         "Seed": "The same seed and settings give the same LoRA.",

@@ -522,3 +522,79 @@ def test_a_text_encoder_of_unusual_mlp_width_loads_and_trains(tmp_path, arch):
                    "--output_dir", str(tmp_path / "out"), "--output_name", "odd", "--resolution", "64",
                    "--max_train_steps", "1", "--network_dim", "2"])
     assert rc == 0 and (tmp_path / "out" / "odd.safetensors").exists()
+
+
+# --- sample_prompts is a file in kohya ---------------------------------------------------------------------
+
+KOHYA_PROMPTS = """# prompt 1
+masterpiece, best quality, (1girl), in white shirts, upper body, looking at viewer, simple background --n low quality, worst quality, bad anatomy,bad composition, poor, low effort --w 768 --h 768 --d 1 --l 7.5 --s 28
+
+# prompt 2
+masterpiece, best quality, 1boy, in business suit, standing at street, looking back --n (low quality, worst quality), bad anatomy,bad composition, poor, low effort --w 576 --h 832 --d 2 --l 5.5 --s 40
+"""
+
+
+def test_kohyas_prompt_file_examples_read_as_kohya_reads_them(tmp_path):
+    from lora_ext.train import prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_text(KOHYA_PROMPTS, encoding="utf-8")
+    first, second = prompts.load([str(txt)])
+    assert first.prompt.startswith("masterpiece, best quality, (1girl)") and first.prompt.endswith("simple background")
+    assert first.negative == "low quality, worst quality, bad anatomy,bad composition, poor, low effort"
+    assert (first.width, first.height, first.seed, first.scale, first.steps) == (768, 768, 1, 7.5, 28)
+    assert (second.width, second.height, second.seed, second.scale, second.steps) == (576, 832, 2, 5.5, 40)
+    assert second.negative.startswith("(low quality, worst quality)")
+    toml = tmp_path / "p.toml"
+    toml.write_text('[prompt]\nsample_steps = 30\nwidth = 512\nheight = 512\nscale = 7\nseed = 4\n'
+                    '[[prompt.subset]]\nprompt = "a cat"\n[[prompt.subset]]\nprompt = "a dog"\nwidth = 768\n'
+                    'negative_prompt = "blurry"\n', encoding="utf-8")
+    cat, dog = prompts.load([str(toml)])
+    assert (cat.prompt, cat.width, cat.steps, cat.seed, dog.width, dog.negative) == ("a cat", 512, 30, 4, 768, "blurry")
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps([{"prompt": "a cow", "sample_steps": 9}, "a pig --w 72 --s 3"]), encoding="utf-8")
+    cow, pig = prompts.load([str(js)])
+    assert (cow.prompt, cow.steps, pig.prompt, pig.width, pig.steps) == ("a cow", 9, "a pig", 72, 3)
+    assert [p.prompt for p in prompts.load(["a red circle --n blue", "a square"])] == ["a red circle", "a square"]
+
+
+@pytest.mark.parametrize("entry,text,message", [
+    ("missing.txt", None, "missing.txt does not exist"),
+    ("p.txt", "a cat --q 3\n", "--q 3 is none of kohya's prompt options"),
+    ("p.txt", "a cat --w wide\n", "--w wide is none of kohya's prompt options"),
+    ("p.txt", "a cat --s 0\n", "steps 0 is out of range"),
+    ("p.txt", "a cat --l 99\n", "CFG scale 99 is out of range"),
+    ("p.toml", "[prompt]\nwidth = 5\n", "a TOML prompt file has a [prompt] table with [[prompt.subset]]"),
+    ("p.toml", "prompt = = 1\n", "not valid TOML"),
+    ("p.json", "{\"prompt\": \"x\"}", "a JSON prompt file is a list"),
+    ("p.json", "[{\"prompt\": \"x\", \"guidance\": 3}]", "guidance is not a prompt key"),
+    ("p.json", "[" * 5000 + "]" * 5000, "not valid JSON"),
+])
+def test_a_prompt_file_that_is_wrong_is_said_before_the_model_loads(tmp_path, entry, text, message):
+    from lora_ext.train.config import ConfigError, from_dict
+
+    if text is not None:
+        (tmp_path / entry).write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict({"sample_prompts": str(tmp_path / entry)})
+
+
+def test_previews_follow_each_prompts_own_settings(tmp_path):
+    from conftest import tiny_model
+    from lora_ext.hosts.webui import WebuiHost
+    from lora_ext.testing import sample_data
+    from lora_ext.train.config import TrainConfig
+    from lora_ext.train.loop import train
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=1)
+    (tmp_path / "p.txt").write_text("# two previews\na red circle --w 64 --h 128 --s 2 --d 5 --ss k_euler\n"
+                                    "a blue square --n red --s 1\n", encoding="utf-8")
+    events = []
+    result = train(WebuiHost(tiny_model("sd1")), TrainConfig(
+        train_data_dir=data["train"], output_dir=str(tmp_path / "out"), output_name="p", resolution="64",
+        max_train_steps=1, network_dim=2, mixed_precision="no", sample_every_n_steps=1,
+        sample_prompts=[str(tmp_path / "p.txt")]), on_event=events.append)
+    paths = [p for e in events if e.kind == "sample" for p in e.paths]
+    assert result.steps == 1 and len(paths) == 2
+    assert Image.open(paths[0]).size == (64, 128) and Image.open(paths[1]).size == (64, 64)
+    assert any("ask for sampler k_euler: the previews are drawn with DDIM" in m for m in result.messages)

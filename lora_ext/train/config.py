@@ -174,6 +174,11 @@ class TrainConfig:
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
         problems += self._timestep_problems() + self._text_cache_problems()
+        from .prompts import PromptError, load as load_prompts
+        try:
+            load_prompts(self.sample_prompts)
+        except PromptError as e:
+            problems.append(f"sample_prompts: {e}")
         if problems:
             raise ConfigError("; ".join(problems))
 

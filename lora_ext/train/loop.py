@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, network_args, optim, state, step as step_math
+from . import batches, dataset, network_args, optim, prompts, state, step as step_math
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -80,6 +80,7 @@ class Run:
     latent_cache: object = None
     text_cache: object = None
     convs: object = None        # on the CPU: the kernel each convolution shape ran on (train.cpu_conv)
+    previews: list = field(default_factory=list)    # prompts.SamplePrompt of sample_prompts (files read)
 
     @property
     def train_te(self) -> bool:
@@ -105,6 +106,10 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
     messages += network_args.spec(cfg).notes
+    run.previews = prompts.load(cfg.sample_prompts)
+    samplers = sorted({p.sampler for p in run.previews if p.sampler})
+    if samplers:
+        messages.append(f"sample prompts ask for sampler {', '.join(samplers)}: the previews are drawn with DDIM")
     if cfg.clip_skip > 1 and host.arch.name == "sdxl":
         messages.append(f"clip_skip {cfg.clip_skip} has no effect on SDXL: both text encoders give their "
                         "penultimate layer, as SDXL was trained (kohya and the webui's default do the same)")

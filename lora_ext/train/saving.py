@@ -108,10 +108,13 @@ def samples(run, step: int, epoch: int) -> None:
     os.makedirs(folder, exist_ok=True)
     from .step import autocast
 
-    for i, prompt in enumerate(cfg.sample_prompts):
+    for i, p in enumerate(run.previews):
+        size = (p.width or cfg.size[0], p.height or cfg.size[1])
+        extra = {"cfg_scale": p.scale} if p.scale is not None else {}
         with autocast(run.device, run.amp):     # the frozen weights are held in the run's precision
-            image = sample_image(run.host, prompt, cfg.seed + i, cfg.sample_steps, size=cfg.size,
-                                 clip_skip=cfg.clip_skip, max_tokens=cfg.max_token_length, schedule=(run.ac, run.prediction))
+            image = sample_image(run.host, p.prompt, cfg.seed + i if p.seed is None else p.seed,
+                                 p.steps or cfg.sample_steps, size=size, negative=p.negative, clip_skip=cfg.clip_skip,
+                                 max_tokens=cfg.max_token_length, schedule=(run.ac, run.prediction), **extra)
         path = os.path.join(folder, f"{cfg.output_name}_e{epoch + 1:04d}_s{step:06d}_{i:02d}.png")
         image.save(path)
         paths.append(path)

@@ -95,7 +95,9 @@ FIELDS = (
       "shuffle or dropout.", "bool"),
     F("sample_every_n_epochs", "Samples & saving", "Sample every N epochs", "Preview images (0 = none).", "int"),
     F("sample_every_n_steps", "Samples & saving", "Sample every N steps", "Preview images by steps (0 = none).", "int"),
-    F("sample_prompts", "Samples & saving", "Sample prompts", "One prompt per line.", "lines"),
+    F("sample_prompts", "Samples & saving", "Sample prompts",
+      "One prompt per line, kohya's options after it (--n negative, --w/--h size, --d seed, --l CFG, --s steps); "
+      "or the path of a kohya prompt file (.txt, .toml, .json).", "lines"),
     F("save_every_n_epochs", "Samples & saving", "Save every N epochs", "Keep earlier epochs to compare (0 = last only).", "int"),
     F("resume", "Samples & saving", "Resume from state",
       "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped."),
