@@ -33,6 +33,7 @@ SETTINGS = {"show_progress_type": "Approx cheap"}
 CHECKPOINT = "tiny.safetensors"
 OTHER_CHECKPOINT = "tiny_other.safetensors"
 LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
+PLAIN_LORA = "plain.safetensors"    # a LoRA without conv layers (the 17 / 12-value block layouts' own case)
 DORA = "dora.safetensors"       # a LoCon with DoRA magnitudes
 # one file of each other type the built-in applies, random weights on every Linear / Conv layer (IA3 on the
 # Linear ones: the built-in's IA3 cannot broadcast a per-channel factor over a conv kernel)
@@ -85,6 +86,13 @@ def webui_python(source: str) -> str:
     return os.path.join(built.stdout.strip(), "bin", "python")
 
 
+def lbw_source(source: str) -> str | None:
+    """hako-mikan's lora-block-weight, installed beside our extension as the oracle of the block-weight tests
+    ($LORA_EXT_LBW, or lora-block-weight/ beside the webui source); None where it is not at hand."""
+    path = os.environ.get("LORA_EXT_LBW") or os.path.join(os.path.dirname(source), "lora-block-weight")
+    return os.path.abspath(path) if os.path.isfile(os.path.join(path, "scripts", "lora_block_weight.py")) else None
+
+
 def _ignore_source(source: str):
     """What a copy of a webui install leaves behind: its venv, models, outputs, settings and extensions."""
     top = {"repositories", "venv", "models", "outputs", "log", "tmp", "config.json", "ui-config.json", ".git",
@@ -111,7 +119,10 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     extension = os.path.join(webui, "extensions", "lora_ext")
     shutil.copytree(ROOT, extension, ignore=EXTENSION_IGNORE)
     shutil.copy(os.path.join(ROOT, "tests", "real_webui", "webui_probe.py"), os.path.join(webui, "scripts"))
-    paths = {"webui": webui, "extension": extension, "python": python,
+    lbw = lbw_source(source)
+    if lbw:
+        shutil.copytree(lbw, os.path.join(webui, "extensions", "sd-webui-lora-block-weight"), copy_function=shutil.copy)
+    paths = {"webui": webui, "extension": extension, "python": python, "lbw": bool(lbw),
              "checkpoints": os.path.join(webui, "models", "Stable-diffusion"),
              "loras": os.path.join(webui, "models", "Lora")}
     for key in ("checkpoints", "loras"):
@@ -124,6 +135,7 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     tiny.save_checkpoint(tiny.build("sd1", seed=1), os.path.join(paths["checkpoints"], OTHER_CHECKPOINT), clip)
     for name, seed in LORAS.items():
         _random_lora(model, os.path.join(paths["loras"], name), seed)
+    _random_lora(model, os.path.join(paths["loras"], PLAIN_LORA), 5, conv_rank=None)
     from lora_ext import files
     from lora_ext.demo import make_random_dora
     files.write_kohya(os.path.join(paths["loras"], DORA), files.kohya_tensors(make_random_dora(model)),
@@ -177,12 +189,13 @@ def sdxl_files(folder: str, checkpoints: str | None = None) -> dict:
     return {"checkpoint": checkpoint, "clip": clip, "openclip": openclip, "model": model}
 
 
-def _random_lora(model, path: str, seed: int) -> None:
-    # a LoCon of every layer the webui's built-in Lora also applies (attention, convs, text encoder)
+def _random_lora(model, path: str, seed: int, conv_rank: int | None = 2) -> None:
+    # a LoCon of every layer the webui's built-in Lora also applies (attention, convs, text encoder); without
+    # conv_rank a plain LoRA (attention and the text encoder)
     from lora_ext import files
     from lora_ext.demo import make_random_lora
 
-    modules = make_random_lora(model, rank=4, alpha=4.0, conv_rank=2, seed=seed)
+    modules = make_random_lora(model, rank=4, alpha=4.0, conv_rank=conv_rank, seed=seed)
     files.write_kohya(path, files.kohya_tensors(modules), {"ss_output_name": os.path.splitext(os.path.basename(path))[0]})
 
 
@@ -275,11 +288,17 @@ class Server:
         r.raise_for_status()
         return r.json()
 
-    def txt2img(self, prompt: str, slots=None, **params) -> dict:
+    def txt2img(self, prompt: str, slots=None, lbw: bool = False, **params) -> dict:
+        """`lbw`: lora-block-weight active (its presets as it ships them), so that `<lora:x:w:lbw=...>` acts."""
         payload = {"prompt": prompt, "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 7,
                    "sampler_name": "Euler", "cfg_scale": 5.0, "batch_size": 1, **params}
+        scripts = {}
         if slots is not None:
-            payload["alwayson_scripts"] = {"additional networks": {"args": slots}}
+            scripts["additional networks"] = {"args": slots}
+        if lbw:
+            scripts["lora block weight"] = {"args": [None, True]}
+        if scripts:
+            payload["alwayson_scripts"] = scripts
         return self.post("/sdapi/v1/txt2img", payload)
 
     def latents(self):

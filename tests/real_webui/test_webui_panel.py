@@ -55,6 +55,21 @@ def test_panel_equals_the_builtin_lora(webui):
     _close(ours, builtin, plain)
 
 
+def test_switches_sent_as_strings_mean_what_they_say(webui):
+    """Through the API `"false"` is off: a slot `"enabled": "false"` leaves the image plain, `"separate":
+    "false"` keeps the one weight; a switch that is neither is the slot's warning."""
+    _, plain = _gen(webui)
+    answer, off = _gen(webui, slots=[{"enabled": "false", "model": "alpha.safetensors", "weight": 0.7}])
+    assert (off - plain).abs().max() == 0 and "AddNet Model 1" not in _infotext(answer)
+    _, linked = _gen(webui, slots=[_slot("alpha.safetensors", 0.7)])
+    answer, as_string = _gen(webui, slots=[{"enabled": "true", "model": "alpha.safetensors", "weight": 0.7,
+                                            "separate": "false"}])
+    assert (as_string - linked).abs().max() == 0 and "AddNet Weight A 1: 0.7" in _infotext(answer)
+    answer, _ = _gen(webui, slots=[{"enabled": "maybe", "model": "alpha.safetensors"}])
+    assert "slot enabled 'maybe' is not true or false" in _infotext(answer)
+    _gen(webui)
+
+
 def test_weights_bit_exact_after_the_panel_is_turned_off(webui):
     _gen(webui)
     before = webui.weights()
