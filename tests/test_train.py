@@ -45,19 +45,40 @@ def _assert_same(model, before):
     assert all(torch.equal(after_w[k], v) for k, v in weights.items())
 
 
+@pytest.mark.parametrize("lr", [1.0, 1e-3, 1e-4, 3e-6])
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_schedules_follow_diffusers(name):
+def test_schedules_follow_diffusers(name, lr):
+    """At several learning rates: the polynomial decay ends at diffusers' absolute lr_end (1e-7), so its
+    factor depends on the learning rate."""
     from diffusers.optimization import get_scheduler
 
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
     sched = get_scheduler(name, opt, num_warmup_steps=10, num_training_steps=100,
                           **({"num_cycles": 3} if name == "cosine_with_restarts" else {}),
                           **({"power": 2.0} if name == "polynomial" else {}))
-    for step in range(100):
-        ours = lr_factor(name, step, 100, warmup=0 if name == "constant" else 10, cycles=3, power=2.0)
-        assert ours == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9), (name, step)
+    for step in range(101):
+        ours = lr_factor(name, step, 100, warmup=0 if name == "constant" else 10, cycles=3, power=2.0, lr=lr)
+        assert ours * lr == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), (name, step)
         opt.step()
         sched.step()
+
+
+def test_a_polynomial_run_steps_at_diffusers_learning_rates(data, tmp_path):
+    """The run's own steps (not the factor alone): polynomial decay at learning_rate 1e-4 towards the absolute
+    1e-7 diffusers and kohya end at."""
+    from diffusers.optimization import get_scheduler
+
+    events = []
+    train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path, lr_scheduler="polynomial", lr_scheduler_power=2.0,
+                                             learning_rate=1e-4, max_train_steps=6), on_event=events.append)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = get_scheduler("polynomial", opt, num_warmup_steps=0, num_training_steps=6, power=2.0)
+    expected = []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [e.lr for e in events if e.kind == "step"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_clip_skip_and_long_prompts_encode_like_transformers():

@@ -173,6 +173,9 @@ class TrainConfig:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
+        if self.lr_scheduler == "polynomial" and not self.learning_rate > 1e-7:
+            problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
+                            "larger (kohya and diffusers refuse it too)")
         problems += self._timestep_problems() + self._text_cache_problems()
         from .prompts import PromptError, load as load_prompts
         try:

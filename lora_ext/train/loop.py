@@ -450,8 +450,9 @@ def _on_device(module) -> bool:
 def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     """One update from the summed gradients, at the scheduled learning rate (returned as its factor)."""
     cfg, optimizer = run.cfg, run.optimizer
+    # lr: what diffusers' polynomial decay divides by (the optimizer's default lr, kohya's learning_rate)
     factor = lr_factor(cfg.lr_scheduler, step, run.total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
-                       cfg.lr_scheduler_power)
+                       cfg.lr_scheduler_power, lr=cfg.learning_rate)
     for g, base in zip(optimizer.param_groups, base_lrs):
         g["lr"] = base * factor
     trained = [p for g in optimizer.param_groups for p in g["params"]]

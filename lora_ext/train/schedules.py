@@ -10,7 +10,8 @@ def lr_factor(name: str, step: int, total: int, warmup: int = 0, cycles: int = 1
               lr: float = 1.0, lr_end: float = 1e-7) -> float:
     """Factor at optimizer step `step` (0-based) of `total`. Warm-up rises linearly from 0 (all but
     'constant'). cosine: half a cosine to 0; cosine_with_restarts: `cycles` cosines, each restarting at the
-    top; polynomial: (1 - progress)^power from lr down to lr_end."""
+    top; polynomial: (1 - progress)^power from `lr` (the run's learning_rate) down to `lr_end` (an absolute
+    learning rate, 1e-7 as in kohya and diffusers), as a factor of `lr`."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown lr_scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
     if name == "constant":
