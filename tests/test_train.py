@@ -736,3 +736,21 @@ def test_the_cli_holds_an_fp16_file_s_frozen_weights_as_stored_when_asked(data, 
                "--frozen_weights", "as_stored", cwd=tmp_path)
     assert bad.returncode == 0, bad.stderr
     assert "a diffusers folder's frozen weights are held in fp32" in bad.stderr
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_a_diffusers_folders_noise_schedule_is_diffusers_own(schedule):
+    """Every beta schedule a folder's scheduler config may name, as diffusers' DDPMScheduler computes it (the
+    config of another scheduler class, its extra keys too)."""
+    from diffusers import DDPMScheduler
+
+    from lora_ext.hosts.diffusers_host import DiffusersHost
+
+    config = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": schedule,
+              "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1}
+    host = DiffusersHost.__new__(DiffusersHost)
+    host.scheduler = config
+    want = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule).alphas_cumprod
+    assert torch.equal(host.alphas_cumprod, want.float())
+    linear = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear").alphas_cumprod
+    assert schedule == "linear" or (host.alphas_cumprod - linear).abs().max() > 1e-3

@@ -92,13 +92,16 @@ class DiffusersHost(ConditioningMixin):
 
     @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
-        s = self.scheduler
-        n, b0, b1 = s.get("num_train_timesteps", 1000), s.get("beta_start", 0.00085), s.get("beta_end", 0.012)
-        if s.get("beta_schedule", "scaled_linear") == "scaled_linear":
-            betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2
-        else:
-            betas = torch.linspace(b0, b1, n, dtype=torch.float64)
-        return torch.cumprod(1 - betas, 0).float()
+        """The training schedule as diffusers' DDPMScheduler makes it from the folder's scheduler config (every
+        beta_schedule it knows: linear, scaled_linear, squaredcos_cap_v2, trained_betas; kohya trains with it)."""
+        import inspect
+
+        from diffusers import DDPMScheduler
+
+        defaults = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}     # SD's
+        known = inspect.signature(DDPMScheduler.__init__).parameters     # the folder may name another class
+        config = {**defaults, **{k: v for k, v in self.scheduler.items() if k in known}}
+        return DDPMScheduler(**config).alphas_cumprod.float()
 
     @cached_property
     def _bound(self) -> dict:
