@@ -267,12 +267,16 @@ def clip_tokenizer():
     import importlib.util
 
     from transformers import CLIPTokenizer
+    try:        # the BPE's byte alphabet, in its order (transformers 4 keeps it with CLIP's tokenizer, 5 moved it)
+        from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    except ImportError:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     # found, not imported: importing open_clip (timm and all) takes seconds
     bpe_path = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0],
                             "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = tempfile.mkdtemp(prefix="lora_ext_tok_")
@@ -283,16 +287,3 @@ def clip_tokenizer():
     tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
     _TOKENIZER_CACHE["hf"] = tok
     return tok
-
-
-def _bytes_to_unicode() -> dict:
-    # GPT-2/CLIP byte <-> printable-character table (a published constant of the BPE scheme)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
