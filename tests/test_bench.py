@@ -72,3 +72,41 @@ def test_the_cuda_bench_names_what_is_wrong():
         no_gpu = _bench()
         assert no_gpu.returncode != 0 and "no CUDA device here" in no_gpu.stderr
         assert "Traceback" not in no_gpu.stderr
+
+
+def test_the_side_by_side_bench_reads_both_progress_bars_and_refuses_a_non_checkout(tmp_path, monkeypatch):
+    """bench/train.py --kohya: each tool's steps come from its own tqdm bar (kohya's `steps:` with avr_loss,
+    ours `training:` with loss), each step when its bar is drawn (tqdm starts a redraw with \\r: a bar drawn
+    whole is read at once, not at the next write), its peak RSS from the kernel. The process and the clock
+    are scripted (each chunk the tool writes comes at the next tick), so no figure depends on the machine's
+    load; a folder without train_network.py is refused."""
+    import importlib.util
+    import os
+    import types
+
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+
+    for tool, bar, key in (("kohya", "steps", "avr_loss"), ("ours", "training", "loss")):
+        chunks = [b"loading\n"] + [
+            f"\r{bar}: {k * 25}%| | {k}/3 [00:01<00:02, 1.0s/it, {key}={1.5 - k / 10:.2f}]".encode() for k in range(4)
+        ] + [b"\nother 9/9 [ line\n", b""]
+        clock = {"t": 0.0}
+
+        class Pipe:
+            def read1(self, n):
+                clock["t"] += 1.0           # each chunk arrives one tick after the one before
+                return chunks.pop(0)
+
+        with monkeypatch.context() as m:      # the modules themselves: patched for this call only
+            m.setattr(bench_train.subprocess, "Popen", lambda *a, **k: types.SimpleNamespace(stdout=Pipe(), pid=1))
+            m.setattr(bench_train.os, "wait4", lambda pid, opt: (pid, 0, types.SimpleNamespace(ru_maxrss=2 ** 20)))
+            m.setattr(bench_train.time, "perf_counter", lambda: clock["t"])
+            r = bench_train.timed_run(["tool"], str(tmp_path), {}, tool)
+        # bar k arrives in chunk k + 2 (at tick k + 2); its step is stamped then, not when the next chunk comes
+        assert r["first_step_s"] == 3.0 and r["step_s"] == [1.0, 1.0] and r["median_step_s"] == 1.0
+        assert r["wall_s"] == 7.0 and r["average_loss"] == 1.2 and r["peak_rss_gb"] == 1.0
+    out = subprocess.run([sys.executable, "bench/train.py", "--kohya", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode and "give a checkout of kohya-ss/sd-scripts" in out.stderr

@@ -129,24 +129,54 @@ def big_base(tmp_path_factory):
     return folder, base, lora
 
 
+# the merge CLI in a child whose file writes stop for good after 1 MB, having said so in a marker file: the
+# test kills it there, mid-write, however fast the disk (a merge left to run could finish before a kill)
+_STALLING_MERGE = """
+import os, sys, time
+import lora_ext.safetensors_io as sio
+from lora_ext import cli
+real, marker = os.fdopen, sys.argv[1]
+
+class Stalling:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, b):
+        written = self.f.write(b)
+        self.n += len(b)
+        if self.n > 1_000_000:
+            self.f.flush()
+            open(marker, "w").close()
+            time.sleep(3600)
+        return written
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+sio.os.fdopen = lambda fd, mode: Stalling(real(fd, mode))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_a_killed_merge_leaves_no_final_file_and_its_temp_goes_next_time(big_base, tmp_path):
     folder, base, lora = big_base
     out = tmp_path / "merged.safetensors"
-    argv = [sys.executable, "-m", "lora_ext", "merge", "--model", base, "--lora", lora, "--out", str(out),
-            "--precision", "fp32"]
-    proc = _start(argv)
-    deadline = time.time() + 120
-    temps = []
-    while time.time() < deadline and proc.poll() is None:
-        temps = [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
-        if temps and os.path.getsize(tmp_path / temps[0]) > 1_000_000:
-            break
-        time.sleep(0.005)
+    args = ["merge", "--model", base, "--lora", lora, "--out", str(out), "--precision", "fp32"]
+    marker = str(folder / f"stalled-{tmp_path.name}")
+    proc = _start([sys.executable, "-c", _STALLING_MERGE, marker] + args)
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(marker), proc.communicate()
+    temps = [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
     proc.kill()
     proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the merge finished before it could be killed"
-    assert not out.exists() and temps and os.path.exists(tmp_path / temps[0])
-    done = subprocess.run(argv[:-2] + ["--precision", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and len(temps) == 1 and os.path.getsize(tmp_path / temps[0]) > 1_000_000
+    done = subprocess.run([sys.executable, "-m", "lora_ext"] + args[:-2] + ["--precision", "fp16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path)) == ["merged.safetensors", "merged.yaml"]     # the dead run's temp is gone
 
