@@ -63,7 +63,7 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
     (train.leaving.unet_after_encoders). The host is the process's own (disposable): a run may free what it no
     longer needs of it."""
     from .hosts.checkpoint import load_checkpoint
-    from .hosts.webui import WebuiHost
+    from .hosts import for_model
     from .train.distributed import local_device
     from .train.optim import autocast_dtype, frozen_storage
 
@@ -73,7 +73,7 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
     device = local_device()
     if name.startswith("tiny-"):
         from .testing import tiny
-        host = WebuiHost(tiny.build(name.removeprefix("tiny-")))
+        host = for_model(tiny.build(name.removeprefix("tiny-")))
     elif os.path.isdir(name):
         from .hosts.diffusers_host import DiffusersHost
         if frozen_weights == "as_stored" and frozen_storage(mixed_precision, device, frozen_weights):
@@ -83,8 +83,8 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
     else:
         dtype_for = frozen_storage(mixed_precision, device, frozen_weights)
         at_use = autocast_dtype(mixed_precision, device, []) is None     # train.upcast casts them up
-        host = WebuiHost(load_checkpoint(name, hold=dtype_for and (lambda model: _held(model, at_use), dtype_for),
-                                         later=(lambda model: [WebuiHost(model).unet]) if unet_later else None))
+        host = for_model(load_checkpoint(name, hold=dtype_for and (lambda model: _held(model, at_use), dtype_for),
+                                         later=(lambda model: [for_model(model).unet]) if unet_later else None))
     host.model.to(device)
     host.disposable = True
     return host
@@ -94,11 +94,11 @@ def _held(model, at_use: bool) -> list:
     """The frozen weights a headless run loads in the dtype it holds them in: the UNet's and text encoders'
     Linear / Conv2d weights (cast up at use: those a layer's own forward reads); computing in fp32 from narrow
     weights, the token embedding tables too (a lookup needs no cast)."""
-    from .hosts.webui import WebuiHost
+    from .hosts import for_model
     from .train.session import frozen_roots, layer_parameters
     from .train.upcast import token_embeddings
 
-    roots = frozen_roots(WebuiHost(model))
+    roots = frozen_roots(for_model(model))
     return list(layer_parameters(roots, at_use)) + (token_embeddings(roots) if at_use else [])
 
 

@@ -39,9 +39,9 @@ def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int
 def make_random_dora(sd_model, seed: int = 3) -> dict:
     """make_random_lora's LoCon with a DoRA magnitude (`dora_scale`, one per input channel) near the merged
     weight's own column norms, so that the decomposition changes the result (tests, benchmarks)."""
-    from .hosts.webui import WebuiHost
+    from .hosts import for_model
 
-    targets = WebuiHost(sd_model).lora_targets()
+    targets = for_model(sd_model).lora_targets()
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, m in make_random_lora(sd_model, rank=4, alpha=4.0, conv_rank=2, seed=seed).items():
@@ -110,7 +110,7 @@ AMPLIFY = 8
 
 def run_demo(out: str) -> int:
     from .tools.describe import describe
-    from .hosts.webui import WebuiHost
+    from .hosts import for_model
     from .testing import sample_data, tiny
     from .train.config import TrainConfig
     from .train.loop import train
@@ -119,7 +119,7 @@ def run_demo(out: str) -> int:
     started = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     print("building the tiny SD1 model (real ldm UNet, CLIP text encoder, VAE; random weights)...")
-    host = WebuiHost(tiny.build("sd1"))
+    host = for_model(tiny.build("sd1"))
     data = sample_data.make_sample_dataset(os.path.join(out, "data"))
     cfg = TrainConfig(pretrained_model_name_or_path="tiny-sd1", train_data_dir=data["train"],
                       reg_data_dir=data["reg"], caption_extension=".txt", output_dir=out, output_name="demo_lora",
@@ -152,9 +152,9 @@ def make_random_network(sd_model, network: str, seed: int = 5, conv: bool = True
     2 stages), 'glora' (LyCORIS's layout, rank 4) and 'glora_v1' (the first GLoRA layout; Linear and 1x1 only);
     'full' (diff, and diff_b where the layer has a bias) also on the UNet's conv_in / conv_out / embeddings, and
     'norm' on every norm layer."""
-    from .hosts.webui import WebuiHost
+    from .hosts import for_model
 
-    host = WebuiHost(sd_model)
+    host = for_model(sd_model)
     g = torch.Generator().manual_seed(seed)
     out = {}
     targets = host.applied_targets() if network in ("full", "norm") else host.lora_targets()

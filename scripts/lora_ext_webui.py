@@ -58,9 +58,9 @@ class Runtime:
 
     @classmethod
     def host(cls, sd_model):
-        from lora_ext.hosts.webui import WebuiHost
+        from lora_ext.hosts import for_model
         if cls._host is None or cls._host.model is not sd_model:
-            cls._host = WebuiHost(sd_model)
+            cls._host = for_model(sd_model)
         return cls._host
 
 

@@ -11,7 +11,7 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_i
     page's progress bar asks the webui's progress API about (queued, then current while the run goes)."""
     from modules import call_queue, progress, shared
 
-    from ..hosts.webui import WebuiHost
+    from ..hosts import for_model
     from ..train.loop import train
 
     if task_id:
@@ -19,7 +19,7 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_i
     with call_queue.queue_lock:
         if task_id:
             progress.start_task(task_id)
-        host = WebuiHost(shared.sd_model)
+        host = for_model(shared.sd_model)
         if before is not None:
             before(host)
         shared.state.begin(job="lora_ext training")

@@ -114,3 +114,9 @@ class ConditioningMixin:
     def attention_patches(self) -> list:
         from .ldm_attention import sdpa_patches
         return sdpa_patches(self.unet)
+
+    def estimate_attention_patches(self) -> list:
+        """(module, forward) pairs for the memory estimate's meta forward: what a fused attention kernel keeps
+        for backward, whatever forward the host installed."""
+        from .ldm_attention import fused_attention_shape_patches
+        return fused_attention_shape_patches(self.unet)

@@ -245,9 +245,9 @@ class WebuiLayoutModel(nn.Module):
         if not self.is_sdxl:
             return torch.cat([h.encode(prompts) for h in self.text_holders()], dim=-1)
         from .conditioning import Size
-        from .webui import WebuiHost
+        from . import for_model
 
-        host = WebuiHost(self)
+        host = for_model(self)
         cond = host.encode_prompts(prompts, sizes=[Size.plain(width, height)] * len(prompts))
         return {"crossattn": cond.crossattn, "vector": cond.vector(host.size_dim)}
 

@@ -1,7 +1,8 @@
 """The host contract: everything training, applying, merging and the memory estimate may ask of a host
 adapter. WebuiHost (the webui's loaded model, or anything in its layout: headless checkpoints, the tiny test
 models) and DiffusersHost (a diffusers folder) fulfil it; a new host (Forge) is one more file that does.
-The engines never ask which host they run on."""
+The engines never ask which host they run on, and build none: `hosts.for_model` picks the adapter
+(tests/test_hosts.py holds every adapter against this Protocol, members and signatures)."""
 from __future__ import annotations
 
 from typing import ContextManager, Protocol, runtime_checkable
@@ -42,6 +43,7 @@ class Host(Protocol):
     def text_encoders(self) -> list[nn.Module]: ...     # to move off the device once their outputs are cached
     def checkpoint_blocks(self) -> list[nn.Module]: ...  # what gradient checkpointing wraps
     def attention_patches(self) -> list: ...            # (module, forward) pairs: fused attention while training
+    def estimate_attention_patches(self) -> list: ...   # (module, forward) pairs: its shapes, for the estimate
     def pristine_weight(self, bound: Bound) -> torch.Tensor | None: ...  # before any network (another's backup)
     def weight_written(self, bound: Bound, weight: torch.Tensor) -> None: ...  # we changed it: tell the others
     def training_weights(self) -> ContextManager: ...   # the checkpoint's own weights for the length of a run
@@ -50,6 +52,8 @@ class Host(Protocol):
     def count_tokens(self, text: str) -> int: ...
     def encode_text(self, prompts: list[str], clip_skip: int = 1, max_tokens: int = 75) -> Text: ...
     def condition(self, text: Text, sizes: list[Size] | None = None) -> Cond: ...   # SDXL: per-image sizes
+    def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75,
+                       sizes: list | None = None) -> Cond: ...      # encode_text, then condition
     def encode_images(self, pixels: torch.Tensor, seeds=None) -> torch.Tensor: ...  # scaled latents
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor: ...

@@ -17,6 +17,11 @@ class WebuiHost(ConditioningMixin):
     def __init__(self, sd_model):
         self.model = sd_model
 
+    @staticmethod
+    def accepts(model) -> bool:
+        """A model in the webui's (ldm / sgm) layout: its UNet at .model.diffusion_model."""
+        return hasattr(getattr(model, "model", None), "diffusion_model")
+
     @cached_property
     def arch(self) -> naming.Arch:
         return naming.arch_from_model(self.model)

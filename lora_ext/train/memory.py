@@ -202,7 +202,6 @@ def _model_bytes(host, cfg, train_te: bool, amp, device) -> tuple:
 
 def estimate(host, cfg) -> dict:
     """Estimated peak memory of a training run on the device the host's UNet is on, in bytes, by part."""
-    from ..hosts.ldm_attention import fused_attention_shape_patches
     from .network import network_for
     from .optim import autocast_dtype
     from .session import HostSession, frozen_roots
@@ -226,7 +225,7 @@ def estimate(host, cfg) -> dict:
     # attention counted as a fused kernel keeps it (what the run uses on a GPU: SDPA or xformers); frozen
     # weights stored narrow cast up as in the run (the text encoders' count runs them for real)
     upcast = upcast_patches(frozen_roots(host)) if amp is None and device.type == "cpu" else []
-    with HostSession(host.model, (), fused_attention_shape_patches(host.unet) + upcast):
+    with HostSession(host.model, (), host.estimate_attention_patches() + upcast):
         unet = _unet_saved(host, cfg, network, dtype, amp, unet_lr > 0)
         activations = _text_encoder_saved(host, cfg, network, dtype, amp, device) if te_lr > 0 else 0
     parts = {"weights": weights, "lora": lora_params * 4, "gradients": lora_params * 4,

@@ -43,7 +43,7 @@ class StandaloneModel:
 
 def make_app(folder: str, arch: str = "sd1"):
     """(gradio Blocks, TabContext) for a standalone tab over a tiny model, with its folders under `folder`."""
-    from ..hosts.webui import WebuiHost
+    from ..hosts import for_model
     from ..library import LoraLibrary, list_checkpoints
     from ..panel.runtime import PanelRuntime
     from ..testing import tiny
@@ -54,7 +54,7 @@ def make_app(folder: str, arch: str = "sd1"):
     loras, ckpts, presets = (os.path.join(folder, d) for d in ("Lora", "Stable-diffusion", "presets"))
     for d in (loras, ckpts, presets):
         os.makedirs(d, exist_ok=True)
-    host = WebuiHost(tiny.build(arch))
+    host = for_model(tiny.build(arch))
     name = f"tiny-{arch}.safetensors"
     if not os.path.exists(os.path.join(ckpts, name)):
         tiny.save_checkpoint(host.model, os.path.join(ckpts, name))
