@@ -16,6 +16,7 @@ from . import naming
 from .networks.kinds.lora import LoRAModule
 from .networks.kinds.trainable import Geometry
 from .networks.stored import StoredModule
+from .train.loss_plot import loss_plot
 
 
 def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int | None = 2, seed: int = 0) -> dict:
@@ -32,7 +33,7 @@ def make_random_lora(sd_model, rank: int = 4, alpha: float = 2.0, conv_rank: int
         r = conv_rank if t.kind == naming.CONV else rank
         m = LoRAModule(Geometry.of(layer), r, alpha if t.kind != naming.CONV else 1.0)
         torch.nn.init.normal_(m.lora_up.weight, std=0.01)
-        modules[t.kohya] = m.stored()
+        modules[t.kohya] = StoredModule.of(m)
     return modules
 
 
@@ -50,25 +51,6 @@ def make_random_dora(sd_model, seed: int = 3) -> dict:
         magnitude = (norms * (1 + 0.2 * torch.rand(norms.shape, generator=g))).reshape(1, -1, *[1] * (w0.ndim - 2))
         out[name] = StoredModule("lora", {**m.parts, "dora_scale": magnitude}, m.alpha)
     return out
-
-
-def loss_plot(losses: list, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    k = max(1, len(losses) // 10)
-    ax.plot(losses, lw=0.8, alpha=0.5 if k > 1 else 1.0, label="loss per step")
-    if k > 1:       # a moving average over a tenth of the run shows the trend through the noise
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-        ax.plot(smooth, lw=1.6, label=f"average of {k} steps")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def sample_grid(host, lora_path: str, prompt: str, weights, path: str, size=(64, 64), seed: int = 1,
@@ -191,7 +173,7 @@ def _random_parts(network: str, shape: tuple, g, bias=None) -> dict | None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return {**module.stored().parts, "alpha": module.alpha.clone()}
+    return {**StoredModule.of(module).parts, "alpha": module.alpha.clone()}
 
 
 def _random_glora(shape: tuple, first_layout: bool, noise) -> dict | None:

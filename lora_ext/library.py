@@ -117,8 +117,6 @@ class LoraLibrary:
     def find(self, label: str, short_hash: str | None = None) -> str | None:
         """The name for an infotext label (a path without extension, or a bare file name) and hash: the name
         first, then a file of another name with that hash."""
-        from .panel.slots import display_name     # how infotext labels are written
-
         index = self._index()               # one walk of the folders for the whole search
         names = sorted(index, key=str.lower)
 
@@ -134,3 +132,9 @@ class LoraLibrary:
         if short_hash:
             return next((n for n in same_base + [n for n in names if n not in same_base] if hash_matches(n)), None)
         return same_base[0] if same_base else None
+
+
+def display_name(model: str) -> str:
+    """The name infotext labels a models-list name with: the path without its extension (as the old
+    additional-networks extension wrote it)."""
+    return model.rsplit(".", 1)[0] if "." in model.rsplit("/", 1)[-1] else model

@@ -46,3 +46,26 @@ def _shown(value) -> str:
     """The value as a message shows it: a long one cut (a 400-digit number, a pasted file)."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def number(v, kind):
+    """`v` (a string, or a number) as `kind` (int or float); ValueError unless it is one (an int must be
+    whole; a bool is no number)."""
+    if isinstance(v, bool):
+        raise ValueError(v)
+    x = float(v)
+    if kind is int:
+        if not math.isfinite(x) or x != int(x):
+            raise ValueError(v)
+        return int(x)
+    return x
+
+
+def out_of_range(name: str, v, lo, hi) -> str | None:
+    """What is wrong with option `name` = `v` against its bounds (None: no bound), or None when nothing is."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return f"{name} = {v!r} is not a finite number"
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        return f"{name} = {v:g} is out of range ({bounds})"
+    return None

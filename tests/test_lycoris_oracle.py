@@ -116,7 +116,7 @@ def test_a_module_we_make_loads_in_lycoris_with_our_delta(variant, layer_kind):
     ours = _ours(variant, layer)
     _randomize(ours, 2)
     theirs = _theirs(variant, layer)
-    stored = ours.stored()
+    stored = StoredModule.of(ours)
     # exactly the parts LyCORIS makes for these options: same names, same shapes
     their_parts = {k: tuple(v.shape) for k, v in theirs.state_dict().items() if k != "alpha"}
     assert {k: tuple(v.shape) for k, v in stored.parts.items()} == their_parts
@@ -135,7 +135,7 @@ def test_our_forward_equals_lycoris_forward(variant, layer_kind):
     with torch.no_grad():
         our_out = layer(x) + ours(x, layer.weight)
         theirs = _theirs(variant, layer)
-        theirs.load_state_dict({**ours.stored().parts, "alpha": ours.alpha.clone()})
+        theirs.load_state_dict({**StoredModule.of(ours).parts, "alpha": ours.alpha.clone()})
         theirs.apply_to()
         their_out = layer(x)
     torch.testing.assert_close(our_out, their_out, rtol=1e-4, atol=1e-4)
@@ -157,7 +157,7 @@ def test_lokr_with_both_factors_full_is_not_scaled_by_alpha():
     ours = _ours("lokr_full_matrix", layer)
     theirs = _theirs("lokr_full_matrix", layer)
     assert ours.scale == 1.0 == float(theirs.scale)
-    assert StoredModule.from_parts({**ours.stored().parts, "alpha": ours.alpha}).scale == 1.0
+    assert StoredModule.from_parts({**StoredModule.of(ours).parts, "alpha": ours.alpha}).scale == 1.0
 
 
 def test_dora_follows_the_builtin_axis_and_reads_lycoris_output_axis_by_shape():

@@ -50,7 +50,7 @@ def test_forward_delta_equals_merged_weight_delta(kind, dtype):
     assert bypass.shape == merged.shape
     torch.testing.assert_close(bypass.float(), merged.float(), rtol=tol, atol=tol)
     # the stored form (what files hold) gives the same delta through the shared interface
-    torch.testing.assert_close(lora.stored().delta(layer.weight.shape).to(dt).float(), lora.weight_delta().float(),
+    torch.testing.assert_close(StoredModule.of(lora).delta(layer.weight.shape).to(dt).float(), lora.weight_delta().float(),
                                rtol=tol, atol=tol)
 
 

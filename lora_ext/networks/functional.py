@@ -96,7 +96,7 @@ def dora_delta(delta: torch.Tensor, base: torch.Tensor, magnitude: torch.Tensor)
     there into a wrong weight, so its axis is read from its shape instead, as ComfyUI does."""
     per_output = dora_axis(magnitude, base.shape)
     if per_output is None:
-        from .kinds import BadModule
+        from .kinds.base import BadModule
         raise BadModule(f"dora_scale {list(magnitude.shape)} does not fit the layer's {list(base.shape)}")
     merged = base + delta
     return merged * (magnitude.to(merged.dtype) / dora_norm(merged, per_output)) - base

@@ -20,6 +20,12 @@ class StoredModule:
     alpha: float | None = None
 
     @classmethod
+    def of(cls, trained) -> "StoredModule":
+        """The module as a file stores it, from a trained one (kinds.trainable.TrainedModule), sharing its
+        tensors."""
+        return cls(trained.network, trained.file_parts(), float(trained.alpha))
+
+    @classmethod
     def from_parts(cls, parts: dict) -> "StoredModule":
         parts = dict(parts)
         alpha_t = parts.pop("alpha", None)

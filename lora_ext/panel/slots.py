@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
+from ..library import display_name
 from ..weights import flag_value, weight_value
 
 NONE = "None"
@@ -111,11 +112,6 @@ def from_args(args, overrides: dict) -> tuple[list, list]:
             slots.append(Slot())
             problems.append(f"slot {i + 1}: {e}")
     return slots, problems
-
-
-def display_name(model: str) -> str:
-    """The name written into infotext: the path without its extension (as the old extension wrote it)."""
-    return model.rsplit(".", 1)[0] if "." in model.rsplit("/", 1)[-1] else model
 
 
 def to_infotext(slots: list, short_hash, mask_label=lambda slot: "") -> dict:

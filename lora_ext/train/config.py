@@ -10,6 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from ..weights import number, out_of_range
+
 
 class ConfigError(ValueError):
     pass
@@ -222,15 +224,6 @@ RANGES = {
 }
 
 
-def _out_of_range(name: str, v, lo, hi) -> str | None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        return f"{name} = {v!r} is not a finite number"
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bounds = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-        return f"{name} = {v:g} is out of range ({bounds})"
-    return None
-
-
 def _range_problems(cfg) -> list:
     problems = []
     for name, (lo, hi) in RANGES.items():
@@ -240,24 +233,12 @@ def _range_problems(cfg) -> list:
         if name == "max_train_steps" and cfg.max_train_epochs:
             continue            # the epochs decide (as in kohya); the steps are not used
         for x in v if isinstance(v, list) else [v]:
-            problem = _out_of_range(name, x, lo, hi)
+            problem = out_of_range(name, x, lo, hi)
             if problem:
                 problems.append(problem)
     if isinstance(cfg.text_encoder_lr, list) and not 1 <= len(cfg.text_encoder_lr) <= 2:
         problems.append(f"text_encoder_lr takes one value, or two (SDXL's two encoders), not {len(cfg.text_encoder_lr)}")
     return problems
-
-
-def _number(v, kind):
-    """`v` (a string, or a number) as `kind`; ValueError unless it is one (an int must be whole)."""
-    if isinstance(v, bool):
-        raise ValueError(v)
-    x = float(v)
-    if kind is int:
-        if not math.isfinite(x) or x != int(x):
-            raise ValueError(v)
-        return int(x)
-    return x
 
 
 # kohya options we know and do not support (they would change the result): named in the error instead of
@@ -355,7 +336,7 @@ def _coerce(f: dataclasses.Field, v, source):
             raise ConfigError(f"{source}: {f.name} = {v!r} is not true or false") from None
     if kind in (int, float):
         try:
-            return _number(v, kind)
+            return number(v, kind)
         except (ValueError, TypeError, OverflowError):
             whole = "a whole number" if kind is int else "a number"
             raise ConfigError(f"{source}: {f.name} = {v!r} is not {whole}") from None

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from .. import naming
 from ..networks.kinds import BY_NAME
 from ..networks.kinds.trainable import Geometry, Options
+from ..networks.stored import StoredModule
 from . import network_args
 
 
@@ -111,7 +112,7 @@ class TrainableNetwork(nn.Module):
         """{kohya name: StoredModule} of the current weights (copies on the CPU, cast to `dtype` for saving)."""
         out = {}
         for name, lora in self.loras.items():
-            s = lora.stored()
+            s = StoredModule.of(lora)
             parts = {k: v.detach().to("cpu", dtype or v.dtype, copy=True) for k, v in s.parts.items()}
             out[name] = type(s)(s.network, parts, s.alpha)
         return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..networks.kinds import BY_NAME
 from ..networks.kinds.trainable import Options
-from .config import _number, _out_of_range
+from ..weights import number, out_of_range
 
 KOHYA, LYCORIS = "networks.lora", "lycoris.kohya"
 MODULES = {"networks.lora": KOHYA, "lora": KOHYA, "lycoris.kohya": LYCORIS, "lycoris": LYCORIS}
@@ -80,11 +80,11 @@ def _numbers(args: dict) -> tuple[dict, list]:
         if name not in args:
             continue
         try:
-            v = _number(args[name], kind)
+            v = number(args[name], kind)
         except ValueError:
             problems.append(f"network_args {name}={args[name]!r} is not {'a whole' if kind is int else 'a'} number")
             continue
-        problem = _out_of_range(f"network_args {name}", v, lo, hi)
+        problem = out_of_range(f"network_args {name}", v, lo, hi)
         if problem:
             problems.append(problem)
         values[name] = v

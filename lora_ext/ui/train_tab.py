@@ -148,7 +148,7 @@ def progress(session):
     if n >= 2:
         plot = os.path.join(tempfile.gettempdir(), f"lora_ext_loss_{id(session)}.png")
         if session.plotted != n or not os.path.exists(plot):
-            from ..demo import loss_plot
+            from ..train.loss_plot import loss_plot
             loss_plot(session.losses[:n], plot)
             session.plotted = n
     return session.status(), plot, list(session.samples)

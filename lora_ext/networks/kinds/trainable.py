@@ -120,12 +120,10 @@ class TrainedModule(nn.Module):
         d = self.weight_delta(base).to(x.dtype)
         return F.linear(x, d) if self.geo.conv is None else F.conv2d(x, d, **self.geo.conv)
 
-    def stored(self):
-        """The module as a file stores it (a StoredModule sharing this module's tensors)."""
-        from ..stored import StoredModule
-
-        parts = {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if k != "alpha"}
-        return StoredModule(self.network, parts, float(self.alpha))
+    def file_parts(self) -> dict:
+        """The tensors a file stores of it (shared with this module), alpha apart: networks.stored.StoredModule.of
+        makes the stored module."""
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if k != "alpha"}
 
     def load(self, stored) -> bool:
         """Start from a stored module of the same type and layout (resume a file, `network_weights`);
