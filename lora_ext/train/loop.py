@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, network_args, optim, prompts, state, step as step_math
+from . import batches, dataset, features, network_args, optim, prompts, state, step as step_math
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -22,7 +22,7 @@ from .events import Event, Result
 from .leaving import decoder_parts, encoders_leave, free, freed, unet_after_encoders, vae_leaves
 from .network import network_for
 from .outputs import check_outputs, claimed
-from .saving import samples, save_lora
+from .saving import save_lora
 from .schedules import lr_factor, zero_terminal_snr
 from .session import HostSession, frozen_roots
 from .text_cache import TextCache, fingerprint
@@ -81,6 +81,7 @@ class Run:
     text_cache: object = None
     convs: object = None        # on the CPU: the kernel each convolution shape ran on (train.cpu_conv)
     previews: list = field(default_factory=list)    # prompts.SamplePrompt of sample_prompts (files read)
+    features: list = field(default_factory=list)    # train.features.Feature the loop calls (made by train())
 
     @property
     def train_te(self) -> bool:
@@ -131,7 +132,11 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None, es
 
 
 def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Result:
+    wanted = features.for_run(cfg)
+    for feature in wanted:
+        feature.before_scan(host, cfg)
     run = prepare(host, cfg, on_event or (lambda e: None), should_stop or (lambda: False), scan)
+    run.features = wanted
     if host.pending is not None and not unet_after_encoders(cfg, run.device):
         host.pending.read()         # this run needs the UNet's weights from the start (DoRA's modules, say)
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
@@ -238,7 +243,7 @@ def _run(run: Run) -> Result:
             run.emit(Event("message", text=f"network_weights: {len(left)} modules start from zero instead (another "
                                            f"type, rank layout or layer than this run trains; e.g. {left[0]})"))
     if cfg.resume:
-        loop.step, epoch0, batch0, loop.losses = _load_state(cfg.resume, run.network, run.optimizer)
+        loop.step, epoch0, batch0, loop.losses = _load_state(cfg.resume, run.network, run.optimizer, run.features)
         loop.at = (epoch0, batch0)
         if loop.step >= run.total:
             raise state.StateError(f"resume: {cfg.resume} is at step {loop.step}, and this run has {run.total} "
@@ -293,7 +298,6 @@ class _Loop:
             self._encode_captions_first()
         self._read_pending()
         self.started, self.done_at_start, self.epoch = time.perf_counter(), self.step, self.at[0]
-        cfg = self.r.cfg
         for epoch in range(self.at[0], epochs):
             self.epoch = epoch
             whole = self._epoch(epoch, skip=self.at[1] if epoch == self.at[0] else 0)
@@ -302,10 +306,8 @@ class _Loop:
             if whole:       # a run that ends inside an epoch resumes inside it (more steps asked for later)
                 self.at = (epoch + 1, 0)
             last = self.step >= self.r.total
-            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0 and not last:
-                self._snapshot(_numbered(self.out_path, f"{epoch + 1:06d}"))
-            if cfg.sample_every_n_epochs and ((epoch + 1) % cfg.sample_every_n_epochs == 0 or last) and self.r.dist.main:
-                samples(self.r, self.step, epoch)
+            for feature in self.r.features:
+                feature.after_epoch(self, epoch, last)
             if last:
                 return
 
@@ -396,7 +398,7 @@ class _Loop:
                     module.to("cpu")
 
     def _after_step(self, epoch: int, factor: float) -> None:
-        cfg, step, losses = self.r.cfg, self.step, self.losses
+        step, losses = self.step, self.losses
         losses.append(sum(self.micro_losses) / len(self.micro_losses))
         self.micro_losses.clear()
         elapsed = time.perf_counter() - self.started
@@ -404,10 +406,8 @@ class _Loop:
         self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], self.average_loss(),
                           self.base_lrs[0] * factor, rate, (self.r.total - step) / rate if rate else None,
                           latents=self._latents_caching()))
-        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 and self.r.dist.main:
-            samples(self.r, step, epoch)
-        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.r.total:
-            self._snapshot(_numbered(self.out_path, f"step{step:06d}"))
+        for feature in self.r.features:
+            feature.after_step(self, step, epoch)
 
     def _latents_caching(self) -> tuple | None:
         """(images whose latents are cached, images of the run) while some are still to be encoded."""
@@ -419,14 +419,19 @@ class _Loop:
         return sum(recent) / len(recent) if recent else None
 
     def save(self, path: str) -> str:
-        return save_lora(self.r, self.step, self.epoch, path, self.average_loss())
+        extra = {k: v for f in self.r.features for k, v in f.metadata(self).items()}
+        return save_lora(self.r, self.step, self.epoch, path, self.average_loss(), extra)
 
     def save_state(self, resume_at: tuple) -> str:
-        return _save_state(self.r.cfg, self.r.network, self.r.optimizer, self.step, *resume_at, self.losses)
+        kept = {f.name: f.state() for f in self.r.features}
+        return _save_state(self.r.cfg, self.r.network, self.r.optimizer, self.step, *resume_at, self.losses, kept)
+
+    def snapshot(self, suffix: str) -> None:
+        """A numbered LoRA (NAME-<suffix>), and with save_state the state to resume from it (so that a kill -9
+        loses at most the steps since)."""
+        self._snapshot(_numbered(self.out_path, suffix))
 
     def _snapshot(self, path: str) -> None:
-        """A numbered LoRA, and with save_state the state to resume from it (so that a kill -9 loses at
-        most the steps since)."""
         if self.r.dist.main:
             self.save(path)
             if self.r.cfg.save_state:
@@ -473,11 +478,16 @@ def _numbered(path: str, suffix: str) -> str:
 
 # --- resumable state ---------------------------------------------------------------------------------------
 
-def _save_state(cfg, network, optimizer, step, epoch, batch, losses) -> str:
+def _save_state(cfg, network, optimizer, step, epoch, batch, losses, kept: dict) -> str:
     folder = state.state_folder(cfg.state_dir or cfg.output_dir, cfg.output_name)
-    return state.save(folder, network, optimizer, {"step": step, "epoch": epoch, "batch": batch, "losses": losses})
+    return state.save(folder, network, optimizer, {"step": step, "epoch": epoch, "batch": batch, "losses": losses},
+                      kept)
 
 
-def _load_state(path, network, optimizer):
+def _load_state(path, network, optimizer, run_features: list):
     counters = state.load(path, network, optimizer)
+    kept = counters["features"]
+    for feature in run_features:
+        if feature.name in kept:
+            feature.load_state(*kept[feature.name])
     return counters["step"], counters["epoch"], counters["batch"], list(counters["losses"])

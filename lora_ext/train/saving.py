@@ -14,10 +14,11 @@ from .config import TrainConfig
 from .events import Event
 
 
-def save_lora(run, step: int, epoch: int, path: str, avg_loss: float | None = None) -> str:
+def save_lora(run, step: int, epoch: int, path: str, avg_loss: float | None = None, extra: dict | None = None) -> str:
     """`avg_loss`: the average of the last 50 step losses, kept as lora_ext_avg_loss (what the comparison
-    grid shows beside each save; kohya's tools ignore keys that are not theirs)."""
-    meta = {**metadata(run.host, run.cfg, run.report, step, epoch), **modelspec(run)}
+    grid shows beside each save; kohya's tools ignore keys that are not theirs). `extra`: the run's features'
+    metadata."""
+    meta = {**metadata(run.host, run.cfg, run.report, step, epoch), **modelspec(run), **(extra or {})}
     if avg_loss is not None:
         meta["lora_ext_avg_loss"] = f"{avg_loss:.6g}"
     stored = run.network.stored(optim.save_dtype(run.cfg.save_precision))

@@ -24,8 +24,9 @@ def state_folder(output_dir: str, output_name: str) -> str:
     return os.path.join(output_dir, f"{output_name}-state")
 
 
-def save(folder: str, network, optimizer, counters: dict) -> str:
-    """Writes the state; `counters` are JSON values (step, epoch, batch, losses, ...). Returns the folder."""
+def save(folder: str, network, optimizer, counters: dict, kept: dict | None = None) -> str:
+    """Writes the state; `counters` are JSON values (step, epoch, batch, losses, ...), `kept` the run's
+    features' {name: (JSON values, {name: tensor})}. Returns the folder."""
     from safetensors.torch import save as to_bytes
 
     from ..safetensors_io import atomic_write
@@ -42,8 +43,11 @@ def save(folder: str, network, optimizer, counters: dict) -> str:
                 plain[name] = value
         per_param[str(index)] = plain
     tensors["torch_rng"] = torch.get_rng_state()
+    for feature, (_, held) in (kept or {}).items():
+        tensors.update({f"feature.{feature}.{k}": v.detach().cpu().contiguous() for k, v in held.items()})
     name = f"tensors-{int(counters['step']):08d}.safetensors"
     doc = {"format": FORMAT, **counters, "tensors": name,
+           "features": {feature: values for feature, (values, _) in (kept or {}).items()},
            "optimizer": {"param_groups": opt["param_groups"], "state": per_param}}
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, name), to_bytes(tensors, {"format": FORMAT}), overwrite=True)
@@ -81,6 +85,9 @@ def load(path: str, network, optimizer) -> dict:
         raise StateError(f"resume: {folder} was saved with another optimizer or network size, or its optimizer "
                          f"entry is damaged ({type(e).__name__}: {str(e)[:80]})") from None
     torch.set_rng_state(tensors["torch_rng"])
+    counters["features"] = {feature: (values, {k.removeprefix(f"feature.{feature}."): v for k, v in tensors.items()
+                                               if k.startswith(f"feature.{feature}.")})
+                            for feature, values in doc.get("features", {}).items()}
     return counters
 
 
@@ -101,6 +108,9 @@ def _counters(doc: dict, folder: str) -> dict:
         problems.append(f"step {doc['step']} with {len(losses)} losses (a run saves one a step)")
     if not problems and doc["epoch"] > doc["step"]:
         problems.append(f"epoch {doc['epoch']} after {doc['step']} steps")
+    kept = doc.get("features", {})
+    if not isinstance(kept, dict) or not all(isinstance(v, dict) for v in kept.values()):
+        problems.append("features is not a table of the run's features' values")
     if problems:
         raise StateError(f"resume: {folder}/{JSON} is damaged or was edited: {'; '.join(problems)}")
     return {k: doc[k] for k in ("step", "epoch", "batch", "losses")}
