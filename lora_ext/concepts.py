@@ -169,7 +169,7 @@ def prepare(concepts: list, dest: str, mode: str = "link") -> dict:
 
 def write_caption(image_path: str, text: str, caption_extension: str = ".txt") -> str:
     """Saves an image's caption (atomically); returns the caption file's path."""
-    from .safetensors_io import atomic_write
+    from .atomic import atomic_write
 
     path = os.path.splitext(image_path)[0] + caption_extension
     atomic_write(path, text.strip().encode("utf-8"), overwrite=True)

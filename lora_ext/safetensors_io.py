@@ -1,4 +1,5 @@
-"""The safetensors container: a header check that names what is wrong, hashes, and atomic writes.
+"""The safetensors container: a header check that names what is wrong, reading, hashes, and writing one tensor
+at a time (through atomic.atomic_write).
 
 The safetensors library validates files too, but its messages ("MetadataIncompleteBuffer") do not tell a
 user what to fix, and we want every malformed file to fail the same clear way before any tensor is read.
@@ -10,8 +11,9 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
+
+from .atomic import atomic_write
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -126,91 +128,6 @@ def addnet_hashes(data: bytes) -> tuple[str, str]:
     return hashlib.sha256(data[8 + n:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
-class SameFile(ValueError):
-    """An output that is one of the inputs."""
-
-
-def refuse_inputs_as_output(out: str, inputs) -> None:
-    """Raises SameFile if `out` is (by path, link or inode) one of `inputs`: no input is ever written over."""
-    for path in inputs:
-        same = os.path.abspath(out) == os.path.abspath(path) or (
-            os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path))
-        if same:
-            raise SameFile(f"the output {out} is one of the inputs ({path}); choose another name")
-
-
-TEMP_PREFIX = ".tmp-lora_ext-"
-
-
-def atomic_write(path: str, data, overwrite: bool = False) -> None:
-    """Writes `data` (bytes, or a function that writes into a binary file) to a temporary file beside `path`,
-    then renames it into place: a crash never leaves a half-written file under the real name, and an existing
-    file stays unless `overwrite`. The file gets the mode the umask gives (as open() would), and temp files
-    that a killed process of ours left in the folder are removed."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temp_files(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{os.path.basename(path)}"[:64],
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    try:            # Linux tells it without changing it (other threads may be creating files)
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)       # elsewhere, reading it means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temp_files(folder: str) -> list:
-    """Deletes our temp files in `folder` whose writing process is gone (killed mid-write); returns them."""
-    removed = []
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX)]
-    except OSError:
-        return removed
-    for name in names:
-        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:         # exists, someone else's
-        return True
-    return True
-
-
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                 "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -308,40 +225,3 @@ def write_streaming(path: str, entries: list, produce, metadata: dict, overwrite
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)     # no copy
 
     atomic_write(path, write, overwrite=overwrite)
-
-
-def load_pickle_safely(path: str, mmap: bool = False):
-    """A .pt/.ckpt file's contents with torch.load(weights_only=True): tensors and plain containers only, so
-    no code from a user's file ever runs. Anything else raises FileProblem saying what to do."""
-    import pickle
-
-    import torch
-
-    # torch.serialization.load, not torch.load: the webui replaces torch.load with its own checker, which
-    # refuses files this torch writes and returns None in place of their contents
-    load = torch.serialization.load
-    if os.path.getsize(path) == 0:
-        raise FileProblem("the file is empty (0 bytes)")
-    try:
-        try:
-            return load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not (mmap and "mmap can only be used" in str(e)):
-                raise
-            return load(path, map_location="cpu", weights_only=True)       # an old, non-zip file: no mmap
-    except pickle.UnpicklingError as e:
-        # torch's own text goes on to explain how to load the file anyway: we name what it holds, no more
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise FileProblem(f"it holds pickled objects other than tensors{what}, which are never loaded (they "
-                          "could run code); convert it to safetensors with the tool that made it") from None
-    except Exception as e:
-        raise FileProblem(f"it is not a readable PyTorch file ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
-    return lines[0][:200] if lines else "no details"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, tiny_model
 from lora_ext import cli, files
 from lora_ext.demo import make_random_lora
-from lora_ext.safetensors_io import TEMP_PREFIX
+from lora_ext.atomic import TEMP_PREFIX
 from lora_ext.testing import sample_data, tiny
 
 STEPS = 40
@@ -133,7 +133,7 @@ def big_base(tmp_path_factory):
 # test kills it there, mid-write, however fast the disk (a merge left to run could finish before a kill)
 _STALLING_MERGE = """
 import os, sys, time
-import lora_ext.safetensors_io as sio
+import lora_ext.atomic as sio
 from lora_ext import cli
 real, marker = os.fdopen, sys.argv[1]
 
@@ -183,7 +183,7 @@ def test_a_killed_merge_leaves_no_final_file_and_its_temp_goes_next_time(big_bas
 
 def _fail_writes_with(monkeypatch, code):
     """Every file write of ours fails as a full disk or a read-only folder does, after some bytes."""
-    import lora_ext.safetensors_io as sio
+    import lora_ext.atomic as sio
 
     real = os.fdopen
 

@@ -422,7 +422,7 @@ def test_a_narrow_text_encoder_without_a_heads_hint_loads(tmp_path):
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_respect_the_umask(tmp_path, umask, mode):
-    from lora_ext.safetensors_io import atomic_write
+    from lora_ext.atomic import atomic_write
 
     old = os.umask(umask)
     try:
@@ -433,7 +433,7 @@ def test_written_files_respect_the_umask(tmp_path, umask, mode):
 
 
 def test_stale_temp_files_of_dead_processes_go_and_live_ones_stay(tmp_path):
-    from lora_ext.safetensors_io import TEMP_PREFIX, atomic_write
+    from lora_ext.atomic import TEMP_PREFIX, atomic_write
 
     dead = subprocess_pid_that_ended()
     (tmp_path / f"{TEMP_PREFIX}{dead}-abc-x.safetensors").write_bytes(b"half")

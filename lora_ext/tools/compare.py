@@ -236,7 +236,7 @@ def _write_page(folder: str, page: int, plan: Plan, cells: dict) -> str:
     """One prompt's grid: a header row (save, loss), a label column (weight)."""
     from PIL import Image, ImageDraw
 
-    from ..safetensors_io import atomic_write
+    from ..atomic import atomic_write
 
     w, h = plan.size
     top, left = 34, 72
@@ -259,7 +259,7 @@ def _write_page(folder: str, page: int, plan: Plan, cells: dict) -> str:
 
 
 def _write_index(folder: str, plan: Plan, cells: list, result: Result) -> None:
-    from ..safetensors_io import atomic_write
+    from ..atomic import atomic_write
 
     data = {"prompts": plan.prompts, "weights": plan.weights, "seed": plan.seed, "steps": plan.steps,
             "size": list(plan.size), "cancelled": result.cancelled,

@@ -10,7 +10,7 @@ import os
 from .. import files
 from . import lowrank
 from ..library import LORA_EXT
-from ..safetensors_io import refuse_inputs_as_output
+from ..atomic import refuse_inputs_as_output
 from ..weights import weight_value
 
 LORA_SUFFIXES = tuple(LORA_EXT) + (".ckpt",)

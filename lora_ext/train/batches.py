@@ -154,7 +154,7 @@ class LatentCache:
     def _save(self, item, bucket, flip, stamp, latent) -> None:
         from safetensors.torch import save
 
-        from ..safetensors_io import atomic_write
+        from ..atomic import atomic_write
 
         path = self._file(item, bucket, flip)
         os.makedirs(os.path.dirname(path), exist_ok=True)

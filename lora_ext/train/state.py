@@ -29,7 +29,7 @@ def save(folder: str, network, optimizer, counters: dict, kept: dict | None = No
     features' {name: (JSON values, {name: tensor})}. Returns the folder."""
     from safetensors.torch import save as to_bytes
 
-    from ..safetensors_io import atomic_write
+    from ..atomic import atomic_write
 
     tensors = {f"network.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     opt = optimizer.state_dict()

@@ -73,7 +73,7 @@ class TextCache:
     def _save(self, caption: str, text: Text) -> None:
         from safetensors.torch import save
 
-        from ..safetensors_io import atomic_write
+        from ..atomic import atomic_write
 
         tensors = {"tokens": text.tokens.contiguous()}
         if text.pooled is not None:

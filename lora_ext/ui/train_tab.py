@@ -100,7 +100,7 @@ def preset_path(folder: str, name: str) -> str:
 
 
 def save_preset(folder: str, name: str, values: list) -> str:
-    from ..safetensors_io import atomic_write
+    from ..atomic import atomic_write
     from ..train.config import to_toml
 
     cfg, msg = form_to_config(values)
