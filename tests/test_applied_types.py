@@ -172,3 +172,11 @@ def test_a_diffusers_folder_takes_the_same_full_and_norm_files(tmp_path, network
     finally:
         engine.restore(host)
     assert all(torch.equal(v, snap[k]) for k, v in host.model.state_dict().items())
+
+
+def test_every_registered_type_has_an_applied_case_here():
+    """A new type in the registry (networks/kinds) is not left out of the apply / merge / restore checks above:
+    every TYPES name has its case in NETWORKS (a layout variant such as BOFT or the first GLoRA may add more)."""
+    from lora_ext.networks.kinds import TYPES
+
+    assert {t.name for t in TYPES} <= set(NETWORKS)

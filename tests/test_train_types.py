@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_model
 from lora_ext import files
+from lora_ext.networks import kinds
 from lora_ext.apply import Engine, Request
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.train import memory, network_args
@@ -134,7 +135,7 @@ def test_memory_estimate_knows_each_type(data, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["algo=loha", "network_dropout_is_not_an_arg=1"], "not supported: network_dropout_is_not_an_arg"),
-    (["algo=full"], r"full \(native fine-tuning\) is not trained"),
+    (["algo=full"], r"full \(diff\) is not trained"),
     (["algo=loha", "preset=attn-only"], "preset=attn-only"),
 ])
 def test_lycoris_options_we_do_not_train_are_refused_by_name(data, tmp_path, args, message):
@@ -197,3 +198,35 @@ def test_a_kohya_lycoris_command_line_trains_as_written(data, tmp_path):
     assert json.loads(lora.metadata["ss_network_args"]) == {"algo": "lokr", "factor": "4", "conv_dim": "2",
                                                              "dora_wd": "True", "conv_alpha": "1"}
     assert os.path.getsize(str(tmp_path / "o" / "k.safetensors")) > 0
+
+
+@pytest.mark.parametrize("kind", [t.name for t in kinds.trained()])
+def test_every_type_the_registry_trains_trains_applies_and_merges(data, tmp_path, kind):
+    """Over the type registry (networks/kinds), no list elsewhere: each type that has a trained module trains
+    by its first LyCORIS algo name, saves a file that reads back as that type, applies (and gives the model
+    back bit-exact) and merges into a checkpoint with the change the engine applies."""
+    from safetensors.torch import load_file
+
+    from lora_ext.merge import Item, merge_checkpoint
+    from lora_ext.testing import tiny
+
+    t = kinds.BY_NAME[kind]
+    model = tiny_model("sd1")
+    result = train(WebuiHost(model), _cfg(data, tmp_path, network_module=LYCO, network_args=[f"algo={t.algos[0]}"],
+                                          max_train_steps=2, learning_rate=1e-2))
+    lora = files.read(result.lora_path, WebuiHost(model).arch)
+    assert {m.network for m in lora.modules.values()} == {kind}
+    engine, host = Engine(), WebuiHost(model)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.apply(host, [Request(result.lora_path, 0.7, 0.7)])
+    applied = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
+    engine.restore(host)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+    base = str(tmp_path / "base.safetensors")
+    tiny.save_checkpoint(model, base)
+    merge_checkpoint(base, [Item(result.lora_path, 0.7, 0.7)], str(tmp_path / "merged.safetensors"), "fp32")
+    merged, plain = load_file(str(tmp_path / "merged.safetensors")), load_file(base)
+    assert any(not torch.equal(merged[k], plain[k]) for k in plain)           # the file changed the model
+    for key, value in applied.items():
+        if key in merged:
+            torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ import os
 from .. import files
 from . import lowrank
 from ..library import LORA_EXT
+from ..networks.kinds import TYPES
 from ..atomic import refuse_inputs_as_output
 from ..weights import weight_value
 
@@ -86,8 +87,10 @@ def resize_file(src: str, out: str, rank: int | None = None, energy: float | Non
     refuse_inputs_as_output(out, [src])
     lora = files.read(src)
     held = {**lora.modules, **lora.foreign}     # every module the file holds, whatever model it is for
-    if any(m.network != "lora" for m in held.values()):
-        raise ToolError(f"{src}: resizing LoHa/LoKr files is not supported (LoRA and LoCon are)")
+    if any(not m.kind.factored for m in held.values()):
+        kinds = sorted({m.kind.title for m in held.values() if not m.kind.factored})
+        raise ToolError(f"{src}: resizing {'/'.join(kinds)} files is not supported (only types that are a product of "
+                        f"two factors are: {', '.join(t.title for t in TYPES if t.factored)}, LoCon included)")
     modules, kept = lowrank.resize(held, rank, energy)
     top = max(m.rank for m in modules.values())        # every module's alpha is its rank (scale 1)
     meta = {**lora.metadata, "ss_network_dim": top, "ss_network_alpha": top,

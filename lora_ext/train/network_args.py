@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..networks.kinds import BY_NAME
+from ..networks.kinds import BY_NAME, TYPES, trained, training_algos
 from ..networks.kinds.trainable import Options
 from ..weights import number, out_of_range
 
 KOHYA, LYCORIS = "networks.lora", "lycoris.kohya"
 MODULES = {"networks.lora": KOHYA, "lora": KOHYA, "lycoris.kohya": LYCORIS, "lycoris": LYCORIS}
-# LyCORIS algo -> the kinds.TYPES name that trains it
-ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
-NOT_TRAINED = {"ia3": "IA3", "full": "full (native fine-tuning)", "diag-oft": "OFT", "oft": "OFT", "boft": "BOFT",
-               "glora": "GLoRA", "dylora": "DyLoRA", "tlora": "TLoRA"}
+# LyCORIS algo -> the kinds.TYPES name that trains it, and the algos of types read but not trained: both from
+# the type registry (networks/kinds); LyCORIS algorithms whose files no type reads are named here
+ALGOS = {algo: t.name for algo, t in training_algos().items()}
+NOT_TRAINED = {**{algo: t.title for t in TYPES if t not in trained() for algo in t.algos},
+               "dylora": "DyLoRA", "tlora": "TLoRA"}
 
 _FRACTION = (0, 0.99, float)
 NUMBERS = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "dropout": _FRACTION,
@@ -112,10 +113,10 @@ def _unknown(module: str, args: dict) -> list:
 def _algo(args: dict) -> str:
     algo = str(args.get("algo", "lora")).strip().lower()
     if algo in NOT_TRAINED:
-        raise NetworkArgsError(f"algo={algo}: {NOT_TRAINED[algo]} is not trained by lora_ext (it trains lora, "
-                               "locon, loha and lokr, each with DoRA by dora_wd=True)")
+        raise NetworkArgsError(f"algo={algo}: {NOT_TRAINED[algo]} is not trained by lora_ext (it trains "
+                               f"{', '.join(ALGOS)}, each with DoRA by dora_wd=True)")
     if algo not in ALGOS:
-        raise NetworkArgsError(f"algo={algo!r} is not a LyCORIS algorithm lora_ext knows (lora, locon, loha, lokr)")
+        raise NetworkArgsError(f"algo={algo!r} is not a LyCORIS algorithm lora_ext knows ({', '.join(ALGOS)})")
     return ALGOS[algo]
 
 

@@ -12,10 +12,31 @@ class Field:
     name: str                   # the TrainConfig / kohya option
     group: str
     label: str
-    tip: str
+    advice: object              # the tip's text, or a function giving it (read when asked)
     kind: str = "text"          # text | number | int | bool | choice | lines
-    choices: tuple = ()
+    options: object = ()        # the choices, or a function giving them
     arg: bool = False           # a network_args entry with its own control (LyCORIS's algo, dora_wd)
+
+    @property
+    def tip(self) -> str:
+        return self.advice() if callable(self.advice) else self.advice
+
+    @property
+    def choices(self) -> tuple:
+        return tuple(self.options()) if callable(self.options) else self.options
+
+
+def _network_types_advice() -> str:
+    # from the type registry, read when the form is built (importing it imports torch: not at the
+    # webui's start-up)
+    from ..networks.kinds import trained
+    return (" ".join(t.help for t in trained()) + " Every type but kohya's LoRA is LyCORIS's: the module switches "
+            "to lycoris.kohya, which trains the convolutions at the network dim unless conv_dim says otherwise.")
+
+
+def _network_type_choices() -> tuple:
+    from ..networks.kinds import training_algos
+    return tuple(training_algos())
 
 
 F = Field
@@ -38,13 +59,7 @@ FIELDS = (
     F("network_dim", "Network", "Network dim (rank)",
       "128 is the guide's default; 32-64 is usually enough. Higher needs more VRAM.", "int"),
     F("network_alpha", "Network", "Network alpha", "Scales the LoRA by alpha/dim; 1 or dim/2 are common.", "number"),
-    F("algo", "Network", "Network type",
-      "LoRA: the guide's type, small and fast. LoCon: LoRA on the 3x3 convolutions too, often better for styles "
-      "(conv_dim=8 conv_alpha=4 in the args). LoHa: a Hadamard product of two LoRAs, more expressive at the same dim "
-      "(dim 4-32, alpha 1 to dim). LoKr: a Kronecker product, the smallest files (factor=4 to 16 in the args; -1 = "
-      "balanced). LoCon, LoHa and LoKr are LyCORIS's: the module switches to lycoris.kohya, which trains the "
-      "convolutions at the network dim unless conv_dim says otherwise.", "choice", ("lora", "locon", "loha", "lokr"),
-      arg=True),
+    F("algo", "Network", "Network type", _network_types_advice, "choice", _network_type_choices, arg=True),
     F("dora_wd", "Network", "DoRA (weight-decomposed)",
       "Also learns each layer's magnitude apart from its direction; often closer to a full fine-tune at the same "
       "dim, but slower and heavier (the whole weight is rebuilt every step). Any type; switches to lycoris.kohya.",

@@ -20,6 +20,16 @@ BY_NAME = {t.name: t for t in TYPES}
 KNOWN_PARTS = frozenset(p for t in TYPES for p in t.parts) | {"alpha", "dora_scale"}
 
 
+def trained() -> list:
+    """The types lora_ext trains, in TYPES' order."""
+    return [t for t in TYPES if t.trainable() is not None]
+
+
+def training_algos() -> dict:
+    """{LyCORIS algo: the type that trains it} (lora and locon both LoRA: locon is LoRA with convolutions)."""
+    return {algo: t for t in trained() for algo in t.algos}
+
+
 def detect(parts: dict) -> NetworkType:
     for t in TYPES:
         if t.detect(parts):
@@ -28,4 +38,4 @@ def detect(parts: dict) -> NetworkType:
     raise BadModule(f"its tensors ({', '.join(sorted(parts)) or 'none'}) form no {names} module")
 
 
-__all__ = ["TYPES", "BY_NAME", "KNOWN_PARTS", "BadModule", "NetworkType", "detect"]
+__all__ = ["TYPES", "BY_NAME", "KNOWN_PARTS", "BadModule", "NetworkType", "detect", "trained", "training_algos"]

@@ -15,6 +15,9 @@ class NetworkType:
     conv_parts: tuple = ()  # parts only a kxk-convolution module has
     main_part = ""          # the part whose kernel tells a kxk convolution
     needs_base = False      # its change depends on the layer's own weight: delta_on(), not delta()
+    algos: tuple = ()       # the LyCORIS `algo` names of this type (the first trains it, where it trains)
+    help = ""               # the Train tab's words on it (types that train)
+    factored = False        # a product of two factors every tool re-factors (resize, merge-LoRAs)
 
     def detect(self, parts: dict) -> bool:
         return any(p in parts for p in self.parts)

@@ -10,6 +10,7 @@ from .base import StoredChange
 
 class Full(StoredChange):
     name, title = "full", "full (diff)"
+    algos = ("full",)
     parts = ("diff", "diff_b")
     main_part = "diff"
 

@@ -36,6 +36,7 @@ def is_old_layout(parts: dict) -> bool:
 
 class GLoRA(NetworkType):
     name, title = "glora", "GLoRA"
+    algos = ("glora",)
     parts = (_A1, _A2, _B1, _B2, _BM)
     conv_parts = (_BM,)
     main_part = _B2

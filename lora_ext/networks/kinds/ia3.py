@@ -7,6 +7,7 @@ from .base import BadModule, NetworkType
 
 class IA3(NetworkType):
     name, title = "ia3", "IA3"
+    algos = ("ia3",)
     parts = ("weight", "on_input")
     main_part = "weight"
     needs_base = True

@@ -13,6 +13,8 @@ from .trainable import TrainedModule
 
 class LoHa(NetworkType):
     name, title = "loha", "LoHa"
+    algos = ("loha",)
+    help = "LoHa: a Hadamard product of two LoRAs, more expressive at the same dim (dim 4-32, alpha 1 to dim)."
     parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     conv_parts = ("hada_t1",)
     main_part = "hada_w1_b"

@@ -13,6 +13,8 @@ from .trainable import TrainedModule
 
 class LoKr(NetworkType):
     name, title = "lokr", "LoKr"
+    algos = ("lokr",)
+    help = "LoKr: a Kronecker product, the smallest files (factor=4 to 16 in the args; -1 = balanced)."
     parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     conv_parts = ("lokr_t2",)
     main_part = "lokr_w2"

@@ -13,6 +13,10 @@ from .trainable import TrainedModule
 
 class LoRA(NetworkType):
     name, title = "lora", "LoRA"
+    algos = ("lora", "locon")
+    help = ("LoRA: the guide's type, small and fast. LoCon: LoRA on the 3x3 convolutions too, often better for "
+            "styles (conv_dim=8 conv_alpha=4 in the args).")
+    factored = True
     parts = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
     conv_parts = ("lora_mid.weight",)
     main_part = "lora_down.weight"

@@ -44,6 +44,7 @@ def butterfly(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 class OFT(NetworkType):
     name, title = "oft", "OFT"
+    algos = ("oft", "diag-oft", "boft")
     parts = ("oft_blocks", "oft_diag", "rescale")
     main_part = "oft_blocks"
     needs_base = True
