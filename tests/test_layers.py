@@ -1,7 +1,7 @@
 """The package's import graph: no cycle (eager or lazy: an import inside a function counts), and no arrow
 from a lower layer up to a higher one. The layers, lowest first:
   core   the files and their names: naming, networks/, files, formats, safetensors_io, atomic, pickles,
-         weights, blocks, cache, regions, library
+         weights, blocks, cache, regions, library, registry
   hosts  the adapters over a loaded model (hosts/)
   work   what is done on a host: train/, apply, merge, tools/, concepts, testing/ (the shipped tiny models)
   front  the panel and the tab (panel/, ui/)
@@ -14,7 +14,7 @@ from conftest import ROOT
 
 LAYERS = [("core", ["lora_ext", "lora_ext.naming", "lora_ext.networks", "lora_ext.files", "lora_ext.formats",
                     "lora_ext.safetensors_io", "lora_ext.atomic", "lora_ext.pickles", "lora_ext.weights",
-                    "lora_ext.blocks", "lora_ext.cache", "lora_ext.regions", "lora_ext.library"]),
+                    "lora_ext.blocks", "lora_ext.cache", "lora_ext.regions", "lora_ext.library", "lora_ext.registry"]),
           ("hosts", ["lora_ext.hosts"]),
           ("work", ["lora_ext.train", "lora_ext.apply", "lora_ext.merge", "lora_ext.tools", "lora_ext.concepts",
                     "lora_ext.testing"]),

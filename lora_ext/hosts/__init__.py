@@ -6,7 +6,7 @@ A new host is its file here and its line in ADAPTERS (tests/test_hosts.py checks
 against the Protocol). The adapters are imported when first asked for: the webui's start-up pays nothing."""
 from __future__ import annotations
 
-import importlib
+from ..registry import classes
 
 # "module:Class", most specific first; each class answers `accepts(model)`
 ADAPTERS = ("lora_ext.hosts.webui:WebuiHost",)
@@ -18,11 +18,7 @@ class UnsupportedModel(ValueError):
 
 def adapters() -> list:
     """The registered adapter classes, in order."""
-    out = []
-    for spec in ADAPTERS:
-        module, _, name = spec.partition(":")
-        out.append(getattr(importlib.import_module(module), name))
-    return out
+    return classes(ADAPTERS)
 
 
 def for_model(model):

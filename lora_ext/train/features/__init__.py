@@ -11,7 +11,7 @@ a Feature in a file of its own here and a line in FEATURES; the loop calls every
 A feature that needs none of these leaves them as they are here."""
 from __future__ import annotations
 
-import importlib
+from ...registry import classes
 
 
 class Feature:
@@ -47,11 +47,7 @@ FEATURES = ("lora_ext.train.features.previews:Previews", "lora_ext.train.feature
 
 
 def registered() -> list:
-    out = []
-    for spec in FEATURES:
-        module, _, name = spec.partition(":")
-        out.append(getattr(importlib.import_module(module), name))
-    return out
+    return classes(FEATURES)
 
 
 def for_run(cfg) -> list:
