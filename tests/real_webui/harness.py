@@ -30,6 +30,8 @@ EXTENSION_IGNORE = shutil.ignore_patterns(".git", ".venv", "tests", "bench", "ou
                                           "lora_ext_ui", "__pycache__", "*.pyc", ".pytest_cache")
 # the default live-preview method downloads a model at the first generation; there is no internet here
 SETTINGS = {"show_progress_type": "Approx cheap"}
+LBW_FOLDER = "sd-webui-lora-block-weight"
+LBW_SETTINGS = "config-lbw.json"        # --ui-settings-file of a server with lora-block-weight enabled
 CHECKPOINT = "tiny.safetensors"
 OTHER_CHECKPOINT = "tiny_other.safetensors"
 LORAS = {"alpha.safetensors": 1, "beta.safetensors": 2}
@@ -121,13 +123,17 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     shutil.copy(os.path.join(ROOT, "tests", "real_webui", "webui_probe.py"), os.path.join(webui, "scripts"))
     lbw = lbw_source(source)
     if lbw:
-        shutil.copytree(lbw, os.path.join(webui, "extensions", "sd-webui-lora-block-weight"), copy_function=shutil.copy)
+        shutil.copytree(lbw, os.path.join(webui, "extensions", LBW_FOLDER), copy_function=shutil.copy)
     paths = {"webui": webui, "extension": extension, "python": python, "lbw": bool(lbw),
              "checkpoints": os.path.join(webui, "models", "Stable-diffusion"),
              "loras": os.path.join(webui, "models", "Lora")}
     for key in ("checkpoints", "loras"):
         os.makedirs(paths[key], exist_ok=True)
+    # lora-block-weight, the block-weight oracle, is enabled only in the servers its tests start (LBW_SETTINGS):
+    # beside the others it changed what they saw
     with open(os.path.join(webui, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**SETTINGS, "disabled_extensions": [LBW_FOLDER]}, f)
+    with open(os.path.join(webui, LBW_SETTINGS), "w", encoding="utf-8") as f:
         json.dump(SETTINGS, f)
     clip = os.path.join(work, "clip-tiny")
     model = tiny.build("sd1")
