@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 
 from .train.dataset import IMAGE_EXT
+from .weights import flag_value
 
 
 @dataclass
@@ -59,8 +60,6 @@ def from_kohya_toml(text: str) -> list:
 
 
 def _flag(value, folder: str) -> bool:
-    from .weights import flag_value
-
     try:
         return flag_value(value, "is_reg")
     except ValueError as e:

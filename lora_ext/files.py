@@ -15,9 +15,9 @@ from . import formats, naming
 from .library import LORA_EXT, PICKLE_EXT, SAFETENSORS_EXT
 from .networks.kinds import TYPES
 from .networks.stored import BadModule, StoredModule
-from .safetensors_io import FileProblem, addnet_hashes, file_hashes
 from .atomic import atomic_write
 from .pickles import load_pickle_safely
+from .safetensors_io import FileProblem, addnet_hashes, file_hashes
 from .safetensors_io import load as load_safetensors
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from . import files, naming
-from .safetensors_io import TORCH_DTYPES, FileProblem, file_hashes, read_header, write_streaming
 from .atomic import SameFile, atomic_write, refuse_inputs_as_output
 from .pickles import load_pickle_safely
+from .safetensors_io import TORCH_DTYPES, FileProblem, file_hashes, read_header, write_streaming
 from .weights import weight_value
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

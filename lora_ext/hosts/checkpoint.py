@@ -36,8 +36,8 @@ STANDARD_VAE = ldm_layout.FULL_VAE_DDCONFIG
 
 
 def read_state_dict(path: str) -> dict:
-    from ..safetensors_io import FileProblem, read_header
     from ..pickles import load_pickle_safely
+    from ..safetensors_io import FileProblem, read_header
 
     _regular_file(path)
     if path.endswith(".safetensors"):

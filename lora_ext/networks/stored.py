@@ -64,9 +64,9 @@ class StoredModule:
             if not self.kind.needs_base:
                 meta = {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in self.parts.items()}
                 self.kind.delta(meta, 1.0, (-1,))
-        except (RuntimeError, ValueError, IndexError, TypeError) as e:
-            if isinstance(e, BadModule):
-                raise
+        except BadModule:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError):
             raise BadModule(f"its tensors' shapes do not form a {self.kind.title} module ({shapes})") from None
 
     @property

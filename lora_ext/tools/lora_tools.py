@@ -9,9 +9,9 @@ import os
 
 from .. import files
 from . import lowrank
+from ..atomic import refuse_inputs_as_output
 from ..library import LORA_EXT
 from ..networks.kinds import TYPES
-from ..atomic import refuse_inputs_as_output
 from ..weights import weight_value
 
 LORA_SUFFIXES = tuple(LORA_EXT) + (".ckpt",)

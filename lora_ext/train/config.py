@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from ..weights import number, out_of_range
+from ..weights import flag_value, number, out_of_range
 
 
 class ConfigError(ValueError):
@@ -328,8 +328,6 @@ def _coerce(f: dataclasses.Field, v, source):
         if v in (None, ""):
             return None
     if kind is bool:
-        from ..weights import flag_value
-
         try:
             return flag_value(v, f.name)
         except ValueError:

@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..weights import number
+
 FILE_EXT = (".txt", ".toml", ".json")
 MAX_FILE_BYTES = 1 << 20
 
@@ -62,28 +64,21 @@ def _prompt(values: dict) -> SamplePrompt:
         raise PromptError("a sample prompt is empty")
     out.negative = str(values.get("negative") or "").strip()
     out.sampler = values.get("sampler")
-    try:
-        for name, low, high in (("width", 64, 4096), ("height", 64, 4096), ("seed", 0, 2 ** 63 - 1), ("steps", 1, 1000)):
-            if values.get(name) is not None:
-                number = _whole(values[name])
-                if not low <= number <= high:
-                    raise PromptError(f"prompt {out.prompt[:40]!r}: {name} {number} is out of range ({low}-{high})")
-                setattr(out, name, number - number % 8 if name in ("width", "height") else number)
-        if values.get("scale") is not None:
-            out.scale = float(values["scale"])
-            if not 1 <= out.scale <= 30:
-                raise PromptError(f"prompt {out.prompt[:40]!r}: CFG scale {out.scale:g} is out of range (1-30)")
-    except (TypeError, ValueError) as e:
-        if isinstance(e, PromptError):
-            raise
-        raise PromptError(f"prompt {out.prompt[:40]!r}: a number is not one ({e})") from None
+    for name, low, high in (("width", 64, 4096), ("height", 64, 4096), ("seed", 0, 2 ** 63 - 1), ("steps", 1, 1000),
+                            ("scale", 1, 30)):
+        if values.get(name) is None:
+            continue
+        kind = float if name == "scale" else int
+        try:
+            x = number(values[name], kind)
+        except (TypeError, ValueError, OverflowError):
+            raise PromptError(f"prompt {out.prompt[:40]!r}: {name} {values[name]!r} is not "
+                              f"{'a number' if kind is float else 'a whole number'}") from None
+        if not low <= x <= high:
+            label = "CFG scale" if name == "scale" else name
+            raise PromptError(f"prompt {out.prompt[:40]!r}: {label} {x:g} is out of range ({low}-{high})")
+        setattr(out, name, x - x % 8 if name in ("width", "height") else x)
     return out
-
-
-def _whole(value) -> int:
-    if isinstance(value, bool) or float(value) != int(float(value)):
-        raise ValueError(f"{value!r} is not a whole number")
-    return int(float(value))
 
 
 def load(entries: list) -> list:
@@ -113,9 +108,9 @@ def _from_file(path: str) -> list:
         if ext == ".txt":
             return [from_line(line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         items = _toml_items(text) if ext == ".toml" else json.loads(text)
+    except PromptError as e:
+        raise PromptError(f"{path}: {e}") from None
     except (ValueError, RecursionError) as e:           # TOML and JSON decode errors are ValueErrors
-        if isinstance(e, PromptError):
-            raise PromptError(f"{path}: {e}") from None
         raise PromptError(f"{path}: not valid {ext[1:].upper()} ({str(e)[:120]})") from None
     if not isinstance(items, list):
         raise PromptError(f"{path}: a JSON prompt file is a list of prompts")
