@@ -790,18 +790,20 @@ def test_a_long_merge_answers_at_once_and_the_poll_shows_progress_then_the_resul
     from lora_ext.ui import merge_tab
     from lora_ext.ui.jobs import Job
 
-    gate = threading.Event()
+    reached, gate = threading.Event(), threading.Event()
 
     class HeldAtTensor3(Job):
         def __setattr__(self, name, value):
             super().__setattr__(name, value)
             if name == "progress" and value.startswith("tensor 3 of"):
+                reached.set()
                 gate.wait(30)           # the merge waits here until the test has looked
 
     job = HeldAtTensor3("merge")
     work = lambda j: merge_tab.merge(tab["ckpts"], tab["lib"], "base.safetensors", "lora.safetensors:0.5",  # noqa
                                      "slow", "fp16", False, job=j)
-    first = job.run(work, wait_s=0.5)
+    first = job.run(work, wait_s=0.2)
+    assert reached.wait(60)                      # not a race with a slow machine: the merge is held here
     polled = job.poll()
     again = job.run(work)                        # a second click while it runs
     gate.set()
@@ -809,7 +811,7 @@ def test_a_long_merge_answers_at_once_and_the_poll_shows_progress_then_the_resul
     while job.running and time.time() < deadline:
         time.sleep(0.05)
     result, after = job.poll(), job.poll()
-    assert first.startswith("Working on the merge: tensor 3 of ") and polled == first
+    assert first.startswith("Working on the merge") and polled.startswith("Working on the merge: tensor 3 of ")
     assert again.startswith("**Not now:** a merge is still running (tensor 3 of")
     assert result.startswith("Wrote **slow.safetensors**") and after is None
     for name in ("slow.safetensors", "slow.yaml"):
