@@ -136,7 +136,11 @@ class Engine:
                 hook_wanted[key] = (bound, hooked)
         if mode == BYPASS and any(not (b.target.qkv is None and b.owner is None) for b, _ in wanted.values()):
             report.warnings.append("MultiheadAttention weights (open_clip text encoder) cannot be hooked; they were merged")
-        self._sync_merged(host, state, merge_wanted, report)
+        if host.patcher is not None:        # the host merges through its own patch system (Forge)
+            host.patcher.stage(merge_wanted)
+            report.written = len(merge_wanted)
+        else:
+            self._sync_merged(host, state, merge_wanted, report)
         self._sync_hooks(host, state, hook_wanted)
         text_encoder = tuple(sorted((key, tuple(c.signature for c in contributions))
                                     for key, (bound, contributions) in wanted.items() if not bound.target.is_unet))

@@ -262,15 +262,43 @@ def arch_from_model(sd_model) -> Arch:
     return arch_from_state_dict({k.replace(".wrapped.", "."): tuple(v.shape) for k, v in sd_model.state_dict().items()})
 
 
+def _indices(shapes: dict, pattern: str) -> list:
+    """The sorted numbers the first group of `pattern` matches at the start of the keys."""
+    import re
+
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+
+
 def arch_from_state_dict(shapes: dict) -> Arch:
     """The Arch of a checkpoint in the webui's key layout, from {key: shape} alone (no tensor data needed)."""
     import re
 
-    unet = "model.diffusion_model."
+    def indices(pattern):
+        return _indices(shapes, pattern)
+
+    if any(k.startswith("conditioner.") for k in shapes):
+        holders = ["conditioner.embedders.0.", "conditioner.embedders.1."]
+    else:
+        holders = ["cond_stage_model."]
+    tes = []
+    for h in holders:
+        hf = indices(re.escape(h) + r"transformer\.text_model\.encoder\.layers\.(\d+)\.")
+        if hf:
+            tes.append(TextEncoderShape("hf", len(hf)))
+        else:
+            tes.append(TextEncoderShape("openclip", len(indices(re.escape(h) + r"model\.transformer\.resblocks\.(\d+)\."))))
+    name = "sdxl" if len(tes) > 1 else ("sd2" if tes[0].kind == "openclip" else "sd1")
+    return arch_of_unet(shapes, name, tuple(tes))
+
+
+def arch_of_unet(shapes: dict, name: str, text_encoders: tuple, unet: str = "model.diffusion_model.") -> Arch:
+    """The Arch of an ldm-layout UNet from {key: shape} (its keys under `unet`), for a family `name` whose
+    text encoders are `text_encoders`."""
+    import re
 
     def indices(pattern):
-        rx = re.compile(pattern)
-        return sorted({int(m.group(1)) for k in shapes for m in [rx.match(k)] if m})
+        return _indices(shapes, pattern)
 
     def depth(prefix):
         return len(indices(re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
@@ -288,17 +316,5 @@ def arch_from_state_dict(shapes: dict) -> Arch:
         level_blocks += 1
     nrb = nrb or level_blocks
     proj = next((v for k, v in shapes.items() if k.startswith(unet) and k.endswith(".proj_in.weight")), None)
-    if any(k.startswith("conditioner.") for k in shapes):
-        holders = ["conditioner.embedders.0.", "conditioner.embedders.1."]
-    else:
-        holders = ["cond_stage_model."]
-    tes = []
-    for h in holders:
-        hf = indices(re.escape(h) + r"transformer\.text_model\.encoder\.layers\.(\d+)\.")
-        if hf:
-            tes.append(TextEncoderShape("hf", len(hf)))
-        else:
-            tes.append(TextEncoderShape("openclip", len(indices(re.escape(h) + r"model\.transformer\.resblocks\.(\d+)\."))))
-    name = "sdxl" if len(tes) > 1 else ("sd2" if tes[0].kind == "openclip" else "sd1")
     return Arch(name, tuple(mults), tuple(depths), depth(f"{unet}middle_block.1."), proj is not None and len(proj) == 2,
-                tuple(tes), nrb)
+                text_encoders, nrb)

@@ -305,11 +305,12 @@ script_callbacks.on_ui_tabs(lambda: [(tab.build_tab(tab_context()), "LoRA", "lor
 def forget_conditioning(p):
     """The webui keeps the last prompts' conditioning (shared by all generations) and reuses it while its
     key (prompt, steps, checkpoint, <lora:> networks ...) is unchanged; our text-encoder LoRAs are not in
-    that key, so after they change it must be computed again."""
+    that key, so after they change it must be computed again. (A cache is [key, conditioning] in A1111 and
+    [key, conditioning, its extra-network key] in Forge.)"""
     for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
         cache = getattr(p, name, None)
-        if isinstance(cache, list) and len(cache) == 2:
-            cache[:] = [None, None]
+        if isinstance(cache, list) and len(cache) in (2, 3):
+            cache[:] = [None] * len(cache)
 
 
 class AdditionalNetworks(scripts.Script):
@@ -340,3 +341,31 @@ class AdditionalNetworks(scripts.Script):
         for message in [f"Additional Networks: {m}" for m in problems] + outcome.messages:
             print(message)
             p.comments[message] = 1
+
+    # Forge merges weights itself: the LoRAs `process` staged go onto its objects where it reads them (the
+    # hooks below run in Forge only, or find no patch system and do nothing)
+
+    def process_batch(self, p, *args, **kwargs):
+        """Before the conditioning is computed: our text-encoder patches."""
+        patches = forge_patches(p)
+        if patches is not None:
+            patches.install("clip")
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        """Forge, before each sampling pass: our UNet patches."""
+        patches = forge_patches(p)
+        if patches is not None:
+            patches.install("unet", scheduled=Runtime.get().scheduled)
+
+    def postprocess(self, p, processed, *args):
+        """Forge: its weights merged again without ours, as its built-in left them."""
+        patches = forge_patches(p)
+        if patches is not None:
+            patches.release()
+
+
+def forge_patches(p):
+    """The host's patch system (Forge's) when the panel applies anything there, else None."""
+    if Runtime._instance is None or Runtime._host is None or Runtime._host.model is not p.sd_model:
+        return None
+    return Runtime._host.patcher

@@ -8,8 +8,10 @@ import os
 import re
 
 import pytest
+import torch
 
 from conftest import ROOT, tiny_model
+from forge_shaped import ForgeShaped
 from lora_ext import hosts
 from lora_ext.hosts.protocol import Host
 
@@ -71,7 +73,7 @@ def test_every_adapter_keeps_the_contract(diffusers_host, tmp_path):
     path = str(tmp_path / "c.safetensors")
     tiny.save_checkpoint(tiny_model("sd1"), path)
     live = {"tiny model": hosts.for_model(tiny_model("sd1")), "checkpoint": hosts.for_model(load_checkpoint(path)),
-            "diffusers folder": diffusers_host}
+            "diffusers folder": diffusers_host, "Forge-shaped": hosts.for_model(ForgeShaped(tiny.build("sd1")))}
     assert {type(h) for h in live.values()} >= set(hosts.adapters())      # every registered adapter is held
     for what, host in live.items():
         assert contract_problems(type(host), host) == [], what
@@ -159,12 +161,34 @@ def test_callers_reach_hosts_through_the_factory_and_the_contracts_types():
 
 
 def test_the_factory_picks_by_what_the_model_offers_and_names_what_it_cannot_take():
+    from lora_ext.hosts.forge import ForgeHost
     from lora_ext.hosts.webui import WebuiHost
 
     assert type(hosts.for_model(tiny_model("sdxl"))) is WebuiHost
+    assert type(hosts.for_model(ForgeShaped(tiny_model("sd1")))) is ForgeHost     # forge_objects, not a version
 
-    class ForgeLike:        # Forge's engine: no .model, its UNet in forge_objects
-        forge_objects = object()
+    class Other:        # neither a webui-layout model nor a Forge engine
+        model = object()
 
-    with pytest.raises(hosts.UnsupportedModel, match=r"test_hosts.ForgeLike\) is of no kind lora_ext works on"):
-        hosts.for_model(ForgeLike())
+    with pytest.raises(hosts.UnsupportedModel, match=r"test_hosts.Other\) is of no kind lora_ext works on"):
+        hosts.for_model(Other())
+
+
+def test_on_forge_every_target_binds_to_the_live_layer_under_the_patch_key_forge_knows():
+    """Every kohya target of the model binds on the Forge-shaped one to the same layer object as on the webui
+    layout, and its patch key is the name of that weight among its patcher's parameters (Forge patches
+    nothing else)."""
+    tiny = tiny_model("sd1")
+    webui, forge = hosts.for_model(tiny), hosts.for_model(ForgeShaped(tiny))
+    assert forge.arch == webui.arch and forge.prediction == webui.prediction == "eps"
+    assert torch.allclose(forge.alphas_cumprod, webui.alphas_cumprod.float(), rtol=1e-5)
+    assert {n: b.module for n, b in forge.applied_targets().items()} == \
+        {n: b.module for n, b in webui.applied_targets().items()}
+    objects = forge.model.forge_objects
+    params = {"unet": dict(objects.unet.model.named_parameters()), "clip": dict(objects.clip.model.named_parameters())}
+    for bound in forge.applied_targets().values():
+        part, key = forge.patch_key(bound)
+        assert params[part][key] is bound.param, bound.target.kohya
+    assert forge.training_weights is not None
+    with pytest.raises(hosts.UnsupportedModel, match="training on Forge's loaded model is not available yet"):
+        forge.training_weights()

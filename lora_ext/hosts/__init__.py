@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..registry import classes
 
 # "module:Class", most specific first; each class answers `accepts(model)`
-ADAPTERS = ("lora_ext.hosts.webui:WebuiHost",)
+ADAPTERS = ("lora_ext.hosts.webui:WebuiHost", "lora_ext.hosts.forge:ForgeHost")
 
 
 class UnsupportedModel(ValueError):

@@ -20,6 +20,8 @@ class Host(Protocol):
     model: nn.Module                # the root every trained or patched layer lives under
     disposable: bool                # the process owns the model (headless): a run may free parts of it
     pending: object | None          # weights not read from the file yet (.read() reads them), or None
+    patcher: object | None          # None: merged LoRAs are written into the weights; else the host's patch
+                                    # system takes them (.stage(plan); Forge: hosts.forge.ForgePatches)
 
     # --- what the model is ------------------------------------------------------------------------------
     @property

@@ -107,6 +107,11 @@ class PanelRuntime:
         return self.engine.apply(host, requests, mode, at=at)
 
     @property
+    def scheduled(self) -> bool:
+        """Whether a slot of the generation under way switches its UNet part on or off during sampling."""
+        return self._live is not None
+
+    @property
     def text_encoder_edits(self) -> int:
         return self.engine.text_encoder_edits
 

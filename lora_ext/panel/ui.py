@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from . import slots as slotlib
+from ..ui import gradio_compat
 
 TITLE = "Additional Networks"
 
@@ -111,7 +112,7 @@ def _slot_components(eid: str, i: int, choices) -> types.SimpleNamespace:
                                                "block: 17 / 26 values (SDXL 12 / 20)")
         with gr.Accordion("Mask and steps", open=False, elem_id=f"{eid}_region"):
             mask = gr.Image(label="Mask: the UNet part paints where it is white (empty = everywhere)",
-                            type="pil", image_mode="RGBA", source="upload", elem_id=f"{eid}_mask")
+                            type="pil", image_mode="RGBA", **gradio_compat.upload_only(), elem_id=f"{eid}_mask")
             with gr.Row():
                 start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start (share of the steps)",
                                   elem_id=f"{eid}_start")

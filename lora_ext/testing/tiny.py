@@ -41,6 +41,7 @@ class TinySpec:
     size_dim: int = 16              # SDXL: channels per size number in the label_emb vector (real: 256)
     head_channels: int = 16         # channels per attention head with Linear projections (real: 64)
     openclip_heads: int = 2         # heads of an open_clip text tower (real: width / 64)
+    num_res_blocks: int = 2         # res blocks per UNet level (real: 2)
 
 
 SPECS = {
@@ -56,6 +57,11 @@ SPECS = {
                           full_vae=True, size_dim=256, head_channels=64, openclip_heads=20),
     "sd1-full": TinySpec("sd1", model_channels=320, te=(("hf", 768, 12),), unet_heads=8, te_heads=12, te_mlp=4,
                          full_vae=True),
+    # what Forge still takes for SD1.5 (its loader guesses the family from key shapes, and builds the text
+    # encoder and VAE from SD1.5's own configs): the real text encoder and VAE, a reduced UNet of the real
+    # widths (two levels, one res block each)
+    "sd1-forge": TinySpec("sd1", model_channels=320, channel_mult=(1, 2), depths=(1, 1), te=(("hf", 768, 12),),
+                          unet_heads=8, te_heads=12, te_mlp=4, full_vae=True, num_res_blocks=1),
 }
 
 
@@ -129,7 +135,8 @@ def build(arch: str = "sd1", seed: int = 0) -> TinySD:
 
 def _unet_params(spec: TinySpec) -> dict:
     unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=spec.model_channels,
-                attention_resolutions=[2 ** i for i, d in enumerate(spec.depths) if d > 0], num_res_blocks=2,
+                attention_resolutions=[2 ** i for i, d in enumerate(spec.depths) if d > 0],
+                num_res_blocks=spec.num_res_blocks,
                 channel_mult=list(spec.channel_mult), context_dim=sum(w for _, w, _ in spec.te),
                 use_linear_in_transformer=spec.linear_proj, use_spatial_transformer=True, legacy=False,
                 transformer_depth=list(spec.depths) if spec.arch == "sdxl" else 1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import threading
 
+from . import gradio_compat
+
 
 class StandaloneModel:
     """The one model of the standalone app: which checkpoint it holds, and loading another into it."""
@@ -83,4 +85,4 @@ QUEUE_WORKERS = 64
 def serve(folder: str, port: int, arch: str = "sd1") -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     block, _ = make_app(folder, arch)
-    block.queue(concurrency_count=QUEUE_WORKERS).launch(server_name="127.0.0.1", server_port=port, share=False)
+    gradio_compat.queue(block, QUEUE_WORKERS).launch(server_name="127.0.0.1", server_port=port, share=False)

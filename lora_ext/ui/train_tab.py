@@ -9,6 +9,7 @@ import time
 
 import gradio as gr
 
+from . import gradio_compat
 from . import train_fields as tf
 
 _PRESET = re.compile(r"^[\w\- .]{1,64}$")
@@ -198,7 +199,7 @@ def build(ctx) -> tuple:
     check_b.click(lambda *v: (check(session, host_fn, ctx.lock, list(v)), ctx.model_label_fn()),
                   inputs=inputs, outputs=[message, model_label])
     start_b.click(lambda t, *v: (start(session, host_fn, ctx.lock, t, list(v)), ctx.model_label_fn()), inputs=[task] + inputs, outputs=[message, model_label],
-                  _js=ctx.progress_js)
+                  **gradio_compat.js(ctx.progress_js))
     cancel_b.click(lambda: (session.cancel(), "Cancelling at the next step...")[1], outputs=[message])
     _wire_presets(presets_folder, preset, (load_b, save_b, delete_b), inputs, message)
     gr.Button("Refresh progress", elem_id="lora_ext_train_refresh").click(

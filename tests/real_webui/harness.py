@@ -234,10 +234,10 @@ def clean_env() -> dict:
 class Server:
     """One webui process (and its children, in their own process group) on a loopback port."""
 
-    def __init__(self, paths: dict, port: int, extra_flags=(), log_name="webui.log"):
+    def __init__(self, paths: dict, port: int, extra_flags=(), log_name="webui.log", base_flags=FLAGS):
         self.paths, self.port = paths, port
         self.url = f"http://127.0.0.1:{port}"
-        self.flags = FLAGS + ["--port", str(port)] + list(extra_flags)
+        self.flags = list(base_flags) + ["--port", str(port)] + list(extra_flags)
         self.log_path = os.path.join(os.path.dirname(paths["webui"]), log_name)
         self.proc = None
 
