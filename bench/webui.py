@@ -45,11 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def startup(paths, rounds: int = 2) -> dict:
+def startup(paths, rounds: int = 2, flags=harness.FLAGS) -> dict:
     """Start-up with and without the extension, alternated, each the fastest of `rounds` (file caches warm
-    after the first start)."""
+    after the first start). `flags`: the host's start-up flags (Forge's differ)."""
     def profile(log_name):
-        server = harness.Server(paths, free_port(), log_name=log_name).start()
+        server = harness.Server(paths, free_port(), log_name=log_name, base_flags=flags).start()
         try:
             return server.get("/internal/profile-startup")
         finally:

@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
     _lora_file_commands(sub)
     _compare_command(sub)
-    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui, cuda); it "
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (apply, train, merge, memory, webui, forge, cuda); it "
                                      "prints JSON",
                        description="Arguments after the name go to the benchmark (e.g. bench apply --rank 16).",
                        add_help=False)      # so that `bench apply --help` reaches the benchmark

@@ -120,6 +120,12 @@ class PanelRuntime:
         own LoRAs are given back first, then these merged and our copies of the old weights dropped, so later
         generations (with or without panel LoRAs) start from the baked weights. `items`: [(name, unet, te)]."""
         outcome = Outcome()
+        if host.patcher is not None:
+            # Forge merges every generation's patches into weights it restores from its own copy: a bake
+            # would last until its next merge, or spoil that copy
+            outcome.messages.append("Bake is not available on this model (Forge merges LoRAs itself): merge "
+                                    "into a new checkpoint and load that, or use the panel's slots")
+            return outcome
         requests = []
         for name, unet, te in items:
             try:

@@ -32,6 +32,7 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     """(report dict or None, markdown): the dataset report, errors blocking the start and warnings not, the
     step count and the estimated memory need. `lock` (a context manager) keeps the host's model to us while
     the estimate borrows it (in the webui: its generation lock)."""
+    from ..hosts import UnsupportedModel
     from ..train import memory, network_args
     from ..train.dataset import DatasetError
     from ..train.loop import prepare_data, schedule
@@ -39,11 +40,13 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     cfg, msg = form_to_config(values)
     if cfg is None:
         return None, msg
-    host = host_fn()
     try:
+        host = host_fn()
         scan, buckets, report = prepare_data(host, cfg)
     except DatasetError as e:
         return None, f"**Dataset:** {e}"
+    except UnsupportedModel as e:       # a loaded model (or host) lora_ext does not train on
+        return None, f"**Cannot train here:** {e}"
     _, _, steps, _ = schedule(scan, buckets, cfg)      # as the run counts them (buckets, accumulation)
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
              f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",

@@ -23,6 +23,7 @@ def _close(a, b, reference, gap_bound=1e-3):
     gap = (a - b).abs().max().item()
     assert effect > 1e-2, f"the LoRA changes the latents by only {effect}"
     assert gap < gap_bound * max(1.0, effect), f"differ by {gap} (the LoRA's effect is {effect})"
+    print(f"gap {gap:.2e}, the LoRA's effect {effect:.2e}")
     return gap, effect
 
 

@@ -1,0 +1,119 @@
+"""The panel on a Forge-shaped model (tests/forge_shaped.py; the real-Forge tier holds it against Forge): the
+engine stages patches instead of writing weights, our patch type computes the weight our in-place merge
+writes on the webui layout (every type, block weights), each part's set is identified by what is in it, and
+what Forge cannot keep (a bake) is refused with the model untouched."""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from forge_shaped import ForgeShaped
+from lora_ext import files, hosts
+from lora_ext.demo import make_random_lora, make_random_network
+from lora_ext.hosts.forge import PATCH_TYPE, calculate
+from lora_ext.library import LoraLibrary
+from lora_ext.panel.runtime import PanelRuntime
+from lora_ext.panel.slots import Slot
+
+
+@pytest.fixture(autouse=True)
+def forge_table(monkeypatch):
+    """Forge's table of weight calculators (backend.patcher.lora.extra_weight_calculators), which ours joins."""
+    import sys
+    import types
+
+    table = {}
+    for name in ("backend", "backend.patcher", "backend.patcher.lora"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["backend.patcher.lora"].extra_weight_calculators = table
+    sys.modules["backend.patcher"].lora = sys.modules["backend.patcher.lora"]
+    sys.modules["backend"].patcher = sys.modules["backend.patcher"]
+    return table
+
+
+@pytest.fixture
+def world(tmp_path):
+    model = tiny_model("sd1")
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    files.write_kohya(str(folder / "locon.safetensors"), files.kohya_tensors(make_random_lora(model, seed=3)), {})
+    files.write_kohya(str(folder / "loha.safetensors"), files.kohya_tensors(make_random_network(model, "loha")), {})
+    return model, LoraLibrary(lambda: [str(folder)])
+
+
+def _weights(root) -> dict:
+    return {k: v.detach().clone() for k, v in root.state_dict().items()}
+
+
+@pytest.mark.parametrize("name,blocks", [("locon.safetensors", ""), ("loha.safetensors", ""),
+                                         ("locon.safetensors", "OUTALL")])
+def test_forge_patches_give_the_weights_the_webui_merge_writes(world, forge_table, name, blocks):
+    model, library = world
+    pristine = _weights(model)
+    slot = Slot(enabled=True, model=name, separate=True, unet=0.7, te=0.4, block_weights=blocks)
+    webui = copy.deepcopy(model)
+    PanelRuntime(library).run(hosts.for_model(webui), [slot])
+    merged = _weights(webui)
+
+    forge = hosts.for_model(ForgeShaped(model))
+    runtime = PanelRuntime(library)
+    outcome = runtime.run(forge, [slot])
+    assert all(torch.equal(v, pristine[k]) for k, v in _weights(model).items())     # staged, nothing written
+    assert outcome.infotext["AddNet Model 1"].startswith(name.rsplit(".", 1)[0])
+    objects = forge.model.forge_objects
+    original_unet, original_clip = objects.unet, objects.clip
+    assert forge.patcher.install("clip") > 0 and forge.patcher.install("unet") > 0
+    assert forge_table == {PATCH_TYPE: calculate}
+    assert objects.unet is not original_unet and original_unet.lora_patches == {}     # a clone carries ours
+    assert objects.clip is not original_clip and original_clip.lora_patches == {}
+    roots = {"unet": objects.unet.model, "clip": objects.clip.cond_stage_model}
+    # the same weight's name in the webui layout
+    webui_key = {"unet": lambda k: "model." + k, "clip": lambda k: "cond_stage_model.wrapped." + k.removeprefix("clip_l.")}
+    checked = 0
+    for part, patcher in (("unet", objects.unet), ("clip", objects.clip)):
+        [(identifier, patches)] = patcher.lora_patches.items()
+        assert identifier[0].startswith("lora_ext:")
+        params = dict(roots[part].named_parameters())
+        for key, (kind, contributions) in patches.items():
+            assert kind == PATCH_TYPE
+            got = calculate(params[key].detach().float().clone(), 1.0, contributions)
+            want = merged[webui_key[part](key)]
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), key
+            checked += 1
+    changed = sum(not torch.equal(merged[k], pristine[k]) for k in merged)
+    assert checked == changed         # every weight the webui merge changed is patched, and only those
+
+
+def test_the_identifier_changes_exactly_when_what_is_patched_changes(world):
+    model, library = world
+    forge = hosts.for_model(ForgeShaped(model))
+    runtime = PanelRuntime(library)
+
+    def staged(weight, name="locon.safetensors"):
+        runtime.run(forge, [Slot(enabled=True, model=name, weight=weight)])
+        return {part: digest for part, (digest, _) in forge.patcher.staged.items()}
+
+    first = staged(0.5)
+    assert staged(0.5) == first
+    assert staged(0.6) != first and staged(0.5, "loha.safetensors") != first
+    runtime.run(forge, [])
+    assert all(patches == {} for _, patches in forge.patcher.staged.values())
+    assert forge.patcher.install("unet") == 0 and forge.model.forge_objects.unet.lora_patches == {}
+
+
+def test_bake_and_training_on_forge_are_refused_with_the_model_untouched(world, tmp_path):
+    from test_ui import _values
+
+    from lora_ext.testing import sample_data
+    from lora_ext.ui import train_tab
+
+    model, library = world
+    pristine = _weights(model)
+    forge = hosts.for_model(ForgeShaped(model))
+    outcome = PanelRuntime(library).bake(forge, [("locon.safetensors", 1.0, 1.0)])
+    assert outcome.report is None and "Bake is not available on this model" in outcome.messages[0]
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    report, text = train_tab.check_dataset(lambda: forge, _values(data, tmp_path / "out"))
+    assert report is None and text.startswith("**Cannot train here:** training on Forge's loaded model")
+    assert all(torch.equal(v, pristine[k]) for k, v in _weights(model).items())
