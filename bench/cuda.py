@@ -77,7 +77,7 @@ def _peak(device) -> int | None:
 def _lever_on(host, lever: str | None) -> dict:
     """Sets a lever that is no option; returns what to put back."""
     if lever == "no_sdpa":
-        host.attention_patches = lambda: []
+        host.training_patches = lambda: []
     elif lever == "cudnn_benchmark":
         saved = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
@@ -89,7 +89,7 @@ def _lever_on(host, lever: str | None) -> dict:
 
 def _lever_off(host, lever: str | None, saved: dict) -> None:
     if lever == "no_sdpa":
-        del host.attention_patches
+        del host.training_patches
     elif lever == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = saved["cudnn_benchmark"]
 

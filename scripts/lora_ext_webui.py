@@ -7,8 +7,9 @@ import sys
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 
-from lora_ext.panel import slots as slotlib
+from lora_ext.hosts import UnsupportedModel
 from lora_ext.library import LoraLibrary
+from lora_ext.panel import slots as slotlib
 from lora_ext.panel import ui as panel
 from lora_ext.ui import tab
 
@@ -46,6 +47,7 @@ class Runtime:
     """Created on first use, so that the webui's start-up does not import torch-side code for us."""
     _instance = None
     _host = None        # the adapter of the model in use; only that one, so an unloaded model can go
+    _for = None         # the model it was made for (Forge's adapter has a root module of its own)
     edits_seen = 0      # the engine's text-encoder edit count when the webui last computed conditioning
 
     @classmethod
@@ -59,9 +61,20 @@ class Runtime:
     @classmethod
     def host(cls, sd_model):
         from lora_ext.hosts import for_model
-        if cls._host is None or cls._host.model is not sd_model:
-            cls._host = for_model(sd_model)
+        if cls._host is None or cls._for is not sd_model:
+            cls._host, cls._for = for_model(sd_model), sd_model
         return cls._host
+
+
+def loaded_host():
+    """The adapter of the loaded model. Forge loads its model at the first generation: there, a tab that asks
+    before any generation has it loaded now."""
+    from modules import sd_models
+
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if reload is not None and getattr(shared.sd_model, "forge_objects", None) is None:
+        reload()
+    return Runtime.host(shared.sd_model)
 
 
 def give_back(host):
@@ -80,7 +93,8 @@ def train_in_webui(cfg, on_event=None, should_stop=None, task_id=None):
 
         from modules import paths
         cfg = dataclasses.replace(cfg, state_dir=os.path.join(paths.models_path, "lora_ext_states"))
-    return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop, task_id=task_id)
+    return train_as_webui_job(cfg, on_event, before=give_back, should_stop=should_stop, task_id=task_id,
+                              host_fn=loaded_host)
 
 
 def checkpoints_folder():
@@ -110,10 +124,10 @@ def switch_checkpoint(name):
     info = sd_models.get_closet_checkpoint_match(name)
     if info is None:
         return f"**No checkpoint {name!r}** in the webui's list; press Refresh."
-    if Runtime._instance is not None and shared.sd_model is not None:
+    if Runtime._instance is not None and Runtime._host is not None:
         from modules import call_queue
         with call_queue.queue_lock:     # the webui may keep this model for later: without our LoRAs in it
-            Runtime._instance.restore(Runtime.host(shared.sd_model))
+            Runtime._instance.restore(Runtime._host)
     shared.opts.set("sd_model_checkpoint", info.title)      # its onchange takes the lock and reloads
     return f"Loaded **{info.title}**."
 
@@ -158,7 +172,7 @@ def bake(items):
     from lora_ext.panel.runtime import Outcome
     try:
         with model_if_free():
-            return Runtime.get().bake(Runtime.host(shared.sd_model), items)
+            return Runtime.get().bake(loaded_host(), items)
     except ModelBusy as e:
         return Outcome(messages=[str(e)])
 
@@ -213,7 +227,7 @@ def tab_context():
 
     return TabContext(lambda: lora_folders()[0], checkpoints_folder, LIBRARY,
                       TrainingSession(train_in_webui, on_written=refresh_lists),
-                      lambda: Runtime.host(shared.sd_model), os.path.join(os.path.dirname(__file__), "..", "presets"),
+                      loaded_host, os.path.join(os.path.dirname(__file__), "..", "presets"),
                       model_label_fn=model_label, lock=model_if_free, checkpoints_fn=checkpoint_names,
                       switch_fn=switch_checkpoint, on_written=refresh_lists, interrogators=interrogators(),
                       bake_fn=bake, progress_js="loraExtTrain", release_fn=give_back,
@@ -245,8 +259,9 @@ def on_model_loaded(sd_model):
 
 
 def on_script_unloaded():
-    if Runtime._instance is not None and shared.sd_model is not None:
-        Runtime._instance.restore(Runtime.host(shared.sd_model))
+    # the model the panel last worked on (Forge may have none loaded yet: then there is nothing to give back)
+    if Runtime._instance is not None and Runtime._host is not None:
+        Runtime._instance.restore(Runtime._host)
 
 
 def on_cfg_denoiser(params):
@@ -329,7 +344,15 @@ class AdditionalNetworks(scripts.Script):
     def process(self, p, *slot_args):
         slots, problems = slotlib.from_args(slot_args, getattr(p, "lora_ext_overrides", {}))
         runtime = Runtime.get()
-        outcome = runtime.run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
+        try:
+            outcome = runtime.run(Runtime.host(shared.sd_model), slots, mode=opt("lora_ext_mode"))
+        except UnsupportedModel as e:       # a model of a family we do not apply to (Forge's Flux ...)
+            if any(slot.active for slot in slots):
+                message = f"Additional Networks: slots skipped: {e}"
+                print(message)
+                p.comments[message] = 1
+                p.extra_generation_params["AddNet Warning"] = str(e)
+            return
         if runtime.text_encoder_edits != Runtime.edits_seen:
             # ours changed since the last generation (here, a training run, a bake or a model load)
             forget_conditioning(p)
@@ -366,6 +389,6 @@ class AdditionalNetworks(scripts.Script):
 
 def forge_patches(p):
     """The host's patch system (Forge's) when the panel applies anything there, else None."""
-    if Runtime._instance is None or Runtime._host is None or Runtime._host.model is not p.sd_model:
+    if Runtime._instance is None or Runtime._host is None or Runtime._for is not p.sd_model:
         return None
     return Runtime._host.patcher

@@ -19,14 +19,17 @@ class Patcher:
         self.lora_patches[(filename, strength_patch, 1.0, False)] = patches
         return set(patches)
 
+    def refresh_loras(self):
+        self.refreshed = getattr(self, "refreshed", 0) + 1
+
 
 class Clip(Patcher):
-    def __init__(self, model, patches=None):
+    def __init__(self, model, tokenizer, patches=None):
         super().__init__(model, patches)
-        self.cond_stage_model, self.patcher = model, self
+        self.cond_stage_model, self.tokenizer, self.patcher = model, tokenizer, self
 
     def clone(self):
-        return Clip(self.model, self.lora_patches)
+        return Clip(self.model, self.tokenizer, self.lora_patches)
 
 
 class Objects:
@@ -48,10 +51,12 @@ class _KModel(nn.Module):
 
 class ForgeShaped:
     is_sd1 = True
+    current_lora_hash = "[]"
 
     def __init__(self, tiny):
-        clip = nn.ModuleDict({"clip_l": tiny.text_holders()[0]})
+        holder = tiny.text_holders()[0]
+        clip = Clip(nn.ModuleDict({"clip_l": holder}), type("Tokenizers", (), {"clip_l": holder.tokenizer})())
         vae = type("VAE", (), {"first_stage_model": tiny.first_stage_model})()
-        self.forge_objects = Objects(Patcher(_KModel(tiny.model.diffusion_model, tiny.alphas_cumprod)), Clip(clip), vae)
+        self.forge_objects = Objects(Patcher(_KModel(tiny.model.diffusion_model, tiny.alphas_cumprod)), clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()

@@ -2,6 +2,7 @@
 127.0.0.1; fill the training form, train on the sample dataset, watch progress and the loss plot, see the file,
 run a merge. Screenshots go to the test's output folder (and tests/output/ when LORA_EXT_SCREENSHOTS is set).
 `bash .ci/setup` installs chromium (as root) and playwright."""
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -17,6 +18,20 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("pl
                                 reason="needs Debian's chromium and playwright: run `bash .ci/setup` as root")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextlib.contextmanager
+def browser_page(server):
+    """Headless Chromium on a webui's (or Forge's) page, once its prompt box is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server.url, timeout=120_000)
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+        yield page
+        browser.close()
 
 
 def _shot(page, tmp_path, name):

@@ -61,7 +61,7 @@ def test_forge_patches_give_the_weights_the_webui_merge_writes(world, forge_tabl
     outcome = runtime.run(forge, [slot])
     assert all(torch.equal(v, pristine[k]) for k, v in _weights(model).items())     # staged, nothing written
     assert outcome.infotext["AddNet Model 1"].startswith(name.rsplit(".", 1)[0])
-    objects = forge.model.forge_objects
+    objects = forge.engine.forge_objects
     original_unet, original_clip = objects.unet, objects.clip
     assert forge.patcher.install("clip") > 0 and forge.patcher.install("unet") > 0
     assert forge_table == {PATCH_TYPE: calculate}
@@ -99,21 +99,41 @@ def test_the_identifier_changes_exactly_when_what_is_patched_changes(world):
     assert staged(0.6) != first and staged(0.5, "loha.safetensors") != first
     runtime.run(forge, [])
     assert all(patches == {} for _, patches in forge.patcher.staged.values())
-    assert forge.patcher.install("unet") == 0 and forge.model.forge_objects.unet.lora_patches == {}
+    assert forge.patcher.install("unet") == 0 and forge.engine.forge_objects.unet.lora_patches == {}
 
 
-def test_bake_and_training_on_forge_are_refused_with_the_model_untouched(world, tmp_path):
-    from test_ui import _values
-
-    from lora_ext.testing import sample_data
-    from lora_ext.ui import train_tab
-
+def test_bake_on_forge_is_refused_with_the_model_untouched(world):
     model, library = world
     pristine = _weights(model)
     forge = hosts.for_model(ForgeShaped(model))
     outcome = PanelRuntime(library).bake(forge, [("locon.safetensors", 1.0, 1.0)])
     assert outcome.report is None and "Bake is not available on this model" in outcome.messages[0]
-    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
-    report, text = train_tab.check_dataset(lambda: forge, _values(data, tmp_path / "out"))
-    assert report is None and text.startswith("**Cannot train here:** training on Forge's loaded model")
     assert all(torch.equal(v, pristine[k]) for k, v in _weights(model).items())
+
+
+def test_training_through_the_forge_adapter_gives_the_lora_the_webui_layout_gives(tmp_path):
+    """The same modules seen through Forge's shape (its encoders and tokenizers apart, its UNet under a
+    KModel, its schedule as sigmas) train the same LoRA, bit for bit, and give the weights back; Forge is
+    asked to restore its patched weights first."""
+    from safetensors.torch import load_file
+    from test_train import _cfg
+
+    from lora_ext.testing import sample_data
+    from lora_ext.train.loop import train
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=3)
+    model = tiny_model("sd1")
+    pristine = _weights(model)
+    shaped = ForgeShaped(model)
+    results = {}
+    for name, host in (("webui", hosts.for_model(model)), ("forge", hosts.for_model(shaped))):
+        cfg = _cfg(data, tmp_path / name, max_train_steps=2)
+        with host.training_weights():
+            results[name] = load_file(train(host, cfg).lora_path)
+    assert results["webui"].keys() == results["forge"].keys() and results["forge"]
+    assert all(torch.equal(results["webui"][k], results["forge"][k]) for k in results["webui"])
+    assert all(torch.equal(v, pristine[k]) for k, v in _weights(model).items())
+    # Forge was asked to restore its patched weights, then to merge again what its objects ask for (here the
+    # objects after its LoRAs are the original ones: no built-in LoRA)
+    objects = shaped.forge_objects_original
+    assert objects.unet.refreshed == 2 and objects.clip.refreshed == 2

@@ -184,11 +184,8 @@ def test_on_forge_every_target_binds_to_the_live_layer_under_the_patch_key_forge
     assert torch.allclose(forge.alphas_cumprod, webui.alphas_cumprod.float(), rtol=1e-5)
     assert {n: b.module for n, b in forge.applied_targets().items()} == \
         {n: b.module for n, b in webui.applied_targets().items()}
-    objects = forge.model.forge_objects
+    objects = forge.engine.forge_objects
     params = {"unet": dict(objects.unet.model.named_parameters()), "clip": dict(objects.clip.model.named_parameters())}
     for bound in forge.applied_targets().values():
         part, key = forge.patch_key(bound)
         assert params[part][key] is bound.param, bound.target.kohya
-    assert forge.training_weights is not None
-    with pytest.raises(hosts.UnsupportedModel, match="training on Forge's loaded model is not available yet"):
-        forge.training_weights()

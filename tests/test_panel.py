@@ -357,3 +357,28 @@ def test_masks_and_step_ranges_through_the_api_the_sampler_callback_and_xyz(webu
     assert "slot 2: slot start 0.9 must be below its stop 0.1" in warning and "slot 1: skipped: the mask is not" in warning
     _generate(webui)
     assert _bit_exact(webui)
+
+
+def test_a_model_of_no_family_we_apply_to_is_a_warning_for_active_slots_and_silence_otherwise(webui):
+    """Forge also loads models lora_ext does not apply to (Flux ...): a generation with an active slot says
+    so in its infotext and comments; one with none says nothing; neither raises."""
+    import types
+
+    from modules import shared
+
+    script = webui["runner"].alwayson_scripts[0]
+    defaults = webui["runner"].default_args()[script.args_from:script.args_to]
+    active = [Slot(enabled=True, model="a.safetensors").to_dict()] + list(defaults[1:])
+    other = types.SimpleNamespace()      # neither the webui's layout nor a Forge engine
+    shared.sd_model = other
+    try:
+        said = {}
+        for name, args in (("active", active), ("idle", defaults)):
+            p = types.SimpleNamespace(comments={}, extra_generation_params={}, sd_model=other)
+            script.process(p, *args)
+            said[name] = (p.extra_generation_params, p.comments)
+    finally:
+        shared.sd_model = webui["model"]
+    assert "is of no kind lora_ext works on" in said["active"][0]["AddNet Warning"]
+    assert any("slots skipped" in c for c in said["active"][1])
+    assert said["idle"] == ({}, {})

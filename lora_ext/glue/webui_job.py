@@ -3,12 +3,14 @@ With scripts/ (the registrations), the only place that imports the webui's `modu
 from __future__ import annotations
 
 
-def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_id=None):
+def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_id=None, host_fn=None):
     """Trains on the webui's loaded model in place, as one of its jobs: behind the lock that serialises
     generation (so the two never overlap), with the webui's progress state (job, step counter, text) and
     its Interrupt button as the cancel. `before(host)` runs first, under the lock (the panel gives its
     merged LoRAs back there, so training starts from the checkpoint's own weights). `task_id`: the id the
-    page's progress bar asks the webui's progress API about (queued, then current while the run goes)."""
+    page's progress bar asks the webui's progress API about (queued, then current while the run goes).
+    `host_fn()`: the adapter the caller holds for the loaded model (the panel's: the hooks it left are on that
+    one), else a new one over `shared.sd_model`."""
     from modules import call_queue, progress, shared
 
     from ..hosts import for_model
@@ -19,7 +21,7 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_i
     with call_queue.queue_lock:
         if task_id:
             progress.start_task(task_id)
-        host = for_model(shared.sd_model)
+        host = host_fn() if host_fn is not None else for_model(shared.sd_model)
         if before is not None:
             before(host)
         shared.state.begin(job="lora_ext training")

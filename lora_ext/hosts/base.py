@@ -114,7 +114,8 @@ class ConditioningMixin:
     def encode_prompts(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75, sizes: list | None = None):
         return self.condition(self.encode_text(prompts, clip_skip, max_tokens), sizes)
 
-    def attention_patches(self) -> list:
+    def training_patches(self) -> list:
+        """(module, forward) pairs a run installs for its length: ldm's attention through torch's fused kernel."""
         from .ldm_attention import sdpa_patches
         return sdpa_patches(self.unet)
 

@@ -24,14 +24,6 @@ class DiffusersError(ValueError):
     pass
 
 
-class _Holder:
-    """What text_encoding expects of a transformers text encoder: `.transformer`, `.tokenizer`; `zero_pad`:
-    rows are zeros after their end token (SDXL's second tokenizer pads with "!", id 0, as open_clip does)."""
-
-    def __init__(self, transformer, tokenizer, zero_pad: bool = False):
-        self.transformer, self.tokenizer, self.zero_pad = transformer, tokenizer, zero_pad
-
-
 class _Pipeline(nn.Module):
     def __init__(self, unet, text_encoder, vae, text_encoder_2=None):
         super().__init__()
@@ -125,9 +117,9 @@ class DiffusersHost(ConditioningMixin):
         return [self.model.text_encoder] + ([second] if second is not None else [])
 
     def _holders(self) -> list:
-        holders = [_Holder(self.model.text_encoder, self.tokenizer)]
+        holders = [text_encoding.Holder(self.model.text_encoder, self.tokenizer)]
         if self.tokenizer_2 is not None:
-            holders.append(_Holder(self.model.text_encoder_2, self.tokenizer_2, zero_pad=True))
+            holders.append(text_encoding.Holder(self.model.text_encoder_2, self.tokenizer_2, zero_pad=True))
         return holders
 
     @property

@@ -2,7 +2,7 @@
 Forge's diffusion engines). Forge holds its UNet, text encoders and VAE in "patchers" that merge weight
 patches into the layers when it next loads the model; a weight we wrote into a layer ourselves would be
 undone by that merge, or would spoil the copy Forge restores from (on the CPU it holds the very same tensor).
-So on Forge the panel's merged LoRAs go through Forge's own patch API (`patches`, below): one patch set per
+So on Forge the panel's merged LoRAs go through Forge's own patch API (ForgePatches, below): one patch set per
 part, its identifier a digest of everything in it, so Forge merges again exactly when something changed,
 after its built-in `<lora:>` patches, and gives its weights back when ours are gone.
 
@@ -12,14 +12,17 @@ through their diffusers paths. The layers are Forge's own (its Linear is not an 
 bypass and mask hooks take as they are."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 from functools import cached_property
 
+import torch
 from torch import nn
 
 from .. import naming
-from . import UnsupportedModel
-from .base import ConditioningMixin, bind
+from . import UnsupportedModel, text_encoding
+from .base import ConditioningMixin, bind, input_placement, sample_latents
 
 PATCH_TYPE = "lora_ext"         # our patch type in Forge's table of weight calculators
 _PREFIX = "lora_ext:"           # what our patch sets' identifiers start with
@@ -28,22 +31,21 @@ _ENCODERS = {"sd1": {"text_encoder": "clip_l"}, "sd2": {"text_encoder": "clip_h"
              "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}}
 
 
-class NotOnForge(UnsupportedModel):
-    """What lora_ext does not do on Forge's model yet; the message says what is there instead."""
-
-
 class _Parts(nn.Module):
-    """Forge's UNet model and joint text encoder under one root, so that targets bind as on other hosts:
-    `unet.<its parameter names>`, `clip.<its parameter names>` (the patch keys are the names after the root)."""
+    """Forge's UNet model, joint text encoder and VAE under one root (the host's `model`), so that targets bind
+    and training walks the layers as on other hosts: `unet.<its parameter names>`, `clip.<...>` (the patch keys
+    are the names after the root), `vae.<...>`."""
 
-    def __init__(self, unet: nn.Module, clip: nn.Module):
+    def __init__(self, unet: nn.Module, clip: nn.Module, vae: nn.Module):
         super().__init__()
-        self.unet, self.clip = unet, clip
+        self.unet, self.clip, self.vae = unet, clip, vae
 
 
 class ForgeHost(ConditioningMixin):
     def __init__(self, engine):
-        self.model = engine
+        self.engine = engine        # Forge's diffusion engine (modules.shared.sd_model there)
+        objects = engine.forge_objects_original
+        self.model = _Parts(objects.unet.model, objects.clip.cond_stage_model, objects.vae.first_stage_model)
         self.patcher = ForgePatches(self)
 
     @staticmethod
@@ -53,7 +55,7 @@ class ForgeHost(ConditioningMixin):
 
     @cached_property
     def arch(self) -> naming.Arch:
-        engine = self.model
+        engine = self.engine
         name = next((n for n, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1"))
                      if getattr(engine, flag, False)), None)
         if name is None:
@@ -68,11 +70,7 @@ class ForgeHost(ConditioningMixin):
     @property
     def _objects(self):
         # the original objects: the ones a generation starts from; their modules are the live ones
-        return self.model.forge_objects_original
-
-    @cached_property
-    def _parts(self) -> _Parts:
-        return _Parts(self._objects.unet.model, self._objects.clip.cond_stage_model)
+        return self.engine.forge_objects_original
 
     def _path(self, target: naming.Target) -> str:
         if target.is_unet:
@@ -82,14 +80,14 @@ class ForgeHost(ConditioningMixin):
 
     @cached_property
     def _bound(self) -> dict:
-        return bind(self._parts, naming.targets(self.arch), self._path)
+        return bind(self.model, naming.targets(self.arch), self._path)
 
     def lora_targets(self) -> dict:
         return self._bound
 
     @cached_property
     def _applied(self) -> dict:
-        return {**self._bound, **bind(self._parts, naming.extra_targets(self.arch), self._path)}
+        return {**self._bound, **bind(self.model, naming.extra_targets(self.arch), self._path)}
 
     def applied_targets(self) -> dict:
         return self._applied
@@ -101,11 +99,11 @@ class ForgeHost(ConditioningMixin):
 
     @property
     def unet(self):
-        return self._objects.unet.model.diffusion_model
+        return self.model.unet.diffusion_model
 
     @property
     def vae(self):
-        return self._objects.vae.first_stage_model
+        return self.model.vae
 
     def text_encoders(self) -> list:
         clip = self._objects.clip.cond_stage_model
@@ -137,33 +135,85 @@ class ForgeHost(ConditioningMixin):
     def weight_written(self, bound, weight) -> None:
         return None
 
-    # --- training on Forge's model: not yet (the Train tab shows this message) ----------------------------
-
-    def _not_yet(self, *args, **kwargs):
-        raise NotOnForge("training on Forge's loaded model is not available yet: train headless "
-                         "(python -m lora_ext train --pretrained_model_name_or_path <the checkpoint file>) or "
-                         "in the AUTOMATIC1111 webui; the panel, merging and the file tools work on Forge")
+    # --- what training computes, with Forge's own encoders and UNet --------------------------------------
 
     def checkpoint_blocks(self) -> list:
-        return self._not_yet()
+        """The UNet blocks our gradient checkpointing wraps (Forge's own refuses to checkpoint)."""
+        unet = self.unet
+        return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
 
-    def training_weights(self):
-        return self._not_yet()
+    def training_patches(self) -> list:
+        """Forge's transformer blocks add their attention and MLP outputs to the residual in place (`x += n`),
+        after the norms saved that residual for the backward pass: each norm is given a copy of its input for
+        the run, so the in-place add changes nothing autograd kept (what the norms save is unchanged in size)."""
+        copies = [(norm, functools.partial(_on_a_copy, norm)) for block in self.unet.modules()
+                  if type(block).__name__ == "BasicTransformerBlock"
+                  for norm in (getattr(block, n, None) for n in ("norm1", "norm2", "norm3")) if norm is not None]
+        return super().training_patches() + copies
+
+    def _holders(self) -> list:
+        clip = self._objects.clip
+        return [text_encoding.Holder(getattr(clip.cond_stage_model, name).transformer, getattr(clip.tokenizer, name),
+                                     zero_pad=name == "clip_g")
+                for name in _ENCODERS[self.arch.name].values()]
 
     def count_tokens(self, text: str) -> int:
-        return self._not_yet()
+        return len(text_encoding.tokenize(self._holders()[0], [text])[0])
 
     def encode_text(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75):
-        return self._not_yet()
+        """As the webui encodes a prompt (75-token chunks, clip_skip), through Forge's text encoder modules."""
+        return text_encoding.encode(self._holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
 
     def encode_images(self, pixels, seeds=None):
-        return self._not_yet()
+        """Scaled latents of images in [-1, 1], one sample of the VAE's distribution per image seed."""
+        vae = self.vae
+        p = next(vae.parameters())
+        moments = vae.encoder(pixels.to(p.device, p.dtype))
+        if getattr(vae, "quant_conv", None) is not None:
+            moments = vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return sample_latents(mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)), seeds, self.latent_scale)
 
     def decode_latents(self, latents):
-        return self._not_yet()
+        p = next(self.vae.parameters())
+        return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
 
     def predict(self, noisy, timesteps, cond):
-        return self._not_yet()
+        device, dtype = input_placement(self.unet)
+        c = cond.to(device, dtype)
+        extra = {} if c.pooled is None else {"y": c.vector(self._size_dim(c.pooled.shape[-1]))}
+        return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)
+
+    def _size_dim(self, pooled_width: int) -> int:
+        return (self.unet.label_emb[0][0].in_features - pooled_width) // 6
+
+    @contextlib.contextmanager
+    def training_weights(self):
+        """For the length of a run: the checkpoint's own weights (Forge gives back what its patches changed;
+        afterwards it merges again what its objects ask for, the built-in's `<lora:>` of the last generation:
+        the same bits as before), as tensors autograd can save (Forge loads weights under inference mode, and
+        those cannot take part in a backward pass: each is replaced by an ordinary tensor of the same bits,
+        one at a time; Forge computes with either)."""
+        for patcher in (self._objects.unet, self._objects.clip.patcher):
+            patcher.refresh_loras()     # the original objects carry no patches: Forge restores what it patched
+        with torch.inference_mode(False), torch.no_grad():
+            for module in self.model.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, t in list(store.items()):
+                        if t is not None and t.is_inference():
+                            ordinary = t.clone()
+                            store[name] = nn.Parameter(ordinary, requires_grad=False) if isinstance(
+                                t, nn.Parameter) else ordinary
+        try:
+            yield
+        finally:
+            after = self.engine.forge_objects_after_applying_lora
+            for patcher in (after.unet, after.clip.patcher):
+                patcher.refresh_loras()
+
+
+def _on_a_copy(module, x):
+    return type(module).forward(module, x.clone())
 
 
 def _digest(signature) -> str:
@@ -203,7 +253,7 @@ class ForgePatches:
         digest, patches = self.staged[part]
         if not patches and not (scheduled and part == "unet"):
             return 0
-        objects = self.host.model.forge_objects
+        objects = self.host.engine.forge_objects
         clone = getattr(objects, part).clone()
         self._add(clone.patcher if part == "clip" else clone, part)
         setattr(objects, part, clone)
@@ -224,7 +274,7 @@ class ForgePatches:
         """Forge merged ours into its weights when it loaded the model: have it merge them again with only
         what its own objects ask for (the built-in's `<lora:>`), so the model is as the built-in left it."""
         self.live = None
-        after = self.host.model.forge_objects_after_applying_lora
+        after = self.host.engine.forge_objects_after_applying_lora
         for patcher in (after.unet, after.clip.patcher):
             if _PREFIX in str(patcher.lora_loader.loaded_hash):
                 patcher.refresh_loras()

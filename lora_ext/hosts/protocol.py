@@ -44,7 +44,7 @@ class Host(Protocol):
     def applied_targets(self) -> dict[str, Bound]: ...  # those and naming.extra_targets (norms, conv_in ...)
     def text_encoders(self) -> list[nn.Module]: ...     # to move off the device once their outputs are cached
     def checkpoint_blocks(self) -> list[nn.Module]: ...  # what gradient checkpointing wraps
-    def attention_patches(self) -> list: ...            # (module, forward) pairs: fused attention while training
+    def training_patches(self) -> list: ...             # (module, forward) pairs a run installs (fused attention)
     def estimate_attention_patches(self) -> list: ...   # (module, forward) pairs: its shapes, for the estimate
     def pristine_weight(self, bound: Bound) -> torch.Tensor | None: ...  # before any network (another's backup)
     def weight_written(self, bound: Bound, weight: torch.Tensor) -> None: ...  # we changed it: tell the others

@@ -12,6 +12,15 @@ import torch
 START, END = 49406, 49407
 
 
+class Holder:
+    """What encode() takes for a transformers text encoder held apart from its tokenizer (diffusers, Forge):
+    `.transformer`, `.tokenizer`; `zero_pad`: rows are zeros after their end token (SDXL's second tokenizer
+    pads with "!", id 0, as open_clip does)."""
+
+    def __init__(self, transformer, tokenizer, zero_pad: bool = False):
+        self.transformer, self.tokenizer, self.zero_pad = transformer, tokenizer, zero_pad
+
+
 def tokenize(holder, prompts: list) -> list:
     """Token ids of each prompt without start/end tokens."""
     if hasattr(holder, "tokenizer"):

@@ -183,7 +183,7 @@ def _patches(run: Run) -> list:
     (a headless run loads them so when asked for one) computing in fp32, and each frozen convolution on the
     faster CPU kernel for its shape (cpu_conv)."""
     host, cfg = run.host, run.cfg
-    patches = host.attention_patches()
+    patches = host.training_patches()
     if cfg.xformers and patches:
         run.messages.append("xformers is not used here; torch's scaled_dot_product_attention does the same job")
     if run.amp is None and run.device.type == "cpu":

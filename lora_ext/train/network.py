@@ -37,6 +37,13 @@ class _AddDelta(nn.Module):
         return weight + deltas
 
 
+def _in_dtype_of(lora, x):
+    """x in the trained module's dtype: a host may run a frozen layer in a half dtype without autocast (Forge's
+    text encoder on the CPU computes in fp16), while what is trained stays fp32."""
+    dtype = next(lora.parameters()).dtype
+    return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+
+
 def _geometry(bound) -> Geometry:
     """The weight a module is made for: the target's own, or for a q/k/v row block a Linear's of that shape."""
     if bound.target.qkv is not None:
@@ -91,7 +98,7 @@ class TrainableNetwork(nn.Module):
                 weight_parts.setdefault((bound.module, "weight"), []).append((lora, None))
             else:
                 self._handles.append(bound.module.register_forward_hook(
-                    lambda layer, args, out, lora=lora: out + lora(args[0], layer.weight).to(out.dtype)))
+                    lambda layer, args, out, lora=lora: out + lora(_in_dtype_of(lora, args[0]), layer.weight).to(out.dtype)))
         for (layer, pname), parts in weight_parts.items():
             order = list(layer._parameters)
             parametrize.register_parametrization(layer, pname, _AddDelta(parts), unsafe=True)

@@ -3,40 +3,29 @@ line saying what to provide, where there is no Forge source or venv."""
 import pytest
 
 from conftest import free_port
-from real_webui.harness import Server, Unavailable
+from real_webui.harness import Server, Tier
 
 from . import harness
 
-_STATE = {}
+def _setup():
+    source = harness.forge_source()
+    return source, harness.forge_python(source)
 
 
-def _availability():
-    if "why" not in _STATE:
-        try:
-            source = harness.forge_source()
-            _STATE["setup"] = (source, harness.forge_python(source))
-            _STATE["why"] = None
-        except Unavailable as e:
-            _STATE["why"] = str(e)
-    return _STATE["why"]
+TIER = Tier("real_forge", _setup)
 
 
 def pytest_collection_modifyitems(config, items):
-    ours = [i for i in items if "real_forge" in str(i.fspath)]
-    if ours and _availability():
-        marker = pytest.mark.skip(reason=_STATE["why"])
-        for item in ours:
-            item.add_marker(marker)
+    TIER.skip_if_unavailable(items)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _STATE.get("why"):
-        terminalreporter.write_line(_STATE["why"])
+    TIER.summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")
 def forge_work(tmp_path_factory):
-    source, python = _STATE["setup"]
+    source, python = TIER.setup
     return harness.make_work_copy(str(tmp_path_factory.mktemp("real_forge")), source, python)
 
 

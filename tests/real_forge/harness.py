@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
-from real_webui.harness import EXTENSION_IGNORE, ROOT, Unavailable, _make_writable
+from real_webui.harness import EXTENSION_IGNORE, ROOT, Unavailable, _make_writable, host_python
 
 # Forge's start-up on a CPU-only machine (../shared/forge/NOTES.md); --server-name: an API start binds 0.0.0.0
 # without it
@@ -37,14 +36,7 @@ def forge_source() -> str:
 
 
 def forge_python(source: str) -> str:
-    if os.environ.get("LORA_EXT_FORGE_PYTHON"):
-        return os.environ["LORA_EXT_FORGE_PYTHON"]
-    built = subprocess.run(["bash", os.path.join(ROOT, ".ci", "forge-venv"), source, "--check"],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        raise Unavailable("real-Forge tier skipped: its venv is not built; run `bash .ci/setup` (first time a few "
-                          "minutes of pip) or set LORA_EXT_FORGE_PYTHON")
-    return os.path.join(built.stdout.strip(), "bin", "python")
+    return host_python(source, "forge-venv", "LORA_EXT_FORGE_PYTHON", "real-Forge", "a few minutes")
 
 
 def _ignore(source: str):

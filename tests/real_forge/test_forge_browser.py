@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM, _choose, _fill, _shot, _tab
+from test_browser import CHROMIUM, _choose, _fill, _shot, _tab, browser_page
 
 from . import harness
 
@@ -15,15 +15,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 
 @pytest.fixture(scope="module")
 def page(forge):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(forge.url, timeout=120_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+    with browser_page(forge) as page:
         yield page
-        browser.close()
 
 
 def _subtab(page, name):
@@ -76,24 +69,51 @@ def test_merge_in_the_tab_equals_the_panel_and_loads_in_forge(forge, page, tmp_p
     assert "Traceback" not in forge.log()
 
 
-def test_training_on_forges_model_is_a_message_not_an_error(forge, page, tmp_path):
+def test_train_in_the_tab_on_forges_model_then_the_new_lora_in_the_panel_equals_the_builtin(forge, forge_work, page,
+                                                                                              tmp_path):
+    """Training from the LoRA tab on the model Forge has loaded (after a built-in `<lora:>` generation, whose
+    patches Forge keeps merged): 4 steps, the new file in Forge's LoRA folder, Forge's weights after the run
+    as they were after that generation (Forge merged them again), that generation repeated gives the same
+    latents, and the new LoRA through the panel equals `<lora:>` with it."""
+    import os
+
     from playwright.sync_api import expect
 
     from lora_ext.testing import sample_data
 
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
-    before = forge.weights()
+    forge.txt2img(f"a photo of a cat <lora:{harness.LORA[:-12]}:1>")
+    before, builtin_before = forge.weights(), forge.latents()
     try:
         page.goto(forge.url, timeout=120_000)
         page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
         _tab(page, "LoRA")
+        for group in ("network", "optimizer_schedule", "samples_saving"):
+            page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
         _fill(page, "train_data_dir", data["train"])
-        _fill(page, "output_name", "forge_run")
+        _fill(page, "output_name", "forgerun")
+        for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", 4),
+                             ("network_dim", 4), ("network_alpha", 2), ("learning_rate", 1e-2),
+                             ("train_batch_size", 1)):
+            _fill(page, field, value)
         page.locator("#lora_ext_train_start").click()
-        expect(_message(page, "lora_ext_train_message")).to_contain_text(
-            "training on Forge's loaded model is not available yet", timeout=60_000)
-        _shot(page, tmp_path, "forge_2_train_refused")
+        expect(_message(page, "lora_ext_train_status")).to_contain_text("Finished", timeout=300_000)
+        _shot(page, tmp_path, "forge_2_trained")
     except Exception:
         _shot(page, tmp_path, "forge_failed_train")
         raise
+    status = _message(page, "lora_ext_train_status").inner_text()
+    assert "after 4 steps" in status, status
+    assert os.path.isfile(os.path.join(forge_work["loras"], "forgerun.safetensors"))
     assert forge.weights() == before and "Traceback" not in forge.log()
+    forge.txt2img(f"a photo of a cat <lora:{harness.LORA[:-12]}:1>")
+    assert (forge.latents() - builtin_before).abs().max() == 0
+    forge.txt2img("a photo of a cat")
+    plain = forge.latents()
+    forge.txt2img("a photo of a cat <lora:forgerun:0.7>")
+    builtin = forge.latents()
+    forge.txt2img("a photo of a cat", [{"enabled": True, "model": "forgerun.safetensors", "weight": 0.7}])
+    ours = forge.latents()
+    gap, effect = (ours - builtin).abs().max().item(), (builtin - plain).abs().max().item()
+    print(f"trained on Forge, panel against <lora:forgerun:0.7>: gap {gap:.2e}, the LoRA's effect {effect:.2e}")
+    assert effect > 1e-3 and gap < 1e-3 * max(1.0, effect), (gap, effect)

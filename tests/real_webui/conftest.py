@@ -7,36 +7,25 @@ from conftest import free_port
 
 from . import harness
 
-_STATE = {}
+def _setup():
+    source = harness.webui_source()
+    return source, harness.repositories(source), harness.webui_python(source)
 
 
-def _availability():
-    if "why" not in _STATE:
-        try:
-            source = harness.webui_source()
-            _STATE["setup"] = (source, harness.repositories(source), harness.webui_python(source))
-            _STATE["why"] = None
-        except harness.Unavailable as e:
-            _STATE["why"] = str(e)
-    return _STATE["why"]
+TIER = harness.Tier("real_webui", _setup)
 
 
 def pytest_collection_modifyitems(config, items):
-    ours = [i for i in items if "real_webui" in str(i.fspath)]
-    if ours and _availability():
-        marker = pytest.mark.skip(reason=_STATE["why"])
-        for item in ours:
-            item.add_marker(marker)
+    TIER.skip_if_unavailable(items)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _STATE.get("why"):
-        terminalreporter.write_line(_STATE["why"])
+    TIER.summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
-    source, repos, python = _STATE["setup"]
+    source, repos, python = TIER.setup
     folder = str(tmp_path_factory.mktemp("real_webui"))
     paths = harness.make_work_copy(folder, source, repos, python)
     installed = harness.run_installer(paths)

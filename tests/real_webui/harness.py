@@ -77,14 +77,19 @@ def repositories(source: str) -> dict:
 
 
 def webui_python(source: str) -> str:
-    if os.environ.get("LORA_EXT_WEBUI_PYTHON"):
-        return os.environ["LORA_EXT_WEBUI_PYTHON"]
-    # .ci/webui-venv prints the cached venv's path; it builds only when asked to (CI's setup does)
-    built = subprocess.run(["bash", os.path.join(ROOT, ".ci", "webui-venv"), source, "--check"],
+    return host_python(source, "webui-venv", "LORA_EXT_WEBUI_PYTHON", "real-webui", "about 25 minutes")
+
+
+def host_python(source: str, recipe: str, variable: str, tier: str, pip_time: str) -> str:
+    """The python of a host's venv: $`variable`, else the one .ci/`recipe` built (it prints the cached venv's
+    path; it builds only when asked to, as CI's setup does); Unavailable saying how to get one."""
+    if os.environ.get(variable):
+        return os.environ[variable]
+    built = subprocess.run(["bash", os.path.join(ROOT, ".ci", recipe), source, "--check"],
                            capture_output=True, text=True)
     if built.returncode != 0:
-        raise Unavailable("real-webui tier skipped: its venv is not built; run `bash .ci/setup` (first time about "
-                          "25 minutes of pip) or set LORA_EXT_WEBUI_PYTHON")
+        raise Unavailable(f"{tier} tier skipped: its venv is not built; run `bash .ci/setup` (first time "
+                          f"{pip_time} of pip) or set {variable}")
     return os.path.join(built.stdout.strip(), "bin", "python")
 
 
@@ -320,3 +325,36 @@ class Server:
 
     def weights(self) -> str:
         return self.get("/probe/weights")["sha256"]
+
+
+class Tier:
+    """Whether a real-host tier can run here: `find()` gives its setup (the source, its venv ...) or raises
+    Unavailable; the tier's tests (those under its `folder`) are skipped with that one line otherwise."""
+
+    def __init__(self, folder: str, find):
+        self.folder, self._find, self._found = folder, find, None
+
+    @property
+    def why(self) -> str | None:
+        if self._found is None:
+            try:
+                self._found = ("", self._find())
+            except Unavailable as e:
+                self._found = (str(e), None)
+        return self._found[0] or None
+
+    @property
+    def setup(self):
+        return self._found[1]
+
+    def skip_if_unavailable(self, items) -> None:
+        import pytest
+
+        ours = [i for i in items if self.folder in str(i.fspath)]
+        if ours and self.why:
+            for item in ours:
+                item.add_marker(pytest.mark.skip(reason=self.why))
+
+    def summary(self, terminalreporter) -> None:
+        if self._found is not None and self.why:
+            terminalreporter.write_line(self.why)

@@ -1,6 +1,5 @@
 """The real webui in headless Chromium: pasting an infotext into the panel, and training from the LoRA tab
 (the webui's Interrupt as the cancel, then Resume), after a `<lora:>` generation."""
-import contextlib
 import glob
 import json
 import os
@@ -9,23 +8,9 @@ import shutil
 
 import pytest
 
-from test_browser import ARGS, CHROMIUM, _choose, _fill, _md, _shot, _tab
+from test_browser import CHROMIUM, _choose, _fill, _md, _shot, _tab, browser_page
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium and playwright: bash .ci/setup")
-
-
-@contextlib.contextmanager
-def browser_page(server):
-    """Headless Chromium on a webui server's page, once its prompt box is there."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(server.url, timeout=120_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
-        yield page
-        browser.close()
 
 
 @pytest.fixture(scope="module")

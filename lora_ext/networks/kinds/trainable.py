@@ -26,8 +26,10 @@ class Geometry:
                 raise TypeError("grouped convolutions are not trained")
             return cls(tuple(layer.weight.shape), dict(stride=layer.stride, padding=layer.padding,
                                                        dilation=layer.dilation))
-        if isinstance(layer, nn.Linear):
-            return cls((layer.out_features, layer.in_features))
+        weight = getattr(layer, "weight", None)
+        if isinstance(layer, nn.Linear) or (isinstance(weight, torch.Tensor) and weight.ndim == 2):
+            # a host's own Linear (Forge's is a plain Module computing x @ W.T + b) is trained as one
+            return cls(tuple(weight.shape))
         raise TypeError(f"network modules target Linear and Conv2d layers, not {type(layer).__name__}")
 
     @property
