@@ -39,9 +39,19 @@ class _AddDelta(nn.Module):
 
 def _in_dtype_of(lora, x):
     """x in the trained module's dtype: a host may run a frozen layer in a half dtype without autocast (Forge's
-    text encoder on the CPU computes in fp16), while what is trained stays fp32."""
+    text encoder on the CPU computes in fp16), while what is trained stays fp32. Under autocast x is left as it
+    is: autocast picks the product's dtype itself (a cast up here would only be cast down again)."""
+    if not x.is_floating_point() or _autocast(x.device.type):
+        return x
     dtype = next(lora.parameters()).dtype
-    return x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:        # a device autocast does not know (meta, in the memory estimate)
+        return False
 
 
 def _geometry(bound) -> Geometry:
