@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from .. import naming
@@ -63,8 +64,6 @@ def input_placement(module: nn.Module) -> tuple:
 def sample_latents(mean, std, seeds, scale: float):
     """Latents from a VAE's distribution: one sample per image, drawn with that image's seed (the mean
     without seeds), times the latent scale."""
-    import torch
-
     if seeds is None:
         return mean * scale
     noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -124,3 +123,41 @@ class ConditioningMixin:
         for backward, whatever forward the host installed."""
         from .ldm_attention import fused_attention_shape_patches
         return fused_attention_shape_patches(self.unet)
+
+
+class LdmLayoutMixin:
+    """What hosts whose UNet is in ldm's layout (input_blocks, middle_block, output_blocks; SDXL's label_emb)
+    and whose VAE has ldm's encoder / quant_conv / decode compute the same way: the webui's model and Forge's."""
+
+    def checkpoint_blocks(self) -> list:
+        """The UNet blocks our gradient checkpointing wraps."""
+        unet = self.unet
+        return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+
+    def _size_dim(self, pooled_width: int) -> int:
+        return (self.unet.label_emb[0][0].in_features - pooled_width) // 6
+
+    def encode_images(self, pixels, seeds=None):
+        """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
+        that image's seed (the distribution's mean without seeds)."""
+        vae = self.vae
+        p = next(vae.parameters())
+        # the posterior's moments from the encoder itself: ldm's encode() returns the distribution, but sgm's
+        # inference wrapper (the webui's SDXL VAE) a sample of it, drawn from the global RNG
+        moments = vae.encoder(pixels.to(p.device, p.dtype))
+        if getattr(vae, "quant_conv", None) is not None:        # Forge's VAE may have none
+            moments = vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))      # as ldm's and sgm's DiagonalGaussianDistribution
+        return sample_latents(mean, std, seeds, self.latent_scale)
+
+    def decode_latents(self, latents):
+        p = next(self.vae.parameters())
+        return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
+
+    def predict(self, noisy, timesteps, cond):
+        device, dtype = input_placement(self.unet)
+        c = cond.to(device, dtype)
+        # the pooled width from the conditioning itself: the text encoders may be freed by now (train.leaving)
+        extra = {} if c.pooled is None else {"y": c.vector(self._size_dim(c.pooled.shape[-1]))}
+        return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import naming
 from . import UnsupportedModel, text_encoding
-from .base import ConditioningMixin, bind, input_placement, sample_latents
+from .base import ConditioningMixin, LdmLayoutMixin, bind
 
 PATCH_TYPE = "lora_ext"         # our patch type in Forge's table of weight calculators
 _PREFIX = "lora_ext:"           # what our patch sets' identifiers start with
@@ -41,7 +41,7 @@ class _Parts(nn.Module):
         self.unet, self.clip, self.vae = unet, clip, vae
 
 
-class ForgeHost(ConditioningMixin):
+class ForgeHost(LdmLayoutMixin, ConditioningMixin):
     def __init__(self, engine):
         self.engine = engine        # Forge's diffusion engine (modules.shared.sd_model there)
         objects = engine.forge_objects_original
@@ -137,11 +137,6 @@ class ForgeHost(ConditioningMixin):
 
     # --- what training computes, with Forge's own encoders and UNet --------------------------------------
 
-    def checkpoint_blocks(self) -> list:
-        """The UNet blocks our gradient checkpointing wraps (Forge's own refuses to checkpoint)."""
-        unet = self.unet
-        return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
-
     def training_patches(self) -> list:
         """Forge's transformer blocks add their attention and MLP outputs to the residual in place (`x += n`),
         after the norms saved that residual for the backward pass: each norm is given a copy of its input for
@@ -163,29 +158,6 @@ class ForgeHost(ConditioningMixin):
     def encode_text(self, prompts: list, clip_skip: int = 1, max_tokens: int = 75):
         """As the webui encodes a prompt (75-token chunks, clip_skip), through Forge's text encoder modules."""
         return text_encoding.encode(self._holders(), prompts, clip_skip, max_tokens, self.arch.name == "sdxl")
-
-    def encode_images(self, pixels, seeds=None):
-        """Scaled latents of images in [-1, 1], one sample of the VAE's distribution per image seed."""
-        vae = self.vae
-        p = next(vae.parameters())
-        moments = vae.encoder(pixels.to(p.device, p.dtype))
-        if getattr(vae, "quant_conv", None) is not None:
-            moments = vae.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)
-        return sample_latents(mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)), seeds, self.latent_scale)
-
-    def decode_latents(self, latents):
-        p = next(self.vae.parameters())
-        return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
-
-    def predict(self, noisy, timesteps, cond):
-        device, dtype = input_placement(self.unet)
-        c = cond.to(device, dtype)
-        extra = {} if c.pooled is None else {"y": c.vector(self._size_dim(c.pooled.shape[-1]))}
-        return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)
-
-    def _size_dim(self, pooled_width: int) -> int:
-        return (self.unet.label_emb[0][0].in_features - pooled_width) // 6
 
     @contextlib.contextmanager
     def training_weights(self):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from functools import cached_property
 
-import torch
-
 from .. import naming
 from . import builtin_lora, text_encoding
-from .base import ConditioningMixin, bind, input_placement, sample_latents
-from .conditioning import Cond, Text
+from .base import ConditioningMixin, LdmLayoutMixin, bind
+from .conditioning import Text
 
 
-class WebuiHost(ConditioningMixin):
+class WebuiHost(LdmLayoutMixin, ConditioningMixin):
     def __init__(self, sd_model):
         self.model = sd_model
 
@@ -74,11 +72,6 @@ class WebuiHost(ConditioningMixin):
     def latent_scale(self) -> float:
         return float(getattr(self.model, "scale_factor", 0.13025 if self.arch.name == "sdxl" else 0.18215))
 
-    def checkpoint_blocks(self) -> list:
-        """The UNet blocks gradient checkpointing wraps."""
-        unet = self.unet
-        return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
-
     def count_tokens(self, text: str) -> int:
         return len(text_encoding.tokenize(self.text_holders()[0], [text])[0])
 
@@ -99,31 +92,6 @@ class WebuiHost(ConditioningMixin):
     def size_dim(self) -> int | None:
         """SDXL: channels per size number, what label_emb takes beyond the pooled text (real models: 256)."""
         return None if self.pooled_width is None else self._size_dim(self.pooled_width)
-
-    def _size_dim(self, pooled_width: int) -> int:
-        return (self.unet.label_emb[0][0].in_features - pooled_width) // 6
-
-    def encode_images(self, pixels, seeds=None):
-        """Latents (scaled) of images in [-1, 1]: a sample of the VAE's distribution per image, drawn with
-        that image's seed (the distribution's mean without seeds)."""
-        p = next(self.vae.parameters())
-        # the posterior's moments from the encoder itself: ldm's encode() returns the distribution, but sgm's
-        # inference wrapper (the webui's SDXL VAE) a sample of it, drawn from the global RNG
-        moments = self.vae.quant_conv(self.vae.encoder(pixels.to(p.device, p.dtype)))
-        mean, logvar = moments.chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))      # as ldm's and sgm's DiagonalGaussianDistribution
-        return sample_latents(mean, std, seeds, self.latent_scale)
-
-    def decode_latents(self, latents):
-        p = next(self.vae.parameters())
-        return self.vae.decode((latents / self.latent_scale).to(p.device, p.dtype))
-
-    def predict(self, noisy, timesteps, cond: Cond):
-        device, dtype = input_placement(self.unet)
-        c = cond.to(device, dtype)
-        # the pooled width from the conditioning itself: the text encoders may be freed by now (train.leaving)
-        extra = {} if c.pooled is None else {"y": c.vector(self._size_dim(c.pooled.shape[-1]))}
-        return self.unet(noisy.to(device, dtype), timesteps.to(device), context=c.crossattn, **extra)
 
     # --- living beside the webui's built-in Lora, and its faster attention -------------------------------
 
