@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def lora_shapes(rank: int) -> list:
     """(down, up) shapes of a rank-`rank` LoRA on every Linear / 1x1 target of the real SD1.5 shapes."""
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     model = tiny.build("sd1-full")
     shapes = []

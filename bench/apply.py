@@ -24,12 +24,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from lora_ext import files  # noqa: E402
 from lora_ext.apply import Engine, Request  # noqa: E402
-from lora_ext.demo import make_random_lora  # noqa: E402
+from random_networks import make_random_lora  # noqa: E402
 from lora_ext.hosts.webui import WebuiHost  # noqa: E402
-from lora_ext.testing import tiny  # noqa: E402
+from lora_ext import tiny  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -130,7 +131,7 @@ def compare_networks(names: list, model, host) -> dict:
     layer; IA3 and the first GLoRA layout on the Linear ones; full also on conv_in / conv_out / the time
     embedding, biases included; norm on every norm layer), against a plain LoCon of the same layers measured in
     the same run."""
-    from lora_ext.demo import make_random_dora, make_random_network
+    from random_networks import make_random_dora, make_random_network
 
     targets = host.applied_targets()
     folder = tempfile.mkdtemp(prefix="lora_ext_bench_types_")

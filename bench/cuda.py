@@ -141,7 +141,7 @@ def main() -> None:
         raise SystemExit("no CUDA device here (--device cpu runs the tiny model on the CPU)")
 
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data, tiny
+    from lora_ext import sample_data, tiny
 
     started = time.perf_counter()
     model = tiny.build(args.arch)

@@ -21,16 +21,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lora_ext.hosts.conditioning import Cond  # noqa: E402
 from lora_ext.hosts.ldm_attention import sdpa_patches  # noqa: E402
 from lora_ext.hosts.webui import WebuiHost  # noqa: E402
-from lora_ext.testing import tiny  # noqa: E402
+from lora_ext import tiny  # noqa: E402
 from lora_ext.train import memory  # noqa: E402
 from lora_ext.train.config import TrainConfig  # noqa: E402
 from lora_ext.train.network import network_for  # noqa: E402
+from lora_ext.train.network_args import spec  # noqa: E402
 from lora_ext.train.session import HostSession  # noqa: E402
 
 
 def measured_peak(host, cfg) -> int:
     """Peak bytes allocated during a steady-state step, above what was allocated when it began."""
-    network = network_for(host, cfg)
+    network = network_for(host, spec(cfg))
     optimizer = torch.optim.AdamW(network.parameters())
     w, h = cfg.size
     b = cfg.train_batch_size

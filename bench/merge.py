@@ -18,6 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 KOHYA_REFERENCE = {"merge_s": 32.0, "merge_peak_gb": 9.4, "resize_s": 92.0, "extract_s": 129.0,
                    "extract_peak_gb": 11.5}
 
@@ -67,8 +68,8 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from lora_ext import files
-    from lora_ext.demo import make_random_lora
-    from lora_ext.testing import tiny
+    from random_networks import make_random_lora
+    from lora_ext import tiny
 
     folder = tempfile.mkdtemp(prefix="lora_ext_bench_merge_")
     model = tiny.build("sd1-full")

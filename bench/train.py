@@ -74,7 +74,7 @@ NETWORKS = {"lora": ("networks.lora", _CONV), "loha": ("lycoris.kohya", ["algo=l
 
 def one(name: str, steps: int, images: int, network: str | None = None, precision: str = "no") -> dict:
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data, tiny
+    from lora_ext import sample_data, tiny
     from lora_ext.train import memory
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
@@ -107,7 +107,7 @@ def one(name: str, steps: int, images: int, network: str | None = None, precisio
 
 def one_sdxl(name: str, steps: int, images: int) -> dict:
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data, tiny
+    from lora_ext import sample_data, tiny
     from lora_ext.train import memory
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
@@ -241,7 +241,7 @@ def kohya_inputs(folder: str, images: int, arch: str = "sd1") -> dict:
     from safetensors.torch import save_file
 
     from lora_ext.hosts.ldm_layout import clip_tokenizer
-    from lora_ext.testing import sample_data, tiny
+    from lora_ext import sample_data, tiny
 
     ckpt = os.path.join(folder, f"{'sd15' if arch == 'sd1' else arch}_random.safetensors")
     model = tiny.build(f"{arch}-full").half()
@@ -332,7 +332,7 @@ def _over_kohya(med, tool) -> dict:
 
 # ours with the UNet read together with the rest of the model, before the captions are encoded (what every run
 # did before train.leaving.unet_after_encoders)
-_UNET_FIRST = ("import sys; import lora_ext.train.leaving as l; l.unet_after_encoders = lambda cfg, device: False; "
+_UNET_FIRST = ("import sys; import lora_ext.train.leaving as l; l.unet_after_encoders = lambda cfg, device, spec: False; "
                "from lora_ext.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

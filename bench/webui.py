@@ -76,8 +76,8 @@ def startup(paths, rounds: int = 2, flags=harness.FLAGS) -> dict:
 
 def full_size(paths, work) -> None:
     from lora_ext import files
-    from lora_ext.demo import make_random_lora
-    from lora_ext.testing import tiny
+    from random_networks import make_random_lora
+    from lora_ext import tiny
 
     model = tiny.build("sd1-full")
     tiny.save_checkpoint(model, os.path.join(paths["checkpoints"], FULL), os.path.join(work, "clip-full"))
@@ -159,7 +159,7 @@ def train_start(paths, work) -> dict:
     checkpoint, data and options (bench/train.py's reading of its bar): seconds to the first step."""
     import importlib.util
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
 
     spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench", "train.py"))
     bench_train = importlib.util.module_from_spec(spec)

@@ -30,14 +30,14 @@ def _arch_of(name: str):
     if name in naming.STANDARD:
         return naming.STANDARD[name]
     if name.startswith("tiny-"):
-        from .testing import tiny
+        from . import tiny
         return naming.arch_from_model(tiny.build(name.removeprefix("tiny-")))
     raise UsageError(f"--model {name!r}: give sd1, sd2, sdxl, or tiny-sd1/tiny-sd2/tiny-sdxl")
 
 
 def _train_values(args, extra: list) -> dict:
     """Options from the TOML file (if any), then the flags given (kohya's names), as one dict."""
-    from .train import config
+    from .train import config, kohya_options
 
     values = {}
     if args.config_file:
@@ -46,10 +46,14 @@ def _train_values(args, extra: list) -> dict:
     if extra and not names:
         raise UsageError(f"unexpected arguments: {' '.join(extra)} (options are --name value)")
     values.update({name: None for name in names})      # from_dict names them, with any unsupported ones
-    known = config.field_names() | set(config.NO_EFFECT) | config.KOHYA_UNSUPPORTED
+    own = config.field_names()
     for name, value in vars(args).items():
-        if name in known and name != "config_file" and value is not None:
+        if name == "config_file" or value is None:
+            continue
+        if name in own:
             values[name] = value
+        elif name in kohya_options.KOHYA_DEFAULTS:     # kohya's other options: a flag, a value or several
+            values[name] = True if value == [] else value[0] if len(value) == 1 else value
     return values
 
 
@@ -72,7 +76,7 @@ def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp3
                          "diffusers folder)")
     device = local_device()
     if name.startswith("tiny-"):
-        from .testing import tiny
+        from . import tiny
         host = for_model(tiny.build(name.removeprefix("tiny-")))
     elif os.path.isdir(name):
         from .hosts.diffusers_host import DiffusersHost
@@ -129,7 +133,7 @@ class _StopOnSignal:
 
 def cmd_train(args, extra) -> int:
     from .hosts.checkpoint import CheckpointError
-    from .train import config
+    from .train import config, network_args
     from .train.dataset import DatasetError, scan
     from .train.distributed import local_device
     from .train.leaving import unet_after_encoders
@@ -150,7 +154,7 @@ def cmd_train(args, extra) -> int:
         check_outputs(cfg)
         data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
         host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights,
-                         unet_after_encoders(cfg, local_device()))
+                         unet_after_encoders(cfg, local_device(), network_args.spec(cfg)))
         from .train import memory
         est, line = memory.estimated(host, cfg)
         print(f"estimated memory: {line}", file=sys.stderr)
@@ -361,11 +365,13 @@ def _compare_command(sub) -> None:
 
 
 def _train_command(sub) -> None:
-    """`train`: every TrainConfig field as a kohya option of the same name; kohya's options we take without
-    effect, or do not support, are accepted here and named by the config's notes and checks."""
+    """`train`: every TrainConfig field as a kohya option of the same name; kohya's other options (all of
+    train_network.py's) are taken too, each with what lora_ext does with it in --help, and judged by the
+    config's checks (train.kohya_options)."""
     import dataclasses
 
-    from .train.config import KOHYA_UNSUPPORTED, NO_EFFECT, TrainConfig
+    from .train.config import TrainConfig
+    from .train.kohya_options import KOHYA_DEFAULTS, status
 
     t = sub.add_parser("train", help="train a LoRA; options keep the names of kohya's train_network.py",
                        allow_abbrev=False)      # --x must not quietly mean --xformers
@@ -378,8 +384,10 @@ def _train_command(sub) -> None:
             t.add_argument(f"--{f.name}", nargs="*", default=None)
         else:
             t.add_argument(f"--{f.name}", default=None)
-    for name in sorted(set(NO_EFFECT) - {"config_file"} | KOHYA_UNSUPPORTED):
-        t.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    kohya = t.add_argument_group("kohya's other train_network.py options",
+                                 "taken under their names; what each does here:")
+    for name in sorted(set(KOHYA_DEFAULTS) - set(TrainConfig.__dataclass_fields__) - {"config_file"}):
+        kohya.add_argument(f"--{name}", nargs="*", default=None, metavar="VALUE", help=status(name))
     t.set_defaults(func=cmd_train)
 
 

@@ -35,14 +35,12 @@ class ConceptError(ValueError):
 # --- kohya dataset TOML --------------------------------------------------------------------------------------
 
 def from_kohya_toml(text: str) -> list:
+    from .toml_text import parse
+
     try:
-        import tomllib
-    except ModuleNotFoundError:
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConceptError(f"not valid TOML ({e})") from None
+        data = parse(text)
+    except ValueError as e:
+        raise ConceptError(str(e)) from None
     general = data.get("general", {})
     concepts = []
     for dataset in data.get("datasets", []):

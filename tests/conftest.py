@@ -14,7 +14,7 @@ _MODELS = {}
 
 def tiny_model(arch: str):
     """One tiny model per architecture per session; tests that change weights must restore them."""
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     if arch not in _MODELS:
         _MODELS[arch] = tiny.build(arch)

@@ -7,12 +7,13 @@ import torch
 from conftest import tiny_model
 from lora_ext import files
 from lora_ext.apply import BYPASS, MERGE, Engine, Request
-from lora_ext.demo import make_random_network
+from random_networks import make_random_network, network_names
 from lora_ext.hosts.webui import WebuiHost
 
-# type -> whether its random file covers conv layers (IA3 and the first GLoRA layout: Linear only)
-NETWORKS = {"lora": True, "loha": True, "lokr": True, "ia3": False, "oft": True, "boft": True, "glora": True,
-            "glora_v1": False, "full": True, "norm": False}
+# every registered type and layout (a new type is in without a line here); these cover no conv layer (IA3 and
+# the first GLoRA layout as the built-in applies them: Linear only; norm: norm layers only)
+NETWORKS = network_names()
+LINEAR_ONLY = {"ia3", "glora_v1", "norm"}
 WEIGHT = 0.6
 
 
@@ -41,13 +42,13 @@ def _sampled(host, modules):
 def test_each_type_merges_and_bypasses_alike_and_restores_exactly(tmp_path, arch, network):
     model = tiny_model(arch)
     host = WebuiHost(model)
-    modules = make_random_network(model, network, conv=NETWORKS[network])
+    modules = make_random_network(model, network, conv=network not in LINEAR_ONLY)
     path = str(tmp_path / f"{network}.safetensors")
     files.write_kohya(path, files.kohya_tensors(modules), {"ss_output_name": network})
     snap = {k: v.clone() for k, v in model.state_dict().items()}
     sampled = _sampled(host, modules)
     want_kinds = {"norm": {torch.nn.GroupNorm, torch.nn.LayerNorm}}.get(
-        network, {torch.nn.Linear, torch.nn.Conv2d} if NETWORKS[network] else {torch.nn.Linear})
+        network, {torch.nn.Linear} if network in LINEAR_ONLY else {torch.nn.Linear, torch.nn.Conv2d})
     assert set(sampled) == want_kinds
     names = [n for group in sampled.values() for n in group]
     g = torch.Generator().manual_seed(0)
@@ -92,7 +93,7 @@ def test_a_checkpoint_merge_writes_what_the_engine_applies_biases_and_norms_too(
     from safetensors.torch import load_file
 
     from lora_ext.merge import Item, merge_checkpoint
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     model = tiny_model("sd1")
     host = WebuiHost(model)
@@ -174,9 +175,14 @@ def test_a_diffusers_folder_takes_the_same_full_and_norm_files(tmp_path, network
     assert all(torch.equal(v, snap[k]) for k, v in host.model.state_dict().items())
 
 
-def test_every_registered_type_has_an_applied_case_here():
-    """A new type in the registry (networks/kinds) is not left out of the apply / merge / restore checks above:
-    every TYPES name has its case in NETWORKS (a layout variant such as BOFT or the first GLoRA may add more)."""
+def test_every_registered_type_and_layout_draws_a_random_network():
+    """The parametrized checks above take their cases from the registry (networks/kinds): each type and layout
+    draws modules on the tiny SD1 model, of that type, so none of them passes by testing nothing."""
     from lora_ext.networks.kinds import TYPES
 
+    model = tiny_model("sd1")
     assert {t.name for t in TYPES} <= set(NETWORKS)
+    for network in NETWORKS:
+        modules = make_random_network(model, network, conv=network not in LINEAR_ONLY)
+        kind = next(t.name for t in TYPES if network in (t.name, *t.layouts))
+        assert modules and {m.network for m in modules.values()} == {kind}, network

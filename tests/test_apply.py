@@ -11,9 +11,9 @@ import builtin_lora_double as builtin
 from conftest import tiny_model
 from lora_ext import files, naming
 from lora_ext.apply import Engine, Request
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
-from lora_ext.testing import tiny
+from lora_ext import tiny
 
 
 def _lora_file(path, model, kind="lora", seed=0, every=1):

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from lora_ext import blocks, files, naming
 from lora_ext.apply import BYPASS, MERGE, Engine, Request
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import serve_app
-from lora_ext.testing import sample_data
+from lora_ext import sample_data
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("playwright") is None,

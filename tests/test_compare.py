@@ -12,7 +12,7 @@ from conftest import tiny_model
 from lora_ext.tools import compare
 from lora_ext import files
 from lora_ext.cli import main
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.train.sampling import sample_image
 

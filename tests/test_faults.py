@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, tiny_model
 from lora_ext import cli, files
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.atomic import TEMP_PREFIX
-from lora_ext.testing import sample_data, tiny
+from lora_ext import sample_data, tiny
 
 STEPS = 40
 

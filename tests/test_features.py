@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from conftest import tiny_model
 from lora_ext.hosts import for_model
-from lora_ext.testing import sample_data
+from lora_ext import sample_data
 from lora_ext.train import features
 from lora_ext.train.config import TrainConfig
 from lora_ext.train.loop import train

@@ -25,7 +25,7 @@ def _diffusers_unet(arch_name):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
 
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     model = tiny_model(arch_name)
     config = create_unet_diffusers_config_from_ldm(tiny.ldm_config(model.spec), model.checkpoint_state_dict())
@@ -290,7 +290,7 @@ def test_cloneofsimo_pt_list(tmp_path, part):
 
 
 def test_writer_round_trip_hashes_and_no_overwrite(tmp_path):
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
 
     model = tiny_model("sd1")
     arch = _arch("sd1")

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from forge_shaped import ForgeShaped
 from lora_ext import files, hosts
-from lora_ext.demo import make_random_lora, make_random_network
+from random_networks import make_random_lora, make_random_network
 from lora_ext.hosts.forge import PATCH_TYPE, calculate
 from lora_ext.library import LoraLibrary
 from lora_ext.panel.runtime import PanelRuntime
@@ -118,7 +118,7 @@ def test_training_through_the_forge_adapter_gives_the_lora_the_webui_layout_give
     from safetensors.torch import load_file
     from test_train import _cfg
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.loop import train
 
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=3)
@@ -137,3 +137,27 @@ def test_training_through_the_forge_adapter_gives_the_lora_the_webui_layout_give
     # objects after its LoRAs are the original ones: no built-in LoRA)
     objects = shaped.forge_objects_original
     assert objects.unet.refreshed == 2 and objects.clip.refreshed == 2
+
+
+def test_a_clip_text_model_carrying_a_text_projection_pools_as_one_with_projection():
+    """Forge's SDXL bigG is a transformers CLIPTextModel with a `text_projection` layer set on it (and pools
+    through it); diffusers' is a CLIPTextModelWithProjection: the same weights give the same pooled output."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_ext.hosts import text_encoding
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, projection_dim=32)
+    torch.manual_seed(0)
+    diffusers_like = CLIPTextModelWithProjection(cfg)
+    forge_like = CLIPTextModel(cfg)
+    forge_like.text_model.load_state_dict(diffusers_like.text_model.state_dict())
+    forge_like.text_projection = torch.nn.Linear(32, 32, bias=False)
+    forge_like.text_projection.weight = diffusers_like.text_projection.weight
+    ids = torch.tensor([[text_encoding.START, 320, 1125, text_encoding.END] + [0] * 73])
+    states, pooled = text_encoding._hf(text_encoding.Holder(forge_like, None), ids, 2, final_norm=False, pooled=True)
+    want_states, want = text_encoding._hf(text_encoding.Holder(diffusers_like, None), ids, 2, final_norm=False,
+                                          pooled=True)
+    assert pooled is not None and torch.equal(pooled, want) and torch.equal(states, want_states)
+    forge_like.text_projection.weight = None        # Forge's CLIP-L carries the layer, never loaded
+    assert text_encoding._hf(text_encoding.Holder(forge_like, None), ids, 2)[1] is None

@@ -189,7 +189,7 @@ def saved_state(tmp_path_factory):
     """A run of 2 steps (of an epoch of 3 batches) with save_state: (its config kwargs, its state folder)."""
     from conftest import tiny_model
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
 
@@ -295,7 +295,7 @@ def test_a_lying_lycoris_file_in_one_slot_leaves_the_other_slots_applied(tmp_pat
 
     from conftest import tiny_model
     from lora_ext import files
-    from lora_ext.demo import make_random_lora, make_random_network
+    from random_networks import make_random_lora, make_random_network
     from lora_ext.hosts.webui import WebuiHost
     from lora_ext.library import LoraLibrary
     from lora_ext.panel.runtime import PanelRuntime
@@ -323,7 +323,7 @@ def test_a_lying_lycoris_file_in_one_slot_leaves_the_other_slots_applied(tmp_pat
 
 def test_metadata_nested_past_reason_is_shown_as_its_text(tmp_path, capsys):
     from lora_ext import cli, files
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
     from conftest import tiny_model
 
     deep = "[" * 5000 + "]" * 5000
@@ -366,7 +366,7 @@ def test_merge_loras_keeps_every_module_a_file_holds(tmp_path):
     merge-loras as resize keeps them, never dropped without a word."""
     from conftest import tiny_model
     from lora_ext import files
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
     from lora_ext.tools.lora_tools import merge_lora_files
 
     tensors = files.kohya_tensors(make_random_lora(tiny_model("sd1"), conv_rank=None))
@@ -392,7 +392,7 @@ def test_merge_loras_keeps_every_module_a_file_holds(tmp_path):
 def test_compare_stops_at_a_lora_the_engine_refuses(tmp_path, capsys, bad):
     from conftest import tiny_model
     from lora_ext import cli, files
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
 
     run = tmp_path / "out"
     run.mkdir()
@@ -423,7 +423,7 @@ def test_a_fifo_named_like_a_lora_does_not_block_compare(tmp_path):
 
     from conftest import tiny_model
     from lora_ext import files
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
     from lora_ext.tools import compare
 
     files.write_kohya(str(tmp_path / "r.safetensors"), files.kohya_tensors(make_random_lora(tiny_model("sd1"))), {})
@@ -445,7 +445,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 
     from conftest import tiny_model
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.config import ConfigError, TrainConfig
     from lora_ext.train.loop import train
 
@@ -500,7 +500,7 @@ def test_a_text_encoder_of_unusual_mlp_width_loads_and_trains(tmp_path, arch):
     from lora_ext import cli
     from lora_ext.hosts import ldm_layout
     from lora_ext.hosts.checkpoint import load_checkpoint
-    from lora_ext.testing import sample_data, tiny
+    from lora_ext import sample_data, tiny
 
     model = tiny.build(arch, seed=3)
     if arch == "sd1":
@@ -582,7 +582,7 @@ def test_a_prompt_file_that_is_wrong_is_said_before_the_model_loads(tmp_path, en
 def test_previews_follow_each_prompts_own_settings(tmp_path):
     from conftest import tiny_model
     from lora_ext.hosts.webui import WebuiHost
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.config import TrainConfig
     from lora_ext.train.loop import train
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from conftest import tiny_model
 from lora_ext import cli, files
-from lora_ext.demo import make_random_lora
-from lora_ext.testing import sample_data, tiny
+from random_networks import make_random_lora
+from lora_ext import sample_data, tiny
 
 
 class Evil:
@@ -39,7 +39,7 @@ LIE = "shapes do not form a|GLoRA factors are matrices|disagree on the rank"
 
 
 def _lying_lycoris(model, j):
-    from lora_ext.demo import make_random_network
+    from random_networks import make_random_network
 
     for name, (network, part, lie) in LIES.items():
         tensors = files.kohya_tensors(make_random_network(model, network, seed=6))
@@ -309,7 +309,7 @@ CASES = [
     ("train resume not state", T + " --resume {dir}/lora.safetensors", "not a lora_ext training state"),
     ("train network_weights nan", T + " --network_weights {dir}/nan.safetensors", "NaN or Inf"),
     # --- kohya command lines ---
-    ("kohya unsupported", T + " --vae {dir}/base.safetensors", "does not support: vae"),
+    ("kohya unsupported", T + " --vae {dir}/base.safetensors", "vae: lora_ext does not do this yet"),
     ("unknown option", T + " --bogus_option 3", "unknown options: bogus_option"),
     ("abbreviation", T + " --xform", "unknown options: xform"),
 ]

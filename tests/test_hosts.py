@@ -68,7 +68,7 @@ def diffusers_host(tmp_path_factory):
 
 def test_every_adapter_keeps_the_contract(diffusers_host, tmp_path):
     from lora_ext.hosts.checkpoint import load_checkpoint
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     path = str(tmp_path / "c.safetensors")
     tiny.save_checkpoint(tiny_model("sd1"), path)

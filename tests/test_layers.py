@@ -3,7 +3,7 @@ from a lower layer up to a higher one. The layers, lowest first:
   core   the files and their names: naming, networks/, files, formats, safetensors_io, atomic, pickles,
          weights, blocks, cache, regions, library, registry
   hosts  the adapters over a loaded model (hosts/)
-  work   what is done on a host: train/, apply, merge, tools/, concepts, testing/ (the shipped tiny models)
+  work   what is done on a host: train/, apply, merge, tools/, concepts, tiny + sample_data (the shipped tiny models and demo data)
   front  the panel and the tab (panel/, ui/)
   doors  the ways in: cli, glue/, demo, __main__
 A new module is placed by its path; one no layer names fails the test until it is placed."""
@@ -14,10 +14,10 @@ from conftest import ROOT
 
 LAYERS = [("core", ["lora_ext", "lora_ext.naming", "lora_ext.networks", "lora_ext.files", "lora_ext.formats",
                     "lora_ext.safetensors_io", "lora_ext.atomic", "lora_ext.pickles", "lora_ext.weights",
-                    "lora_ext.blocks", "lora_ext.cache", "lora_ext.regions", "lora_ext.library", "lora_ext.registry"]),
+                    "lora_ext.blocks", "lora_ext.cache", "lora_ext.toml_text", "lora_ext.regions", "lora_ext.library", "lora_ext.registry"]),
           ("hosts", ["lora_ext.hosts"]),
           ("work", ["lora_ext.train", "lora_ext.apply", "lora_ext.merge", "lora_ext.tools", "lora_ext.concepts",
-                    "lora_ext.testing"]),
+                    "lora_ext.tiny", "lora_ext.sample_data"]),
           ("front", ["lora_ext.panel", "lora_ext.ui"]),
           ("doors", ["lora_ext.cli", "lora_ext.glue", "lora_ext.demo", "lora_ext.__main__"])]
 

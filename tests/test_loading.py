@@ -8,7 +8,7 @@ from torch import nn
 from conftest import tiny_model
 from lora_ext import cli
 from lora_ext.hosts.checkpoint import CheckpointError, checkpoint_keys, load_checkpoint
-from lora_ext.testing import sample_data, tiny
+from lora_ext import sample_data, tiny
 from lora_ext.train.config import TrainConfig
 
 

@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.tools import lowrank
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.merge import Item, merge_checkpoint
 from lora_ext.tools.extract import extract
-from lora_ext.testing import tiny
+from lora_ext import tiny
 
 
 def _best(delta, r):

@@ -14,7 +14,7 @@ from lora_ext import files, regions
 from lora_ext.panel import masks
 from lora_ext.panel import slots as slotlib
 from lora_ext.apply import Engine, Request
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.networks.stored import StoredModule
 

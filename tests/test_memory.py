@@ -11,6 +11,7 @@ from lora_ext.hosts.webui import WebuiHost
 from lora_ext.train import memory
 from lora_ext.train.config import TrainConfig
 from lora_ext.train.network import network_for
+from lora_ext.train.network_args import spec
 from lora_ext.train.session import HostSession, frozen_roots
 
 
@@ -22,7 +23,7 @@ def _cfg(**kw):
 def _really_saved(host, cfg, amp=None) -> int:
     """Bytes autograd keeps in one real forward of the UNet with the LoRA attached (weights not counted);
     `amp`: under CPU autocast, the frozen weights held in its dtype, as a run does."""
-    network = network_for(host, cfg)
+    network = network_for(host, spec(cfg))
     keep = {id(p) for p in host.model.parameters()} | {id(p) for p in network.parameters()}
     total, seen = [0], {}
 
@@ -94,7 +95,7 @@ def test_meta_measurement_under_autocast_matches_a_real_bf16_forward():
 def test_estimate_parts_and_options():
     host = WebuiHost(tiny_model("sd1"))
     est = memory.estimate(host, _cfg())
-    network = network_for(host, _cfg())
+    network = network_for(host, spec(_cfg()))
     n = sum(p.numel() for p in network.parameters())
     assert est["lora_parameters"] == n
     parts = est["parts"]

@@ -12,10 +12,10 @@ from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.apply import Engine, Request
 from lora_ext.tools.lora_tools import parse_lora_arg
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.merge import Item, MergeError, merge_checkpoint
-from lora_ext.testing import tiny
+from lora_ext import tiny
 
 
 def _setup(tmp_path, arch="sd1"):

@@ -6,7 +6,7 @@ from torch import nn
 
 from lora_ext import naming
 from lora_ext.hosts import ldm_layout
-from lora_ext.testing import tiny
+from lora_ext import tiny
 from conftest import tiny_model
 
 

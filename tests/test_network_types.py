@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from lora_ext import files
 from lora_ext.apply import BYPASS, MERGE, Engine, Request
-from lora_ext.demo import make_random_dora
+from random_networks import make_random_dora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.networks.stored import BadModule, StoredModule
 
@@ -87,7 +87,7 @@ def _probe(layer, shape):
 
 def test_dora_merges_into_a_checkpoint_as_it_applies(tmp_path):
     from lora_ext.merge import Item, merge_checkpoint
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     model = tiny_model("sd1")
     ckpt = str(tmp_path / "base.safetensors")

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, tiny_model
 from lora_ext import files
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.panel.slots import Slot
 
 
@@ -233,7 +233,7 @@ def test_a_checkpoint_loaded_into_the_model_is_not_overwritten(webui):
 def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
     from modules import call_queue, progress, scripts, shared
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.config import TrainConfig
 
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
@@ -264,7 +264,7 @@ def test_training_runs_as_a_webui_job_on_the_original_weights(webui, tmp_path):
 def test_the_tab_in_the_webui_estimates_under_the_lock_and_bakes(webui, tmp_path):
     from modules import call_queue, script_callbacks, scripts
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from lora_ext.train.config import TrainConfig
     from lora_ext.ui import merge_tab, train_fields, train_tab
 

@@ -12,7 +12,7 @@ from conftest import tiny_model
 from lora_ext import files
 from lora_ext.hosts.conditioning import Cond, Size, Text, sinusoidal
 from lora_ext.hosts.webui import WebuiHost
-from lora_ext.testing import sample_data, tiny
+from lora_ext import sample_data, tiny
 from lora_ext.train import batches, dataset
 from lora_ext.train.config import ConfigError, TrainConfig
 from lora_ext.train.loop import train
@@ -212,7 +212,7 @@ def test_sdxl_text_encoders_get_their_own_learning_rates(data, tmp_path):
     run = loop.prepare(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, text_encoder_lr=[2e-4, 0], unet_lr=1e-3),
                        lambda e: None, lambda: False)
     from lora_ext.train.network import network_for
-    run.network = network_for(run.host, run.cfg)
+    run.network = network_for(run.host, run.spec)
     assert run.network.parameters_of("te1") and not run.network.parameters_of("te2")
     groups = loop._optimizer(run).param_groups
     assert sorted(g["lr"] for g in groups) == [2e-4, 1e-3]
@@ -568,9 +568,10 @@ def test_a_run_that_needs_the_unet_from_the_start_reads_it_first(data, tmp_path)
     (dict(network_train_unet_only=False), "cpu", False)])       # the encoders trained (the config refuses it)
 def test_when_a_headless_run_reads_its_unet_after_the_text_encoders(options, device, want):
     from lora_ext.train.leaving import unet_after_encoders
+    from lora_ext.train.network_args import spec
 
     cfg = TrainConfig(**{**dict(cache_text_encoder_outputs=True, network_train_unet_only=True), **options})
-    assert unet_after_encoders(cfg, torch.device(device)) is want
+    assert unet_after_encoders(cfg, torch.device(device), spec(cfg)) is want
 
 
 def test_a_cancel_before_the_encoders_are_freed_does_not_say_they_were(data, tmp_path):

@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_model
 from lora_ext import files
 from lora_ext.hosts import text_encoding
 from lora_ext.hosts.webui import WebuiHost
-from lora_ext.testing import sample_data
+from lora_ext import sample_data
 from lora_ext.train.config import TrainConfig
 from lora_ext.train.loop import train
 from lora_ext.train.schedules import SCHEDULERS, lr_factor
@@ -380,7 +380,7 @@ def _cli(*args, cwd):
 
 
 def test_cli_trains_from_a_kohya_style_toml_on_a_checkpoint(data, tmp_path):
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
     (tmp_path / "cfg.toml").write_text(f'''
@@ -418,7 +418,7 @@ network_args = ["conv_dim=2", "conv_alpha=1"]
 def test_cli_reads_the_unet_after_the_cached_text_encoders_are_freed(data, tmp_path):
     """A headless run whose text-encoder outputs are cached: the estimate and the run both say that the UNet
     is read only once the encoders are freed (tests/test_sdxl.py: the same run, the same bits)."""
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
     out = _cli("train", "--pretrained_model_name_or_path", "tiny.safetensors", "--train_data_dir", data["train"],
@@ -435,7 +435,7 @@ def test_cli_names_what_it_does_not_support(tmp_path):
     out = _cli("train", "--pretrained_model_name_or_path", "x.safetensors", "--fp8_base", "--bogus_option", "1",
                cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "kohya options lora_ext does not support: fp8_base" in out.stderr and "unknown options: bogus_option" in out.stderr
+    assert "fp8_base: lora_ext does not do this yet" in out.stderr and "unknown options: bogus_option" in out.stderr
     (tmp_path / "bad.toml").write_text("max_token_length = 100\ntrain_data_dir = 'nowhere'\n")
     out = _cli("train", "--config", "bad.toml", cwd=tmp_path)
     assert out.returncode == 2 and "max_token_length must be 75, 150 or 225" in out.stderr
@@ -445,7 +445,7 @@ def test_cli_names_what_it_does_not_support(tmp_path):
 
 
 def _ddp_worker(rank, world, port, cfg_kwargs):
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -509,7 +509,7 @@ def _diffusers_folder(folder, model):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     ckpt = model.checkpoint_state_dict()
     config = create_unet_diffusers_config_from_ldm(tiny.ldm_config(model.spec), ckpt)
@@ -717,7 +717,7 @@ def test_the_cli_holds_an_fp16_file_s_frozen_weights_as_stored_when_asked(data, 
     cast up; without it (kohya's fp32 copies) nothing is cast; a diffusers folder says it is held in fp32."""
     from safetensors.torch import load_file, save_file
 
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     path = str(tmp_path / "m.safetensors")
     tiny.save_checkpoint(tiny_model("sd1"), path)

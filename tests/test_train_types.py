@@ -15,6 +15,7 @@ from lora_ext.train import memory, network_args
 from lora_ext.train.config import ConfigError
 from lora_ext.train.loop import train
 from lora_ext.train.network import network_for
+from lora_ext.train.network_args import spec
 from test_train import _assert_same, _cfg, _model_state, data, loss_falls  # noqa: F401  (data: a fixture)
 
 LYCO = "lycoris.kohya"
@@ -67,7 +68,7 @@ def test_the_saved_file_holds_the_change_the_run_trained(data, tmp_path, run):
     cfg = _cfg(data, tmp_path, network_module=module, network_args=args, max_train_steps=2, learning_rate=1e-2)
     result = train(host, cfg)
     lora = files.read(result.lora_path, host.arch)
-    net = network_for(host, cfg)
+    net = network_for(host, spec(cfg))
     assert net.load_stored(lora.modules) == []        # every module fits a fresh network of the same options
     net.eval()
     for name, m in net.loras.items():
@@ -124,7 +125,7 @@ def test_memory_estimate_knows_each_type(data, tmp_path):
         module, args, _, _ = RUNS[run]
         cfg = _cfg(data, tmp_path, network_module=module, network_args=args)
         est[run] = memory.estimate(host, cfg)
-        assert est[run]["lora_parameters"] == sum(p.numel() for p in network_for(host, cfg).parameters())
+        assert est[run]["lora_parameters"] == sum(p.numel() for p in network_for(host, spec(cfg)).parameters())
     # the weight-form types keep their layers' whole changed weights for the backward pass; LoRA keeps its
     # small rank activations only
     lora_kept = est["kohya_lora"]["parts"]["activations"]
@@ -182,7 +183,7 @@ def test_a_kohya_lycoris_command_line_trains_as_written(data, tmp_path):
     """The command line a kohya + LyCORIS guide gives (`--network_module lycoris.kohya --network_args ...`)."""
     import os
 
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
     from test_train import _cli
 
     tiny.save_checkpoint(tiny_model("sd1"), str(tmp_path / "tiny.safetensors"))
@@ -208,7 +209,7 @@ def test_every_type_the_registry_trains_trains_applies_and_merges(data, tmp_path
     from safetensors.torch import load_file
 
     from lora_ext.merge import Item, merge_checkpoint
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     t = kinds.BY_NAME[kind]
     model = tiny_model("sd1")

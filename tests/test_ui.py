@@ -9,10 +9,10 @@ import torch
 
 from conftest import serve_app, tiny_model
 from lora_ext import files, library
-from lora_ext.demo import make_random_lora
+from random_networks import make_random_lora
 from lora_ext.hosts.webui import WebuiHost
 from lora_ext.library import LoraLibrary
-from lora_ext.testing import sample_data, tiny
+from lora_ext import sample_data, tiny
 from lora_ext.train.config import GUIDE_DEFAULTS, TrainConfig, load_toml
 from lora_ext.train.loop import train
 from lora_ext.ui import merge_tab, train_fields, train_tab

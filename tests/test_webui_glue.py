@@ -84,7 +84,7 @@ def test_tab_glue_switches_checkpoints_and_refreshes_the_webui_lists(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
     from modules import call_queue, script_callbacks, scripts, sd_models, shared
 
     ckpts = tmp_path / "ckpts"

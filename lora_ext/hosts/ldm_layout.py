@@ -1,7 +1,7 @@
 """Stable Diffusion models in the webui's own module layout, built from configs: what `modules.shared.sd_model`
 looks like to extensions (`.model.diffusion_model`, `.cond_stage_model.wrapped...` for SD1/SD2,
 `.conditioner.embedders[i].wrapped` for SDXL, `.first_stage_model`, `.alphas_cumprod`, `.parameterization`).
-Headless runs load single-file checkpoints into these; the tiny test models (lora_ext.testing.tiny) are these
+Headless runs load single-file checkpoints into these; the tiny test models (lora_ext.tiny) are these
 with random weights. The parts are the real code the webui runs: ldm's UNet (package stable-diffusion-sdkit),
 transformers' CLIPTextModel, open_clip's text tower, ldm's VAE encoder/decoder."""
 from __future__ import annotations
@@ -58,15 +58,23 @@ def unet_from_config(params: dict) -> nn.Module:
     if not isinstance(depth, list):
         return _with_label_emb(UNetModel(**params, transformer_depth=depth), adm)
     unet = _with_label_emb(UNetModel(**params, transformer_depth=1), adm)
-    widths = [params["model_channels"] * m for m in params["channel_mult"]]
-    for block in list(unet.input_blocks) + list(unet.output_blocks):
+    for block, level in zip(list(unet.input_blocks) + list(unet.output_blocks), _block_levels(params)):
         for layer in block:
             if hasattr(layer, "transformer_blocks"):
-                # a transformer's level is the first one of its width with attention (widths never shrink)
-                width = layer.norm.num_channels
-                _set_depth(layer, next(d for w, d in zip(widths, depth) if w == width and d > 0))
+                _set_depth(layer, depth[level])
     _set_depth(unet.middle_block[1], mid_depth or depth[-1])
     return unet
+
+
+def _block_levels(params: dict) -> list:
+    """The level of each input block, then of each output block, as ldm's UNetModel lays them out (by position:
+    levels of one width, as Forge's test SDXL has, cannot be told apart by width). Input: conv_in, then per
+    level its res blocks and a downsample (none after the last level); output: per level from the deepest,
+    its res blocks plus one."""
+    levels, res = len(params["channel_mult"]), params["num_res_blocks"]
+    inputs = [0] + [level for level in range(levels) for _ in range(res + (level < levels - 1))]
+    outputs = [level for level in reversed(range(levels)) for _ in range(res + 1)]
+    return inputs + outputs
 
 
 def _with_label_emb(unet: nn.Module, adm_in_channels: int | None) -> nn.Module:

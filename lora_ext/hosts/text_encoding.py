@@ -47,12 +47,18 @@ def chunked_ids(holder, prompts: list, max_tokens: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _hf(holder, ids, clip_skip, final_norm=True):
-    """(states, pooled): pooled is the projected end-token output of a CLIPTextModelWithProjection (SDXL's
-    second encoder in diffusers), else None."""
+def _hf(holder, ids, clip_skip, final_norm=True, pooled=False):
+    """(states, pooled): with `pooled`, the projected end-token output of a CLIPTextModelWithProjection
+    (SDXL's second encoder in diffusers) or of a CLIPTextModel carrying a `text_projection` layer (Forge's:
+    its CLIP-L has one too, never loaded, so it is used only where asked), else None."""
     t = holder.transformer
     out = t(ids.to(t.device), output_hidden_states=clip_skip > 1)
-    pooled = getattr(out, "text_embeds", None)
+    if not pooled:
+        pooled = None
+    elif getattr(out, "text_embeds", None) is not None:
+        pooled = out.text_embeds
+    else:
+        pooled = t.text_projection(out.pooler_output)
     if clip_skip <= 1:
         return out.last_hidden_state, pooled
     h = out.hidden_states[-clip_skip]
@@ -96,7 +102,7 @@ def encode(holders: list, prompts: list, clip_skip: int, max_tokens: int, sdxl: 
         second = sdxl and i == 1
         if hasattr(holder, "transformer"):
             # SDXL's encoders give their penultimate layer without the final norm
-            h, p = _hf(holder, ids, 2 if sdxl else clip_skip, final_norm=not sdxl)
+            h, p = _hf(holder, ids, 2 if sdxl else clip_skip, final_norm=not sdxl, pooled=second)
         else:
             h, p = _openclip(holder, ids, 1 if sdxl else clip_skip, final_norm=not sdxl, pooled=second)
         if second:

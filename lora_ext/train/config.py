@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 
 from ..weights import flag_value, number, out_of_range
+from . import kohya_options
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,19 @@ class TrainConfig:
                                     # out of models/Lora, whose lists would offer them as LoRAs)
     network_weights: str = ""
     training_comment: str = ""
+    # the model spec's own fields in each saved file (kohya's --metadata_*: modelspec.<name>; the title
+    # defaults to output_name, the thumbnail is a data URL or an image file turned into one)
+    metadata_title: str = ""
+    metadata_author: str = ""
+    metadata_description: str = ""
+    metadata_license: str = ""
+    metadata_tags: str = ""
+    metadata_usage_hint: str = ""
+    metadata_thumbnail: str = ""
+    metadata_merged_from: str = ""
+    metadata_trigger_phrase: str = ""
+    metadata_preprocessor: str = ""
+    metadata_is_negative_embedding: str = ""
     # dataset
     train_data_dir: str = ""
     reg_data_dir: str = ""
@@ -77,7 +92,7 @@ class TrainConfig:
     unet_lr: float | None = None
     text_encoder_lr: float | list | None = None     # SDXL: one for both encoders, or [te1, te2] (kohya's nargs)
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int | float = 0    # steps; below 1 (or "10%") a share of the run's steps, as kohya reads it
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
     max_grad_norm: float = 1.0
@@ -129,11 +144,11 @@ class TrainConfig:
             out[k.strip()] = v.strip()
         return out
 
-    def lrs(self) -> tuple[float, float]:
-        """(UNet lr, text encoder lr; SDXL: the first encoder's): each defaults to learning_rate; 0 means
-        that part is not trained."""
-        lrs = self.component_lrs()
-        return lrs["unet"], lrs["te"]
+    def warmup_steps(self, total: int) -> int:
+        """The warm-up in steps of a run of `total` optimizer steps (kohya: a share below 1 is of the total)."""
+        if isinstance(self.lr_warmup_steps, float):
+            return int(self.lr_warmup_steps * total)
+        return self.lr_warmup_steps
 
     def component_lrs(self) -> dict:
         """{'unet', 'te' (SD1/SD2), 'te1', 'te2' (SDXL): lr}. A list text_encoder_lr gives each SDXL encoder
@@ -175,10 +190,17 @@ class TrainConfig:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
+        problems += self._optimizer_problems()
         if self.lr_scheduler == "polynomial" and not self.learning_rate > 1e-7:
             problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
                             "larger (kohya and diffusers refuse it too)")
         problems += self._timestep_problems() + self._text_cache_problems()
+        thumbnail = self.metadata_thumbnail
+        if thumbnail and not thumbnail.startswith("data:"):
+            if not os.path.isfile(thumbnail):
+                problems.append(f"metadata_thumbnail {thumbnail!r}: give a data: URL or an image file")
+            elif os.path.getsize(thumbnail) > 4 << 20:
+                problems.append(f"metadata_thumbnail {thumbnail!r} is over 4 MB: a thumbnail is a small image")
         from .prompts import PromptError, load as load_prompts
         try:
             load_prompts(self.sample_prompts)
@@ -187,6 +209,17 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
 
+
+    def _optimizer_problems(self) -> list:
+        """The optimizer and the schedule, as the run would build them (before the model loads, not after)."""
+        from .optim import problems
+        from .schedules import SCHEDULERS
+
+        out = problems(self.optimizer_type, self.optimizer_args)
+        if self.lr_scheduler not in SCHEDULERS:
+            out.append(f"lr_scheduler {self.lr_scheduler!r}: one of {', '.join(SCHEDULERS)} (kohya's others are not "
+                       "done yet)")
+        return out
 
     def _timestep_problems(self) -> list:
         if self.min_timestep >= self.max_timestep:
@@ -241,29 +274,6 @@ def _range_problems(cfg) -> list:
     return problems
 
 
-# kohya options we know and do not support (they would change the result): named in the error instead of
-# "unknown option"
-KOHYA_UNSUPPORTED = {
-    "deepspeed", "fp8_base", "full_fp16", "full_bf16", "color_aug", "face_crop_aug_range", "token_warmup_min",
-    "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale",
-    "scale_weight_norms", "ip_noise_gamma", "debiased_estimation_loss", "masked_loss", "loss_type",
-    "huber_schedule", "huber_c", "dataset_config", "in_json", "vae", "log_with", "wandb_api_key",
-    "huggingface_repo_id", "save_last_n_epochs", "save_n_epoch_ratio", "dim_from_weights", "base_weights",
-    "network_train_unet_only_with_te_lr", "lr_scheduler_type", "lr_scheduler_args", "caption_prefix",
-    "caption_suffix", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "weighted_captions",
-    "sample_sampler", "output_config",
-}
-# kohya options that mean nothing here: accepted, with one line saying why
-NO_EFFECT = {
-    "max_data_loader_n_workers": "images are loaded in the training process; there are no loader workers",
-    "persistent_data_loader_workers": "there are no loader workers",
-    "tokenizer_cache_dir": "the tokenizer comes with the model (the checkpoint's config), nothing is downloaded",
-    "lowram": "the checkpoint is read tensor by tensor already",
-    "highvram": "the VAE leaves the device when all latents are cached, whatever this says",
-    "mem_eff_attn": "torch's scaled_dot_product_attention is used (memory-efficient already)",
-    "log_prefix": "TensorBoard logs go to logging_dir as they are",
-    "config_file": "", "console_log_level": "", "console_log_file": "", "console_log_simple": "",
-}
 # where this CLI's default differs from kohya's, and why: printed before training
 DIFFERENT_DEFAULTS = {"seed": "42, so that a run repeats (kohya: a random seed)"}
 # the guide's starting values, for the training tab (the CLI keeps kohya's)
@@ -274,8 +284,8 @@ GUIDE_DEFAULTS = dict(caption_extension=".txt", network_dim=128, network_alpha=1
 
 def notes(values: dict) -> list:
     """One line per option given that means nothing here, and per default of ours that is not kohya's."""
-    given = _flat(values)
-    out = [f"note: --{k} has no effect here: {NO_EFFECT[k]}" for k in given if NO_EFFECT.get(k)]
+    given, _ = kohya_options.resolve_aliases(_flat(values))
+    _, out = kohya_options.check(given, field_names())
     out += [f"note: {k} defaults to {why}" for k, why in DIFFERENT_DEFAULTS.items() if k not in given]
     return out
 
@@ -291,38 +301,42 @@ def _flat(values: dict) -> dict:
 
 
 def from_dict(values: dict, source: str = "options") -> TrainConfig:
-    """A TrainConfig from a flat dict (kohya's TOML may nest options in tables: those are flattened)."""
-    flat = _flat(values)
+    """A TrainConfig from a flat dict (kohya's TOML may nest options in tables: those are flattened). Every
+    problem of the options (names, values, ranges, network arguments, prompts, optimizer, schedule) is in one
+    ConfigError."""
+    flat, problems = kohya_options.resolve_aliases(_flat(values))
     names = {f.name: f for f in fields(TrainConfig)}
-    bad_kohya = sorted(k for k in flat if k in KOHYA_UNSUPPORTED)
-    unknown = sorted(k for k in flat if k not in names and k not in KOHYA_UNSUPPORTED and k not in NO_EFFECT)
-    if bad_kohya or unknown:
-        msg = []
-        if bad_kohya:
-            msg.append(f"kohya options lora_ext does not support: {', '.join(bad_kohya)}")
-        if unknown:
-            msg.append(f"unknown options: {', '.join(unknown)}")
-        raise ConfigError(f"{source}: " + "; ".join(msg))
+    problems += kohya_options.check(flat, set(names))[0]
     cfg = TrainConfig()
     for k, v in flat.items():
-        if k in NO_EFFECT:
-            continue
+        if k not in names:
+            continue            # kohya's, without effect here or refused above
         if k in ("network_args", "optimizer_args", "sample_prompts") and isinstance(v, str):
             v = v.split() if k != "sample_prompts" else [p for p in v.split("\n") if p.strip()]
         if k == "resolution" and isinstance(v, (list, tuple)):
             v = ",".join(str(x) for x in v)
-        setattr(cfg, k, _coerce(names[k], v, source))
-    cfg.validate()
+        try:
+            setattr(cfg, k, _coerce(names[k], v))
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg
 
 
-def _coerce(f: dataclasses.Field, v, source):
+def _coerce(f: dataclasses.Field, v):
     kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else None
     if f.name == "text_encoder_lr" and isinstance(v, str) and len(v.replace(",", " ").split()) > 1:
         v = v.replace(",", " ").split()         # the tab's "1e-5, 2e-5": one per SDXL encoder
     if f.name == "text_encoder_lr" and isinstance(v, (list, tuple)):
-        values = [_coerce(f, x, source) for x in v]
+        values = [_coerce(f, x) for x in v]
         return None if not values else values[0] if len(values) == 1 else values
+    if f.name == "lr_warmup_steps":
+        return _steps_or_share(f.name, v)
     if f.name in ("unet_lr", "text_encoder_lr"):
         kind = float
         if v in (None, ""):
@@ -331,16 +345,32 @@ def _coerce(f: dataclasses.Field, v, source):
         try:
             return flag_value(v, f.name)
         except ValueError:
-            raise ConfigError(f"{source}: {f.name} = {v!r} is not true or false") from None
+            raise ConfigError(f"{f.name} = {v!r} is not true or false") from None
     if kind in (int, float):
         try:
             return number(v, kind)
         except (ValueError, TypeError, OverflowError):
             whole = "a whole number" if kind is int else "a number"
-            raise ConfigError(f"{source}: {f.name} = {v!r} is not {whole}") from None
+            raise ConfigError(f"{f.name} = {v!r} is not {whole}") from None
     if kind is str and not isinstance(v, str):
-        raise ConfigError(f"{source}: {f.name} = {v!r} is not text")
+        raise ConfigError(f"{f.name} = {v!r} is not text")
     return v
+
+
+def _steps_or_share(name: str, v) -> int | float:
+    """kohya's int_or_float: "10%" and values below 1 are a share of the run's steps, others whole steps."""
+    try:
+        share = isinstance(v, str) and v.strip().endswith("%")
+        x = number(v.strip()[:-1], float) / 100 if share else number(v, float)
+    except (ValueError, TypeError, OverflowError):
+        raise ConfigError(f"{name} = {v!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"{name} = {v!r} is not a number of steps")
+    if x < 1:
+        return x
+    if x != int(x):
+        raise ConfigError(f"{name} = {v!r}: a number of steps is whole; below 1 it is a share of the run's steps")
+    return int(x)
 
 
 def field_names() -> set:
@@ -352,18 +382,17 @@ def load_toml(path: str) -> TrainConfig:
 
 
 def load_toml_dict(path: str) -> dict:
+    from ..toml_text import parse
+
     try:
-        import tomllib
-    except ModuleNotFoundError:       # Python 3.10 (the webui's): install.py provides tomli
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(path, encoding="utf-8") as f:
+            return parse(f.read())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return data
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (TOML is UTF-8)") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -31,16 +31,14 @@ def encoders_leave(host, cfg, train_te: bool, device) -> str | None:
     return _leaving(host, cfg, device)
 
 
-def unet_after_encoders(cfg, device) -> bool:
+def unet_after_encoders(cfg, device, spec) -> bool:   # spec: network_args.NetworkSpec
     """Whether a headless run reads its UNet's weights only after its text encoders are freed (their outputs
     cached, they not trained, no previews: encoders_leave 'freed'), so that the two never share the memory:
     on a CPU (memory allocated there is not the process's until written; a GPU's is), and not for DoRA, whose
     modules start from the layer's weight."""
-    from .network_args import spec
-
     cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
-    frozen = all(lr == 0 for part, lr in cfg.component_lrs().items() if part != "unet")
-    return bool(cached and frozen and not previews(cfg) and device.type == "cpu" and not spec(cfg).options.dora)
+    frozen = all(lr == 0 for part, lr in spec.lrs.items() if part != "unet")
+    return bool(cached and frozen and not previews(cfg) and device.type == "cpu" and not spec.options.dora)
 
 
 def vae_leaves(host, cfg, device) -> str | None:

@@ -75,6 +75,7 @@ class Run:
     emit: object
     stop: object
     messages: list = field(default_factory=list)
+    spec: object = None         # network_args.NetworkSpec: the network and its parts' lrs, parsed once here
     network: object = None
     optimizer: object = None
     latent_cache: object = None
@@ -106,7 +107,8 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
-    messages += network_args.spec(cfg).notes
+    run.spec = network_args.spec(cfg)
+    messages += run.spec.notes
     run.previews = prompts.load(cfg.sample_prompts)
     samplers = sorted({p.sampler for p in run.previews if p.sampler})
     if samplers:
@@ -137,10 +139,10 @@ def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Res
         feature.before_scan(host, cfg)
     run = prepare(host, cfg, on_event or (lambda e: None), should_stop or (lambda: False), scan)
     run.features = wanted
-    if host.pending is not None and not unet_after_encoders(cfg, run.device):
+    if host.pending is not None and not unet_after_encoders(cfg, run.device, run.spec):
         host.pending.read()         # this run needs the UNet's weights from the start (DoRA's modules, say)
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
-    run.network = network_for(host, cfg).to(run.device)
+    run.network = network_for(host, run.spec).to(run.device)
     blocks = _checkpointed_blocks(run, estimate)
     patches = _patches(run)
     for m in run.messages:
@@ -201,7 +203,7 @@ def _patches(run: Run) -> list:
 
 
 def _optimizer(run: Run):
-    lrs = run.cfg.component_lrs()
+    lrs = run.spec.lrs
     groups = [{"params": run.network.parameters_of(c), "lr": lrs[c]} for c in ("unet", "te", "te1", "te2")]
     groups = [g for g in groups if g["params"] and g["lr"] > 0]
     if not groups:
@@ -456,7 +458,7 @@ def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     """One update from the summed gradients, at the scheduled learning rate (returned as its factor)."""
     cfg, optimizer = run.cfg, run.optimizer
     # lr: what diffusers' polynomial decay divides by (the optimizer's default lr, kohya's learning_rate)
-    factor = lr_factor(cfg.lr_scheduler, step, run.total, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
+    factor = lr_factor(cfg.lr_scheduler, step, run.total, cfg.warmup_steps(run.total), cfg.lr_scheduler_num_cycles,
                        cfg.lr_scheduler_power, lr=cfg.learning_rate)
     for g, base in zip(optimizer.param_groups, base_lrs):
         g["lr"] = base * factor

@@ -203,15 +203,17 @@ def _model_bytes(host, cfg, train_te: bool, amp, device) -> tuple:
 def estimate(host, cfg) -> dict:
     """Estimated peak memory of a training run on the device the host's UNet is on, in bytes, by part."""
     from .network import network_for
+    from .network_args import spec
     from .optim import autocast_dtype
     from .session import HostSession, frozen_roots
     from .upcast import upcast_patches
 
     device = next(host.unet.parameters()).device
     amp = autocast_dtype(cfg.mixed_precision, device, [])
-    unet_lr, te_lr = cfg.lrs()
+    wanted = spec(cfg)
+    unet_lr, te_lr = wanted.lrs["unet"], wanted.lrs["te"]
     with torch.device("meta"):
-        network = network_for(host, cfg)
+        network = network_for(host, wanted)
     lora_params = sum(p.numel() for p in network.parameters())
     state_bytes = OPTIMIZER_STATE_BYTES.get(cfg.optimizer_type.lower(), 8)
     weights, leaving, decoder = _model_bytes(host, cfg, bool(network.te_parameters()), amp, device)

@@ -140,9 +140,7 @@ class TrainableNetwork(nn.Module):
         return [name for name, m in modules.items() if name not in self.loras or not self.loras[name].load(m)]
 
 
-def network_for(host, cfg) -> TrainableNetwork:
+def network_for(host, spec: network_args.NetworkSpec) -> TrainableNetwork:
     """The network a run's options ask for (network_args.spec), on the parts whose learning rate is not 0."""
-    spec = network_args.spec(cfg)
-    lrs = cfg.component_lrs()
-    return TrainableNetwork(host.lora_targets(), cfg.network_dim, cfg.network_alpha, spec.conv_dim, spec.conv_alpha,
-                            spec.options, spec.algo, trained=lambda t: lrs[t.component] > 0)
+    return TrainableNetwork(host.lora_targets(), spec.dim, spec.alpha, spec.conv_dim, spec.conv_alpha,
+                            spec.options, spec.algo, trained=lambda t: spec.lrs[t.component] > 0)

@@ -43,6 +43,9 @@ class NetworkSpec:
     conv_alpha: float | None
     options: Options
     args: dict                  # the network_args as given (ss_network_args)
+    dim: int                    # network_dim / network_alpha: the linear layers' rank and alpha
+    alpha: float
+    lrs: dict                   # {'unet', 'te', 'te1', 'te2': lr}: a part whose lr is 0 is not trained
     notes: tuple = ()
 
     def file_args(self) -> dict | None:
@@ -121,7 +124,8 @@ def _algo(args: dict) -> str:
 
 
 def spec(cfg) -> NetworkSpec:
-    """The network cfg asks for; NetworkArgsError naming every problem."""
+    """The network cfg asks for; NetworkArgsError naming every problem. A run parses it once (loop.prepare:
+    Run.spec); what looks before a run (the form, the memory estimate, the CLI's loading plan) parses its own."""
     module = MODULES.get(str(cfg.network_module).strip())
     if module is None:
         raise NetworkArgsError(f"network_module {cfg.network_module!r}: lora_ext trains networks.lora (kohya's "
@@ -164,7 +168,8 @@ def _build(cfg, module, algo, values, flags, on_output, args) -> NetworkSpec:
                    module_dropout=values.get("module_dropout", 0.0), dora=flags["dora_wd"],
                    dora_on_output=on_output, tucker=tucker, factor=int(values.get("factor", -1)),
                    decompose_both=flags["decompose_both"], full_matrix=flags["full_matrix"])
-    return NetworkSpec(module, algo, conv_dim, conv_alpha, opts, dict(args), tuple(notes))
+    return NetworkSpec(module, algo, conv_dim, conv_alpha, opts, dict(args), cfg.network_dim, cfg.network_alpha,
+                       cfg.component_lrs(), tuple(notes))
 
 
 def problems(cfg) -> list:

@@ -24,7 +24,7 @@ def _kwargs(args: list) -> dict:
 
 def make_optimizer(name: str, groups: list, args: list, messages: list):
     kw = _kwargs(args)
-    key = name.lower()
+    key = name.lower() or "adamw"       # kohya's default, "", is AdamW
     if key in ("adamw8bit", "adamw_8bit"):
         if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
             import bitsandbytes as bnb
@@ -46,6 +46,21 @@ def make_optimizer(name: str, groups: list, args: list, messages: list):
         from prodigyopt import Prodigy
         return Prodigy(groups, **kw)
     raise ValueError(f"unknown optimizer_type {name!r}: AdamW, AdamW8bit, Lion, Prodigy or SGD")
+
+
+def problems(name: str, args: list) -> list:
+    """What is wrong with the optimizer a run asks for, found before any model loads: its name, its package,
+    its arguments (it is built once, with them, on a one-number parameter)."""
+    bad = [a for a in args if "=" not in str(a)]
+    if bad:
+        return [f"optimizer_args {bad[0]!r} is not key=value"]
+    try:
+        make_optimizer(name, [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3}], args, [])
+    except ValueError as e:
+        return [str(e)]
+    except TypeError as e:          # an argument the optimizer does not take
+        return [f"optimizer_args for {name}: {e}"]
+    return []
 
 
 def _adamw(groups: list, kw: dict):

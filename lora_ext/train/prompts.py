@@ -111,7 +111,9 @@ def _from_file(path: str) -> list:
     except PromptError as e:
         raise PromptError(f"{path}: {e}") from None
     except (ValueError, RecursionError) as e:           # TOML and JSON decode errors are ValueErrors
-        raise PromptError(f"{path}: not valid {ext[1:].upper()} ({str(e)[:120]})") from None
+        # toml_text words its own ("not valid TOML (...)"), and so does _toml_items
+        why = str(e)[:160] if ext == ".toml" else f"not valid {ext[1:].upper()} ({str(e)[:120]})"
+        raise PromptError(f"{path}: {why}") from None
     if not isinstance(items, list):
         raise PromptError(f"{path}: a JSON prompt file is a list of prompts")
     try:
@@ -121,11 +123,9 @@ def _from_file(path: str) -> list:
 
 
 def _toml_items(text: str) -> list:
-    try:
-        import tomllib
-    except ModuleNotFoundError:       # Python 3.10 (the webui's): install.py provides tomli
-        import tomli as tomllib
-    data = tomllib.loads(text)
+    from ..toml_text import parse
+
+    data = parse(text)
     shared = data.get("prompt")
     if not isinstance(shared, dict) or not isinstance(shared.get("subset"), list):
         raise ValueError("a TOML prompt file has a [prompt] table with [[prompt.subset]] entries")

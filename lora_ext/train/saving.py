@@ -18,7 +18,7 @@ def save_lora(run, step: int, epoch: int, path: str, avg_loss: float | None = No
     """`avg_loss`: the average of the last 50 step losses, kept as lora_ext_avg_loss (what the comparison
     grid shows beside each save; kohya's tools ignore keys that are not theirs). `extra`: the run's features'
     metadata."""
-    meta = {**metadata(run.host, run.cfg, run.report, step, epoch), **modelspec(run), **(extra or {})}
+    meta = {**metadata(run.host, run.cfg, run.spec, run.report, step, epoch), **modelspec(run), **(extra or {})}
     if avg_loss is not None:
         meta["lora_ext_avg_loss"] = f"{avg_loss:.6g}"
     stored = run.network.stored(optim.save_dtype(run.cfg.save_precision))
@@ -42,7 +42,33 @@ def modelspec(run) -> dict:
             "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
             "modelspec.prediction_type": "v" if run.prediction == "v" else "epsilon",
             "modelspec.timestep_range": f"{cfg.min_timestep},{cfg.max_timestep}" if timesteps else None,
-            "modelspec.encoder_layer": cfg.clip_skip if cfg.clip_skip > 1 else None}
+            "modelspec.encoder_layer": cfg.clip_skip if cfg.clip_skip > 1 else None,
+            **_given_spec_fields(cfg)}
+
+
+# kohya's --metadata_<name> options, written as modelspec.<name> where given (the title above)
+SPEC_FIELDS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+               "trigger_phrase", "preprocessor", "is_negative_embedding")
+
+
+def _given_spec_fields(cfg: TrainConfig) -> dict:
+    out = {f"modelspec.{name}": getattr(cfg, f"metadata_{name}") for name in SPEC_FIELDS
+           if getattr(cfg, f"metadata_{name}")}
+    if cfg.metadata_title:
+        out["modelspec.title"] = cfg.metadata_title
+    if out.get("modelspec.thumbnail") and not out["modelspec.thumbnail"].startswith("data:"):
+        out["modelspec.thumbnail"] = _data_url(out["modelspec.thumbnail"])
+    return out
+
+
+def _data_url(path: str) -> str:
+    """An image file (at most 4 MB: TrainConfig.validate) as a data URL, kohya's form of a thumbnail file."""
+    import base64
+    import mimetypes
+
+    kind = mimetypes.guess_type(path)[0] or "image/png"
+    with open(path, "rb") as f:
+        return f"data:{kind};base64,{base64.b64encode(f.read()).decode()}"
 
 
 def base_checkpoint(host, cfg: TrainConfig) -> dict:
@@ -69,14 +95,13 @@ def _checkpoint_hashes(path: str, mtime_ns: int, size: int) -> dict:
     return {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": file_hashes(path)["sha256"]}
 
 
-def metadata(host, cfg: TrainConfig, report: dict, step: int, epoch: int) -> dict:
+def metadata(host, cfg: TrainConfig, spec: network_args.NetworkSpec, report: dict, step: int, epoch: int) -> dict:
     w, h = cfg.size
-    spec = network_args.spec(cfg)
     return files.network_metadata(
-        "locon" if spec.conv_dim else "lora", cfg.network_dim, cfg.network_alpha, host.arch, spec.module,
+        "locon" if spec.conv_dim else "lora", spec.dim, spec.alpha, host.arch, spec.module,
         spec.file_args(), conv_dim=spec.conv_dim, conv_alpha=spec.conv_alpha,
-        ss_output_name=cfg.output_name, ss_learning_rate=cfg.learning_rate, ss_unet_lr=cfg.lrs()[0],
-        ss_text_encoder_lr=cfg.text_encoder_lr if isinstance(cfg.text_encoder_lr, list) else cfg.lrs()[1],
+        ss_output_name=cfg.output_name, ss_learning_rate=cfg.learning_rate, ss_unet_lr=spec.lrs["unet"],
+        ss_text_encoder_lr=cfg.text_encoder_lr if isinstance(cfg.text_encoder_lr, list) else spec.lrs["te"],
         ss_zero_terminal_snr=cfg.zero_terminal_snr or None, ss_num_train_images=report["train_images"],
         ss_num_reg_images=report["reg_images"], ss_num_epochs=epoch + 1, ss_steps=step,
         ss_max_train_steps=None if cfg.max_train_epochs else cfg.max_train_steps, ss_lr_warmup_steps=cfg.lr_warmup_steps,

@@ -48,7 +48,7 @@ def make_app(folder: str, arch: str = "sd1"):
     from ..hosts import for_model
     from ..library import LoraLibrary, list_checkpoints
     from ..panel.runtime import PanelRuntime
-    from ..testing import tiny
+    from .. import tiny
     from ..train.loop import train
     from .tab import TabContext, build_tab
     from .training_session import TrainingSession

@@ -51,7 +51,7 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
              f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
              f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}.",
-             _network_line(network_args.spec(cfg), cfg)]
+             _network_line(network_args.spec(cfg))]
     lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
               + (f", {c['share_of_train']:.0%} of each epoch" if c["share_of_train"] is not None else " (regularization)")
               for c in report["concepts"]]
@@ -91,10 +91,10 @@ def check(session, host_fn, lock, values: list) -> str:
             session.release()
 
 
-def _network_line(spec, cfg) -> str:
+def _network_line(spec) -> str:
     conv = f", convolutions at dim {spec.conv_dim} alpha {spec.conv_alpha:g}" if spec.conv_dim else ""
     notes = "".join(f"\n- note: {n}" for n in spec.notes)
-    return f"Network: **{spec.title}** ({spec.module}), dim {cfg.network_dim} alpha {cfg.network_alpha:g}{conv}.{notes}"
+    return f"Network: **{spec.title}** ({spec.module}), dim {spec.dim} alpha {spec.alpha:g}{conv}.{notes}"
 
 
 def preset_path(folder: str, name: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 from real_webui.harness import EXTENSION_IGNORE, ROOT, Unavailable, _make_writable, host_python
 
@@ -20,6 +22,9 @@ FLAGS = ["--api", "--always-cpu", "--skip-torch-cuda-test", "--skip-prepare-envi
          "--skip-version-check", "--skip-python-version-check", "--no-download-sd-model", "--no-hashing",
          "--server-name", "127.0.0.1"]
 CHECKPOINT = "forge_sd15.safetensors"
+SDXL_CHECKPOINT = "forge_sdxl.safetensors"     # tiny.SPECS['sdxl-forge']: the real text encoders, a reduced UNet
+SDXL_LORA = "xl_locon.safetensors"
+SDXL_LOHA = "xl_loha.safetensors"
 LORA = "alpha.safetensors"              # a LoCon: attention, convs and the text encoder
 PLAIN = "plain.safetensors"             # attention and the text encoder only
 TYPES = ("loha", "lokr")                # other types, on the layers the built-in finds
@@ -50,14 +55,7 @@ def _ignore(source: str):
 
 
 def make_work_copy(work: str, source: str, python: str) -> dict:
-    """A writable Forge under `work` with the extension, the probe script, the checkpoint and LoRA files."""
-    import torch
-    from safetensors.torch import save_file
-
-    from lora_ext import files
-    from lora_ext.demo import make_random_lora, make_random_network
-    from lora_ext.testing import tiny
-
+    """A writable Forge under `work` with the extension, the probe script, the checkpoints and LoRA files."""
     forge = os.path.join(work, "forge")
     shutil.copytree(source, forge, ignore=_ignore(source), copy_function=shutil.copy)
     os.makedirs(os.path.join(forge, "extensions"))
@@ -72,6 +70,27 @@ def make_work_copy(work: str, source: str, python: str) -> dict:
         os.makedirs(paths[key], exist_ok=True)
     with open(os.path.join(forge, "config.json"), "w", encoding="utf-8") as f:
         json.dump({"show_progress_type": "Approx cheap"}, f)
+    # the models are built in a child process: the gigabytes it takes are given back when it ends, not kept
+    # by this one beside Forge's
+    tests = os.path.join(ROOT, "tests")
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path[:0] = [{ROOT!r}, {tests!r}]; "
+                    f"from real_forge.harness import write_models; write_models({paths!r})"], check=True)
+    return paths
+
+
+def write_models(paths: dict) -> None:
+    """The SD1.5 checkpoint Forge takes and LoRAs for it (_write_sd1), the SDXL ones (_write_sdxl)."""
+    _write_sd1(paths)
+    _write_sdxl(paths)
+
+
+def _write_sd1(paths: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_ext import files, tiny
+    from random_networks import make_random_lora, make_random_network
+
     model = tiny.build("sd1-forge")
     # fp16 as released checkpoints are (Forge computes in fp32 on the CPU)
     save_file({k: v.to(torch.float16).contiguous() for k, v in model.checkpoint_state_dict().items()},
@@ -84,4 +103,23 @@ def make_work_copy(work: str, source: str, python: str) -> dict:
         modules = {n: m for n, m in make_random_network(model, network).items() if not n.endswith(BUILTIN_UNMAPPED)}
         files.write_kohya(os.path.join(paths["loras"], f"{network}.safetensors"), files.kohya_tensors(modules),
                           {"ss_output_name": network})
-    return paths
+
+
+def _write_sdxl(paths: dict) -> None:
+    """The SDXL checkpoint Forge takes (tiny.SPECS['sdxl-forge']) and LoRAs for it: a LoCon on both text
+    encoders and the UNet, and a LoHa."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_ext import files, tiny
+    from random_networks import make_random_lora, make_random_network
+
+    model = tiny.build("sdxl-forge")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in model.checkpoint_state_dict().items()},
+              os.path.join(paths["checkpoints"], SDXL_CHECKPOINT))
+    files.write_kohya(os.path.join(paths["loras"], SDXL_LORA),
+                      files.kohya_tensors(make_random_lora(model, rank=4, alpha=2.0, conv_rank=2, seed=4)),
+                      {"ss_output_name": SDXL_LORA[:-12]})
+    modules = {n: m for n, m in make_random_network(model, "loha").items() if not n.endswith(BUILTIN_UNMAPPED)}
+    files.write_kohya(os.path.join(paths["loras"], SDXL_LOHA), files.kohya_tensors(modules),
+                      {"ss_output_name": SDXL_LOHA[:-12]})

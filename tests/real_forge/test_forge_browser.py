@@ -75,14 +75,19 @@ def test_train_in_the_tab_on_forges_model_then_the_new_lora_in_the_panel_equals_
     patches Forge keeps merged): 4 steps, the new file in Forge's LoRA folder, Forge's weights after the run
     as they were after that generation (Forge merged them again), that generation repeated gives the same
     latents, and the new LoRA through the panel equals `<lora:>` with it."""
+    train_then_compare(forge, forge_work, page, tmp_path, harness.LORA, "forgerun")
+
+
+def train_then_compare(forge, forge_work, page, tmp_path, builtin: str, output_name: str) -> None:
+    """train_in_tab's run after a generation with `builtin` through `<lora:>`, and its checks."""
     import os
 
     from playwright.sync_api import expect
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
 
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
-    forge.txt2img(f"a photo of a cat <lora:{harness.LORA[:-12]}:1>")
+    forge.txt2img(f"a photo of a cat <lora:{builtin[:-12]}:1>")
     before, builtin_before = forge.weights(), forge.latents()
     try:
         page.goto(forge.url, timeout=120_000)
@@ -91,29 +96,32 @@ def test_train_in_the_tab_on_forges_model_then_the_new_lora_in_the_panel_equals_
         for group in ("network", "optimizer_schedule", "samples_saving"):
             page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
         _fill(page, "train_data_dir", data["train"])
-        _fill(page, "output_name", "forgerun")
+        _fill(page, "output_name", output_name)
         for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", 4),
                              ("network_dim", 4), ("network_alpha", 2), ("learning_rate", 1e-2),
                              ("train_batch_size", 1)):
             _fill(page, field, value)
         page.locator("#lora_ext_train_start").click()
-        expect(_message(page, "lora_ext_train_status")).to_contain_text("Finished", timeout=300_000)
-        _shot(page, tmp_path, "forge_2_trained")
+        # the tab shows the last run's status when it opens: wait for this run's file
+        expect(_message(page, "lora_ext_train_status")).to_contain_text(
+            re.compile(rf"Finished.*{output_name}\.safetensors"), timeout=300_000)
+        _shot(page, tmp_path, f"forge_trained_{output_name}")
     except Exception:
-        _shot(page, tmp_path, "forge_failed_train")
+        _shot(page, tmp_path, f"forge_failed_train_{output_name}")
         raise
     status = _message(page, "lora_ext_train_status").inner_text()
     assert "after 4 steps" in status, status
-    assert os.path.isfile(os.path.join(forge_work["loras"], "forgerun.safetensors"))
+    assert os.path.isfile(os.path.join(forge_work["loras"], f"{output_name}.safetensors"))
     assert forge.weights() == before and "Traceback" not in forge.log()
-    forge.txt2img(f"a photo of a cat <lora:{harness.LORA[:-12]}:1>")
+    forge.txt2img(f"a photo of a cat <lora:{builtin[:-12]}:1>")
     assert (forge.latents() - builtin_before).abs().max() == 0
     forge.txt2img("a photo of a cat")
     plain = forge.latents()
-    forge.txt2img("a photo of a cat <lora:forgerun:0.7>")
-    builtin = forge.latents()
-    forge.txt2img("a photo of a cat", [{"enabled": True, "model": "forgerun.safetensors", "weight": 0.7}])
+    forge.txt2img(f"a photo of a cat <lora:{output_name}:0.7>")
+    builtin_new = forge.latents()
+    forge.txt2img("a photo of a cat", [{"enabled": True, "model": f"{output_name}.safetensors", "weight": 0.7}])
     ours = forge.latents()
-    gap, effect = (ours - builtin).abs().max().item(), (builtin - plain).abs().max().item()
-    print(f"trained on Forge, panel against <lora:forgerun:0.7>: gap {gap:.2e}, the LoRA's effect {effect:.2e}")
+    gap, effect = (ours - builtin_new).abs().max().item(), (builtin_new - plain).abs().max().item()
+    print(f"trained on Forge ({output_name}), panel against <lora:{output_name}:0.7>: gap {gap:.2e}, "
+          f"the LoRA's effect {effect:.2e}")
     assert effect > 1e-3 and gap < 1e-3 * max(1.0, effect), (gap, effect)

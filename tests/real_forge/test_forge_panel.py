@@ -36,6 +36,12 @@ def test_startup_is_clean(forge):
 
 @pytest.mark.parametrize("name", [harness.LORA, harness.PLAIN] + [f"{t}.safetensors" for t in harness.TYPES])
 def test_panel_equals_the_builtin_lora_and_gives_the_weights_back(forge, name):
+    panel_equals_builtin(forge, name)
+
+
+def panel_equals_builtin(forge, name):
+    """The panel at 0.7 against `<lora:name:0.7>`; Forge's weights as before after each, and the plain
+    generation after them as before."""
     before = forge.weights()
     _, plain = _gen(forge)
     _, builtin = _gen(forge, f"{PROMPT} <lora:{name.rsplit('.', 1)[0]}:0.7>")
@@ -47,11 +53,19 @@ def test_panel_equals_the_builtin_lora_and_gives_the_weights_back(forge, name):
     assert forge.weights() == before
 
 
-@pytest.mark.parametrize("parts,builtin", [({"unet": 0.0, "te": 0.6}, "0.6:0"), ({"unet": 0.6, "te": 0.0}, "0:0.6")])
+PART_CASES = [({"unet": 0.0, "te": 0.6}, "0.6:0"), ({"unet": 0.6, "te": 0.0}, "0:0.6")]
+
+
+@pytest.mark.parametrize("parts,builtin", PART_CASES)
 def test_text_encoder_only_and_unet_only(forge, parts, builtin):
+    part_equals_builtin(forge, harness.LORA, parts, builtin)
+
+
+def part_equals_builtin(forge, name, parts, builtin):
+    """A slot's text-encoder and UNet weights against `<lora:name:te:unet>`."""
     _, plain = _gen(forge)
-    _, theirs = _gen(forge, f"{PROMPT} <lora:alpha:{builtin}>")
-    _, ours = _gen(forge, slots=[_slot(harness.LORA, **parts)])
+    _, theirs = _gen(forge, f"{PROMPT} <lora:{name.rsplit('.', 1)[0]}:{builtin}>")
+    _, ours = _gen(forge, slots=[_slot(name, **parts)])
     _close(ours, theirs, plain)
 
 

@@ -114,7 +114,7 @@ def _ignore_source(source: str):
 def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
     """A writable webui under `work`: its source, repository links, the extension, the probe script, a tiny
     checkpoint with its .yaml and a local CLIP folder. Returns the paths tests use."""
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     webui = os.path.join(work, "webui")
     shutil.copytree(source, webui, ignore=_ignore_source(source), copy_function=shutil.copy)
@@ -148,10 +148,10 @@ def make_work_copy(work: str, source: str, repos: dict, python: str) -> dict:
         _random_lora(model, os.path.join(paths["loras"], name), seed)
     _random_lora(model, os.path.join(paths["loras"], PLAIN_LORA), 5, conv_rank=None)
     from lora_ext import files
-    from lora_ext.demo import make_random_dora
+    from random_networks import make_random_dora
     files.write_kohya(os.path.join(paths["loras"], DORA), files.kohya_tensors(make_random_dora(model)),
                       {"ss_output_name": "dora"})
-    from lora_ext.demo import make_random_network
+    from random_networks import make_random_network
     for network, conv in TYPE_FILES.items():
         modules = {n: m for n, m in make_random_network(model, network, conv=conv).items()
                    if not n.endswith(BUILTIN_UNMAPPED)}
@@ -186,7 +186,7 @@ def sdxl_files(folder: str, checkpoints: str | None = None) -> dict:
     """A tiny SDXL checkpoint with the sgm yaml the real webui instantiates, its CLIP-L folder (config,
     tokenizer and weights: sgm loads them with from_pretrained) and the open_clip config folder its bigG is
     built from (open_clip.add_model_config reads it; the webui's start-up does through webui_probe.py)."""
-    from lora_ext.testing import tiny
+    from lora_ext import tiny
 
     model = tiny.build("sdxl")
     clip = os.path.join(folder, "clip-tiny-xl")
@@ -204,7 +204,7 @@ def _random_lora(model, path: str, seed: int, conv_rank: int | None = 2) -> None
     # a LoCon of every layer the webui's built-in Lora also applies (attention, convs, text encoder); without
     # conv_rank a plain LoRA (attention and the text encoder)
     from lora_ext import files
-    from lora_ext.demo import make_random_lora
+    from random_networks import make_random_lora
 
     modules = make_random_lora(model, rank=4, alpha=4.0, conv_rank=conv_rank, seed=seed)
     files.write_kohya(path, files.kohya_tensors(modules), {"ss_output_name": os.path.splitext(os.path.basename(path))[0]})

@@ -60,7 +60,7 @@ def _train_form(page, data, out_name, steps):
 def test_train_in_the_tab_interrupt_and_resume(webui, work, page, tmp_path):
     from playwright.sync_api import expect
 
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
 
     data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
     webui.txt2img("a photo of a cat <lora:alpha:1>")     # the built-in leaves alpha's deltas in the weights

@@ -78,7 +78,7 @@ def test_train_sdxl_in_the_tab_and_apply_it_both_ways(sdxl, work, page, tmp_path
     from playwright.sync_api import expect
 
     from lora_ext import files
-    from lora_ext.testing import sample_data
+    from lora_ext import sample_data
     from test_browser import _fill, _md, _shot, _tab
     from .test_webui_browser import _subtab, _train_form
 

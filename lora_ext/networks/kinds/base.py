@@ -18,6 +18,7 @@ class NetworkType:
     algos: tuple = ()       # the LyCORIS `algo` names of this type (the first trains it, where it trains)
     help = ""               # the Train tab's words on it (types that train)
     factored = False        # a product of two factors every tool re-factors (resize, merge-LoRAs)
+    layouts: tuple = ()     # other file layouts of this type that example() also draws (BOFT, GLoRA's first)
 
     def detect(self, parts: dict) -> bool:
         return any(p in parts for p in self.parts)
@@ -68,6 +69,13 @@ class NetworkType:
         """The TrainedModule class that trains this type (None: read and applied only)."""
         return None
 
+    def example(self, shape: tuple, noise, bias=None, layout: str = "") -> dict | None:
+        """A module's file parts ('alpha' included) with random values, for a layer whose weight has `shape`
+        (and `bias`), None where this type does not sit on such a layer: what the tests' and benches' random
+        networks are drawn from, so that a new type brings its own. `noise(*shape)` draws a tensor; `layout`:
+        one of `layouts`. A type that trains draws its trained module's parameters (TrainedModule.example)."""
+        return self.trainable().example(shape, noise)
+
 
 class StoredChange(NetworkType):
     """A type whose file holds the change itself: `parts` = (the weight's change, the bias's change, which
@@ -81,3 +89,6 @@ class StoredChange(NetworkType):
 
     def bias_delta(self, parts):
         return parts.get(self.parts[1])
+
+    def example(self, shape, noise, bias=None, layout=""):
+        return {self.parts[0]: noise(*shape), **({self.parts[1]: noise(*bias.shape)} if bias is not None else {})}

@@ -41,6 +41,7 @@ class GLoRA(NetworkType):
     conv_parts = (_BM,)
     main_part = _B2
     needs_base = True
+    layouts = ("glora_v1",)
 
     def detect(self, parts):
         return _A1 in parts or _B1 in parts
@@ -79,3 +80,17 @@ class GLoRA(NetworkType):
         # products, not the in*in matrix a1 @ a2 times every kernel position)
         a = torch.einsum("or...,rj->oj...", torch.einsum("oi...,ir->or...", base, a1), a2)
         return (a + b) * scale
+
+    def example(self, shape, noise, bias=None, layout=""):
+        """Rank 4, in LyCORIS's layout (a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in, kh, kw]) or the first
+        one (`glora_v1`: a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]; Linear and 1x1 layers only)."""
+        out, inp = shape[0], shape[1]
+        if layout == "glora_v1":
+            if len(shape) == 4 and shape[2] * shape[3] > 1:
+                return None
+            return {_A1: noise(4, inp), _A2: noise(inp, 4), _B1: noise(4, inp), _B2: noise(out, 4),
+                    "alpha": torch.tensor(4.0)}
+        kernel = tuple(shape[2:])
+        ones = (1,) * len(kernel)
+        return {_A1: noise(inp, 4, *ones), _A2: noise(4, inp, *ones), _B1: noise(out, 4, *ones),
+                _B2: noise(4, inp, *kernel), "alpha": torch.tensor(2.0)}

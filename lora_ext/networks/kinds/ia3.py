@@ -2,6 +2,8 @@
 layer's own weight: the change is W0 * w along that axis."""
 from __future__ import annotations
 
+import torch
+
 from .base import BadModule, NetworkType
 
 
@@ -14,6 +16,9 @@ class IA3(NetworkType):
 
     def detect(self, parts):
         return "weight" in parts and "on_input" in parts
+
+    def example(self, shape, noise, bias=None, layout=""):
+        return {"weight": noise(shape[0]), "on_input": torch.tensor(0)}     # one scale per output channel
 
     def check(self, parts):
         if parts["on_input"].numel() != 1:

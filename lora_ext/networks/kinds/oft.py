@@ -48,9 +48,18 @@ class OFT(NetworkType):
     parts = ("oft_blocks", "oft_diag", "rescale")
     main_part = "oft_blocks"
     needs_base = True
+    layouts = ("boft",)
 
     def detect(self, parts):
         return "oft_blocks" in parts or "oft_diag" in parts
+
+    def example(self, shape, noise, bias=None, layout=""):
+        """Blocks of 4 (BOFT: 2 stages of them), on a layer with a multiple of 8 outputs."""
+        out = shape[0]
+        if out % 8:
+            return None
+        blocks = noise(2, out // 4, 4, 4) if layout == "boft" else noise(out // 4, 4, 4)
+        return {"oft_blocks": blocks, "alpha": torch.tensor(0.0)}
 
     def check(self, parts):
         blocks = parts.get("oft_blocks", parts.get("oft_diag"))

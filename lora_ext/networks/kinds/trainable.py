@@ -85,6 +85,17 @@ class TrainedModule(nn.Module):
             norm = fn.dora_norm(base.detach().float(), opts.dora_on_output)
             self.dora_scale = nn.Parameter(norm.to(self.alpha.device))
 
+    @classmethod
+    def example(cls, shape: tuple, noise) -> dict:
+        """File parts ('alpha' included) of a rank-4 module for a layer whose weight has `shape`, its parameters
+        drawn by `noise(*shape)` (kinds.base.NetworkType.example)."""
+        conv = dict(stride=1, padding=1, dilation=1) if len(shape) == 4 else None
+        module = cls(Geometry(tuple(shape), conv), 4, 2.0)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(noise(*p.shape))
+        return {**module.file_parts(), "alpha": module.alpha.clone()}
+
     def build(self, geo: Geometry, rank: int, opts: Options) -> None:
         raise NotImplementedError
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..hosts.ldm_layout import (FULL_VAE_DDCONFIG, HFTextEncoderHolder, LdmVAE, OpenClipHolder, WebuiLayoutModel,
+from .hosts.ldm_layout import (FULL_VAE_DDCONFIG, HFTextEncoderHolder, LdmVAE, OpenClipHolder, WebuiLayoutModel,
                                 unet_from_config)
 
 
@@ -62,6 +62,11 @@ SPECS = {
     # widths (two levels, one res block each)
     "sd1-forge": TinySpec("sd1", model_channels=320, channel_mult=(1, 2), depths=(1, 1), te=(("hf", 768, 12),),
                           unet_heads=8, te_heads=12, te_mlp=4, full_vae=True, num_res_blocks=1),
+    # and for SDXL (its guess checks the width 320, the depths 0,0,2,2,10,10, the context and the vector, not
+    # the levels' widths): the real text encoders and VAE, a UNet of three levels all 320 wide, mid depth 1
+    "sdxl-forge": TinySpec("sdxl", model_channels=320, channel_mult=(1, 1, 1), depths=(0, 2, 10), mid_depth=1,
+                           linear_proj=True, te=(("hf", 768, 12), ("openclip", 1280, 32)), te_heads=12, te_mlp=4,
+                           full_vae=True, size_dim=256, head_channels=64, openclip_heads=20),
 }
 
 
