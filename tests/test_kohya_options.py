@@ -3,10 +3,12 @@ without effect, read only beside another, or refused with a reason; given at koh
 every problem of a configuration comes out in one message."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 
 import pytest
+import torch
 
 from lora_ext.train import kohya_options as k
 from test_train import data  # noqa: F401  (a fixture)
@@ -46,7 +48,7 @@ def test_the_kohya_ss_guis_keys_at_their_usual_values_are_accepted():
     """What the kohya_ss GUI writes into every configuration it saves."""
     gui = {"loss_type": "l2", "huber_c": 0.1, "huber_schedule": "snr", "huber_scale": 1, "lr_scheduler_args": [],
            "sample_sampler": "euler_a", "dynamo_backend": "no", "wandb_run_name": "", "bucket_no_upscale": False,
-           "log_tracker_name": "", "metadata_title": "", "caption_separator": ",", "noise_offset_random_strength": True,
+           "log_tracker_name": "", "metadata_title": "", "caption_separator": ",", "noise_offset_random_strength": False,
            "multires_noise_discount": 0.3, "validation_seed": 0, "max_data_loader_n_workers": 0}
     cfg = from_dict(gui)
     assert cfg == TrainConfig()
@@ -56,11 +58,11 @@ def test_the_kohya_ss_guis_keys_at_their_usual_values_are_accepted():
 
 
 def test_an_option_read_only_beside_another_is_judged_when_that_one_is_given():
-    assert from_dict({"noise_offset_random_strength": True}) == TrainConfig()
-    with pytest.raises(ConfigError, match="noise_offset_random_strength"):
-        from_dict({"noise_offset": 0.1, "noise_offset_random_strength": True})
-    with pytest.raises(ConfigError, match="loss_type: lora_ext does not do this yet"):
-        from_dict({"loss_type": "huber", "huber_c": 0.2})
+    assert from_dict({"validation_seed": 5, "base_weights_multiplier": [0.5], "zero_stage": 3}) == TrainConfig()
+    with pytest.raises(ConfigError, match="validation_split: comes with"):
+        from_dict({"validation_split": 0.1, "validation_seed": 5})
+    with pytest.raises(ConfigError, match="deepspeed: DeepSpeed is not used"):
+        from_dict({"deepspeed": True, "zero_stage": 3})
 
 
 def test_old_spellings_become_the_options_they_stand_for():
@@ -77,7 +79,7 @@ def test_old_spellings_become_the_options_they_stand_for():
 
 
 def test_every_problem_of_a_configuration_is_in_one_message():
-    given = {"loss_type": "huber", "fp8_base": True, "bogus_option": 1, "learning_rate": "fast",
+    given = {"loss_type": "l3", "fp8_base": True, "bogus_option": 1, "learning_rate": "fast",
              "max_token_length": 100, "network_args": ["algo=nope"], "validation_split": 0.1}
     with pytest.raises(ConfigError) as e:
         from_dict(given, "my.toml")
@@ -148,7 +150,7 @@ def test_a_run_warms_up_over_its_share_of_steps():
     assert factors[0] < 1.0
 
 
-def test_kohyas_metadata_options_are_written_into_the_model_spec(data, tmp_path):
+def test_kohyas_metadata_options_are_written_into_the_model_spec(data, tmp_path):  # noqa: F811
     """--metadata_*: modelspec.<name> in the saved file, the title instead of output_name, a thumbnail file
     as a data URL (as kohya's sai_model_spec writes them)."""
     import base64
@@ -185,3 +187,231 @@ def test_the_optimizer_and_schedule_are_checked_before_any_model_loads(given, pr
     with pytest.raises(ConfigError, match=problem):
         from_dict(given)
     assert from_dict({"optimizer_type": "", "optimizer_args": ["betas=0.9,0.99", "weight_decay=0.1"]})
+
+
+def _kohya_caption(caption: str, prefix: str, suffix: str) -> str:
+    """kohya's process_caption without dropout, wildcards or shuffling (train_util.BaseDataset), written
+    from its description: prefix and suffix joined with a space, then the first line."""
+    if prefix:
+        caption = prefix + " " + caption
+    if suffix:
+        caption = caption + " " + suffix
+    return caption.split("\n")[0]
+
+
+@pytest.mark.parametrize("caption", ["a cat, sitting", "", "first line, tags\nsecond line"])
+@pytest.mark.parametrize("prefix,suffix", [("", ""), ("mychar", ""), ("", "masterpiece"), ("mychar,", "best")])
+def test_caption_prefix_suffix_and_the_first_line_as_kohya(caption, prefix, suffix):
+    import random
+
+    from lora_ext.train.batches import Augment, caption_of
+    from lora_ext.train.captions import CaptionRules, process
+
+    rules = CaptionRules.of(from_dict({"caption_prefix": prefix, "caption_suffix": suffix}))
+    assert process(caption, random.Random(0), rules) == _kohya_caption(caption, prefix, suffix)
+    sample = type("S", (), {"item": type("I", (), {"caption": caption})(), "seed": 3})()
+    assert caption_of(sample, Augment(caption=rules)) == _kohya_caption(caption, prefix, suffix)
+
+
+def _rules(**options):
+    from lora_ext.train.captions import CaptionRules
+
+    return CaptionRules.of(from_dict(options))
+
+
+def test_keep_tokens_separator_keeps_a_head_and_a_tail_and_shuffles_between():
+    import random
+
+    from lora_ext.train.captions import process
+
+    rules = _rules(shuffle_caption=True, keep_tokens_separator="|||")
+    cap = "mychar, red hair ||| smile, night, outdoors, hat ||| masterpiece, best"
+    outs = {process(cap, random.Random(s), rules) for s in range(40)}
+    assert len(outs) > 3
+    for o in outs:
+        tags = o.split(", ")
+        assert tags[:2] == ["mychar", "red hair"] and tags[-2:] == ["masterpiece", "best"]
+        assert sorted(tags[2:-2]) == sorted(["smile", "night", "outdoors", "hat"])
+
+
+def test_caption_separator_secondary_separator_and_tag_dropout():
+    import random
+
+    from lora_ext.train.captions import process
+
+    # kohya splits at the separator and joins with ", "; the secondary separator becomes the separator after
+    assert process("a;b;c", random.Random(0), _rules(caption_separator=";", shuffle_caption=True,
+                                                      keep_tokens=3)) == "a, b, c"
+    assert process("a, b$$c", random.Random(0), _rules(secondary_separator="$$")) == "a, b,c"
+    rules = _rules(caption_tag_dropout_rate=0.5, keep_tokens=1)
+    outs = [process("k, t1, t2, t3, t4, t5, t6", random.Random(s), rules) for s in range(200)]
+    assert all(o.startswith("k") for o in outs)
+    kept = sum(len(o.split(", ")) - 1 for o in outs) / (6 * len(outs))
+    assert 0.4 < kept < 0.6                     # each tag after keep_tokens kept with probability 0.5
+    assert process("a, b", random.Random(0), _rules(caption_tag_dropout_rate=1.0, keep_tokens=1)) == "a"
+
+
+def test_wildcards_pick_one_choice_and_one_line():
+    import random
+
+    from lora_ext.train.captions import process
+
+    rules = _rules(enable_wildcard=True)
+    outs = {process("a {red|blue|green} cat {{braces}}", random.Random(s), rules) for s in range(60)}
+    assert outs == {f"a {c} cat {{braces}}" for c in ("red", "blue", "green")}
+    assert {process("one\ntwo", random.Random(s), rules) for s in range(40)} == {"one", "two"}
+    assert process("one\ntwo", random.Random(0), _rules()) == "one"
+
+
+def test_captions_that_change_from_step_to_step_cannot_be_cached():
+    for option in ({"caption_tag_dropout_rate": 0.1}, {"enable_wildcard": True}):
+        with pytest.raises(ConfigError, match="cache_text_encoder_outputs keeps one encoding per caption"):
+            from_dict({"cache_text_encoder_outputs": True, "network_train_unet_only": True, **option})
+    with pytest.raises(ConfigError, match="caption_separator is empty"):
+        from_dict({"caption_separator": ""})
+
+
+# --- kohya's noise and loss options (train.losses), against kohya's formulas written out here ---------------
+
+def _ac():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def _kohya_huber_c(schedule, c, scale, t, ac):
+    if schedule == "exponential":
+        alpha = -math.log(c) / 1000
+        return torch.exp(-alpha * t.float()) * scale
+    if schedule == "snr":
+        a = ac[t]
+        return (1 - c) / (1 + ((1 - a) / a) ** 0.5) ** 2 + c
+    return torch.full(t.shape, c * scale)
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "l1", "huber", "smooth_l1"])
+@pytest.mark.parametrize("schedule", ["snr", "exponential", "constant"])
+def test_each_loss_type_and_huber_schedule_is_kohyas(loss_type, schedule):
+    from lora_ext.train import losses
+
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, ac = torch.tensor([0, 400, 999]), _ac()
+    cfg = from_dict({"loss_type": loss_type, "huber_schedule": schedule, "huber_c": 0.2, "huber_scale": 1.5})
+    ours = losses.elementwise(pred, target, loss_type, losses.huber_threshold(cfg, t, ac))
+    c = _kohya_huber_c(schedule, 0.2, 1.5, t, ac).view(-1, 1, 1, 1)
+    want = {"l2": (pred - target) ** 2, "l1": (pred - target).abs(),
+            "huber": 2 * c * (torch.sqrt((pred - target) ** 2 + c ** 2) - c),
+            "smooth_l1": 2 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)}[loss_type]
+    torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize("v", [False, True])
+@pytest.mark.parametrize("options", [{"min_snr_gamma": 5}, {"scale_v_pred_loss_like_noise_pred": True},
+                                     {"v_pred_like_loss": 0.3}, {"debiased_estimation_loss": True},
+                                     {"min_snr_gamma": 3, "debiased_estimation_loss": True, "v_pred_like_loss": 0.2}])
+def test_the_snr_weights_are_kohyas_in_its_order(options, v):
+    from lora_ext.train import losses
+
+    ac, t = _ac(), torch.tensor([0, 10, 500, 999])
+    loss = torch.tensor([1.0, 2.0, 0.5, 0.25])
+    snr = ac[t] / (1 - ac[t])
+    want = loss.clone()
+    if options.get("min_snr_gamma"):
+        g = torch.minimum(snr, torch.full_like(snr, options["min_snr_gamma"]))
+        want = want * (g / (snr + 1) if v else g / snr)
+    capped = torch.minimum(snr, torch.full_like(snr, 1000))
+    if options.get("scale_v_pred_loss_like_noise_pred"):
+        want = want * capped / (capped + 1)
+    if options.get("v_pred_like_loss"):
+        want = want + want / (capped / (capped + 1)) * options["v_pred_like_loss"]
+    if options.get("debiased_estimation_loss"):
+        want = want * (1 / (capped + 1) if v else 1 / torch.sqrt(capped))
+    cfg = TrainConfig(**options)
+    torch.testing.assert_close(losses.snr_weighted(loss, ac[t], cfg, v), want)
+
+
+def test_noise_offset_adaptive_and_random_strength_are_kohyas():
+    from lora_ext.train import losses
+
+    latent = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(4))
+    cfg = TrainConfig(noise_offset=0.1, adaptive_noise_scale=0.05)
+    ours = losses.offset_noise(noise, torch.Generator().manual_seed(5), cfg, latent.mean(dim=(1, 2)))
+    g = torch.Generator().manual_seed(5)
+    offset = (0.1 + 0.05 * latent.mean(dim=(1, 2), keepdim=True).abs()).clamp_min(0)
+    torch.testing.assert_close(ours, noise + offset * torch.randn(4, 1, 1, generator=g))
+    cfg = TrainConfig(noise_offset=0.1, noise_offset_random_strength=True)
+    ours = losses.offset_noise(noise, torch.Generator().manual_seed(5), cfg)
+    g = torch.Generator().manual_seed(5)
+    strength = torch.rand(1, generator=g).item() * 0.1
+    torch.testing.assert_close(ours, noise + strength * torch.randn(4, 1, 1, generator=g))
+
+
+def _kohya_pyramid(noise, draw, iterations, discount):
+    """kohya's pyramid_noise_like on one sample (its batch of 1), its random draws from `draw`."""
+    b, c, w, h = noise.shape
+    u = torch.nn.Upsample(size=(w, h), mode="bilinear")
+    for i in range(iterations):
+        r = draw.rand() * 2 + 2
+        wn, hn = max(1, int(w / (r ** i))), max(1, int(h / (r ** i)))
+        noise = noise + u(draw.randn(b, c, wn, hn)) * discount ** i
+        if wn == 1 or hn == 1:
+            break
+    return noise / noise.std()
+
+
+@pytest.mark.parametrize("size,iterations,discount", [((4, 32, 32), 6, 0.3), ((4, 16, 24), 10, 0.8), ((4, 8, 8), 1, 0.5)])
+def test_pyramid_noise_is_kohyas(size, iterations, discount):
+    from lora_ext.train import losses
+
+    class Draws:        # the same generator, drawn in the same order as ours
+        def __init__(self):
+            self.g = torch.Generator().manual_seed(1)
+
+        def rand(self):
+            return torch.rand(1, generator=self.g).item()
+
+        def randn(self, *shape):
+            return torch.randn(shape, generator=self.g)
+
+    noise = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    ours = losses.pyramid(noise, torch.Generator().manual_seed(1), iterations, discount)
+    torch.testing.assert_close(ours, _kohya_pyramid(noise[None], Draws(), iterations, discount)[0])
+    assert abs(ours.std().item() - 1) < 1e-5
+
+
+def test_input_perturbation_goes_to_the_noisy_latents_only(tmp_path):
+    """ip_noise_gamma: the model sees latents noised with noise + gamma * more noise, the target is the noise."""
+    from lora_ext.train import losses
+
+    noise = torch.zeros(4, 8, 8)
+    assert torch.equal(losses.perturbation(noise, torch.Generator().manual_seed(0), TrainConfig()), noise)
+    extra = losses.perturbation(noise, torch.Generator().manual_seed(0), TrainConfig(ip_noise_gamma=0.1))
+    torch.testing.assert_close(extra, 0.1 * torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def test_the_noise_and_loss_options_are_checked():
+    for given, problem in (({"loss_type": "l3"}, "loss_type 'l3'"), ({"huber_schedule": "x"}, "huber_schedule"),
+                           ({"adaptive_noise_scale": 0.1}, "give noise_offset too"),
+                           ({"v_pred_like_loss": 0.1, "v_parameterization": True}, "not with v_parameterization"),
+                           ({"huber_c": 0}, "huber_c")):
+        with pytest.raises(ConfigError, match=problem):
+            from_dict(given)
+    assert from_dict({"noise_offset": 0.05, "adaptive_noise_scale": -0.01}).adaptive_noise_scale == -0.01
+
+
+def test_a_run_with_kohyas_noise_and_loss_options_trains_and_records_them(data, tmp_path):  # noqa: F811
+    from conftest import tiny_model
+    from lora_ext import files
+    from lora_ext.hosts import for_model
+    from lora_ext.train.loop import train
+    from test_train import _cfg
+
+    options = dict(loss_type="huber", huber_schedule="exponential", multires_noise_iterations=4, ip_noise_gamma=0.1,
+                   noise_offset=0.05, adaptive_noise_scale=0.01, debiased_estimation_loss=True, max_train_steps=3)
+    plain = train(for_model(tiny_model("sd1")), _cfg(data, tmp_path / "a", max_train_steps=3))
+    result = train(for_model(tiny_model("sd1")), _cfg(data, tmp_path / "b", **options))
+    assert all(math.isfinite(x) for x in result.losses) and result.losses != plain.losses
+    meta = files.read(result.lora_path).metadata
+    assert meta["ss_loss_type"] == "huber" and meta["ss_huber_schedule"] == "exponential"
+    assert meta["ss_multires_noise_iterations"] == "4" and meta["ss_debiased_estimation"] == "True"

@@ -331,7 +331,7 @@ def test_timestep_range_zero_terminal_snr_and_v_parameterization(data, tmp_path)
                        lambda e: None, lambda: False)
     assert run.prediction == "v" and float(run.ac[-1]) == 0.0
     fake = [types.SimpleNamespace(seed=s) for s in range(200)]
-    _, t = step.noise_and_timesteps(run, fake, (4, 8, 8))
+    _, _, t = step.noise_and_timesteps(run, fake, torch.zeros(len(fake), 4, 8, 8))
     assert int(t.min()) >= 200 and int(t.max()) < 300 and len(set(t.tolist())) > 50
     result = train(WebuiHost(tiny_model("sdxl")), _cfg(data, tmp_path, min_timestep=200, max_timestep=300,
                                                         zero_terminal_snr=True, v_parameterization=True, min_snr_gamma=5))

@@ -41,3 +41,18 @@ def train_as_webui_job(cfg, on_event=None, before=None, should_stop=None, task_i
             shared.state.end()
             if task_id:
                 progress.finish_task(task_id)
+            give_memory_back()
+
+
+def give_memory_back() -> None:
+    """After a run in the host's process: what the run freed goes back to the system. On Linux glibc keeps
+    freed blocks for reuse, and a CPU run's many tensor sizes leave them scattered: the host's next model
+    loads or LoRA merges then grow the process instead (seen with Forge on SDXL: 18 GB after a 4-step run)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc (Windows, macOS, musl): nothing to ask
+        pass

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ..hosts.conditioning import Size
-from .dataset import Item, assign_bucket, crop_box, load_image, process_caption
+from .captions import CaptionRules, process
+from .dataset import Item, assign_bucket, crop_box, load_image
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,11 @@ def epoch_plan(items_train, items_reg, buckets, resolution: int, batch_size: int
 class Augment:
     flip: bool = False
     random_crop: bool = False
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
+    caption: CaptionRules = CaptionRules()
 
 
 def caption_of(sample: Sample, aug: Augment) -> str:
-    return process_caption(sample.item.caption, _rng("caption", sample.seed), aug.shuffle_caption, aug.keep_tokens,
-                           aug.caption_dropout_rate)
+    return process(sample.item.caption, _rng("caption", sample.seed), aug.caption)
 
 
 def flipped(sample: Sample, aug: Augment) -> bool:

@@ -65,6 +65,13 @@ class TrainConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    caption_prefix: str = ""        # kohya's caption options (train.captions applies them in kohya's order)
+    caption_suffix: str = ""
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    caption_tag_dropout_rate: float = 0.0
+    enable_wildcard: bool = False
     prior_loss_weight: float = 1.0
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
@@ -116,6 +123,20 @@ class TrainConfig:
     # loss
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
+    # kohya's other noise and loss options (train.losses)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float = 0.0
     min_timestep: int = 0               # noise timesteps are drawn from [min_timestep, max_timestep)
     max_timestep: int = 1000
     zero_terminal_snr: bool = False     # rescale the schedule so that the last timestep is pure noise
@@ -190,7 +211,9 @@ class TrainConfig:
             problems.append(str(e))
         if self.random_crop and self.cache_latents:
             problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
-        problems += self._optimizer_problems()
+        problems += self._optimizer_problems() + self._loss_problems()
+        if not self.caption_separator:
+            problems.append("caption_separator is empty: tags are split at it (kohya's default is ',')")
         if self.lr_scheduler == "polynomial" and not self.learning_rate > 1e-7:
             problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
                             "larger (kohya and diffusers refuse it too)")
@@ -221,6 +244,18 @@ class TrainConfig:
                        "done yet)")
         return out
 
+    def _loss_problems(self) -> list:
+        out = []
+        if self.loss_type not in LOSS_TYPES:
+            out.append(f"loss_type {self.loss_type!r}: one of {', '.join(LOSS_TYPES)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            out.append(f"huber_schedule {self.huber_schedule!r}: one of {', '.join(HUBER_SCHEDULES)}")
+        if self.adaptive_noise_scale is not None and not self.noise_offset:
+            out.append("adaptive_noise_scale grows noise_offset: give noise_offset too (kohya refuses it alone)")
+        if self.v_pred_like_loss and self.v_parameterization:
+            out.append("v_pred_like_loss adds a v-prediction-like loss to an eps model's: not with v_parameterization")
+        return out
+
     def _timestep_problems(self) -> list:
         if self.min_timestep >= self.max_timestep:
             return [f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})"]
@@ -235,7 +270,8 @@ class TrainConfig:
         problems = []
         if not self.network_train_unet_only and (lrs["te1"] > 0 or lrs["te2"] > 0):
             problems.append("cache_text_encoder_outputs needs the text encoders frozen: add network_train_unet_only")
-        changing = [n for n in ("shuffle_caption", "caption_dropout_rate") if getattr(self, n)]
+        changing = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                                "enable_wildcard") if getattr(self, n)]
         if changing:
             problems.append(f"cache_text_encoder_outputs keeps one encoding per caption; {', '.join(changing)} "
                             "changes captions every step: turn one of them off")
@@ -251,17 +287,26 @@ RANGES = {
     "lr_scheduler_power": (0.01, 100), "max_grad_norm": (0, None), "seed": (0, 2 ** 63 - 1),
     "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "sample_every_n_steps": (0, None),
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
-    "caption_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
-    "min_snr_gamma": (0, None), "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
+    "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
+    "min_snr_gamma": (0, None), "multires_noise_iterations": (0, 64), "multires_noise_discount": (0, 1),
+    "ip_noise_gamma": (0, 1), "huber_c": (1e-6, 1), "huber_scale": (0, None), "v_pred_like_loss": (0, None),
+    "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
     "bucket_reso_steps": (8, None), "checkpointing_margin": (0, 10),
 }
+
+
+# kohya's loss types and Huber thresholds (train.losses computes them)
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+# float options whose None means "not given" (unet_lr: learning_rate's; adaptive_noise_scale: off)
+_OPTIONAL_NUMBERS = ("unet_lr", "text_encoder_lr", "adaptive_noise_scale")
 
 
 def _range_problems(cfg) -> list:
     problems = []
     for name, (lo, hi) in RANGES.items():
         v = getattr(cfg, name)
-        if v is None and name in ("unet_lr", "text_encoder_lr"):
+        if v is None and name in _OPTIONAL_NUMBERS:
             continue
         if name == "max_train_steps" and cfg.max_train_epochs:
             continue            # the epochs decide (as in kohya); the steps are not used
@@ -337,7 +382,7 @@ def _coerce(f: dataclasses.Field, v):
         return None if not values else values[0] if len(values) == 1 else values
     if f.name == "lr_warmup_steps":
         return _steps_or_share(f.name, v)
-    if f.name in ("unet_lr", "text_encoder_lr"):
+    if f.name in _OPTIONAL_NUMBERS:
         kind = float
         if v in (None, ""):
             return None

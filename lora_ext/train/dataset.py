@@ -223,20 +223,6 @@ def crop_box(size: tuple, bucket: tuple, rng: random.Random | None):
 
 # --- captions ---------------------------------------------------------------------------------------------
 
-def process_caption(caption: str, rng: random.Random, shuffle: bool = False, keep_tokens: int = 0,
-                    dropout_rate: float = 0.0) -> str:
-    """kohya's caption options: drop the whole caption with `dropout_rate`; shuffle the comma-separated tags
-    after the first `keep_tokens`."""
-    if dropout_rate and rng.random() < dropout_rate:
-        return ""
-    if not shuffle:
-        return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
-
-
 # --- the report shown before training --------------------------------------------------------------------
 
 def report(result: Scan, resolution: int, buckets: list | None, max_token_length: int, count_tokens=None) -> dict:

@@ -103,10 +103,6 @@ NO_EFFECT = {
 # kohya's default they change nothing, whatever their value
 NEEDS = {
     "dynamo_backend": "torch_compile",
-    "huber_schedule": "loss_type", "huber_c": "loss_type", "huber_scale": "loss_type",
-    "multires_noise_discount": "multires_noise_iterations",
-    "ip_noise_gamma_random_strength": "ip_noise_gamma",
-    "noise_offset_random_strength": "noise_offset",
     "wandb_run_name": "log_with", "wandb_api_key": "log_with", "log_tracker_name": "log_with",
     "log_tracker_config": "log_with", "log_config": "log_with",
     "huggingface_repo_type": "huggingface_repo_id", "huggingface_path_in_repo": "huggingface_repo_id",
@@ -140,16 +136,14 @@ REFUSED = {
     **{n: _NEXT for n in ("validation_split", "masked_loss", "alpha_mask")},
     # not done yet
     **{n: _NOT_YET for n in (
-        "dataset_config", "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-        "caption_prefix", "caption_suffix", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
+        "dataset_config", "caption_dropout_every_n_epochs",
         "weighted_captions", "token_warmup_min", "color_aug", "face_crop_aug_range", "bucket_no_upscale",
-        "resize_interpolation", "loss_type", "multires_noise_iterations", "ip_noise_gamma", "adaptive_noise_scale",
-        "debiased_estimation_loss", "scale_weight_norms", "v_pred_like_loss", "scale_v_pred_loss_like_noise_pred",
+        "resize_interpolation", "scale_weight_norms",
         "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
         "save_n_epoch_ratio", "save_state_on_train_end", "no_metadata", "output_config", "vae", "base_weights",
         "dim_from_weights", "initial_epoch", "initial_step", "lr_scheduler_type", "lr_scheduler_args",
         "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale", "lr_decay_steps", "sample_at_first", "fp8_base",
-        "fp8_base_unet", "full_fp16", "full_bf16", "noise_offset_random_strength")},
+        "fp8_base_unet", "full_fp16", "full_bf16")},
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import files
 from . import batches, dataset, features, network_args, optim, prompts, state, step as step_math
+from .captions import CaptionRules
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -103,7 +104,7 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
     amp = optim.autocast_dtype(cfg.mixed_precision, device, messages)
     ac = host.alphas_cumprod.detach().float()
     run = Run(host, cfg, report, plan, total, epochs,
-              batches.Augment(cfg.flip_aug, cfg.random_crop, cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate),
+              batches.Augment(cfg.flip_aug, cfg.random_crop, CaptionRules.of(cfg)),
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
@@ -119,6 +120,9 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
     if cfg.zero_terminal_snr and run.prediction == "eps":
         messages.append("zero_terminal_snr is meant for v-prediction: with an eps model the last timestep "
                         "cannot be denoised (kohya: use it with --v_parameterization)")
+    if cfg.scale_v_pred_loss_like_noise_pred and run.prediction == "eps":
+        messages.append("scale_v_pred_loss_like_noise_pred is meant for v-prediction (kohya refuses it without "
+                        "--v_parameterization): on this eps model it scales the loss down at high noise all the same")
     return run
 
 

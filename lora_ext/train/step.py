@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import batches
+from . import batches, losses
 
 
 def sample_rng(sample, salt: int) -> torch.Generator:
@@ -51,37 +51,38 @@ def cond_of(run, batch, flips):
     return host.condition(text, [batches.size_of(s, run.aug, f) for s, f in zip(batch, flips)])
 
 
-def noise_and_timesteps(run, batch, shape):
-    cfg, noise, t = run.cfg, [], []
+def noise_and_timesteps(run, batch, latents):
+    """Each sample's noise (with kohya's offset and pyramid options: train.losses), what the noisy latents get
+    beyond it (input perturbation, or zeros), and its timestep."""
+    cfg, noise, extra, t = run.cfg, [], [], []
     high = min(cfg.max_timestep, len(run.ac))
-    for s in batch:
+    # the latents' channel means leave the device only where the noise depends on them
+    means = (latents.detach().float().mean(dim=(2, 3)).cpu() if cfg.adaptive_noise_scale is not None
+             else [None] * len(batch))
+    for s, channel_means in zip(batch, means):
         g = sample_rng(s, 0x0015E)
-        n = torch.randn(shape, generator=g)
-        if cfg.noise_offset:
-            n = n + cfg.noise_offset * torch.randn(shape[:1] + (1, 1), generator=g)
+        n = losses.offset_noise(torch.randn(latents.shape[1:], generator=g), g, cfg, channel_means)
         noise.append(n)
         t.append(torch.randint(cfg.min_timestep, high, (1,), generator=g))
-    return torch.stack(noise).to(run.device), torch.cat(t)
+        extra.append(losses.perturbation(n, g, cfg))
+    return torch.stack(noise).to(run.device), torch.stack(extra).to(run.device), torch.cat(t)
 
 
 def loss_sum(run, batch) -> torch.Tensor:
-    """The summed denoising loss of the samples: noise added at a random timestep, predicted, compared (MSE
-    per sample, optionally min-SNR weighted, regularization images weighted by prior_loss_weight)."""
+    """The summed denoising loss of the samples: noise added at a random timestep, predicted, compared (kohya's
+    loss type, its SNR weights; regularization images weighted by prior_loss_weight)."""
     cfg, device = run.cfg, run.device
     flips = [batches.flipped(s, run.aug) for s in batch]
     latents = latents_of(run, batch, flips).to(device)
     cond = cond_of(run, batch, flips)
-    noise, t = noise_and_timesteps(run, batch, latents.shape[1:])
+    noise, extra, t = noise_and_timesteps(run, batch, latents)
     a = run.ac[t].to(device).view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * (noise + extra)
     target = noise if run.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * latents
     with autocast(device, run.amp):
         pred = run.host.predict(noisy, t.to(device), cond)
-    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        # the last timestep of a zero-terminal-SNR schedule has SNR 0, where the weight's limit is 1 (eps)
-        snr = (a / (1 - a)).view(-1).clamp_min(1e-12)
-        clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-        per_sample = per_sample * (clipped / snr if run.prediction == "eps" else clipped / (snr + 1))
+    huber_c = losses.huber_threshold(cfg, t, run.ac)
+    per_sample = losses.elementwise(pred.float(), target.float(), cfg.loss_type, huber_c).mean(dim=(1, 2, 3))
+    per_sample = losses.snr_weighted(per_sample, a, cfg, run.prediction == "v")
     weights = torch.tensor([cfg.prior_loss_weight if s.item.is_reg else 1.0 for s in batch], device=device)
     return (per_sample * weights).sum()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..train.config import HUBER_SCHEDULES, LOSS_TYPES
 from ..train.schedules import SCHEDULERS
 
 
@@ -56,6 +57,14 @@ FIELDS = (
     F("shuffle_caption", "Dataset", "Shuffle caption tags", "Shuffles comma-separated tags after the kept ones.", "bool"),
     F("keep_tokens", "Dataset", "Keep first N tags", "Tags never shuffled (e.g. the trigger word).", "int"),
     F("caption_dropout_rate", "Dataset", "Caption dropout", "Share of steps trained without caption.", "number"),
+    F("caption_prefix", "Dataset", "Caption prefix", "Put before every caption (a trigger word, say).", "text"),
+    F("caption_suffix", "Dataset", "Caption suffix", "Put after every caption.", "text"),
+    F("keep_tokens_separator", "Dataset", "Keep-tokens separator",
+      "A marker such as |||: tags before it (and after a second one) stay in place when shuffling.", "text"),
+    F("caption_tag_dropout_rate", "Dataset", "Tag dropout", "Share of tags left out each step (kept ones stay).",
+      "number"),
+    F("enable_wildcard", "Dataset", "Wildcards", "{a|b} in a caption picks one each step; of several lines, one.",
+      "bool"),
     F("network_dim", "Network", "Network dim (rank)",
       "128 is the guide's default; 32-64 is usually enough. Higher needs more VRAM.", "int"),
     F("network_alpha", "Network", "Network alpha", "Scales the LoRA by alpha/dim; 1 or dim/2 are common.", "number"),
@@ -119,6 +128,18 @@ FIELDS = (
     F("seed", "Advanced", "Seed", "The same seed and settings give the same LoRA.", "int"),
     F("noise_offset", "Advanced", "Noise offset", "0.05-0.1 helps very dark or bright images.", "number"),
     F("min_snr_gamma", "Advanced", "Min-SNR gamma", "5 is the paper's value; 0 = off.", "number"),
+    F("loss_type", "Advanced", "Loss", "l2 is the usual; huber and smooth_l1 are less hurt by outliers.", "choice",
+      LOSS_TYPES),
+    F("huber_schedule", "Advanced", "Huber schedule", "How the huber threshold follows the noise level.", "choice",
+      HUBER_SCHEDULES),
+    F("huber_c", "Advanced", "Huber c", "The huber threshold (kohya's default 0.1).", "number"),
+    F("multires_noise_iterations", "Advanced", "Multires noise", "6-10 adds noise at coarser scales; 0 = off.", "int"),
+    F("multires_noise_discount", "Advanced", "Multires discount", "Weight of each coarser scale (0.3 usual).",
+      "number"),
+    F("ip_noise_gamma", "Advanced", "Input perturbation", "0.1 is usual: extra noise in the model's input only.",
+      "number"),
+    F("debiased_estimation_loss", "Advanced", "Debiased estimation", "Weights the loss down at low noise levels.",
+      "bool"),
     F("gradient_accumulation_steps", "Advanced", "Gradient accumulation", "Steps summed before each update.", "int"),
     F("min_timestep", "Advanced", "Min timestep", "Noise levels trained: from this (0-999) ...", "int"),
     F("max_timestep", "Advanced", "Max timestep", "... up to, not including, this (1-1000).", "int"),

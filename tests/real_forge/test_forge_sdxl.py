@@ -12,13 +12,8 @@ from .test_forge_panel import PART_CASES, panel_equals_builtin, part_equals_buil
 
 
 @pytest.fixture(scope="module")
-def sdxl(forge):
-    """Forge with the SDXL checkpoint loaded (and SD1.5 again afterwards, for any test after these)."""
-    forge.post("/sdapi/v1/options", {"sd_model_checkpoint": harness.SDXL_CHECKPOINT})
-    forge.txt2img("warm up")
-    yield forge
-    forge.post("/sdapi/v1/options", {"sd_model_checkpoint": harness.CHECKPOINT})
-    forge.txt2img("warm up")
+def sdxl(forge_sdxl):
+    return forge_sdxl
 
 
 def test_forge_loaded_sdxl(sdxl):
