@@ -30,11 +30,6 @@ class CaptionRules:
                    cfg.caption_suffix, cfg.caption_separator, cfg.keep_tokens_separator, cfg.secondary_separator,
                    cfg.caption_tag_dropout_rate, cfg.enable_wildcard)
 
-    @property
-    def varies(self) -> bool:
-        """Whether one image's caption can differ from draw to draw (text-encoder outputs cannot be cached)."""
-        return bool(self.shuffle or self.dropout_rate or self.tag_dropout_rate or self.wildcard)
-
 
 def process(caption: str, rng: random.Random, rules: CaptionRules = CaptionRules()) -> str:
     if rules.prefix:
