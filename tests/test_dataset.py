@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_ext.train.captions import CaptionRules, process
+from lora_ext.train.captions import process
+from lora_ext.train.config import TrainConfig
 from lora_ext.train import batches, dataset
 from lora_ext.train.dataset import DatasetError
 
@@ -134,10 +135,10 @@ def test_batches_hold_one_bucket_and_epochs_are_reproducible(tmp_path):
 def test_caption_shuffle_keeps_the_first_tokens_and_dropout_empties():
     rng = random.Random(0)
     cap = "mychar, red hair, smile, outdoors, night"
-    outs = {process(cap, rng, CaptionRules(shuffle=True, keep_tokens=1)) for _ in range(30)}
+    outs = {process(cap, rng, TrainConfig(shuffle_caption=True, keep_tokens=1)) for _ in range(30)}
     assert len(outs) > 3 and all(o.startswith("mychar, ") for o in outs)
     assert all(sorted(o.split(", ")) == sorted(cap.split(", ")) for o in outs)
-    assert process(cap, random.Random(0), CaptionRules(dropout_rate=1.0)) == ""
+    assert process(cap, random.Random(0), TrainConfig(caption_dropout_rate=1.0)) == ""
 
 
 def test_report(tmp_path):

@@ -205,18 +205,16 @@ def test_caption_prefix_suffix_and_the_first_line_as_kohya(caption, prefix, suff
     import random
 
     from lora_ext.train.batches import Augment, caption_of
-    from lora_ext.train.captions import CaptionRules, process
+    from lora_ext.train.captions import process
 
-    rules = CaptionRules.of(from_dict({"caption_prefix": prefix, "caption_suffix": suffix}))
+    rules = from_dict({"caption_prefix": prefix, "caption_suffix": suffix})
     assert process(caption, random.Random(0), rules) == _kohya_caption(caption, prefix, suffix)
     sample = type("S", (), {"item": type("I", (), {"caption": caption})(), "seed": 3})()
     assert caption_of(sample, Augment(caption=rules)) == _kohya_caption(caption, prefix, suffix)
 
 
 def _rules(**options):
-    from lora_ext.train.captions import CaptionRules
-
-    return CaptionRules.of(from_dict(options))
+    return from_dict(options)
 
 
 def test_keep_tokens_separator_keeps_a_head_and_a_tail_and_shuffles_between():

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..hosts.conditioning import Size
-from .captions import CaptionRules, process
+from .captions import process
+from .config import TrainConfig
 from .dataset import Item, assign_bucket, crop_box, load_image
 
 
@@ -50,7 +51,7 @@ def epoch_plan(items_train, items_reg, buckets, resolution: int, batch_size: int
 class Augment:
     flip: bool = False
     random_crop: bool = False
-    caption: CaptionRules = CaptionRules()
+    caption: TrainConfig = field(default_factory=TrainConfig)     # the caption options (train.captions)
 
 
 def caption_of(sample: Sample, aug: Augment) -> str:

@@ -8,61 +8,43 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
-class CaptionRules:
-    shuffle: bool = False
-    keep_tokens: int = 0
-    dropout_rate: float = 0.0
-    prefix: str = ""
-    suffix: str = ""
-    separator: str = ","
-    keep_tokens_separator: str = ""
-    secondary_separator: str = ""
-    tag_dropout_rate: float = 0.0
-    wildcard: bool = False
-
-    @classmethod
-    def of(cls, cfg) -> "CaptionRules":
-        return cls(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate, cfg.caption_prefix,
-                   cfg.caption_suffix, cfg.caption_separator, cfg.keep_tokens_separator, cfg.secondary_separator,
-                   cfg.caption_tag_dropout_rate, cfg.enable_wildcard)
-
-
-def process(caption: str, rng: random.Random, rules: CaptionRules = CaptionRules()) -> str:
-    if rules.prefix:
-        caption = rules.prefix + " " + caption
-    if rules.suffix:
-        caption = caption + " " + rules.suffix
-    if rules.dropout_rate and rng.random() < rules.dropout_rate:
+def process(caption: str, rng: random.Random, o) -> str:
+    """`o`: the run's options under kohya's names (a TrainConfig: shuffle_caption, keep_tokens,
+    caption_dropout_rate, caption_prefix / _suffix, caption_separator, keep_tokens_separator,
+    secondary_separator, caption_tag_dropout_rate, enable_wildcard)."""
+    if o.caption_prefix:
+        caption = o.caption_prefix + " " + caption
+    if o.caption_suffix:
+        caption = caption + " " + o.caption_suffix
+    if o.caption_dropout_rate and rng.random() < o.caption_dropout_rate:
         return ""
-    caption = _wildcards(caption, rng) if rules.wildcard else caption.split("\n")[0]
-    if rules.shuffle or rules.tag_dropout_rate:
-        fixed, flex, fixed_end = _split(caption, rules)
-        if rules.shuffle:
+    caption = _wildcards(caption, rng) if o.enable_wildcard else caption.split("\n")[0]
+    if o.shuffle_caption or o.caption_tag_dropout_rate:
+        fixed, flex, fixed_end = _split(caption, o)
+        if o.shuffle_caption:
             rng.shuffle(flex)
-        if rules.tag_dropout_rate:
-            flex = [t for t in flex if rng.random() >= rules.tag_dropout_rate]
+        if o.caption_tag_dropout_rate:
+            flex = [t for t in flex if rng.random() >= o.caption_tag_dropout_rate]
         caption = ", ".join(fixed + flex + fixed_end)
-    if rules.secondary_separator:
-        caption = caption.replace(rules.secondary_separator, rules.separator)
+    if o.secondary_separator:
+        caption = caption.replace(o.secondary_separator, o.caption_separator)
     return caption
 
 
-def _split(caption: str, rules: CaptionRules) -> tuple[list, list, list]:
+def _split(caption: str, o) -> tuple[list, list, list]:
     """(tags kept at the start, tags that move, tags kept at the end)."""
     def tags(text):
-        return [t.strip() for t in text.split(rules.separator) if t.strip()]
+        return [t.strip() for t in text.split(o.caption_separator) if t.strip()]
 
-    marker = rules.keep_tokens_separator
+    marker = o.keep_tokens_separator
     if marker and marker in caption:
         head, rest = caption.split(marker, 1)
         rest, _, tail = rest.partition(marker)
         return tags(head), tags(rest), tags(tail)
-    every = [t.strip() for t in caption.strip().split(rules.separator)]
-    return every[:rules.keep_tokens], every[rules.keep_tokens:], []
+    every = [t.strip() for t in caption.strip().split(o.caption_separator)]
+    return every[:o.keep_tokens], every[o.keep_tokens:], []
 
 
 def _wildcards(caption: str, rng: random.Random) -> str:

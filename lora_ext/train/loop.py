@@ -15,7 +15,6 @@ import torch
 
 from .. import files
 from . import batches, dataset, features, network_args, optim, prompts, state, step as step_math
-from .captions import CaptionRules
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -104,7 +103,7 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
     amp = optim.autocast_dtype(cfg.mixed_precision, device, messages)
     ac = host.alphas_cumprod.detach().float()
     run = Run(host, cfg, report, plan, total, epochs,
-              batches.Augment(cfg.flip_aug, cfg.random_crop, CaptionRules.of(cfg)),
+              batches.Augment(cfg.flip_aug, cfg.random_crop, cfg),
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
