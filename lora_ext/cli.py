@@ -36,12 +36,16 @@ def _arch_of(name: str):
 
 
 def _train_values(args, extra: list) -> dict:
-    """Options from the TOML file (if any), then the flags given (kohya's names), as one dict."""
+    """Options from the configuration file (if any: kohya's TOML or the kohya_ss GUI's JSON, whose fields
+    not taken are said here), then the flags given (kohya's names), as one dict."""
     from .train import config, kohya_options
 
     values = {}
     if args.config_file:
-        values.update(config.load_toml_dict(args.config_file))
+        found, notes = config.load_config_dict(args.config_file)
+        for line in notes:
+            print(f"note: {args.config_file}: {line}", file=sys.stderr)
+        values.update(found)
     names = [a[2:].split("=")[0] for a in extra if a.startswith("--")]
     if extra and not names:
         raise UsageError(f"unexpected arguments: {' '.join(extra)} (options are --name value)")
@@ -134,7 +138,8 @@ class _StopOnSignal:
 def cmd_train(args, extra) -> int:
     from .hosts.checkpoint import CheckpointError
     from .train import config, network_args
-    from .train.dataset import DatasetError, scan
+    from .train.dataset import DatasetError
+    from .train.dataset_config import scan_run
     from .train.distributed import local_device
     from .train.leaving import unet_after_encoders
     from .train.loop import train
@@ -152,7 +157,7 @@ def cmd_train(args, extra) -> int:
         if name and not name.startswith("tiny-") and not os.path.exists(name):
             raise UsageError(f"{name}: no such checkpoint file or diffusers folder")
         check_outputs(cfg)
-        data = scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
+        data = scan_run(cfg)
         host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights,
                          unet_after_encoders(cfg, local_device(), network_args.spec(cfg)))
         from .train import memory

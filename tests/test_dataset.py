@@ -1,4 +1,5 @@
 """Dataset rules (kohya's folders), image handling, buckets, batches, the report."""
+import dataclasses
 import os
 import random
 
@@ -9,7 +10,7 @@ from PIL import Image
 from lora_ext.train.captions import process
 from lora_ext.train.config import TrainConfig
 from lora_ext.train import batches, dataset
-from lora_ext.train.dataset import DatasetError
+from lora_ext.train.dataset import DatasetError, Layout
 
 
 def _img(path, size=(64, 48), mode="RGB", color=(200, 30, 30), **save):
@@ -25,10 +26,10 @@ def test_the_guides_repeats_example(tmp_path):
         _img(str(tmp_path / "1_LowRes" / f"{i}.jpg"))
     scan = dataset.scan(str(tmp_path))
     assert scan.samples_per_epoch() == 50
-    rep = dataset.report(scan, 512, None, 75)
+    rep = dataset.report(scan, 75)
     shares = {c["concept"]: c["share_of_train"] for c in rep["concepts"]}
     assert shares == {"HighRes": 0.8, "LowRes": 0.2}
-    plan = batches.epoch_plan(scan.train_items, [], None, 512, 1, seed=0, epoch=0)
+    plan = batches.epoch_plan(scan.train_items, [], Layout((512, 512)), 1, seed=0, epoch=0)
     counts = {}
     for (s,) in plan:
         counts[s.item.concept] = counts.get(s.item.concept, 0) + 1
@@ -97,7 +98,7 @@ def test_regularization_images_fill_as_many_places(tmp_path):
     (tmp_path / "emptyreg").mkdir()
     scan = dataset.scan(str(tmp_path / "train"), str(tmp_path / "reg"))
     assert scan.samples_per_epoch() == 12
-    plan = batches.epoch_plan(scan.train_items, scan.reg_items, None, 512, 4, seed=1, epoch=0)
+    plan = batches.epoch_plan(scan.train_items, scan.reg_items, Layout((512, 512)), 4, seed=1, epoch=0)
     flat = [s for b in plan for s in b]
     assert sum(s.item.is_reg for s in flat) == 6 and len(flat) == 12
     assert dataset.scan(str(tmp_path / "train"), str(tmp_path / "emptyreg")).samples_per_epoch() == 6
@@ -121,11 +122,12 @@ def test_batches_hold_one_bucket_and_epochs_are_reproducible(tmp_path):
     for i, size in enumerate([(64, 64), (128, 64), (64, 128), (128, 64), (64, 64)]):
         _img(str(tmp_path / "1_x" / f"{i}.png"), size=size)
     scan = dataset.scan(str(tmp_path))
-    buckets = dataset.make_buckets(64, 64, 128, 64)
-    plan = batches.epoch_plan(scan.train_items, [], buckets, 64, 2, seed=3, epoch=0)
+    layout = Layout((64, 64), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)
+    buckets = layout.buckets
+    plan = batches.epoch_plan(scan.train_items, [], layout, 2, seed=3, epoch=0)
     assert all(len({s.bucket for s in b}) == 1 for b in plan)
-    assert plan == batches.epoch_plan(scan.train_items, [], buckets, 64, 2, seed=3, epoch=0)
-    assert plan != batches.epoch_plan(scan.train_items, [], buckets, 64, 2, seed=3, epoch=1)
+    assert plan == batches.epoch_plan(scan.train_items, [], layout, 2, seed=3, epoch=0)
+    assert plan != batches.epoch_plan(scan.train_items, [], layout, 2, seed=3, epoch=1)
     aug = batches.Augment(flip=True, random_crop=True)
     s = plan[0][0]
     assert batches.pixels(s, aug).shape == (3, s.bucket[1], s.bucket[0])
@@ -146,11 +148,11 @@ def test_report(tmp_path):
         _img(str(tmp_path / "4_cat" / f"{i}.png"), size=(96, 64))
         (tmp_path / "4_cat" / f"{i}.txt").write_text("cat, sitting" + (", long" * 40 if i else ""))
     scan = dataset.scan(str(tmp_path))
-    rep = dataset.report(scan, 64, dataset.make_buckets(64, 64, 128), 75, count_tokens=lambda t: len(t.split()))
+    rep = dataset.report(dataclasses.replace(scan, layouts=[Layout((64, 64), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)]), 75, count_tokens=lambda t: len(t.split()))
     assert rep["samples_per_epoch"] == 8 and rep["tag_frequency"] == {"4_cat": {"cat": 2, "sitting": 2, "long": 40}}
     assert rep["longest_caption"]["tokens"] == 42 and rep["longest_caption"]["fits"] is True
     assert rep["buckets"] == {"64x64": 2}      # 64 px at most 64x64 area: the only bucket
-    rep = dataset.report(scan, 64, None, 75, count_tokens=lambda t: 100)
+    rep = dataset.report(scan, 75, count_tokens=lambda t: 100)
     assert any("more than the max token length" in w for w in rep["warnings"])
 
 
@@ -166,11 +168,11 @@ def test_latent_disk_cache_is_reused_until_the_image_bucket_or_precision_changes
         return px[:, :, ::8, ::8].mean(1, keepdim=True).repeat(1, 4, 1, 1)
 
     aug = batches.Augment()
-    s64 = batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0)[0][0]
+    s64 = batches.epoch_plan(scan.train_items, [], Layout((64, 64)), 1, 0, 0)[0][0]
     first = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)
     again = batches.LatentCache(encode, to_disk=True).get(s64, aug, False)     # a new run: read from disk
     assert len(calls) == 1 and torch.equal(first, again)
-    s128 = batches.epoch_plan(scan.train_items, [], None, 128, 1, 0, 0)[0][0]
+    s128 = batches.epoch_plan(scan.train_items, [], Layout((128, 128)), 1, 0, 0)[0][0]
     batches.LatentCache(encode, to_disk=True).get(s128, aug, False)          # another resolution
     assert len(calls) == 2 and calls[-1][-1] == 128
     _img(str(tmp_path / "1_x" / "a.png"), size=(64, 64), color=(0, 200, 0))

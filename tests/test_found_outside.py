@@ -100,7 +100,7 @@ def test_links_out_of_a_concept_folder_are_skipped_and_named(tmp_path):
     assert set(skipped) == {"a.png", "b.png"}
     assert "a.txt is a link that leads out of its concept folder" in skipped["a.png"]
     assert "b.png is a link that leads out of its concept folder" in skipped["b.png"]
-    report = dataset.report(scan, 64, None, 75)
+    report = dataset.report(scan, 75)
     assert "hunter2" not in str(report["tag_frequency"]) and "password" not in str(report)
 
 
@@ -149,7 +149,7 @@ def test_a_latent_cache_made_by_another_model_or_of_another_shape_is_encoded_aga
 
     _img(str(tmp_path / "1_x" / "a.png"))
     scan = dataset.scan(str(tmp_path))
-    sample = batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0)[0][0]
+    sample = batches.epoch_plan(scan.train_items, [], dataset.Layout((64, 64)), 1, 0, 0)[0][0]
     calls = []
 
     def encode(scale):

@@ -382,8 +382,8 @@ def test_epochs_win_over_steps_as_in_kohya(world):
     host = WebuiHost(tiny_model("sd1"))
     for options, want in (({"max_train_steps": 3}, 3), ({"max_train_steps": 3, "max_train_epochs": 2}, None)):
         cfg = from_dict({"train_data_dir": world["train"], "resolution": "64", **options})
-        scan, buckets, _ = prepare_data(host, cfg)
-        plan, per_epoch, total, _ = schedule(scan, buckets, cfg)
+        scan, _ = prepare_data(host, cfg)
+        plan, per_epoch, total, _ = schedule(scan, cfg)
         assert total == (want if want is not None else 2 * per_epoch)
 
 

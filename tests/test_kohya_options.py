@@ -190,8 +190,10 @@ def test_the_optimizer_and_schedule_are_checked_before_any_model_loads(given, pr
 
 
 def _kohya_caption(caption: str, prefix: str, suffix: str) -> str:
-    """kohya's process_caption without dropout, wildcards or shuffling (train_util.BaseDataset), written
-    from its description: prefix and suffix joined with a space, then the first line."""
+    """kohya's read_caption and process_caption without dropout, wildcards or shuffling (train_util), written
+    from their description: the caption file's first line (without wildcards kohya reads no other), then the
+    prefix and suffix joined with a space."""
+    caption = caption.split("\n")[0]
     if prefix:
         caption = prefix + " " + caption
     if suffix:
@@ -209,7 +211,7 @@ def test_caption_prefix_suffix_and_the_first_line_as_kohya(caption, prefix, suff
 
     rules = from_dict({"caption_prefix": prefix, "caption_suffix": suffix})
     assert process(caption, random.Random(0), rules) == _kohya_caption(caption, prefix, suffix)
-    sample = type("S", (), {"item": type("I", (), {"caption": caption})(), "seed": 3})()
+    sample = type("S", (), {"item": type("I", (), {"caption": caption, "options": None})(), "seed": 3})()
     assert caption_of(sample, Augment(caption=rules)) == _kohya_caption(caption, prefix, suffix)
 
 

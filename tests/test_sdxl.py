@@ -392,12 +392,13 @@ def test_memory_estimate_covers_sdxl(data, tmp_path):
 def test_resolution_is_compared_with_the_models_own(tmp_path):
     items = [dataset.Item(str(tmp_path / f"{i}.png"), "c", True, size, "c", 1, False)
              for i, size in enumerate([(1200, 900), (700, 600), (1024, 1024)])]
-    buckets = dataset.make_buckets(1024, 256, 2048)
-    warnings = dataset.resolution_warnings(items, 1024, buckets, dataset.NATIVE_RESOLUTION["sdxl"], "sdxl")
+    bucketed = dataset.Scan(items, layouts=[dataset.Layout((1024, 1024), enable_bucket=True, max_bucket_reso=2048)])
+    warnings = dataset.resolution_warnings(bucketed, dataset.NATIVE_RESOLUTION["sdxl"], "sdxl")
     assert len(warnings) == 1 and warnings[0].startswith("1 of 3 images are smaller than their bucket") and "1.png" in warnings[0]
-    low = dataset.resolution_warnings(items, 512, None, 1024, "sdxl")
+    at_512 = dataset.Scan(items, layouts=[dataset.Layout((512, 512))])
+    low = dataset.resolution_warnings(at_512, 1024, "sdxl")
     assert "SDXL models were trained at 1024 px" in low[0] and len(low) == 1
-    assert dataset.resolution_warnings(items, 512, None, None, "sdxl") == []      # a tiny model: no comparison
+    assert dataset.resolution_warnings(at_512, None, "sdxl") == []      # a tiny model: no comparison
 
 
 def test_a_failing_estimate_leaves_the_model_as_it_was(data, tmp_path):

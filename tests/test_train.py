@@ -46,7 +46,7 @@ def _assert_same(model, before):
 
 
 @pytest.mark.parametrize("lr", [1.0, 1e-3, 1e-4, 3e-6])
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", [s for s in SCHEDULERS if s != "adafactor"])    # Adafactor's: tests/test_kohya_gui.py
 def test_schedules_follow_diffusers(name, lr):
     """At several learning rates: the polynomial decay ends at diffusers' absolute lr_end (1e-7), so its
     factor depends on the learning rate."""
@@ -179,9 +179,11 @@ def test_a_headless_run_frees_the_whole_vae_once_every_latent_is_cached_and_the_
     caching = [c for c in counts if c is not None]
     assert caching and caching == sorted(caching) and all(0 < k < images and n == images for k, n in caching)
     assert counts.index(None) == len(caching) and set(counts[len(caching):]) == {None}     # then no more
-    assert freed.losses == kept.losses
+    # the same run up to float rounding: on some CPUs oneDNN's convolutions round differently from one process
+    # state to the next (seen on a 2-core Xeon: 1e-7 relative at the third step, on master too)
+    assert freed.losses == pytest.approx(kept.losses, rel=1e-5)
     a, b = load_file(kept.lora_path), load_file(freed.lora_path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_a_headless_run_keeps_the_decoder_its_previews_need(data, tmp_path):
@@ -272,7 +274,7 @@ def fixed_noise_loss(host, train_dir: str):
     from lora_ext.train import batches, dataset
 
     scan = dataset.scan(train_dir, caption_extension=".txt")
-    samples = [s for b in batches.epoch_plan(scan.train_items, [], None, 64, 1, 0, 0) for s in b][:6]
+    samples = [s for b in batches.epoch_plan(scan.train_items, [], dataset.Layout((64, 64)), 1, 0, 0) for s in b][:6]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         lat = torch.cat([host.encode_images(batches.pixels(s, batches.Augment())[None], [i]) for i, s in enumerate(samples)])
@@ -575,7 +577,7 @@ def test_gradient_accumulation_counts_optimizer_steps(data, tmp_path):
     from lora_ext.train import batches, dataset
 
     scan = dataset.scan(data["train"])
-    n_batches = len(batches.epoch_plan(scan.train_items, [], None, 64, 2, 7, 0))
+    n_batches = len(batches.epoch_plan(scan.train_items, [], dataset.Layout((64, 64)), 2, 7, 0))
     lrs = []
     result = train(WebuiHost(tiny_model("sd1")), _cfg(data, tmp_path, max_train_steps=0, max_train_epochs=1,
                                                       gradient_accumulation_steps=3, lr_scheduler="linear"),

@@ -13,7 +13,7 @@ import torch
 from ..hosts.conditioning import Size
 from .captions import process
 from .config import TrainConfig
-from .dataset import Item, assign_bucket, crop_box, load_image
+from .dataset import Item, Layout, crop_box, load_image
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,17 @@ class Sample:
     item: Item
     bucket: tuple
     seed: int           # this sample's augmentation seed
+    resized: tuple | None = None    # the size the image is resized to before the crop; None: to cover the bucket
 
 
 def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little"))
 
 
-def epoch_plan(items_train, items_reg, buckets, resolution: int, batch_size: int, seed: int, epoch: int) -> list:
+def epoch_plan(items_train, items_reg, layout: Layout, batch_size: int, seed: int, epoch: int) -> list:
     """Batches (lists of Sample) of one epoch. Each train image appears `repeats` times; regularization
     images, if any, fill as many places again (cycled, each weighted by its repeats). A batch holds images
-    of one bucket; the batch order is shuffled."""
+    of one bucket of the `layout`; the batch order is shuffled."""
     entries = [i for i in items_train for _ in range(i.repeats)]
     if items_reg:
         pool = [i for i in items_reg for _ in range(i.repeats)]
@@ -39,12 +40,25 @@ def epoch_plan(items_train, items_reg, buckets, resolution: int, batch_size: int
     rng.shuffle(entries)
     by_bucket: dict = {}
     for pos, item in enumerate(entries):
-        bucket = assign_bucket(item.size, buckets) if buckets else (resolution, resolution)
-        by_bucket.setdefault(bucket, []).append(Sample(item, bucket, rng.getrandbits(62) ^ pos))
+        bucket, resized = layout.place(item.size)
+        by_bucket.setdefault(bucket, []).append(Sample(item, bucket, rng.getrandbits(62) ^ pos, resized))
     batches = [samples[k:k + batch_size] for _, samples in sorted(by_bucket.items())
                for k in range(0, len(samples), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def run_plan(scan, batch_scale: int, seed: int, epoch: int) -> list:
+    """The batches of one epoch of every Layout (kohya: every [[datasets]]) of the scan, each at its batch
+    size times `batch_scale`, in one shuffled order (one Layout: its own order)."""
+    plans = [epoch_plan([i for i in scan.train_items if i.group == g], [i for i in scan.reg_items if i.group == g],
+                        layout, layout.batch_size * batch_scale, seed, epoch)
+             for g, layout in enumerate(scan.layouts)]
+    if len(plans) == 1:
+        return plans[0]
+    out = [b for plan in plans for b in plan]
+    _rng("datasets", seed, epoch).shuffle(out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -54,17 +68,24 @@ class Augment:
     caption: TrainConfig = field(default_factory=TrainConfig)     # the caption options (train.captions)
 
 
+def _options(sample: Sample, aug: Augment):
+    """The caption and augmentation options of the sample's subset, or the run's."""
+    return sample.item.options if sample.item.options is not None else aug.caption
+
+
 def caption_of(sample: Sample, aug: Augment) -> str:
-    return process(sample.item.caption, _rng("caption", sample.seed), aug.caption)
+    return process(sample.item.caption, _rng("caption", sample.seed), _options(sample, aug))
 
 
 def flipped(sample: Sample, aug: Augment) -> bool:
-    return aug.flip and _rng("flip", sample.seed).random() < 0.5
+    flip = sample.item.options.flip_aug if sample.item.options is not None else aug.flip
+    return flip and _rng("flip", sample.seed).random() < 0.5
 
 
 def _crop(sample: Sample, aug: Augment):
-    rng = _rng("crop", sample.seed) if aug.random_crop else None
-    return crop_box(sample.item.size, sample.bucket, rng)
+    crop = sample.item.options.random_crop if sample.item.options is not None else aug.random_crop
+    rng = _rng("crop", sample.seed) if crop else None
+    return crop_box(sample.item.size, sample.bucket, rng, sample.resized)
 
 
 def size_of(sample: Sample, aug: Augment, flip: bool) -> Size:

@@ -13,14 +13,17 @@ import re
 def process(caption: str, rng: random.Random, o) -> str:
     """`o`: the run's options under kohya's names (a TrainConfig: shuffle_caption, keep_tokens,
     caption_dropout_rate, caption_prefix / _suffix, caption_separator, keep_tokens_separator,
-    secondary_separator, caption_tag_dropout_rate, enable_wildcard)."""
+    secondary_separator, caption_tag_dropout_rate, enable_wildcard). `caption`: the caption file's lines."""
+    if not o.enable_wildcard:
+        caption = caption.split("\n")[0]     # kohya reads no other line of the file (read_caption)
     if o.caption_prefix:
         caption = o.caption_prefix + " " + caption
     if o.caption_suffix:
         caption = caption + " " + o.caption_suffix
     if o.caption_dropout_rate and rng.random() < o.caption_dropout_rate:
         return ""
-    caption = _wildcards(caption, rng) if o.enable_wildcard else caption.split("\n")[0]
+    if o.enable_wildcard:
+        caption = _wildcards(caption, rng)
     if o.shuffle_caption or o.caption_tag_dropout_rate:
         fixed, flex, fixed_end = _split(caption, o)
         if o.shuffle_caption:

@@ -55,11 +55,13 @@ class TrainConfig:
     train_data_dir: str = ""
     reg_data_dir: str = ""
     caption_extension: str = ".caption"
+    dataset_config: str = ""        # kohya's dataset TOML: its subsets replace the two folders (train.dataset_config)
     resolution: str = "512"
     enable_bucket: bool = False
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False     # kohya's: each image's bucket from its own size, never scaled up
     random_crop: bool = False
     flip_aug: bool = False
     shuffle_caption: bool = False
@@ -92,6 +94,7 @@ class TrainConfig:
     network_args: list = field(default_factory=list)      # "conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", ...
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
+    scale_weight_norms: float = 0.0     # kohya's max-norm limit on each LoRA module's change (train.max_norm); 0: off
     # optimizer
     optimizer_type: str = "AdamW"
     optimizer_args: list = field(default_factory=list)
@@ -209,15 +212,13 @@ class TrainConfig:
             problems += network_problems(self)
         except ConfigError as e:
             problems.append(str(e))
-        if self.random_crop and self.cache_latents:
-            problems.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
         problems += self._optimizer_problems() + self._loss_problems()
-        if not self.caption_separator:
-            problems.append("caption_separator is empty: tags are split at it (kohya's default is ',')")
         if self.lr_scheduler == "polynomial" and not self.learning_rate > 1e-7:
             problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
                             "larger (kohya and diffusers refuse it too)")
-        problems += self._timestep_problems() + self._text_cache_problems()
+        problems += self._timestep_problems() + self.caption_problems() + self._max_norm_problems()
+        from .dataset_config import problems as dataset_problems
+        problems += dataset_problems(self)
         thumbnail = self.metadata_thumbnail
         if thumbnail and not thumbnail.startswith("data:"):
             if not os.path.isfile(thumbnail):
@@ -239,6 +240,8 @@ class TrainConfig:
         from .schedules import SCHEDULERS
 
         out = problems(self.optimizer_type, self.optimizer_args)
+        if self.lr_scheduler == "adafactor" and self.optimizer_type.lower() != "adafactor":
+            out.append("lr_scheduler adafactor is the Adafactor optimizer's (kohya refuses it with another)")
         if self.lr_scheduler not in SCHEDULERS:
             out.append(f"lr_scheduler {self.lr_scheduler!r}: one of {', '.join(SCHEDULERS)} (kohya's others are not "
                        "done yet)")
@@ -256,12 +259,35 @@ class TrainConfig:
             out.append("v_pred_like_loss adds a v-prediction-like loss to an eps model's: not with v_parameterization")
         return out
 
+    def caption_problems(self) -> list:
+        """The caption and augmentation options (a dataset TOML's subsets check theirs with this too)."""
+        out = [p for name in CAPTION_NUMBERS for p in [out_of_range(name, getattr(self, name), *RANGES[name])] if p]
+        if not self.caption_separator:
+            out.append("caption_separator is empty: tags are split at it (kohya's default is ',')")
+        if self.random_crop and self.cache_latents:
+            out.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
+        return out + self.text_cache_problems()
+
+    def _max_norm_problems(self) -> list:
+        from .max_norm import SCALED_TYPES
+        from .network_args import NetworkArgsError, spec
+
+        if not self.scale_weight_norms:
+            return []
+        try:
+            algo = spec(self).algo
+        except NetworkArgsError:
+            return []           # said by the network's own check
+        if algo in SCALED_TYPES:
+            return []
+        return [f"scale_weight_norms is done for LoRA and LoCon (kohya's networks.lora), not for {algo}"]
+
     def _timestep_problems(self) -> list:
         if self.min_timestep >= self.max_timestep:
             return [f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})"]
         return []
 
-    def _text_cache_problems(self) -> list:
+    def text_cache_problems(self) -> list:
         """kohya's rule: cached text-encoder outputs are fixed per caption, so the encoders are not trained
         and captions do not change from step to step."""
         if not (self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk):
@@ -291,10 +317,11 @@ RANGES = {
     "min_snr_gamma": (0, None), "multires_noise_iterations": (0, 64), "multires_noise_discount": (0, 1),
     "ip_noise_gamma": (0, 1), "huber_c": (1e-6, 1), "huber_scale": (0, None), "v_pred_like_loss": (0, None),
     "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
-    "bucket_reso_steps": (8, None), "checkpointing_margin": (0, 10),
+    "bucket_reso_steps": (8, None), "checkpointing_margin": (0, 10), "scale_weight_norms": (0, None),
 }
 
 
+CAPTION_NUMBERS = ("keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate")
 # kohya's loss types and Huber thresholds (train.losses computes them)
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
@@ -305,11 +332,15 @@ _OPTIONAL_NUMBERS = ("unet_lr", "text_encoder_lr", "adaptive_noise_scale")
 def _range_problems(cfg) -> list:
     problems = []
     for name, (lo, hi) in RANGES.items():
+        if name in CAPTION_NUMBERS:
+            continue            # TrainConfig.caption_problems
         v = getattr(cfg, name)
         if v is None and name in _OPTIONAL_NUMBERS:
             continue
         if name == "max_train_steps" and cfg.max_train_epochs:
             continue            # the epochs decide (as in kohya); the steps are not used
+        if name == "bucket_reso_steps" and not cfg.enable_bucket:
+            continue            # read only with buckets (the kohya_ss GUI saves 1 in some presets)
         for x in v if isinstance(v, list) else [v]:
             problem = out_of_range(name, x, lo, hi)
             if problem:
@@ -424,6 +455,22 @@ def field_names() -> set:
 
 def load_toml(path: str) -> TrainConfig:
     return from_dict(load_toml_dict(path), path)
+
+
+def load_config_dict(path: str) -> tuple[dict, list]:
+    """(options, notes) of a configuration file: kohya's TOML (no notes), or the kohya_ss GUI's JSON (its
+    fields turned into kohya's options; a note per field not taken)."""
+    if not path.lower().endswith(".json"):
+        return load_toml_dict(path), []
+    from .kohya_gui import GuiConfigError, read
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return read(f.read())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, GuiConfigError) as e:
+        raise ConfigError(f"{path}: {e if isinstance(e, GuiConfigError) else 'not a text file (JSON is UTF-8)'}") from None
 
 
 def load_toml_dict(path: str) -> dict:

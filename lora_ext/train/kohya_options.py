@@ -14,6 +14,11 @@ against a checkout of sd-scripts where one is given)."""
 from __future__ import annotations
 
 KOHYA_VERSION = "sd-scripts v0.10.1"
+# kohya's optimizer_type names (train_util.get_optimizer; train.optim builds them), and torch's SGD
+OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+                   "PagedLion8bit", "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint",
+                   "DAdaptAdaGrad", "DAdaptAdam", "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Adafactor",
+                   "Prodigy", "SGD")
 
 KOHYA_DEFAULTS = {
     'console_log_level': None, 'console_log_file': None, 'console_log_simple': False, 'v2': False,
@@ -136,9 +141,9 @@ REFUSED = {
     **{n: _NEXT for n in ("validation_split", "masked_loss", "alpha_mask")},
     # not done yet
     **{n: _NOT_YET for n in (
-        "dataset_config", "caption_dropout_every_n_epochs",
-        "weighted_captions", "token_warmup_min", "color_aug", "face_crop_aug_range", "bucket_no_upscale",
-        "resize_interpolation", "scale_weight_norms",
+        "caption_dropout_every_n_epochs",
+        "weighted_captions", "token_warmup_min", "color_aug", "face_crop_aug_range",
+        "resize_interpolation",
         "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
         "save_n_epoch_ratio", "save_state_on_train_end", "no_metadata", "output_config", "vae", "base_weights",
         "dim_from_weights", "initial_epoch", "initial_step", "lr_scheduler_type", "lr_scheduler_args",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dataset_config import widest
+
 
 def previews(cfg) -> bool:
     """Whether the run draws sample previews (they need the text encoders and the decoder)."""
@@ -44,7 +46,7 @@ def unet_after_encoders(cfg, device, spec) -> bool:   # spec: network_args.Netwo
 def vae_leaves(host, cfg, device) -> str | None:
     """How the VAE leaves once every latent the run needs is cached (_leaving); never under flip_aug: a
     flipped image may still be asked for."""
-    if not cfg.cache_latents or cfg.flip_aug:
+    if not cfg.cache_latents or widest(cfg).flip_aug:
         return None
     return _leaving(host, cfg, device)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, features, network_args, optim, prompts, state, step as step_math
+from . import batches, dataset, dataset_config, features, max_norm, network_args, optim, prompts, state, step as step_math
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -30,28 +30,24 @@ from .upcast import upcast_patches
 
 
 def prepare_data(host, cfg: TrainConfig, scan=None):
-    """(scan, buckets, report). Raises DatasetError when there is nothing to train on. `scan`: one already
-    made of cfg.train_data_dir (the CLI checks the data before loading the model)."""
+    """(scan, report). Raises DatasetError when there is nothing to train on. `scan`: one already made of
+    the run's data (the CLI checks the data before loading the model)."""
     if scan is None:
-        scan = dataset.scan(cfg.train_data_dir, cfg.reg_data_dir or None, cfg.caption_extension)
-    res = max(cfg.size)
-    buckets = (dataset.make_buckets(res, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
-               if cfg.enable_bucket else None)
-    report = dataset.report(scan, res, buckets, cfg.max_token_length, host.count_tokens)
+        scan = dataset_config.scan_run(cfg)
+    report = dataset.report(scan, cfg.max_token_length, host.count_tokens)
     # the comparison with the model's own resolution is for full-size models (tiny test models have none)
     full_size = sum(p.numel() for p in host.unet.parameters()) > 500_000_000
     v = cfg.v_parameterization or host.prediction == "v"
     native = dataset.NATIVE_RESOLUTION["sd2-v" if host.arch.name == "sd2" and v else host.arch.name] if full_size else None
-    report["warnings"] += dataset.resolution_warnings(scan.items, res, buckets, native, host.arch.name)
-    return scan, buckets, report
+    report["warnings"] += dataset.resolution_warnings(scan, native, host.arch.name)
+    return scan, report
 
 
-def schedule(scan, buckets, cfg: TrainConfig, world: int = 1):
+def schedule(scan, cfg: TrainConfig, world: int = 1):
     """(plan, optimizer steps per epoch, total steps, epochs): `plan(epoch)` gives an epoch's batches, which
-    are global: each of the `world` processes takes train_batch_size samples of each."""
+    are global: each of the `world` processes takes its batch size's share of each."""
     def plan(epoch):
-        return batches.epoch_plan(scan.train_items, scan.reg_items, buckets, max(cfg.size),
-                                  cfg.train_batch_size * world, cfg.seed, epoch)
+        return batches.run_plan(scan, world, cfg.seed, epoch)
     per_epoch = math.ceil(len(plan(0)) / cfg.gradient_accumulation_steps)
     total = per_epoch * cfg.max_train_epochs if cfg.max_train_epochs else cfg.max_train_steps     # kohya: epochs win
     return plan, per_epoch, total, math.ceil(total / per_epoch)
@@ -83,6 +79,7 @@ class Run:
     convs: object = None        # on the CPU: the kernel each convolution shape ran on (train.cpu_conv)
     previews: list = field(default_factory=list)    # prompts.SamplePrompt of sample_prompts (files read)
     features: list = field(default_factory=list)    # train.features.Feature the loop calls (made by train())
+    layouts: list = field(default_factory=list)     # dataset.Layout of each Item.group: its batch size
 
     @property
     def train_te(self) -> bool:
@@ -91,13 +88,13 @@ class Run:
 
 def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
     """Reads the data, plans the epochs, picks precision and schedule (the options and outputs are checked)."""
-    scan, buckets, report = prepare_data(host, cfg, scan)
+    scan, report = prepare_data(host, cfg, scan)
     for s in report["skipped"]:
         emit(Event("message", text=f"skipped {s['file']}: {s['reason']}"))
     for w in report["warnings"]:
         emit(Event("message", text=f"warning: {w}"))
     dist = Dist.from_env()
-    plan, _, total, epochs = schedule(scan, buckets, cfg, dist.world)
+    plan, _, total, epochs = schedule(scan, cfg, dist.world)
     device = next(host.unet.parameters()).device
     messages: list = []
     amp = optim.autocast_dtype(cfg.mixed_precision, device, messages)
@@ -107,6 +104,7 @@ def prepare(host, cfg: TrainConfig, emit, stop, scan=None) -> Run:
               dist, device, amp, "v" if cfg.v_parameterization or host.prediction == "v" else "eps",
               zero_terminal_snr(ac) if cfg.zero_terminal_snr else ac,
               emit if dist.main else (lambda e: None), stop, messages)
+    run.layouts = scan.layouts
     run.spec = network_args.spec(cfg)
     messages += run.spec.notes
     run.previews = prompts.load(cfg.sample_prompts)
@@ -339,7 +337,7 @@ class _Loop:
 
     def _backward(self, batch) -> None:
         cfg, dist = self.r.cfg, self.r.dist
-        local = dist.local(batch, cfg.train_batch_size)
+        local = dist.local(batch, self.r.layouts[batch[0].item.group].batch_size)
         loss_sum = step_math.loss_sum(self.r, local) if local else None
         if loss_sum is not None:
             self.scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
@@ -409,7 +407,7 @@ class _Loop:
         elapsed = time.perf_counter() - self.started
         rate = (step - self.done_at_start) / elapsed if elapsed > 0 else None
         self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], self.average_loss(),
-                          self.base_lrs[0] * factor, rate, (self.r.total - step) / rate if rate else None,
+                          optim.current_lr(self.r.optimizer), rate, (self.r.total - step) / rate if rate else None,
                           latents=self._latents_caching()))
         for feature in self.r.features:
             feature.after_step(self, step, epoch)
@@ -464,7 +462,8 @@ def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     factor = lr_factor(cfg.lr_scheduler, step, run.total, cfg.warmup_steps(run.total), cfg.lr_scheduler_num_cycles,
                        cfg.lr_scheduler_power, lr=cfg.learning_rate)
     for g, base in zip(optimizer.param_groups, base_lrs):
-        g["lr"] = base * factor
+        if base is not None:        # None: an optimizer that sets its own (Adafactor's relative_step)
+            g["lr"] = base * factor
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     run.dist.sum_grads(trained)
     scaler.unscale_(optimizer)
@@ -473,6 +472,8 @@ def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if cfg.scale_weight_norms:
+        max_norm.apply(run.network, cfg.scale_weight_norms)
     return factor
 
 

@@ -206,8 +206,10 @@ def estimate(host, cfg) -> dict:
     from .network_args import spec
     from .optim import autocast_dtype
     from .session import HostSession, frozen_roots
+    from .dataset_config import widest
     from .upcast import upcast_patches
 
+    cfg = widest(cfg)       # a dataset TOML's largest resolution and batch
     device = next(host.unet.parameters()).device
     amp = autocast_dtype(cfg.mixed_precision, device, [])
     wanted = spec(cfg)

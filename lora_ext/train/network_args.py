@@ -26,9 +26,11 @@ NUMBERS = {"conv_dim": (1, 4096, int), "conv_alpha": (0, None, float), "dropout"
 FLAGS = ("dora_wd", "wd_on_output", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
          "full_matrix")
 KOHYA_ARGS = {"conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout"}
-# LyCORIS options that would change the result and that we do not train: named, never ignored
+# LyCORIS options that would change the result and that we do not train: named, never ignored; given as off
+# (the kohya_ss GUI writes use_scalar=False ... into every LyCORIS run) they ask for nothing and are accepted
 LYCORIS_UNSUPPORTED = ("use_scalar", "train_norm", "bypass_mode", "rs_lora", "rescaled", "constraint",
-                       "unbalanced_factorization", "block_size", "weight_decompose_rank")
+                       "unbalanced_factorization", "block_size", "weight_decompose_rank", "rank_dropout_scale",
+                       "train_on_input")
 
 
 class NetworkArgsError(ValueError):
@@ -130,7 +132,8 @@ def spec(cfg) -> NetworkSpec:
     if module is None:
         raise NetworkArgsError(f"network_module {cfg.network_module!r}: lora_ext trains networks.lora (kohya's "
                                "LoRA / LoCon) and lycoris.kohya (algo=lora, locon, loha, lokr)")
-    args = cfg.net_args
+    args = {k: v for k, v in cfg.net_args.items()
+            if not (k in LYCORIS_UNSUPPORTED and str(v).strip().lower() in FALSE)}
     values, problems = _numbers(args)
     problems += _unknown(module, args)
     if str(args.get("preset", "full")).strip().lower() != "full":

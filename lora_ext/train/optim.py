@@ -7,6 +7,8 @@ import importlib.util
 
 import torch
 
+from .kohya_options import OPTIMIZER_NAMES
+
 
 def _kwargs(args: list) -> dict:
     """kohya's optimizer_args ("weight_decay=0.01", "betas=0.9,0.99"): Python literals, else strings."""
@@ -22,30 +24,108 @@ def _kwargs(args: list) -> dict:
     return out
 
 
+# kohya's optimizer_type names (train_util.get_optimizer), lower-cased -> (package, class path, the 32-bit
+# optimizer a machine without CUDA or bitsandbytes gets instead, or None)
+_BNB = "bitsandbytes"
+OPTIMIZERS = {
+    "adamw": (None, "torch.optim.AdamW", None),
+    "adamw8bit": (_BNB, "bitsandbytes.optim.AdamW8bit", "adamw"),
+    "pagedadamw": (_BNB, "bitsandbytes.optim.PagedAdamW", "adamw"),
+    "pagedadamw8bit": (_BNB, "bitsandbytes.optim.PagedAdamW8bit", "adamw"),
+    "pagedadamw32bit": (_BNB, "bitsandbytes.optim.PagedAdamW32bit", "adamw"),
+    "lion": ("lion_pytorch", "lion_pytorch.Lion", None),
+    "lion8bit": (_BNB, "bitsandbytes.optim.Lion8bit", "lion"),
+    "pagedlion8bit": (_BNB, "bitsandbytes.optim.PagedLion8bit", "lion"),
+    "sgd": (None, "torch.optim.SGD", None),
+    "sgdnesterov": (None, "torch.optim.SGD", None),
+    "sgdnesterov8bit": (_BNB, "bitsandbytes.optim.SGD8bit", "sgdnesterov"),
+    "dadaptation": ("dadaptation", "dadaptation.DAdaptAdam", None),
+    "dadaptadampreprint": ("dadaptation", "dadaptation.experimental.DAdaptAdamPreprint", None),
+    "dadaptadagrad": ("dadaptation", "dadaptation.DAdaptAdaGrad", None),
+    "dadaptadam": ("dadaptation", "dadaptation.DAdaptAdam", None),
+    "dadaptadan": ("dadaptation", "dadaptation.DAdaptAdan", None),
+    "dadaptadanip": ("dadaptation", "dadaptation.experimental.DAdaptAdanIP", None),
+    "dadaptlion": ("dadaptation", "dadaptation.DAdaptLion", None),
+    "dadaptsgd": ("dadaptation", "dadaptation.DAdaptSGD", None),
+    "adafactor": ("transformers", "transformers.optimization.Adafactor", None),
+    "prodigy": ("prodigyopt", "prodigyopt.Prodigy", None),
+}
+_PIP = {"lion_pytorch": "lion-pytorch"}
+
+
 def make_optimizer(name: str, groups: list, args: list, messages: list):
+    """kohya's optimizer of that name (or a `package.module.ClassName`), with its optimizer_args."""
     kw = _kwargs(args)
-    key = name.lower() or "adamw"       # kohya's default, "", is AdamW
-    if key in ("adamw8bit", "adamw_8bit"):
-        if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
-            import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(groups, **kw)
-        messages.append("AdamW8bit needs CUDA and bitsandbytes; using AdamW (32-bit) instead")
-        key = "adamw"
+    key = name.lower().replace("_", "") or "adamw"       # kohya's default, "", is AdamW
+    if key not in OPTIMIZERS:
+        if "." in name:
+            return _by_path(name, groups, kw)
+        raise ValueError(f"unknown optimizer_type {name!r}: one of {', '.join(OPTIMIZER_NAMES)}, or a "
+                         "package.module.Class")
+    package, path, fallback = OPTIMIZERS[key]
+    if package == _BNB and not (torch.cuda.is_available() and importlib.util.find_spec(_BNB)):
+        proper = next(n for n in OPTIMIZER_NAMES if n.lower() == fallback)
+        messages.append(f"{name} needs CUDA and bitsandbytes; using {proper} (32-bit) instead")
+        key = fallback
+        package, path, _ = OPTIMIZERS[key]
+    if package and not importlib.util.find_spec(package):
+        pip = _PIP.get(package, package)
+        raise ValueError(f"optimizer {name} needs the package {pip} (pip install {pip})")
     if key == "adamw":
         return _adamw(groups, kw)
-    if key == "sgd":
-        return torch.optim.SGD(groups, **kw)
-    if key == "lion":
-        if not importlib.util.find_spec("lion_pytorch"):
-            raise ValueError("optimizer Lion needs the package lion-pytorch (pip install lion-pytorch)")
-        from lion_pytorch import Lion
-        return Lion(groups, **kw)
-    if key == "prodigy":
-        if not importlib.util.find_spec("prodigyopt"):
-            raise ValueError("optimizer Prodigy needs the package prodigyopt (pip install prodigyopt)")
-        from prodigyopt import Prodigy
-        return Prodigy(groups, **kw)
-    raise ValueError(f"unknown optimizer_type {name!r}: AdamW, AdamW8bit, Lion, Prodigy or SGD")
+    if key.startswith("sgdnesterov"):
+        kw = {"momentum": 0.9, "nesterov": True, **kw}      # kohya's default momentum
+    if key == "adafactor":
+        return _adafactor(groups, kw, messages)
+    return _import(path)(groups, **kw)
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, cls = path.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _by_path(name: str, groups: list, kw: dict):
+    """kohya's last resort: any optimizer class by its full name (its package installed)."""
+    module = name.rpartition(".")[0]
+    if not importlib.util.find_spec(module.split(".")[0]):
+        raise ValueError(f"optimizer_type {name}: no package {module.split('.')[0]} is installed")
+    try:
+        cls = _import(name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"optimizer_type {name}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer_type {name} is not a torch optimizer class")
+    return cls(groups, **kw)
+
+
+def current_lr(optimizer) -> float:
+    """The first group's learning rate now; Adafactor's own where it sets it (relative_step)."""
+    group = optimizer.param_groups[0]
+    if group.get("lr") is not None:
+        return float(group["lr"])
+    state = optimizer.state.get(group["params"][0])
+    get = getattr(type(optimizer), "_get_lr", None)
+    return float(get(group, state)) if state and get else 0.0
+
+
+def _adafactor(groups: list, kw: dict, messages: list):
+    """kohya's Adafactor: relative_step unless told otherwise (warmup_init asks for it); then the optimizer
+    sets its own learning rate, the groups' learning rates and the schedule are not used."""
+    from transformers.optimization import Adafactor
+
+    kw.setdefault("relative_step", True)
+    if kw.get("warmup_init"):
+        kw["relative_step"] = True
+    if not kw["relative_step"]:
+        return Adafactor(groups, **kw)
+    for g in groups:
+        g.pop("lr", None)
+    messages.append("Adafactor with relative_step: it sets its own learning rate (the learning rates and the "
+                    "lr_scheduler are not used, as in kohya)")
+    return Adafactor(groups, lr=None, **kw)
 
 
 def problems(name: str, args: list) -> list:

@@ -11,6 +11,7 @@ import random
 from .. import files
 from . import network_args, optim
 from .config import TrainConfig
+from .dataset_config import widest
 from .events import Event
 
 
@@ -96,6 +97,7 @@ def _checkpoint_hashes(path: str, mtime_ns: int, size: int) -> dict:
 
 
 def metadata(host, cfg: TrainConfig, spec: network_args.NetworkSpec, report: dict, step: int, epoch: int) -> dict:
+    cfg = widest(cfg)       # a dataset TOML's datasets as kohya's ss_* sum them up: the largest, any flip
     w, h = cfg.size
     return files.network_metadata(
         "locon" if spec.conv_dim else "lora", spec.dim, spec.alpha, host.arch, spec.module,

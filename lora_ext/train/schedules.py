@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# "adafactor": kohya's schedule for the Adafactor optimizer, which sets its learning rate itself (or keeps it)
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "adafactor")
 
 
 def lr_factor(name: str, step: int, total: int, warmup: int = 0, cycles: int = 1, power: float = 1.0,
@@ -14,7 +16,7 @@ def lr_factor(name: str, step: int, total: int, warmup: int = 0, cycles: int = 1
     learning rate, 1e-7 as in kohya and diffusers), as a factor of `lr`."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown lr_scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
-    if name == "constant":
+    if name in ("constant", "adafactor"):
         return 1.0
     if step < warmup:
         return step / max(1, warmup)

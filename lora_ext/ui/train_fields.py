@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..train.config import HUBER_SCHEDULES, LOSS_TYPES
+from ..train.kohya_options import OPTIMIZER_NAMES
 from ..train.schedules import SCHEDULERS
 
 
@@ -53,6 +54,11 @@ FIELDS = (
     F("caption_extension", "Dataset", "Caption extension", "Captions are same-named files with this extension."),
     F("resolution", "Dataset", "Resolution", "512 for SD1, 768 for SD2-768, 1024 for SDXL; 'w,h' for non-square."),
     F("enable_bucket", "Dataset", "Aspect-ratio buckets", "Train at each image's own aspect ratio instead of square crops.", "bool"),
+    F("bucket_no_upscale", "Dataset", "Buckets never upscale",
+      "Each image's bucket from its own size, cut to 64-multiples: small images are not enlarged (kohya's).", "bool"),
+    F("dataset_config", "Dataset", "Dataset TOML (kohya)",
+      "A kohya dataset TOML file: its subsets (folders, repeats, caption options) replace the folders above; "
+      "each [[datasets]] keeps its resolution and batch size.", "text"),
     F("flip_aug", "Dataset", "Horizontal flip", "Not for asymmetric characters.", "bool"),
     F("shuffle_caption", "Dataset", "Shuffle caption tags", "Shuffles comma-separated tags after the kept ones.", "bool"),
     F("keep_tokens", "Dataset", "Keep first N tags", "Tags never shuffled (e.g. the trigger word).", "int"),
@@ -93,7 +99,7 @@ FIELDS = (
     F("lr_scheduler", "Optimizer & schedule", "Scheduler", "How the learning rate changes over the run.", "choice", SCHEDULERS),
     F("lr_warmup_steps", "Optimizer & schedule", "Warm-up steps", "Steps rising from 0 to the learning rate.", "int"),
     F("optimizer_type", "Optimizer & schedule", "Optimizer", "AdamW8bit saves memory on NVIDIA GPUs.", "choice",
-      ("AdamW", "AdamW8bit", "Lion", "Prodigy", "SGD")),
+      OPTIMIZER_NAMES),
     F("max_token_length", "Text", "Max token length",
       "From your longest caption: up to 75 tokens 75, up to 150 150, else 225.", "choice", ("75", "150", "225")),
     F("clip_skip", "Text", "Clip skip", "1 for SD-based models, 2 for NAI-based ones.", "int"),
@@ -137,6 +143,9 @@ FIELDS = (
     F("multires_noise_discount", "Advanced", "Multires discount", "Weight of each coarser scale (0.3 usual).",
       "number"),
     F("ip_noise_gamma", "Advanced", "Input perturbation", "0.1 is usual: extra noise in the model's input only.",
+      "number"),
+    F("scale_weight_norms", "Advanced", "Max norm (scale weight norms)",
+      "Caps each LoRA module's change at this norm after every step (kohya's; 1 is common, 0 off). LoRA/LoCon.",
       "number"),
     F("debiased_estimation_loss", "Advanced", "Debiased estimation", "Weights the loss down at low noise levels.",
       "bool"),

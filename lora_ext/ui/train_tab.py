@@ -42,14 +42,14 @@ def check_dataset(host_fn, values: list, lock=None, estimate: bool = True):
         return None, msg
     try:
         host = host_fn()
-        scan, buckets, report = prepare_data(host, cfg)
+        scan, report = prepare_data(host, cfg)
     except DatasetError as e:
         return None, f"**Dataset:** {e}"
     except UnsupportedModel as e:       # a loaded model (or host) lora_ext does not train on
         return None, f"**Cannot train here:** {e}"
-    _, _, steps, _ = schedule(scan, buckets, cfg)      # as the run counts them (buckets, accumulation)
+    _, _, steps, _ = schedule(scan, cfg)      # as the run counts them (buckets, accumulation)
     lines = [f"**{report['train_images']} images** ({report['reg_images']} regularization), "
-             f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {cfg.train_batch_size}.",
+             f"{report['samples_per_epoch']} samples per epoch, **{steps} steps** at batch {'/'.join(str(x.batch_size) for x in scan.layouts)}.",
              f"Estimated memory: {memory.summary(host, cfg, lock) if estimate else 'not while a run is going'}.",
              _network_line(network_args.spec(cfg))]
     lines += [f"- {c['concept']}: {c['images']} images, {c['missing_captions']} without caption"
@@ -98,9 +98,12 @@ def _network_line(spec) -> str:
 
 
 def preset_path(folder: str, name: str) -> str:
+    """Ours (.toml); a kohya_ss GUI configuration (.json) put into the folder is read where no .toml is."""
     if not name or not _PRESET.match(name) or name.startswith("."):
         raise ValueError(f"preset name {name!r}: letters, digits, spaces, '-', '_' and '.' only")
-    return os.path.join(folder, name + ".toml")
+    path = os.path.join(folder, name + ".toml")
+    gui = os.path.join(folder, name + ".json")
+    return gui if not os.path.exists(path) and os.path.exists(gui) else path
 
 
 def save_preset(folder: str, name: str, values: list) -> str:
@@ -120,13 +123,16 @@ def save_preset(folder: str, name: str, values: list) -> str:
 
 def load_preset(folder: str, name: str):
     """(form values or None, message)."""
-    from ..train.config import ConfigError, load_toml
+    from ..train.config import ConfigError, from_dict, load_config_dict
 
     try:
-        cfg = load_toml(preset_path(folder, name))
+        path = preset_path(folder, name)
+        values, notes = load_config_dict(path)
+        cfg = from_dict(values, path)
     except (ValueError, ConfigError) as e:
         return None, f"**Preset:** {e}"
-    return tf.options_to_values(cfg), f"Loaded preset **{name}**."
+    taken = "".join(f"\n- {n}" for n in notes)
+    return tf.options_to_values(cfg), f"Loaded preset **{name}**." + (f" From the kohya_ss GUI's file:{taken}" if notes else "")
 
 
 def delete_preset(folder: str, name: str) -> str:
@@ -141,7 +147,9 @@ def delete_preset(folder: str, name: str) -> str:
 
 
 def list_presets(folder: str) -> list:
-    return sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".toml")) if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return []
+    return sorted({n[:-5] for n in os.listdir(folder) if n.endswith((".toml", ".json"))})
 
 
 def progress(session):
