@@ -54,6 +54,7 @@
         "Sample every N steps": "Preview images by steps (0 = none).",
         "Sample prompts": "One prompt per line, kohya's options after it (--n negative, --w/--h size, --d seed, --l CFG, --s steps); or the path of a kohya prompt file (.txt, .toml, .json).",
         "Save every N epochs": "Keep earlier epochs to compare (0 = last only).",
+        "Keep last N saves": "Of the numbered saves, keep those of the last N x (every N epochs) epochs; older ones are deleted (0 = all).",
         "Resume from state": "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped.",
         "Seed": "The same seed and settings give the same LoRA.",
         "Noise offset": "0.05-0.1 helps very dark or bright images.",

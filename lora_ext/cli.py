@@ -147,6 +147,8 @@ def cmd_train(args, extra) -> int:
     from .train.progress import TensorBoardLog, TqdmProgress, fan_out
     from .train.state import StateError
 
+    if args.output_config:
+        return _output_config(args, extra)
     values = _train_values(args, extra)
     try:
         cfg = config.from_dict(values, "options")
@@ -180,6 +182,29 @@ def cmd_train(args, extra) -> int:
         print(f"stopped at step {result.steps}; to continue, run the same command with --resume "
               f"{result.state_path}", file=sys.stderr)
         return 130 if stop.asked == "SIGINT" else 143
+    return 0
+
+
+def _output_config(args, extra: list) -> int:
+    """kohya's --output_config: the options given on the command line, checked, written as TOML to the
+    --config_file path (.toml added where it has no extension), never over an existing file; nothing is trained."""
+    from .atomic import atomic_write
+    from .train import config
+
+    if not args.config_file:
+        raise UsageError("--output_config writes the options to --config_file: give its path")
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if os.path.exists(path):
+        raise UsageError(f"{path} exists: --output_config does not overwrite a file (kohya neither)")
+    config_file, args.config_file, args.output_config = args.config_file, None, None
+    values = {k: v for k, v in _train_values(args, extra).items() if v is not None and k != "wandb_api_key"}
+    try:
+        config.from_dict(values, "options")
+    except config.ConfigError as e:
+        raise UsageError(str(e)) from None
+    lines = [f"{k} = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}" for k, v in sorted(values.items())]
+    atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    print(f"wrote {path} ({len(values)} options); train with --config {config_file}", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,12 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
     save_state: bool = False
+    save_state_on_train_end: bool = False   # kohya's: a state at the end of the run only
+    save_n_epoch_ratio: int = 0     # kohya's: about this many numbered saves in the run (save_every_n_epochs from it)
+    save_last_n_epochs: int = 0     # kohya's: keep the numbered saves of the last N x save_every_n_epochs epochs
+    save_last_n_steps: int = 0      # kohya's: keep the numbered saves of the last N steps
+    no_metadata: bool = False       # kohya's: only the network's own keys (and the model spec) in the files
+    output_config: bool = False     # kohya's: the options given are written to config_file instead of training
     resume: str = ""                # a state folder (<name>-state/) a cancel, crash or save_state left
     state_dir: str = ""             # lora_ext's own: where states go (default output_dir; the webui keeps them
                                     # out of models/Lora, whose lists would offer them as LoRAs)
@@ -149,6 +155,7 @@ class TrainConfig:
     sample_prompts: list = field(default_factory=list)
     sample_steps: int = 20
     logging_dir: str = ""
+    log_with: str = ""                  # kohya's: "tensorboard" (into logging_dir) is what lora_ext logs to
 
     # --- derived ----------------------------------------------------------------------------------------
     @property
@@ -217,6 +224,7 @@ class TrainConfig:
             problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
                             "larger (kohya and diffusers refuse it too)")
         problems += self._timestep_problems() + self.caption_problems() + self._max_norm_problems()
+        problems += self._logging_problems()
         from .dataset_config import problems as dataset_problems
         problems += dataset_problems(self)
         thumbnail = self.metadata_thumbnail
@@ -268,6 +276,13 @@ class TrainConfig:
             out.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
         return out + self.text_cache_problems()
 
+    def _logging_problems(self) -> list:
+        kind = self.log_with.strip().lower()
+        if kind in ("", "tensorboard"):
+            return ["log_with tensorboard writes into logging_dir: give it"] if kind and not self.logging_dir else []
+        return [f"log_with {self.log_with!r}: lora_ext logs to TensorBoard only (log_with tensorboard, or just "
+                "logging_dir); wandb is not used"]
+
     def _max_norm_problems(self) -> list:
         from .max_norm import SCALED_TYPES
         from .network_args import NetworkArgsError, spec
@@ -311,7 +326,8 @@ RANGES = {
     "train_batch_size": (1, 4096), "max_train_steps": (1, None), "max_train_epochs": (0, None),
     "gradient_accumulation_steps": (1, 4096), "lr_warmup_steps": (0, None), "lr_scheduler_num_cycles": (1, None),
     "lr_scheduler_power": (0.01, 100), "max_grad_norm": (0, None), "seed": (0, 2 ** 63 - 1),
-    "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "sample_every_n_steps": (0, None),
+    "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "save_n_epoch_ratio": (0, None),
+    "save_last_n_epochs": (0, None), "save_last_n_steps": (0, None), "sample_every_n_steps": (0, None),
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
     "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
     "min_snr_gamma": (0, None), "multires_noise_iterations": (0, 64), "multires_noise_discount": (0, 1),

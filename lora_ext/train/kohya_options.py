@@ -102,6 +102,8 @@ NO_EFFECT = {
     "cpu_offload_checkpointing": "checkpointed blocks keep their inputs on the device (it changes memory only)",
     "fused_backward_pass": "the optimizer steps after the backward pass (it changes memory only)",
     "sample_sampler": "previews are drawn with DDIM whatever sampler is named",
+    "save_last_n_epochs_state": "lora_ext keeps one resumable state, the latest (a resume needs no other)",
+    "save_last_n_steps_state": "lora_ext keeps one resumable state, the latest (a resume needs no other)",
 }
 
 # options that mean something only beside another one (kohya reads them only then): while that one is at
@@ -136,7 +138,6 @@ REFUSED = {
     "dataset_class": "lora_ext loads no Python class named in a configuration: give folders (train_data_dir)",
     "in_json": "fine-tuning metadata (in_json) is not a LoRA dataset: give image folders with caption files",
     "debug_dataset": "use the LoRA tab's Check dataset, which lists images, captions and buckets without training",
-    "log_with": "lora_ext logs to TensorBoard: give logging_dir (wandb is not used)",
     # coming with the next release (validation loss, masked loss)
     **{n: _NEXT for n in ("validation_split", "masked_loss", "alpha_mask")},
     # not done yet
@@ -144,8 +145,7 @@ REFUSED = {
         "caption_dropout_every_n_epochs",
         "weighted_captions", "token_warmup_min", "color_aug", "face_crop_aug_range",
         "resize_interpolation",
-        "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
-        "save_n_epoch_ratio", "save_state_on_train_end", "no_metadata", "output_config", "vae", "base_weights",
+        "vae", "base_weights",
         "dim_from_weights", "initial_epoch", "initial_step", "lr_scheduler_type", "lr_scheduler_args",
         "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale", "lr_decay_steps", "sample_at_first", "fp8_base",
         "fp8_base_unet", "full_fp16", "full_bf16")},

@@ -268,7 +268,7 @@ def _run(run: Run) -> Result:
         run.messages.append(summary)
     lora_path = loop.save(loop.out_path) if dist.main else None
     state_path = None
-    if (loop.cancelled or cfg.save_state) and dist.main:
+    if (loop.cancelled or cfg.save_state or cfg.save_state_on_train_end) and dist.main:
         state_path = loop.save_state(loop.at)
     run.emit(Event("cancelled" if loop.cancelled else "done", loop.step, run.total, loop.epoch + 1,
                    paths=[lora_path] + ([state_path] if state_path else [])))
@@ -432,7 +432,10 @@ class _Loop:
     def snapshot(self, suffix: str) -> None:
         """A numbered LoRA (NAME-<suffix>), and with save_state the state to resume from it (so that a kill -9
         loses at most the steps since)."""
-        self._snapshot(_numbered(self.out_path, suffix))
+        self._snapshot(self.numbered(suffix))
+
+    def numbered(self, suffix: str) -> str:
+        return _numbered(self.out_path, suffix)
 
     def _snapshot(self, path: str) -> None:
         if self.r.dist.main:

@@ -22,12 +22,17 @@ def save_lora(run, step: int, epoch: int, path: str, avg_loss: float | None = No
     meta = {**metadata(run.host, run.cfg, run.spec, run.report, step, epoch), **modelspec(run), **(extra or {})}
     if avg_loss is not None:
         meta["lora_ext_avg_loss"] = f"{avg_loss:.6g}"
+    if run.cfg.no_metadata:     # kohya's: what loading the network needs, and the model spec
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     stored = run.network.stored(optim.save_dtype(run.cfg.save_precision))
     files.write_kohya(path, files.kohya_tensors(stored), meta, overwrite=True)
     run.emit(Event("save", step, paths=[path]))
     return path
 
 
+# the ss_* keys kohya writes under --no_metadata (train_util.SS_METADATA_MINIMUM_KEYS)
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
 

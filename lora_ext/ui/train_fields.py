@@ -129,6 +129,9 @@ FIELDS = (
       "One prompt per line, kohya's options after it (--n negative, --w/--h size, --d seed, --l CFG, --s steps); "
       "or the path of a kohya prompt file (.txt, .toml, .json).", "lines"),
     F("save_every_n_epochs", "Samples & saving", "Save every N epochs", "Keep earlier epochs to compare (0 = last only).", "int"),
+    F("save_last_n_epochs", "Samples & saving", "Keep last N saves",
+      "Of the numbered saves, keep those of the last N x (every N epochs) epochs; older ones are deleted (0 = all).",
+      "int"),
     F("resume", "Samples & saving", "Resume from state",
       "After a cancel or crash: the <name>-state folder the status names; the run continues where it stopped."),
     F("seed", "Advanced", "Seed", "The same seed and settings give the same LoRA.", "int"),
