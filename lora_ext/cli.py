@@ -410,7 +410,8 @@ def _train_command(sub) -> None:
         default = TrainConfig.__dataclass_fields__[f.name].default
         if isinstance(default, bool):
             t.add_argument(f"--{f.name}", action="store_true", default=None)
-        elif f.name in ("network_args", "optimizer_args", "sample_prompts", "text_encoder_lr"):
+        elif f.name in ("network_args", "optimizer_args", "lr_scheduler_args", "sample_prompts", "text_encoder_lr",
+                        "base_weights", "base_weights_multiplier"):
             t.add_argument(f"--{f.name}", nargs="*", default=None)
         else:
             t.add_argument(f"--{f.name}", default=None)

@@ -123,7 +123,6 @@ def test_batches_hold_one_bucket_and_epochs_are_reproducible(tmp_path):
         _img(str(tmp_path / "1_x" / f"{i}.png"), size=size)
     scan = dataset.scan(str(tmp_path))
     layout = Layout((64, 64), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128)
-    buckets = layout.buckets
     plan = batches.epoch_plan(scan.train_items, [], layout, 2, seed=3, epoch=0)
     assert all(len({s.bucket for s in b}) == 1 for b in plan)
     assert plan == batches.epoch_plan(scan.train_items, [], layout, 2, seed=3, epoch=0)

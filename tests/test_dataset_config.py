@@ -264,7 +264,7 @@ batch_size = 0
 resolution = [500, 512]
   [[datasets.subsets]]
   image_dir = '{folder}'
-  color_aug = true
+  face_crop_aug_range = [0.5, 1.0]
   caption_dropout_rate = 2
   [[datasets.subsets]]
   class_tokens = 'no folder'
@@ -276,7 +276,7 @@ resolution = [500, 512]
         from_dict({"dataset_config": config, "network_dim": -1})
     text = str(e.value)
     for part in ("network_dim", "shuffle_caption = 'false' is not true or false", "'colour_aug' is not an option",
-                 "batch_size 0", "resolution 500x512", "color_aug", "caption_dropout_rate",
+                 "batch_size 0", "resolution 500x512", "face_crop_aug_range", "caption_dropout_rate",
                  "subset 2 has no image_dir", "fine-tuning subsets (metadata_file)"):
         assert part in text, part
 

@@ -309,7 +309,8 @@ CASES = [
     ("train resume not state", T + " --resume {dir}/lora.safetensors", "not a lora_ext training state"),
     ("train network_weights nan", T + " --network_weights {dir}/nan.safetensors", "NaN or Inf"),
     # --- kohya command lines ---
-    ("kohya unsupported", T + " --vae {dir}/base.safetensors", "vae: lora_ext does not do this yet"),
+    ("kohya unsupported", T + " --fp8_base", "fp8_base: lora_ext does not do this yet"),
+    ("vae is a lora", T + " --vae {dir}/lora.safetensors", "it lacks .* give a VAE file"),
     ("unknown option", T + " --bogus_option 3", "unknown options: bogus_option"),
     ("abbreviation", T + " --xform", "unknown options: xform"),
 ]

@@ -1,5 +1,5 @@
-"""The kohya_ss GUI's configuration JSON (its LoRA tab's saved file and shared presets), kohya's optimizers by
-name, and --scale_weight_norms."""
+"""The kohya_ss GUI's configuration JSON (its LoRA tab's saved file and shared presets), and kohya's optimizers
+by name."""
 import json
 import math
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lora_ext.train import kohya_gui, max_norm, optim
+from lora_ext.train import kohya_gui, optim
 from lora_ext.train.config import ConfigError, from_dict
 from lora_ext.train.kohya_options import OPTIMIZER_NAMES
 
@@ -157,37 +157,6 @@ def test_adafactor_as_kohya_runs_it(tmp_path):
     assert lr_factor(cfg.lr_scheduler, 50, 100) == 1.0
 
 
-def _kohya_max_norm(up, down, alpha, limit):
-    """kohya's apply_max_norm_regularization for one module, written from its description."""
-    scale = alpha / down.shape[0]
-    updown = (up @ down) * scale
-    norm = updown.norm().clamp(min=limit / 2)
-    ratio = torch.clamp(norm, max=limit) / norm
-    return up * ratio.sqrt(), down * ratio.sqrt()
-
-
-def test_scale_weight_norms_is_kohyas_max_norm():
-    from lora_ext.networks.kinds.lora import LoRAModule
-    from lora_ext.networks.kinds.trainable import Geometry
-
-    torch.manual_seed(0)
-    modules = torch.nn.ModuleDict({f"m{i}": LoRAModule(Geometry((16, 12)), 4, 2.0) for i in range(3)})
-    with torch.no_grad():
-        for i, m in enumerate(modules.values()):
-            m.lora_up.weight.normal_(std=0.5 * (i + 1))
-    want = {n: _kohya_max_norm(m.lora_up.weight.clone(), m.lora_down.weight.clone(), 2.0, 1.0)
-            for n, m in modules.items()}
-    network = type("N", (), {"loras": modules})()
-    scaled, mean, largest = max_norm.apply(network, 1.0)
-    assert scaled >= 1 and largest <= 1.0 + 1e-5
-    for n, m in modules.items():
-        torch.testing.assert_close(m.lora_up.weight, want[n][0])
-        torch.testing.assert_close(m.lora_down.weight, want[n][1])
-    with pytest.raises(ConfigError, match="scale_weight_norms is done for LoRA and LoCon"):
-        from_dict({"scale_weight_norms": 1, "network_module": "lycoris.kohya", "network_args": ["algo=loha"]})
-    assert from_dict({"scale_weight_norms": "1.0"}).scale_weight_norms == 1.0
-
-
 def test_gui_presets_of_a_kohya_ss_checkout_read_with_a_message_each():
     """With LORA_EXT_KOHYA_SS (a bmaltais/kohya_ss checkout): each of its LoRA presets is read, and either
     gives a configuration or one message naming what lora_ext does not do."""
@@ -207,3 +176,4 @@ def test_gui_presets_of_a_kohya_ss_checkout_read_with_a_message_each():
         except ConfigError as e:
             assert "unknown option" not in str(e), (name, str(e))
     assert ok > 0 and math.isfinite(ok)
+

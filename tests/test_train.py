@@ -46,7 +46,8 @@ def _assert_same(model, before):
 
 
 @pytest.mark.parametrize("lr", [1.0, 1e-3, 1e-4, 3e-6])
-@pytest.mark.parametrize("name", [s for s in SCHEDULERS if s != "adafactor"])    # Adafactor's: tests/test_kohya_gui.py
+# diffusers' own (the others, transformers' and Adafactor's: tests/test_kohya_schedules.py, test_kohya_gui.py)
+@pytest.mark.parametrize("name", SCHEDULERS[:6])
 def test_schedules_follow_diffusers(name, lr):
     """At several learning rates: the polynomial decay ends at diffusers' absolute lr_end (1e-7), so its
     factor depends on the learning rate."""
@@ -179,11 +180,12 @@ def test_a_headless_run_frees_the_whole_vae_once_every_latent_is_cached_and_the_
     caching = [c for c in counts if c is not None]
     assert caching and caching == sorted(caching) and all(0 < k < images and n == images for k, n in caching)
     assert counts.index(None) == len(caching) and set(counts[len(caching):]) == {None}     # then no more
-    # the same run up to float rounding: on some CPUs oneDNN's convolutions round differently from one process
-    # state to the next (seen on a 2-core Xeon: 1e-7 relative at the third step, on master too)
+    # the same run up to float rounding: on some CPUs the same run differs in the last bits from one process
+    # state to the next (seen on a 2-core Xeon: losses 2e-7 apart from the third step, LoRA weights 3e-6,
+    # on master too; the weights themselves are ~1e-2)
     assert freed.losses == pytest.approx(kept.losses, rel=1e-5)
     a, b = load_file(kept.lora_path), load_file(freed.lora_path)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=2e-5) for k in a)
 
 
 def test_a_headless_run_keeps_the_decoder_its_previews_need(data, tmp_path):

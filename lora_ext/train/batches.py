@@ -12,7 +12,7 @@ import torch
 
 from ..hosts.conditioning import Size
 from .captions import process
-from .config import TrainConfig
+from .config import RESIZE_FILTERS, TrainConfig
 from .dataset import Item, Layout, crop_box, load_image
 
 
@@ -22,6 +22,7 @@ class Sample:
     bucket: tuple
     seed: int           # this sample's augmentation seed
     resized: tuple | None = None    # the size the image is resized to before the crop; None: to cover the bucket
+    epoch: int = 0                  # the epoch it is drawn in (kohya's caption dropout every n epochs)
 
 
 def _rng(*parts) -> random.Random:
@@ -41,7 +42,7 @@ def epoch_plan(items_train, items_reg, layout: Layout, batch_size: int, seed: in
     by_bucket: dict = {}
     for pos, item in enumerate(entries):
         bucket, resized = layout.place(item.size)
-        by_bucket.setdefault(bucket, []).append(Sample(item, bucket, rng.getrandbits(62) ^ pos, resized))
+        by_bucket.setdefault(bucket, []).append(Sample(item, bucket, rng.getrandbits(62) ^ pos, resized, epoch))
     batches = [samples[k:k + batch_size] for _, samples in sorted(by_bucket.items())
                for k in range(0, len(samples), batch_size)]
     rng.shuffle(batches)
@@ -74,7 +75,7 @@ def _options(sample: Sample, aug: Augment):
 
 
 def caption_of(sample: Sample, aug: Augment) -> str:
-    return process(sample.item.caption, _rng("caption", sample.seed), _options(sample, aug))
+    return process(sample.item.caption, _rng("caption", sample.seed), _options(sample, aug), sample.epoch)
 
 
 def flipped(sample: Sample, aug: Augment) -> bool:
@@ -97,6 +98,17 @@ def size_of(sample: Sample, aug: Augment, flip: bool) -> Size:
     return Size((h, w), (top, rw - right if flip else left), (bh, bw))
 
 
+def resize_filter(sample: Sample, aug: Augment) -> str:
+    """The resize_interpolation of the sample's subset (or the run's); kohya's default: area when the image
+    shrinks on both sides, else lanczos."""
+    name = (_options(sample, aug).resize_interpolation or "").lower()
+    if name:
+        return name
+    (rw, rh), _ = _crop(sample, aug)
+    w, h = sample.item.size
+    return "area" if w >= rw and h >= rh else "lanczos"
+
+
 def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tensor:
     """The sample's image as a [3, h, w] tensor in [-1, 1], resized to cover its bucket and cropped."""
     import numpy as np
@@ -104,10 +116,14 @@ def pixels(sample: Sample, aug: Augment, flip: bool | None = None) -> torch.Tens
 
     image, _ = load_image(sample.item.path)
     resized, box = _crop(sample, aug)
-    image = image.resize(resized, Image.LANCZOS).crop(box)
+    image = image.resize(resized, getattr(Image, RESIZE_FILTERS[resize_filter(sample, aug)])).crop(box)
     if flipped(sample, aug) if flip is None else flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    pixels8 = np.asarray(image)
+    if _options(sample, aug).color_aug:
+        from . import color_aug
+        pixels8 = color_aug.apply(pixels8, _rng("color", sample.seed))
+    arr = torch.from_numpy(pixels8.astype(np.float32)).permute(2, 0, 1)
     return arr / 127.5 - 1.0
 
 
@@ -126,10 +142,10 @@ class LatentCache:
 
     def keys(self) -> set:
         """(image path, bucket) of the latents held."""
-        return {(path, bucket) for path, bucket, _ in self.memory}
+        return {(path, bucket) for path, bucket, *_ in self.memory}
 
-    def _file(self, item: Item, bucket, flip) -> str:
-        name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.lora_ext-latents"
+    def _file(self, item: Item, bucket, flip, how: str) -> str:
+        name = f"{os.path.basename(item.path)}.{bucket[0]}x{bucket[1]}{'.flip' if flip else ''}.{how}.lora_ext-latents"
         if self.folder:
             digest = hashlib.sha256(os.path.abspath(item.path).encode()).hexdigest()[:16]
             return os.path.join(self.folder, f"{digest}-{name}")
@@ -139,26 +155,28 @@ class LatentCache:
         item = sample.item
         st = os.stat(item.path)
         stamp = (st.st_mtime_ns, st.st_size)
-        key = (item.path, sample.bucket, flip)
+        # how the image became the bucket's pixels besides the bucket: the resize filter, the resized size
+        how = resize_filter(sample, aug) + ("" if sample.resized is None else f"-{sample.resized[0]}x{sample.resized[1]}")
+        key = (item.path, sample.bucket, flip, how)
         hit = self.memory.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        latent = self._load(item, sample.bucket, flip, stamp) if self.to_disk else None
+        latent = self._load(item, sample.bucket, flip, how, stamp) if self.to_disk else None
         if latent is None:
             with torch.no_grad():
                 latent = self.encode(pixels(sample, aug, flip)[None])[0].float().cpu()
             self.encoded += 1
             if self.to_disk:
-                self._save(item, sample.bucket, flip, stamp, latent)
+                self._save(item, sample.bucket, flip, how, stamp, latent)
         self.memory[key] = (stamp, latent)
         return latent
 
-    def _load(self, item, bucket, flip, stamp):
+    def _load(self, item, bucket, flip, how, stamp):
         # safetensors, never torch.load: inside the webui torch.load is its own checker, which may refuse
         # what this torch wrote and hand back None
         from safetensors import safe_open
 
-        path = self._file(item, bucket, flip)
+        path = self._file(item, bucket, flip, how)
         if not os.path.exists(path):
             return None
         try:
@@ -171,12 +189,12 @@ class LatentCache:
         fits = latent.ndim == 3 and tuple(latent.shape[1:]) == (bucket[1] // 8, bucket[0] // 8)
         return latent.float() if fits and bool(torch.isfinite(latent).all()) else None
 
-    def _save(self, item, bucket, flip, stamp, latent) -> None:
+    def _save(self, item, bucket, flip, how, stamp, latent) -> None:
         from safetensors.torch import save
 
         from ..atomic import atomic_write
 
-        path = self._file(item, bucket, flip)
+        path = self._file(item, bucket, flip, how)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, save({"latent": latent.contiguous()}, {"stamp": self._stamp_text(stamp)}), overwrite=True)
 

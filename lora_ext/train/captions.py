@@ -3,17 +3,18 @@
 a rate; wildcards (`{a|b}`, one line of several) or else the first line; the tags split at a separator,
 those before `keep_tokens` (or before `keep_tokens_separator`, and after its second use) kept in place, the
 others shuffled and dropped one by one at a rate, joined with ", "; a secondary separator turned into the
-separator. kohya's token warm-up and its dropout every n epochs are not done here (kohya_options.REFUSED)."""
+separator. kohya's token warm-up is not done here (kohya_options.REFUSED)."""
 from __future__ import annotations
 
 import random
 import re
 
 
-def process(caption: str, rng: random.Random, o) -> str:
+def process(caption: str, rng: random.Random, o, epoch: int = 0) -> str:
     """`o`: the run's options under kohya's names (a TrainConfig: shuffle_caption, keep_tokens,
     caption_dropout_rate, caption_prefix / _suffix, caption_separator, keep_tokens_separator,
-    secondary_separator, caption_tag_dropout_rate, enable_wildcard). `caption`: the caption file's lines."""
+    secondary_separator, caption_tag_dropout_rate, enable_wildcard, caption_dropout_every_n_epochs). `caption`:
+    the caption file's lines; `epoch`: the run's epoch (0-based)."""
     if not o.enable_wildcard:
         caption = caption.split("\n")[0]     # kohya reads no other line of the file (read_caption)
     if o.caption_prefix:
@@ -21,6 +22,9 @@ def process(caption: str, rng: random.Random, o) -> str:
     if o.caption_suffix:
         caption = caption + " " + o.caption_suffix
     if o.caption_dropout_rate and rng.random() < o.caption_dropout_rate:
+        return ""
+    every = o.caption_dropout_every_n_epochs
+    if every and (epoch + 1) % every == 0:      # kohya counts epochs from 1
         return ""
     if o.enable_wildcard:
         caption = _wildcards(caption, rng)

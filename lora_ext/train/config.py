@@ -68,11 +68,14 @@ class TrainConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False     # kohya's: each image's bucket from its own size, never scaled up
+    resize_interpolation: str = ""      # kohya's: lanczos, area, bilinear, ...; "": area to shrink, else lanczos
     random_crop: bool = False
     flip_aug: bool = False
+    color_aug: bool = False         # kohya's: a hue turn or a gamma in a third of the draws (train.color_aug)
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0     # kohya's: every caption left out in every Nth epoch
     caption_prefix: str = ""        # kohya's caption options (train.captions applies them in kohya's order)
     caption_suffix: str = ""
     caption_separator: str = ","
@@ -100,6 +103,10 @@ class TrainConfig:
     network_args: list = field(default_factory=list)      # "conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", ...
     network_train_unet_only: bool = False
     network_train_text_encoder_only: bool = False
+    dim_from_weights: bool = False      # kohya's: the layers, ranks and alphas of network_weights' file
+    vae: str = ""       # kohya's: a VAE file (or diffusers folder) for a headless run, instead of the model's
+    base_weights: list = field(default_factory=list)    # kohya's: LoRA files merged into the model for the run
+    base_weights_multiplier: list = field(default_factory=list)     # each one's weight (1 past the list's end)
     scale_weight_norms: float = 0.0     # kohya's max-norm limit on each LoRA module's change (train.max_norm); 0: off
     # optimizer
     optimizer_type: str = "AdamW"
@@ -111,6 +118,11 @@ class TrainConfig:
     lr_warmup_steps: int | float = 0    # steps; below 1 (or "10%") a share of the run's steps, as kohya reads it
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_timescale: int = 0                 # inverse_sqrt's (0: the warm-up's, else 10000)
+    lr_scheduler_min_lr_ratio: float | None = None  # cosine_with_min_lr's and warmup_stable_decay's floor
+    lr_decay_steps: int | float = 0                 # warmup_stable_decay's decay: steps, or below 1 a share
+    lr_scheduler_type: str = ""                     # kohya's: any torch (or package.module) scheduler class ...
+    lr_scheduler_args: list = field(default_factory=list)   # ... made with these key=value arguments
     max_grad_norm: float = 1.0
     # text
     clip_skip: int = 1
@@ -152,6 +164,7 @@ class TrainConfig:
     # samples & logging
     sample_every_n_steps: int = 0
     sample_every_n_epochs: int = 0
+    sample_at_first: bool = False       # kohya's: previews before the first step too
     sample_prompts: list = field(default_factory=list)
     sample_steps: int = 20
     logging_dir: str = ""
@@ -177,9 +190,15 @@ class TrainConfig:
 
     def warmup_steps(self, total: int) -> int:
         """The warm-up in steps of a run of `total` optimizer steps (kohya: a share below 1 is of the total)."""
-        if isinstance(self.lr_warmup_steps, float):
-            return int(self.lr_warmup_steps * total)
-        return self.lr_warmup_steps
+        return _steps(self.lr_warmup_steps, total)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The schedule's factor of the learning rate at optimizer step `step` of `total` (lr_scheduler_type's
+        are stepped by the optimizer instead: train.loop)."""
+        from .schedules import lr_factor
+        return lr_factor(self.lr_scheduler, step, total, self.warmup_steps(total), self.lr_scheduler_num_cycles,
+                         self.lr_scheduler_power, lr=self.learning_rate, timescale=self.lr_scheduler_timescale or None,
+                         min_lr_ratio=self.lr_scheduler_min_lr_ratio, decay=_steps(self.lr_decay_steps, total))
 
     def component_lrs(self) -> dict:
         """{'unet', 'te' (SD1/SD2), 'te1', 'te2' (SDXL): lr}. A list text_encoder_lr gives each SDXL encoder
@@ -224,7 +243,7 @@ class TrainConfig:
             problems.append(f"the polynomial schedule decays to 1e-7: learning_rate ({self.learning_rate:g}) must be "
                             "larger (kohya and diffusers refuse it too)")
         problems += self._timestep_problems() + self.caption_problems() + self._max_norm_problems()
-        problems += self._logging_problems()
+        problems += self._logging_problems() + self._weights_problems()
         from .dataset_config import problems as dataset_problems
         problems += dataset_problems(self)
         thumbnail = self.metadata_thumbnail
@@ -250,10 +269,33 @@ class TrainConfig:
         out = problems(self.optimizer_type, self.optimizer_args)
         if self.lr_scheduler == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append("lr_scheduler adafactor is the Adafactor optimizer's (kohya refuses it with another)")
-        if self.lr_scheduler not in SCHEDULERS:
-            out.append(f"lr_scheduler {self.lr_scheduler!r}: one of {', '.join(SCHEDULERS)} (kohya's others are not "
-                       "done yet)")
+        if self.lr_scheduler_type:
+            out += self._custom_schedule_problems()
+        elif self.lr_scheduler not in SCHEDULERS:
+            out.append(f"lr_scheduler {self.lr_scheduler!r}: one of {', '.join(SCHEDULERS)}, or a torch scheduler by "
+                       "lr_scheduler_type (kohya's piecewise_constant is not done)")
+        elif self.lr_scheduler == "cosine_with_min_lr" and self.lr_scheduler_min_lr_ratio is None:
+            out.append("lr_scheduler cosine_with_min_lr needs lr_scheduler_min_lr_ratio (its floor, 0 to 1)")
         return out
+
+    def _custom_schedule_problems(self) -> list:
+        """lr_scheduler_type's class, made with its arguments on a one-number optimizer, as the run makes it."""
+        import torch
+
+        from .schedules import custom
+
+        if self.lr_warmup_steps:
+            return [f"lr_scheduler_type {self.lr_scheduler_type} has no warm-up: lr_warmup_steps must be 0 (kohya "
+                    "refuses it too)"]
+        bad = [a for a in self.lr_scheduler_args if "=" not in str(a)]
+        if bad:
+            return [f"lr_scheduler_args {bad[0]!r} is not key=value"]
+        try:
+            custom(self.lr_scheduler_type, self.lr_scheduler_args,
+                   torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3))
+        except ValueError as e:
+            return [str(e)]
+        return []
 
     def _loss_problems(self) -> list:
         out = []
@@ -272,8 +314,11 @@ class TrainConfig:
         out = [p for name in CAPTION_NUMBERS for p in [out_of_range(name, getattr(self, name), *RANGES[name])] if p]
         if not self.caption_separator:
             out.append("caption_separator is empty: tags are split at it (kohya's default is ',')")
-        if self.random_crop and self.cache_latents:
-            out.append("random_crop needs the VAE at every step: turn off cache_latents or random_crop")
+        for augment in ("random_crop", "color_aug"):
+            if getattr(self, augment) and self.cache_latents:
+                out.append(f"{augment} needs the VAE at every step: turn off cache_latents or {augment}")
+        if self.resize_interpolation and self.resize_interpolation.lower() not in RESIZE_FILTERS:
+            out.append(f"resize_interpolation {self.resize_interpolation!r}: one of {', '.join(RESIZE_FILTERS)} (kohya's)")
         return out + self.text_cache_problems()
 
     def _logging_problems(self) -> list:
@@ -282,6 +327,22 @@ class TrainConfig:
             return ["log_with tensorboard writes into logging_dir: give it"] if kind and not self.logging_dir else []
         return [f"log_with {self.log_with!r}: lora_ext logs to TensorBoard only (log_with tensorboard, or just "
                 "logging_dir); wandb is not used"]
+
+    def _weights_problems(self) -> list:
+        if self.dim_from_weights and not self.network_weights:
+            return ["dim_from_weights takes the ranks of network_weights: give network_weights"]
+        if self.network_weights and not os.path.isfile(self.network_weights):
+            return [f"network_weights {self.network_weights!r}: no such file"]
+        out = [f"base_weights {p!r}: no such file" for p in self.base_weights if not os.path.isfile(str(p))]
+        if self.vae and not os.path.exists(self.vae):
+            out.append(f"vae {self.vae!r}: no such file or folder")
+        for m in self.base_weights_multiplier:
+            try:
+                if not math.isfinite(number(m, float)):
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError):
+                out.append(f"base_weights_multiplier {m!r} is not a number")
+        return out
 
     def _max_norm_problems(self) -> list:
         from .max_norm import SCALED_TYPES
@@ -312,7 +373,7 @@ class TrainConfig:
         if not self.network_train_unet_only and (lrs["te1"] > 0 or lrs["te2"] > 0):
             problems.append("cache_text_encoder_outputs needs the text encoders frozen: add network_train_unet_only")
         changing = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                                "enable_wildcard") if getattr(self, n)]
+                                "enable_wildcard", "caption_dropout_every_n_epochs") if getattr(self, n)]
         if changing:
             problems.append(f"cache_text_encoder_outputs keeps one encoding per caption; {', '.join(changing)} "
                             "changes captions every step: turn one of them off")
@@ -324,12 +385,13 @@ RANGES = {
     "network_dim": (1, 4096), "network_alpha": (0, None), "network_dropout": (0, 0.99),
     "learning_rate": (0, 1), "unet_lr": (0, 1), "text_encoder_lr": (0, 1),
     "train_batch_size": (1, 4096), "max_train_steps": (1, None), "max_train_epochs": (0, None),
-    "gradient_accumulation_steps": (1, 4096), "lr_warmup_steps": (0, None), "lr_scheduler_num_cycles": (1, None),
+    "gradient_accumulation_steps": (1, 4096), "lr_warmup_steps": (0, None), "lr_decay_steps": (0, None),
+    "lr_scheduler_timescale": (0, None), "lr_scheduler_min_lr_ratio": (0, 1), "lr_scheduler_num_cycles": (1, None),
     "lr_scheduler_power": (0.01, 100), "max_grad_norm": (0, None), "seed": (0, 2 ** 63 - 1),
     "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "save_n_epoch_ratio": (0, None),
     "save_last_n_epochs": (0, None), "save_last_n_steps": (0, None), "sample_every_n_steps": (0, None),
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
-    "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
+    "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "caption_dropout_every_n_epochs": (0, None), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
     "min_snr_gamma": (0, None), "multires_noise_iterations": (0, 64), "multires_noise_discount": (0, 1),
     "ip_noise_gamma": (0, 1), "huber_c": (1e-6, 1), "huber_scale": (0, None), "v_pred_like_loss": (0, None),
     "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
@@ -337,12 +399,30 @@ RANGES = {
 }
 
 
-CAPTION_NUMBERS = ("keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate")
+# kohya's resize_interpolation names -> PIL's filters (kohya resizes with cv2 but for lanczos and box; cv2's
+# INTER_AREA is PIL's BOX on a reduction)
+RESIZE_FILTERS = {"lanczos": "LANCZOS", "lanczos4": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR",
+                  "linear": "BILINEAR", "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "BOX", "box": "BOX"}
+CAPTION_NUMBERS = ("keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")
 # kohya's loss types and Huber thresholds (train.losses computes them)
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 # float options whose None means "not given" (unet_lr: learning_rate's; adaptive_noise_scale: off)
-_OPTIONAL_NUMBERS = ("unet_lr", "text_encoder_lr", "adaptive_noise_scale")
+_OPTIONAL_NUMBERS = ("unet_lr", "text_encoder_lr", "adaptive_noise_scale", "lr_scheduler_min_lr_ratio")
+
+
+def _steps(value: int | float, total: int) -> int:
+    """kohya's int_or_float: a float below 1 is a share of the run's `total` steps."""
+    return int(value * total) if isinstance(value, float) else value
+
+
+def _full_matrix(cfg) -> int | None:
+    """The largest dim taken where a large dim is LyCORIS's full-matrix idiom (a LoKr), else None."""
+    from .network_args import FULL_MATRIX_DIM, full_matrix_idiom
+    try:
+        return FULL_MATRIX_DIM if full_matrix_idiom(cfg) else None
+    except ConfigError:
+        return None             # network_args that are no key=value: said by the network's own check
 
 
 def _range_problems(cfg) -> list:
@@ -350,6 +430,8 @@ def _range_problems(cfg) -> list:
     for name, (lo, hi) in RANGES.items():
         if name in CAPTION_NUMBERS:
             continue            # TrainConfig.caption_problems
+        if name == "network_dim" and _full_matrix(cfg):
+            hi = _full_matrix(cfg)
         v = getattr(cfg, name)
         if v is None and name in _OPTIONAL_NUMBERS:
             continue
@@ -403,8 +485,10 @@ def from_dict(values: dict, source: str = "options") -> TrainConfig:
     for k, v in flat.items():
         if k not in names:
             continue            # kohya's, without effect here or refused above
-        if k in ("network_args", "optimizer_args", "sample_prompts") and isinstance(v, str):
+        if k in ("network_args", "optimizer_args", "lr_scheduler_args", "sample_prompts") and isinstance(v, str):
             v = v.split() if k != "sample_prompts" else [p for p in v.split("\n") if p.strip()]
+        if k in ("base_weights", "base_weights_multiplier") and not isinstance(v, (list, tuple)):
+            v = [v] if k == "base_weights" else str(v).replace(",", " ").split()
         if k == "resolution" and isinstance(v, (list, tuple)):
             v = ",".join(str(x) for x in v)
         try:
@@ -427,7 +511,7 @@ def _coerce(f: dataclasses.Field, v):
     if f.name == "text_encoder_lr" and isinstance(v, (list, tuple)):
         values = [_coerce(f, x) for x in v]
         return None if not values else values[0] if len(values) == 1 else values
-    if f.name == "lr_warmup_steps":
+    if f.name in ("lr_warmup_steps", "lr_decay_steps"):
         return _steps_or_share(f.name, v)
     if f.name in _OPTIONAL_NUMBERS:
         kind = float

@@ -119,7 +119,6 @@ NEEDS = {
     "offload_param_device": "deepspeed", "offload_param_nvme_path": "deepspeed", "zero3_init_flag": "deepspeed",
     "zero3_save_16bit_model": "deepspeed", "fp16_master_weights_and_gradients": "deepspeed",
     "dataset_repeats": "in_json",
-    "base_weights_multiplier": "base_weights",
     "validation_seed": "validation_split", "validate_every_n_steps": "validation_split",
     "validate_every_n_epochs": "validation_split", "max_validation_steps": "validation_split",
     "conditioning_data_dir": "masked_loss",
@@ -142,12 +141,8 @@ REFUSED = {
     **{n: _NEXT for n in ("validation_split", "masked_loss", "alpha_mask")},
     # not done yet
     **{n: _NOT_YET for n in (
-        "caption_dropout_every_n_epochs",
-        "weighted_captions", "token_warmup_min", "color_aug", "face_crop_aug_range",
-        "resize_interpolation",
-        "vae", "base_weights",
-        "dim_from_weights", "initial_epoch", "initial_step", "lr_scheduler_type", "lr_scheduler_args",
-        "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale", "lr_decay_steps", "sample_at_first", "fp8_base",
+        "weighted_captions", "token_warmup_min", "face_crop_aug_range",
+        "initial_epoch", "initial_step", "fp8_base",
         "fp8_base_unet", "full_fp16", "full_bf16")},
 }
 

@@ -14,7 +14,7 @@ from .dataset_config import widest
 
 def previews(cfg) -> bool:
     """Whether the run draws sample previews (they need the text encoders and the decoder)."""
-    return bool(cfg.sample_prompts and (cfg.sample_every_n_steps or cfg.sample_every_n_epochs))
+    return bool(cfg.sample_prompts and (cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first))
 
 
 def _leaving(host, cfg, device) -> str | None:
@@ -37,8 +37,8 @@ def unet_after_encoders(cfg, device, spec) -> bool:   # spec: network_args.Netwo
     """Whether a headless run reads its UNet's weights only after its text encoders are freed (their outputs
     cached, they not trained, no previews: encoders_leave 'freed'), so that the two never share the memory:
     on a CPU (memory allocated there is not the process's until written; a GPU's is), and not for DoRA, whose
-    modules start from the layer's weight."""
-    cached = cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk
+    modules start from the layer's weight, nor with base_weights, merged into the weights before the run."""
+    cached = (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and not cfg.base_weights
     frozen = all(lr == 0 for part, lr in spec.lrs.items() if part != "unet")
     return bool(cached and frozen and not previews(cfg) and device.type == "cpu" and not spec.options.dora)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from . import batches, dataset, dataset_config, features, max_norm, network_args, optim, prompts, state, step as step_math
+from . import (base_weights, batches, dataset, dataset_config, features, max_norm, network_args, optim, prompts, schedules, state,
+               step as step_math)
 from .config import TrainConfig
 from .cpu_conv import Chooser, conv_patches
 from .distributed import Dist
@@ -23,7 +24,7 @@ from .leaving import decoder_parts, encoders_leave, free, freed, unet_after_enco
 from .network import network_for
 from .outputs import check_outputs, claimed
 from .saving import save_lora
-from .schedules import lr_factor, zero_terminal_snr
+from .schedules import zero_terminal_snr
 from .session import HostSession, frozen_roots
 from .text_cache import TextCache, fingerprint
 from .upcast import upcast_patches
@@ -77,6 +78,7 @@ class Run:
     latent_cache: object = None
     text_cache: object = None
     convs: object = None        # on the CPU: the kernel each convolution shape ran on (train.cpu_conv)
+    scheduler: object = None    # lr_scheduler_type's torch scheduler (else the schedule is cfg.lr_at's factor)
     previews: list = field(default_factory=list)    # prompts.SamplePrompt of sample_prompts (files read)
     features: list = field(default_factory=list)    # train.features.Feature the loop calls (made by train())
     layouts: list = field(default_factory=list)     # dataset.Layout of each Item.group: its batch size
@@ -135,6 +137,8 @@ def train(host, cfg: TrainConfig, on_event=None, should_stop=None, scan=None, es
 
 
 def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Result:
+    if cfg.vae:
+        _own_vae(host, cfg.vae)
     wanted = features.for_run(cfg)
     for feature in wanted:
         feature.before_scan(host, cfg)
@@ -150,12 +154,28 @@ def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Res
         run.emit(Event("message", text=m))
     # under mixed precision the frozen UNet and text encoders compute in its dtype, held so (as kohya does)
     frozen = (frozen_roots(host), run.amp)
-    with HostSession(host.model, blocks, patches, frozen):
-        run.network.attach()
-        try:
-            return _run(run)
-        finally:
-            run.network.detach()
+    base = base_weights.merged(host, cfg, lambda text: run.emit(Event("message", text=text)))
+    try:
+        with HostSession(host.model, blocks, patches, frozen):
+            run.network.attach()
+            try:
+                return _run(run)
+            finally:
+                run.network.detach()
+    finally:
+        if base is not None:
+            base.restore(host)
+
+
+def _own_vae(host, path: str) -> None:
+    """kohya's --vae: a headless run's model gets the file's VAE (a host's model is the user's: its VAE is the
+    one chosen there)."""
+    from ..hosts.vae_file import load_into
+
+    if not host.disposable:
+        raise ValueError("vae: here the model's VAE is the one the webui has loaded: choose the VAE in its settings "
+                         "(SD VAE) instead")
+    load_into(host.vae, path)
 
 
 def _checkpointed_blocks(run: Run, estimate=None) -> list:
@@ -252,6 +272,8 @@ def _run(run: Run) -> Result:
             raise state.StateError(f"resume: {cfg.resume} is at step {loop.step}, and this run has {run.total} "
                                    "steps: raise max_train_steps (or max_train_epochs) to train on from it")
         run.emit(Event("message", text=f"resumed at step {loop.step} (epoch {epoch0 + 1})"))
+    if cfg.lr_scheduler_type:
+        run.scheduler = _scheduler(run, loop.base_lrs, loop.step)
     placed = {part: next(part.parameters()).device for part in (run.host.vae, *run.host.text_encoders())}
     try:
         loop.run(run.epochs)
@@ -300,7 +322,10 @@ class _Loop:
         if self.encoders_leave:
             self._encode_captions_first()
         self._read_pending()
-        self.started, self.done_at_start, self.epoch = time.perf_counter(), self.step, self.at[0]
+        self.epoch = self.at[0]
+        for feature in self.r.features:
+            feature.at_start(self)
+        self.started, self.done_at_start = time.perf_counter(), self.step
         for epoch in range(self.at[0], epochs):
             self.epoch = epoch
             whole = self._epoch(epoch, skip=self.at[1] if epoch == self.at[0] else 0)
@@ -407,10 +432,15 @@ class _Loop:
         elapsed = time.perf_counter() - self.started
         rate = (step - self.done_at_start) / elapsed if elapsed > 0 else None
         self.r.emit(Event("step", step, self.r.total, epoch + 1, losses[-1], self.average_loss(),
-                          optim.current_lr(self.r.optimizer), rate, (self.r.total - step) / rate if rate else None,
+                          self._lr(factor), rate, (self.r.total - step) / rate if rate else None,
                           latents=self._latents_caching()))
         for feature in self.r.features:
             feature.after_step(self, step, epoch)
+
+    def _lr(self, factor: float) -> float:
+        """The learning rate the step's update used (the first group's)."""
+        base = self.base_lrs[0]
+        return base * factor if base is not None else optim.current_lr(self.r.optimizer)
 
     def _latents_caching(self) -> tuple | None:
         """(images whose latents are cached, images of the run) while some are still to be encoded."""
@@ -462,11 +492,13 @@ def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     """One update from the summed gradients, at the scheduled learning rate (returned as its factor)."""
     cfg, optimizer = run.cfg, run.optimizer
     # lr: what diffusers' polynomial decay divides by (the optimizer's default lr, kohya's learning_rate)
-    factor = lr_factor(cfg.lr_scheduler, step, run.total, cfg.warmup_steps(run.total), cfg.lr_scheduler_num_cycles,
-                       cfg.lr_scheduler_power, lr=cfg.learning_rate)
-    for g, base in zip(optimizer.param_groups, base_lrs):
-        if base is not None:        # None: an optimizer that sets its own (Adafactor's relative_step)
-            g["lr"] = base * factor
+    if run.scheduler is None:
+        factor = cfg.lr_at(step, run.total)
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            if base is not None:        # None: an optimizer that sets its own (Adafactor's relative_step)
+                g["lr"] = base * factor
+    else:                               # lr_scheduler_type's: it set the rate after the last step
+        factor = optimizer.param_groups[0]["lr"] / base_lrs[0] if base_lrs[0] else 1.0
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     run.dist.sum_grads(trained)
     scaler.unscale_(optimizer)
@@ -477,7 +509,26 @@ def _optimizer_step(run: Run, scaler, base_lrs, step: int) -> float:
     optimizer.zero_grad(set_to_none=True)
     if cfg.scale_weight_norms:
         max_norm.apply(run.network, cfg.scale_weight_norms)
+    if run.scheduler is not None:
+        run.scheduler.step()
     return factor
+
+
+def _scheduler(run: Run, base_lrs: list, steps: int):
+    """lr_scheduler_type's scheduler, made from the run's own rates and stepped to `steps` (a resumed run):
+    it depends on the count of steps alone, so a resumed run keeps the rates of a run never stopped (torch's
+    chained schedulers scale the rate they find: the resumed optimizer's is put back first)."""
+    import warnings
+
+    for group, base in zip(run.optimizer.param_groups, base_lrs):
+        group["lr"] = base
+        group.pop("initial_lr", None)
+    scheduler = schedules.custom(run.cfg.lr_scheduler_type, run.cfg.lr_scheduler_args, run.optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # "step() before optimizer.step()": it is the point here
+        for _ in range(steps):
+            scheduler.step()
+    return scheduler
 
 
 def _numbered(path: str, suffix: str) -> str:

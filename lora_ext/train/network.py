@@ -67,16 +67,18 @@ class TrainableNetwork(nn.Module):
 
     def __init__(self, targets: dict, dim: int, alpha: float | None = None, conv_dim: int | None = None,
                  conv_alpha: float | None = None, options: Options = Options(), algo: str = "lora",
-                 trained=lambda target: True):
+                 trained=lambda target: True, ranks: dict | None = None):
+        """`ranks`: {kohya name: (rank, alpha)} of the modules to train, each its own (kohya's
+        dim_from_weights: the layers and ranks of a file); else every target at dim / conv_dim."""
         super().__init__()
         self.bound = {}
         self.loras = nn.ModuleDict()
         make = BY_NAME[algo].trainable()
         for name, bound in targets.items():
             t = bound.target
-            if not trained(t) or (t.locon and not conv_dim):
+            if not trained(t) or (ranks is None and t.locon and not conv_dim) or (ranks is not None and name not in ranks):
                 continue
-            rank, a = (conv_dim, conv_alpha) if t.kind == naming.CONV else (dim, alpha)
+            rank, a = ranks[name] if ranks else (conv_dim, conv_alpha) if t.kind == naming.CONV else (dim, alpha)
             self.loras[name] = make(_geometry(bound), rank, a, options, bound.weight if options.dora else None)
             self.bound[name] = bound
         self._handles = []
@@ -142,5 +144,19 @@ class TrainableNetwork(nn.Module):
 
 def network_for(host, spec: network_args.NetworkSpec) -> TrainableNetwork:
     """The network a run's options ask for (network_args.spec), on the parts whose learning rate is not 0."""
+    ranks = ranks_of(spec.ranks_from, spec.algo, host.arch) if spec.ranks_from else None
     return TrainableNetwork(host.lora_targets(), spec.dim, spec.alpha, spec.conv_dim, spec.conv_alpha,
-                            spec.options, spec.algo, trained=lambda t: spec.lrs[t.component] > 0)
+                            spec.options, spec.algo, trained=lambda t: spec.lrs[t.component] > 0, ranks=ranks)
+
+
+def ranks_of(path: str, algo: str, arch) -> dict:
+    """{kohya name: (rank, alpha)} of a LoRA file's modules (kohya's dim_from_weights); ValueError when they
+    are of another type than the run trains."""
+    from .. import files
+
+    modules = files.read(path, arch).modules
+    other = sorted({m.network for m in modules.values()} - {algo})
+    if other:
+        raise ValueError(f"dim_from_weights: {path} holds {', '.join(other)} modules; this run trains {algo} "
+                         "(give network_args algo= of the file's type)")
+    return {name: (m.rank, m.alpha) for name, m in modules.items()}

@@ -33,6 +33,16 @@ LYCORIS_UNSUPPORTED = ("use_scalar", "train_norm", "bypass_mode", "rs_lora", "re
                        "train_on_input")
 
 
+# LyCORIS's idiom for a LoKr of full matrices: a dim at least half the layer's larger factor (100000, say);
+# each layer then gets its full factors (kinds.lokr), so any dim up to this is taken
+FULL_MATRIX_DIM = 10 ** 6
+
+
+def full_matrix_idiom(cfg) -> bool:
+    """Whether a dim above the usual range means LyCORIS's full matrix: a LoKr."""
+    return is_lycoris(cfg.network_module) and str(cfg.net_args.get("algo", "")).strip().lower() == "lokr"
+
+
 class NetworkArgsError(ValueError):
     pass
 
@@ -49,6 +59,7 @@ class NetworkSpec:
     alpha: float
     lrs: dict                   # {'unet', 'te', 'te1', 'te2': lr}: a part whose lr is 0 is not trained
     notes: tuple = ()
+    ranks_from: str = ""        # kohya's dim_from_weights: the file whose layers and ranks the network takes
 
     def file_args(self) -> dict | None:
         """ss_network_args: LyCORIS's as given, with the algorithm and the conv rank it ran with spelled out
@@ -80,9 +91,11 @@ def _flag(args: dict, name: str, default: bool = False) -> bool:
     raise NetworkArgsError(f"network_args {name}={args[name]!r} is not true or false")
 
 
-def _numbers(args: dict) -> tuple[dict, list]:
+def _numbers(args: dict, full_matrix: bool = False) -> tuple[dict, list]:
     values, problems = {}, []
     for name, (lo, hi, kind) in NUMBERS.items():
+        if name == "conv_dim" and full_matrix:
+            hi = FULL_MATRIX_DIM
         if name not in args:
             continue
         try:
@@ -134,7 +147,7 @@ def spec(cfg) -> NetworkSpec:
                                "LoRA / LoCon) and lycoris.kohya (algo=lora, locon, loha, lokr)")
     args = {k: v for k, v in cfg.net_args.items()
             if not (k in LYCORIS_UNSUPPORTED and str(v).strip().lower() in FALSE)}
-    values, problems = _numbers(args)
+    values, problems = _numbers(args, full_matrix_idiom(cfg))
     problems += _unknown(module, args)
     if str(args.get("preset", "full")).strip().lower() != "full":
         problems.append(f"network_args preset={args['preset']}: lora_ext trains LyCORIS's full preset "
@@ -172,7 +185,7 @@ def _build(cfg, module, algo, values, flags, on_output, args) -> NetworkSpec:
                    dora_on_output=on_output, tucker=tucker, factor=int(values.get("factor", -1)),
                    decompose_both=flags["decompose_both"], full_matrix=flags["full_matrix"])
     return NetworkSpec(module, algo, conv_dim, conv_alpha, opts, dict(args), cfg.network_dim, cfg.network_alpha,
-                       cfg.component_lrs(), tuple(notes))
+                       cfg.component_lrs(), tuple(notes), cfg.network_weights if cfg.dim_from_weights else "")
 
 
 def problems(cfg) -> list:

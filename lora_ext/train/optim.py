@@ -10,7 +10,7 @@ import torch
 from .kohya_options import OPTIMIZER_NAMES
 
 
-def _kwargs(args: list) -> dict:
+def kwargs_of(args: list) -> dict:
     """kohya's optimizer_args ("weight_decay=0.01", "betas=0.9,0.99"): Python literals, else strings."""
     import ast
 
@@ -55,7 +55,7 @@ _PIP = {"lion_pytorch": "lion-pytorch"}
 
 def make_optimizer(name: str, groups: list, args: list, messages: list):
     """kohya's optimizer of that name (or a `package.module.ClassName`), with its optimizer_args."""
-    kw = _kwargs(args)
+    kw = kwargs_of(args)
     key = name.lower().replace("_", "") or "adamw"       # kohya's default, "", is AdamW
     if key not in OPTIMIZERS:
         if "." in name:

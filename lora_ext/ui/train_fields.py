@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..train.config import HUBER_SCHEDULES, LOSS_TYPES
+from ..train.config import HUBER_SCHEDULES, LOSS_TYPES, RESIZE_FILTERS
 from ..train.kohya_options import OPTIMIZER_NAMES
 from ..train.schedules import SCHEDULERS
 
@@ -63,6 +63,11 @@ FIELDS = (
     F("shuffle_caption", "Dataset", "Shuffle caption tags", "Shuffles comma-separated tags after the kept ones.", "bool"),
     F("keep_tokens", "Dataset", "Keep first N tags", "Tags never shuffled (e.g. the trigger word).", "int"),
     F("caption_dropout_rate", "Dataset", "Caption dropout", "Share of steps trained without caption.", "number"),
+    F("caption_dropout_every_n_epochs", "Dataset", "Caption dropout every N epochs",
+      "Every Nth epoch trains without captions (kohya's; 0 = never).", "int"),
+    F("resize_interpolation", "Dataset", "Resize filter",
+      "How images are scaled to their bucket; empty: area when shrinking, lanczos when enlarging (kohya's).",
+      "choice", ("",) + tuple(RESIZE_FILTERS)),
     F("caption_prefix", "Dataset", "Caption prefix", "Put before every caption (a trigger word, say).", "text"),
     F("caption_suffix", "Dataset", "Caption suffix", "Put after every caption.", "text"),
     F("keep_tokens_separator", "Dataset", "Keep-tokens separator",
@@ -98,6 +103,10 @@ FIELDS = (
       "encoders, or two ('1e-5, 2e-5').", "text"),
     F("lr_scheduler", "Optimizer & schedule", "Scheduler", "How the learning rate changes over the run.", "choice", SCHEDULERS),
     F("lr_warmup_steps", "Optimizer & schedule", "Warm-up steps", "Steps rising from 0 to the learning rate.", "int"),
+    F("lr_scheduler_min_lr_ratio", "Optimizer & schedule", "Minimum lr ratio",
+      "cosine_with_min_lr and warmup_stable_decay end at this share of the learning rate (empty: 0).", "text"),
+    F("lr_decay_steps", "Optimizer & schedule", "Decay steps",
+      "warmup_stable_decay: the last steps, falling to the minimum (below 1: a share of the run).", "number"),
     F("optimizer_type", "Optimizer & schedule", "Optimizer", "AdamW8bit saves memory on NVIDIA GPUs.", "choice",
       OPTIMIZER_NAMES),
     F("max_token_length", "Text", "Max token length",
@@ -124,6 +133,8 @@ FIELDS = (
       "Encode each caption once, then the text encoders leave the GPU. Needs 'Train the UNet only' and no caption "
       "shuffle or dropout.", "bool"),
     F("sample_every_n_epochs", "Samples & saving", "Sample every N epochs", "Preview images (0 = none).", "int"),
+    F("sample_at_first", "Samples & saving", "Sample before training",
+      "Previews of the model as it is, before the first step, to compare with.", "bool"),
     F("sample_every_n_steps", "Samples & saving", "Sample every N steps", "Preview images by steps (0 = none).", "int"),
     F("sample_prompts", "Samples & saving", "Sample prompts",
       "One prompt per line, kohya's options after it (--n negative, --w/--h size, --d seed, --l CFG, --s steps); "

@@ -1,7 +1,8 @@
 """The real Forge in headless Chromium: the LoRA tab under Forge's gradio 4.40. Merge into a checkpoint from
 the tab, load it through Forge's options: it equals the panel at that weight on the base, and the base comes
-back bit-exact. Where lora_ext does not work on Forge's model yet (training, baking into it), the tab says so
-in its message box and nothing changes."""
+back bit-exact. Training from the tab on Forge's loaded model: the new LoRA in the panel equals `<lora:>`; a
+run cancelled from the tab and resumed finishes with its previews and loss plot, Forge's weights as they were
+after each."""
 import re
 
 import pytest
@@ -76,6 +77,54 @@ def test_train_in_the_tab_on_forges_model_then_the_new_lora_in_the_panel_equals_
     as they were after that generation (Forge merged them again), that generation repeated gives the same
     latents, and the new LoRA through the panel equals `<lora:>` with it."""
     train_then_compare(forge, forge_work, page, tmp_path, harness.LORA, "forgerun")
+
+
+def test_cancel_and_resume_in_the_tab_on_forge_with_previews(forge, forge_work, page, tmp_path):
+    import json
+    import os
+
+    from playwright.sync_api import expect
+
+    from lora_ext import sample_data
+
+    data = sample_data.make_sample_dataset(str(tmp_path / "data"), per_concept=2)
+    forge.txt2img("a photo of a cat")
+    before = forge.weights()
+    try:
+        page.goto(forge.url, timeout=120_000)
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+        _tab(page, "LoRA")
+        for group in ("network", "optimizer_schedule", "samples_saving"):
+            page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+        _fill(page, "train_data_dir", data["train"])
+        _fill(page, "output_name", "forgestop")
+        for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", 400),
+                             ("network_dim", 4), ("network_alpha", 2), ("learning_rate", 1e-3),
+                             ("train_batch_size", 1), ("sample_every_n_steps", 2),
+                             ("sample_prompts", "a red circle --w 64 --h 64 --s 2")):
+            _fill(page, field, value)
+        page.locator("#lora_ext_train_start").click()
+        expect(_message(page, "lora_ext_train_status")).to_contain_text(re.compile(r"Step \d+/400"), timeout=300_000)
+        page.locator("#lora_ext_train_cancel").click()
+        expect(_message(page, "lora_ext_train_status")).to_contain_text("Resume from", timeout=300_000)
+        status = _message(page, "lora_ext_train_status").inner_text()
+        state = re.search(r"Resume from\s+(\S+?-state)", status).group(1)
+        stopped_at = json.load(open(os.path.join(state, "state.json")))["step"]
+        assert 0 < stopped_at < 400 and forge.weights() == before
+        _fill(page, "max_train_steps", stopped_at + 2)
+        _fill(page, "resume", state)
+        page.locator("#lora_ext_train_start").click()
+        expect(_message(page, "lora_ext_train_status")).to_contain_text(f"after {stopped_at + 2} steps",
+                                                                        timeout=300_000)
+        page.locator("#lora_ext_train_refresh").click()
+        expect(page.locator("#lora_ext_train_samples img").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#lora_ext_train_loss img").first).to_be_visible(timeout=60_000)
+        _shot(page, tmp_path, "forge_resumed")
+    except Exception:
+        _shot(page, tmp_path, "forge_failed_resume")
+        raise
+    assert os.path.isfile(os.path.join(forge_work["loras"], "forgestop.safetensors"))
+    assert forge.weights() == before and "Traceback" not in forge.log()
 
 
 def train_then_compare(forge, forge_work, page, tmp_path, builtin: str, output_name: str) -> None:

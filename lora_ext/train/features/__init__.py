@@ -3,6 +3,7 @@ nothing of: numbered saves, previews, and next an EMA of the weights, a validati
 a Feature in a file of its own here and a line in FEATURES; the loop calls every one its run's options want:
 
 - before_scan(host, cfg)        before the dataset is read (class images would be made here)
+- at_start(loop)                before the run's first step (or a resumed run's next)
 - after_step(loop, step, epoch) after each optimizer step (`loop`: train.loop._Loop, its `r` the Run)
 - after_epoch(loop, epoch, last) after each whole epoch (`last`: the run's last step is done)
 - metadata(loop)                what each saved LoRA records of it (ss_* / lora_ext_* keys)
@@ -23,6 +24,9 @@ class Feature:
         return True
 
     def before_scan(self, host, cfg) -> None:
+        pass
+
+    def at_start(self, loop) -> None:
         pass
 
     def after_step(self, loop, step: int, epoch: int) -> None:

@@ -1,5 +1,5 @@
 """Sample previews during training: every sample_every_n_steps steps and sample_every_n_epochs epochs (and
-after the last epoch), on the main process."""
+after the last epoch), and with sample_at_first before the first step, on the main process."""
 from __future__ import annotations
 
 from . import Feature
@@ -12,6 +12,10 @@ class Previews(Feature):
     def wanted(cls, cfg) -> bool:
         from ..leaving import previews
         return previews(cfg)
+
+    def at_start(self, loop):
+        if loop.r.cfg.sample_at_first and loop.r.dist.main:
+            _draw(loop, loop.step, loop.epoch)
 
     def after_step(self, loop, step, epoch):
         n = loop.r.cfg.sample_every_n_steps
