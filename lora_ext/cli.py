@@ -61,6 +61,15 @@ def _train_values(args, extra: list) -> dict:
     return values
 
 
+def own_vae(host, path: str) -> None:
+    """kohya's --vae: the file's VAE into the headless run's model (ldm or diffusers layout), marked on the
+    host for the run (train.loop checks it)."""
+    from .hosts.vae_file import load_into
+
+    load_into(host.vae, path)
+    host.vae_file = path
+
+
 def _host_for(name: str, mixed_precision: str = "no", frozen_weights: str = "fp32", unet_later: bool = False):
     """The host of a headless run, on the device it runs on (the process's GPU when there is one). Its
     frozen UNet and text-encoder weights are loaded straight in the dtype the run holds them in
@@ -162,6 +171,8 @@ def cmd_train(args, extra) -> int:
         data = scan_run(cfg)
         host = _host_for(cfg.pretrained_model_name_or_path, cfg.mixed_precision, cfg.frozen_weights,
                          unet_after_encoders(cfg, local_device(), network_args.spec(cfg)))
+        if cfg.vae:
+            own_vae(host, cfg.vae)
         from .train import memory
         est, line = memory.estimated(host, cfg)
         print(f"estimated memory: {line}", file=sys.stderr)

@@ -164,7 +164,7 @@ def test_a_latent_cache_made_by_another_model_or_of_another_shape_is_encoded_aga
     assert calls == [1.0, 2.0] and torch.equal(xl, sd1 * 2)         # not the other model's latents
     # an entry with the right name and stamp whose latent is of another shape: treated as missing
     cache = batches.LatentCache(encode(3.0), to_disk=True, precision="vae-b:0.13025")
-    path = cache._file(sample.item, sample.bucket, False)
+    path = cache._file(sample.item, sample.bucket, False, batches.resize_filter(sample, aug))
     stamp = os.stat(sample.item.path)
     save_file({"latent": torch.zeros(4, 3, 3)}, path,
               {"stamp": cache._stamp_text((stamp.st_mtime_ns, stamp.st_size))})

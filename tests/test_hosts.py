@@ -146,7 +146,7 @@ def _imported_modules(path: str) -> set:
 
 
 # where a host is opened from a file the caller was given (a checkpoint path, a diffusers folder)
-OPENERS = {"lora_ext/cli.py": {"lora_ext.hosts.checkpoint", "lora_ext.hosts.diffusers_host"},
+OPENERS = {"lora_ext/cli.py": {"lora_ext.hosts.checkpoint", "lora_ext.hosts.diffusers_host", "lora_ext.hosts.vae_file"},
            "lora_ext/ui/app.py": {"lora_ext.hosts.checkpoint"}}        # the standalone tab's checkpoint switch
 
 

@@ -1,5 +1,6 @@
-"""kohya's data options beside the folders: caption_dropout_every_n_epochs, resize_interpolation (and kohya's
-default filter: area to shrink, lanczos to enlarge), sample_at_first."""
+"""kohya's data options beside the folders: caption_dropout_every_n_epochs, token warm-up, resize_interpolation
+(and kohya's default filter: area to shrink, lanczos to enlarge), color_aug, sample_at_first."""
+import math
 import os
 
 import numpy as np
@@ -114,3 +115,23 @@ def test_color_aug_is_kohyas_hue_turn_or_raw_gamma():
         assert np.abs(turned[y, x] - want).max() <= 4, (image[y, x], turned[y, x], want)
     with pytest.raises(ConfigError, match="color_aug needs the VAE at every step"):
         from_dict({"color_aug": True, "cache_latents": True})
+
+
+@pytest.mark.parametrize("given,total", [(10, 40), (0.25, 40)])
+def test_token_warmup_keeps_more_tags_as_kohya_counts_them(given, total):
+    """kohya's process_caption: before step W (below 1: W x the run's steps) only the first
+    floor(step x (tags - min) / W) + min of the tags that move are kept; the kept-in-place ones always."""
+    import random
+
+    from lora_ext.train.captions import process
+
+    cfg = from_dict({"token_warmup_min": 2, "token_warmup_step": given, "keep_tokens": 1})
+    caption = "trigger, a, b, c, d, e, f"
+    warm = 10
+    for step in (0, 3, 7, 9, 10, 30):
+        kept = caption.split(", ")[1:]
+        if step < warm:
+            kept = kept[:math.floor(step * (len(kept) - 2) / warm) + 2]
+        assert process(caption, random.Random(0), cfg, step=step, total=total) == ", ".join(["trigger"] + kept), step
+    with pytest.raises(ConfigError, match="token_warmup_step"):
+        from_dict({"token_warmup_step": 10, "cache_text_encoder_outputs": True, "network_train_unet_only": True})

@@ -62,10 +62,15 @@ def test_a_run_takes_its_vae_only_where_the_model_is_its_own(tmp_path):
     data = make_sample_dataset(str(tmp_path / "data"), size=64, per_concept=1)
     cfg = from_dict({"train_data_dir": data["train"], "resolution": "64", "max_train_steps": 1, "network_dim": 2,
                      "vae": ldm, "output_dir": str(tmp_path / "out"), "output_name": "v"})
+    from lora_ext.cli import own_vae
+
     with pytest.raises(ValueError, match="choose the VAE in its settings"):
         train(WebuiHost(tiny_model("sd1")), cfg)
     host = WebuiHost(copy.deepcopy(tiny_model("sd1")))
-    host.disposable = True          # a headless run's own model
+    host.disposable = True          # a headless run's own model, as the command line opens it
+    with pytest.raises(ValueError, match="the command line loads it"):
+        train(host, cfg)
+    own_vae(host, ldm)
     train(host, cfg)
     got = {k: v for k, v in host.vae.state_dict().items() if v.numel()}     # a headless run frees the decoder
     assert "encoder.conv_in.weight" in got and all(torch.equal(v, weights[k]) for k, v in got.items())

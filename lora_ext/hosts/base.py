@@ -95,6 +95,7 @@ class ConditioningMixin:
     # True where the process owns the model (a headless run): a run may free the parts it no longer needs,
     # since nothing of it is put back; the webui's loaded model is never so
     disposable = False
+    vae_file = ""
     # merged LoRAs are written into the live weights (apply.Engine keeps the originals); a host whose
     # framework merges weights itself hands them to its patch system instead (hosts.forge)
     patcher = None

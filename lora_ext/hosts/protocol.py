@@ -19,6 +19,7 @@ from .conditioning import Cond, Size, Text
 class Host(Protocol):
     model: nn.Module                # the root every trained or patched layer lives under
     disposable: bool                # the process owns the model (headless): a run may free parts of it
+    vae_file: str                   # a VAE file the opener loaded into the model (kohya's --vae), or ""
     pending: object | None          # weights not read from the file yet (.read() reads them), or None
     patcher: object | None          # None: merged LoRAs are written into the weights; else the host's patch
                                     # system takes them (.stage(plan); Forge: hosts.forge.ForgePatches)

@@ -74,8 +74,9 @@ def _options(sample: Sample, aug: Augment):
     return sample.item.options if sample.item.options is not None else aug.caption
 
 
-def caption_of(sample: Sample, aug: Augment) -> str:
-    return process(sample.item.caption, _rng("caption", sample.seed), _options(sample, aug), sample.epoch)
+def caption_of(sample: Sample, aug: Augment, step: int = 0, total: int = 0) -> str:
+    """`step`, `total`: the optimizer steps done and the run's (kohya's token warm-up)."""
+    return process(sample.item.caption, _rng("caption", sample.seed), _options(sample, aug), sample.epoch, step, total)
 
 
 def flipped(sample: Sample, aug: Augment) -> bool:

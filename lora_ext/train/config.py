@@ -76,6 +76,8 @@ class TrainConfig:
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0     # kohya's: every caption left out in every Nth epoch
+    token_warmup_min: int = 1           # kohya's token warm-up: the tags that move kept at first ...
+    token_warmup_step: float = 0.0      # ... growing to all of them by this step (below 1: a share of the run)
     caption_prefix: str = ""        # kohya's caption options (train.captions applies them in kohya's order)
     caption_suffix: str = ""
     caption_separator: str = ","
@@ -373,7 +375,8 @@ class TrainConfig:
         if not self.network_train_unet_only and (lrs["te1"] > 0 or lrs["te2"] > 0):
             problems.append("cache_text_encoder_outputs needs the text encoders frozen: add network_train_unet_only")
         changing = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                                "enable_wildcard", "caption_dropout_every_n_epochs") if getattr(self, n)]
+                                "enable_wildcard", "caption_dropout_every_n_epochs", "token_warmup_step")
+                    if getattr(self, n)]
         if changing:
             problems.append(f"cache_text_encoder_outputs keeps one encoding per caption; {', '.join(changing)} "
                             "changes captions every step: turn one of them off")
@@ -391,7 +394,8 @@ RANGES = {
     "save_every_n_epochs": (0, None), "save_every_n_steps": (0, None), "save_n_epoch_ratio": (0, None),
     "save_last_n_epochs": (0, None), "save_last_n_steps": (0, None), "sample_every_n_steps": (0, None),
     "sample_every_n_epochs": (0, None), "sample_steps": (1, 1000), "clip_skip": (1, 12), "keep_tokens": (0, None),
-    "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "caption_dropout_every_n_epochs": (0, None), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
+    "caption_dropout_rate": (0, 1), "caption_tag_dropout_rate": (0, 1), "caption_dropout_every_n_epochs": (0, None),
+    "token_warmup_min": (0, None), "token_warmup_step": (0, None), "prior_loss_weight": (0, None), "noise_offset": (0, 1),
     "min_snr_gamma": (0, None), "multires_noise_iterations": (0, 64), "multires_noise_discount": (0, 1),
     "ip_noise_gamma": (0, 1), "huber_c": (1e-6, 1), "huber_scale": (0, None), "v_pred_like_loss": (0, None),
     "min_timestep": (0, 1000), "max_timestep": (1, 1000), "min_bucket_reso": (64, None), "max_bucket_reso": (64, None),
@@ -403,7 +407,8 @@ RANGES = {
 # INTER_AREA is PIL's BOX on a reduction)
 RESIZE_FILTERS = {"lanczos": "LANCZOS", "lanczos4": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR",
                   "linear": "BILINEAR", "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "BOX", "box": "BOX"}
-CAPTION_NUMBERS = ("keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")
+CAPTION_NUMBERS = ("keep_tokens", "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs",
+                   "token_warmup_min", "token_warmup_step")
 # kohya's loss types and Huber thresholds (train.losses computes them)
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")

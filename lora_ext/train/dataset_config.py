@@ -50,7 +50,6 @@ _NOT_DONE = {
     "custom_attributes": "",        # read by kohya's newer model families only: no effect on SD
     "cache_info": "",               # no effect: kohya_options.NO_EFFECT
     "validation_seed": "",          # meaningful only with validation_split
-    "token_warmup_step": "",        # meaningful only with token_warmup_min
 }
 _DEFAULTS = {"num_repeats": 1, "is_reg": False, "class_tokens": None, "network_multiplier": 1.0,
              "custom_attributes": None, "validation_seed": None, "batch_size": 1}

@@ -122,7 +122,6 @@ NEEDS = {
     "validation_seed": "validation_split", "validate_every_n_steps": "validation_split",
     "validate_every_n_epochs": "validation_split", "max_validation_steps": "validation_split",
     "conditioning_data_dir": "masked_loss",
-    "token_warmup_step": "token_warmup_min",
     "skip_until_initial_step": "initial_step",
 }
 
@@ -141,7 +140,7 @@ REFUSED = {
     **{n: _NEXT for n in ("validation_split", "masked_loss", "alpha_mask")},
     # not done yet
     **{n: _NOT_YET for n in (
-        "weighted_captions", "token_warmup_min", "face_crop_aug_range",
+        "weighted_captions", "face_crop_aug_range",
         "initial_epoch", "initial_step", "fp8_base",
         "fp8_base_unet", "full_fp16", "full_bf16")},
 }

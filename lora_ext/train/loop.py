@@ -168,14 +168,14 @@ def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Res
 
 
 def _own_vae(host, path: str) -> None:
-    """kohya's --vae: a headless run's model gets the file's VAE (a host's model is the user's: its VAE is the
-    one chosen there)."""
-    from ..hosts.vae_file import load_into
-
+    """kohya's --vae: the command line, which opens a headless run's model, loads the file's VAE into it and says
+    so (`host.vae_file`); a host's model is the user's, and its VAE the one chosen there."""
+    if host.vae_file == path:
+        return
     if not host.disposable:
         raise ValueError("vae: here the model's VAE is the one the webui has loaded: choose the VAE in its settings "
                          "(SD VAE) instead")
-    load_into(host.vae, path)
+    raise ValueError("vae: the command line loads it into the model it opens (python -m lora_ext train --vae)")
 
 
 def _checkpointed_blocks(run: Run, estimate=None) -> list:
@@ -363,7 +363,7 @@ class _Loop:
     def _backward(self, batch) -> None:
         cfg, dist = self.r.cfg, self.r.dist
         local = dist.local(batch, self.r.layouts[batch[0].item.group].batch_size)
-        loss_sum = step_math.loss_sum(self.r, local) if local else None
+        loss_sum = step_math.loss_sum(self.r, local, self.step) if local else None
         if loss_sum is not None:
             self.scaler.scale(loss_sum / (len(batch) * cfg.gradient_accumulation_steps)).backward()
         self.micro_losses.append(dist.sum(float(loss_sum.detach()) if loss_sum is not None else 0.0) / len(batch))

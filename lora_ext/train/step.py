@@ -39,10 +39,11 @@ def latents_of(run, batch, flips) -> torch.Tensor:
     return encode_images(run, px, [s.seed ^ 0x5EED for s in batch])
 
 
-def cond_of(run, batch, flips):
-    """The conditioning of the micro-batch (with gradients through the text encoders they are trained)."""
+def cond_of(run, batch, flips, step: int = 0):
+    """The conditioning of the micro-batch (with gradients through the text encoders they are trained);
+    `step`: the optimizer steps done (kohya's token warm-up)."""
     cfg, host = run.cfg, run.host
-    captions = [batches.caption_of(s, run.aug) for s in batch]
+    captions = [batches.caption_of(s, run.aug, step, run.total) for s in batch]
     if run.text_cache is not None:
         text = run.text_cache.get(captions)
     else:
@@ -68,13 +69,13 @@ def noise_and_timesteps(run, batch, latents):
     return torch.stack(noise).to(run.device), torch.stack(extra).to(run.device), torch.cat(t)
 
 
-def loss_sum(run, batch) -> torch.Tensor:
+def loss_sum(run, batch, step: int = 0) -> torch.Tensor:
     """The summed denoising loss of the samples: noise added at a random timestep, predicted, compared (kohya's
     loss type, its SNR weights; regularization images weighted by prior_loss_weight)."""
     cfg, device = run.cfg, run.device
     flips = [batches.flipped(s, run.aug) for s in batch]
     latents = latents_of(run, batch, flips).to(device)
-    cond = cond_of(run, batch, flips)
+    cond = cond_of(run, batch, flips, step)
     noise, extra, t = noise_and_timesteps(run, batch, latents)
     a = run.ac[t].to(device).view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * (noise + extra)
