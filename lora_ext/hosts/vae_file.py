@@ -16,28 +16,31 @@ class VaeFileError(ValueError):
     """A VAE file that does not fit the model; the message says what to fix."""
 
 
+# ldm name -> diffusers name, rule by rule (`levels`: the decoder's number of levels, counted from the other end)
+_RULES = (
+    (r"(encoder|decoder)\.mid\.block_([12])\.(.*)",
+     lambda m, levels: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_shortcut(m[3])}"),
+    (r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(.*)",
+     lambda m, levels: f"{m[1]}.mid_block.attentions.0.{_ATTENTION[m[2]]}.{m[3]}"),
+    (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.*)",
+     lambda m, levels: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_shortcut(m[3])}"),
+    (r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)",
+     lambda m, levels: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
+    (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)",
+     lambda m, levels: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.{m[2]}.{_shortcut(m[3])}"),
+    (r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)",
+     lambda m, levels: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
+    (r"(encoder|decoder)\.norm_out\.(.*)", lambda m, levels: f"{m[1]}.conv_norm_out.{m[2]}"),
+)
+
+
 def diffusers_key(ldm_key: str, levels: int) -> str:
     """The diffusers name of a VAE tensor named in the ldm layout (`levels`: the decoder's number of levels)."""
-    k = ldm_key
-    m = re.match(r"(encoder|decoder)\.mid\.block_([12])\.(.*)", k)
-    if m:
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_shortcut(m[3])}"
-    m = re.match(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(.*)", k)
-    if m:
-        return f"{m[1]}.mid_block.attentions.0.{_ATTENTION[m[2]]}.{m[3]}"
-    m = re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.*)", k)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_shortcut(m[3])}"
-    m = re.match(r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)", k)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    m = re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)", k)
-    if m:
-        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.{m[2]}.{_shortcut(m[3])}"
-    m = re.match(r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)", k)
-    if m:
-        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
+    for pattern, name in _RULES:
+        m = re.fullmatch(pattern, ldm_key)
+        if m:
+            return name(m, levels)
+    return ldm_key          # conv_in, conv_out, quant_conv, post_quant_conv: the same in both
 
 
 def _shortcut(rest: str) -> str:

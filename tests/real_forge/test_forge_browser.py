@@ -91,18 +91,8 @@ def test_cancel_and_resume_in_the_tab_on_forge_with_previews(forge, forge_work, 
     forge.txt2img("a photo of a cat")
     before = forge.weights()
     try:
-        page.goto(forge.url, timeout=120_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
-        _tab(page, "LoRA")
-        for group in ("network", "optimizer_schedule", "samples_saving"):
-            page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
-        _fill(page, "train_data_dir", data["train"])
-        _fill(page, "output_name", "forgestop")
-        for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", 400),
-                             ("network_dim", 4), ("network_alpha", 2), ("learning_rate", 1e-3),
-                             ("train_batch_size", 1), ("sample_every_n_steps", 2),
-                             ("sample_prompts", "a red circle --w 64 --h 64 --s 2")):
-            _fill(page, field, value)
+        _train_form(forge, page, data["train"], "forgestop", max_train_steps=400, learning_rate=1e-3,
+                    sample_every_n_steps=2, sample_prompts="a red circle --w 64 --h 64 --s 2")
         page.locator("#lora_ext_train_start").click()
         expect(_message(page, "lora_ext_train_status")).to_contain_text(re.compile(r"Step \d+/400"), timeout=300_000)
         page.locator("#lora_ext_train_cancel").click()
@@ -127,6 +117,21 @@ def test_cancel_and_resume_in_the_tab_on_forge_with_previews(forge, forge_work, 
     assert forge.weights() == before and "Traceback" not in forge.log()
 
 
+def _train_form(forge, page, train_dir: str, output_name: str, **fields) -> None:
+    """The LoRA tab opened afresh, its groups unfolded, a small run's options filled in (`fields` on top)."""
+    page.goto(forge.url, timeout=120_000)
+    page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
+    _tab(page, "LoRA")
+    for group in ("network", "optimizer_schedule", "samples_saving"):
+        page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
+    _fill(page, "train_data_dir", train_dir)
+    _fill(page, "output_name", output_name)
+    options = {"resolution": 64, "max_train_epochs": 0, "network_dim": 4, "network_alpha": 2, "train_batch_size": 1,
+               **fields}
+    for field, value in options.items():
+        _fill(page, field, value)
+
+
 def train_then_compare(forge, forge_work, page, tmp_path, builtin: str, output_name: str) -> None:
     """train_in_tab's run after a generation with `builtin` through `<lora:>`, and its checks."""
     import os
@@ -139,17 +144,7 @@ def train_then_compare(forge, forge_work, page, tmp_path, builtin: str, output_n
     forge.txt2img(f"a photo of a cat <lora:{builtin[:-12]}:1>")
     before, builtin_before = forge.weights(), forge.latents()
     try:
-        page.goto(forge.url, timeout=120_000)
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=120_000)
-        _tab(page, "LoRA")
-        for group in ("network", "optimizer_schedule", "samples_saving"):
-            page.locator(f"#lora_ext_train_{group} .label-wrap").first.click()
-        _fill(page, "train_data_dir", data["train"])
-        _fill(page, "output_name", output_name)
-        for field, value in (("resolution", 64), ("max_train_epochs", 0), ("max_train_steps", 4),
-                             ("network_dim", 4), ("network_alpha", 2), ("learning_rate", 1e-2),
-                             ("train_batch_size", 1)):
-            _fill(page, field, value)
+        _train_form(forge, page, data["train"], output_name, max_train_steps=4, learning_rate=1e-2)
         page.locator("#lora_ext_train_start").click()
         # the tab shows the last run's status when it opens: wait for this run's file
         expect(_message(page, "lora_ext_train_status")).to_contain_text(
