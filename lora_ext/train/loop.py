@@ -146,6 +146,18 @@ def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Res
     run.features = wanted
     if host.pending is not None and not unet_after_encoders(cfg, run.device, run.spec):
         host.pending.read()         # this run needs the UNet's weights from the start (DoRA's modules, say)
+    # kohya merges base_weights before it makes the network (DoRA's modules start from the merged weights)
+    base = base_weights.merged(host, cfg, lambda text: run.emit(Event("message", text=text)))
+    try:
+        return _train_network(run, estimate)
+    finally:
+        if base is not None:
+            base.restore(host)
+
+
+def _train_network(run: Run, estimate) -> Result:
+    """The network made, attached inside the host's training session, trained."""
+    host, cfg = run.host, run.cfg
     torch.manual_seed(cfg.seed)     # the LoRA's initialisation, then dropout: the same run for the same seed
     run.network = network_for(host, run.spec).to(run.device)
     blocks = _checkpointed_blocks(run, estimate)
@@ -154,17 +166,12 @@ def _train(host, cfg: TrainConfig, on_event, should_stop, scan, estimate) -> Res
         run.emit(Event("message", text=m))
     # under mixed precision the frozen UNet and text encoders compute in its dtype, held so (as kohya does)
     frozen = (frozen_roots(host), run.amp)
-    base = base_weights.merged(host, cfg, lambda text: run.emit(Event("message", text=text)))
-    try:
-        with HostSession(host.model, blocks, patches, frozen):
-            run.network.attach()
-            try:
-                return _run(run)
-            finally:
-                run.network.detach()
-    finally:
-        if base is not None:
-            base.restore(host)
+    with HostSession(host.model, blocks, patches, frozen):
+        run.network.attach()
+        try:
+            return _run(run)
+        finally:
+            run.network.detach()
 
 
 def _own_vae(host, path: str) -> None:
